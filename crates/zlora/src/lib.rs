@@ -1,0 +1,13 @@
+//! zlora: train, convert and validate LoRAs for the Z-Image family (Turbo, Base, De-Turbo).
+//!
+//! Data flows one way: `model` (weights, DiT, text encoder, VAE) ← `sample` (schedules,
+//! guidance, the generate pipeline); `lora` reads and writes adapter files and depends only on
+//! tensors. `nn` holds the differentiable building blocks that both inference and training use.
+
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod nn;
+pub mod sample;
+
+pub use error::{Error, Result};
