@@ -1,1 +1,7 @@
-//! placeholder
+//! Differentiable building blocks shared by inference and training. Everything here is built
+//! from composed candle ops that have a backward (candle's fused norm, softmax and rope
+//! kernels silently return no gradient).
+
+pub mod linear;
+
+pub use linear::{Adapter, Linear};
