@@ -111,3 +111,11 @@ impl Module for Linear {
         Ok(y)
     }
 }
+
+/// A model whose Linear layers can carry adapters, addressed by their diffusers module path
+/// (for example `layers.3.attention.to_q`). LoRA files attach through this and nothing else.
+pub trait LinearTargets {
+    /// Every adapter-capable Linear's path with its (out_features, in_features).
+    fn linear_shapes(&self) -> Vec<(String, (usize, usize))>;
+    fn linear_mut(&mut self, path: &str) -> Option<&mut Linear>;
+}

@@ -4,4 +4,4 @@
 
 pub mod linear;
 
-pub use linear::{Adapter, Linear};
+pub use linear::{Adapter, Linear, LinearTargets};
