@@ -5,6 +5,7 @@
 //! tensors. `nn` holds the differentiable building blocks that both inference and training use.
 
 pub mod error;
+pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod nn;

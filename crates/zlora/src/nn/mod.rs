@@ -2,6 +2,9 @@
 //! from composed candle ops that have a backward (candle's fused norm, softmax and rope
 //! kernels silently return no gradient).
 
+pub mod attention;
 pub mod linear;
+pub mod norm;
 
 pub use linear::{Adapter, Linear, LinearTargets};
+pub use norm::RmsNorm;

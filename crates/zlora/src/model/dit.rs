@@ -1,0 +1,515 @@
+//! The S3-DiT transformer of Z-Image, written after diffusers' `transformer_z_image.py`
+//! (reference §2). Stages, in order: timestep embedding → patchify + x_embedder → noise
+//! refiner → cap_embedder → context refiner → unified [image, caption] sequence → main
+//! layers → final layer → unpatchify. Parameter paths equal the diffusers checkpoint names.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::config::{TransformerConfig, SEQ_MULTI_OF, T_EMBED_MID, T_FREQ_DIM};
+use super::rope::{Position, RopeEmbedder, Rotation};
+use crate::nn::attention::{attention, key_padding_mask};
+use crate::nn::norm::layer_norm_no_affine;
+use crate::nn::{Linear, LinearTargets, RmsNorm};
+
+fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get((out, inp), "weight")?;
+    let b = if bias { Some(vb.get(out, "bias")?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF
+}
+
+/// Sinusoidal features of t·t_scale followed by a two-layer MLP (→ the adaLN input c).
+#[derive(Debug, Clone)]
+struct TimestepEmbedder {
+    mlp0: Linear,
+    mlp2: Linear,
+}
+
+impl TimestepEmbedder {
+    fn new(vb: VarBuilder, out: usize) -> Result<Self> {
+        let vb = vb.pp("mlp");
+        Ok(Self {
+            mlp0: linear(&vb.pp("0"), T_EMBED_MID, T_FREQ_DIM, true)?,
+            mlp2: linear(&vb.pp("2"), out, T_EMBED_MID, true)?,
+        })
+    }
+
+    /// `t` holds already-scaled timesteps (t · t_scale), f32, shape (B,).
+    fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let half = T_FREQ_DIM / 2;
+        let freqs: Vec<f32> = (0..half)
+            .map(|j| (-(10000f32.ln()) * j as f32 / half as f32).exp())
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+        let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
+        self.mlp2.forward(&self.mlp0.forward(&emb)?.silu()?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            w1: linear(&vb.pp("w1"), hidden, dim, false)?,
+            w2: linear(&vb.pp("w2"), dim, hidden, false)?,
+            w3: linear(&vb.pp("w3"), hidden, dim, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.w1.forward(x)?.silu()?;
+        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    n_heads: usize,
+}
+
+/// The qk-norm epsilon is fixed in the reference, independent of `norm_eps`.
+const QK_NORM_EPS: f64 = 1e-5;
+
+impl Attention {
+    fn new(vb: VarBuilder, cfg: &TransformerConfig) -> Result<Self> {
+        let dim = cfg.dim;
+        let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(vb.pp(name), cfg.head_dim(), QK_NORM_EPS)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            to_q: linear(&vb.pp("to_q"), dim, dim, false)?,
+            to_k: linear(&vb.pp("to_k"), dim, dim, false)?,
+            to_v: linear(&vb.pp("to_v"), dim, dim, false)?,
+            to_out: linear(&vb.pp("to_out").pp("0"), dim, dim, false)?,
+            norm_q: qk_norm("norm_q")?,
+            norm_k: qk_norm("norm_k")?,
+            n_heads: cfg.n_heads,
+        })
+    }
+
+    fn heads(&self, x: &Tensor, proj: &Linear, norm: &Option<RmsNorm>) -> Result<Tensor> {
+        let (b, s, dim) = x.dims3()?;
+        let h = proj.forward(x)?.reshape((b, s, self.n_heads, dim / self.n_heads))?;
+        match norm {
+            Some(n) => n.forward(&h),
+            None => Ok(h),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, rot: &Rotation, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, s, dim) = x.dims3()?;
+        let q = rot.apply(&self.heads(x, &self.to_q, &self.norm_q)?)?;
+        let k = rot.apply(&self.heads(x, &self.to_k, &self.norm_k)?)?;
+        let v = self.heads(x, &self.to_v, &None)?;
+        let out = attention(
+            &q.transpose(1, 2)?,
+            &k.transpose(1, 2)?,
+            &v.transpose(1, 2)?,
+            mask,
+        )?;
+        let out = out.transpose(1, 2)?.reshape((b, s, dim))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// One block with sandwich norms; modulated (noise refiner, main layers) or not (context
+/// refiner). Modulation: scale_msa, gate_msa, scale_mlp, gate_mlp = chunk4(W·c + b), gates
+/// through tanh, scales as (1 + scale); no shift term.
+#[derive(Debug, Clone)]
+pub struct TransformerBlock {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm1: RmsNorm,
+    attention_norm2: RmsNorm,
+    ffn_norm1: RmsNorm,
+    ffn_norm2: RmsNorm,
+    ada_ln_modulation: Option<Linear>,
+}
+
+impl TransformerBlock {
+    fn new(vb: VarBuilder, cfg: &TransformerConfig, modulated: bool) -> Result<Self> {
+        let norm = |name: &str| RmsNorm::load(vb.pp(name), cfg.dim, cfg.norm_eps);
+        let ada_ln_modulation = if modulated {
+            Some(linear(
+                &vb.pp("adaLN_modulation").pp("0"),
+                4 * cfg.dim,
+                cfg.adaln_dim(),
+                true,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attention: Attention::new(vb.pp("attention"), cfg)?,
+            feed_forward: FeedForward::new(vb.pp("feed_forward"), cfg.dim, cfg.ffn_dim())?,
+            attention_norm1: norm("attention_norm1")?,
+            attention_norm2: norm("attention_norm2")?,
+            ffn_norm1: norm("ffn_norm1")?,
+            ffn_norm2: norm("ffn_norm2")?,
+            ada_ln_modulation,
+        })
+    }
+
+    /// x: (B, S, dim); c: the adaLN input (B, adaln_dim), required for modulated blocks.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotation,
+        mask: Option<&Tensor>,
+        c: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let Some(ada) = &self.ada_ln_modulation else {
+            let a = self.attention.forward(&self.attention_norm1.forward(x)?, rot, mask)?;
+            let x = (x + self.attention_norm2.forward(&a)?)?;
+            let f = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
+            return x + self.ffn_norm2.forward(&f)?;
+        };
+        let c = c.ok_or_else(|| candle_core::Error::Msg("modulated block needs c".into()))?;
+        let m = ada.forward(c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
+        let (scale_msa, gate_msa) = ((&m[0] + 1.0)?, m[1].tanh()?);
+        let (scale_mlp, gate_mlp) = ((&m[2] + 1.0)?, m[3].tanh()?);
+        let h = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
+        let a = self.attention.forward(&h, rot, mask)?;
+        let x = (x + self.attention_norm2.forward(&a)?.broadcast_mul(&gate_msa)?)?;
+        let h = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
+        let f = self.feed_forward.forward(&h)?;
+        x + self.ffn_norm2.forward(&f)?.broadcast_mul(&gate_mlp)?
+    }
+
+    fn linears(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
+        let mut out = vec![
+            (format!("{prefix}.attention.to_q"), &mut self.attention.to_q),
+            (format!("{prefix}.attention.to_k"), &mut self.attention.to_k),
+            (format!("{prefix}.attention.to_v"), &mut self.attention.to_v),
+            (format!("{prefix}.attention.to_out.0"), &mut self.attention.to_out),
+            (format!("{prefix}.feed_forward.w1"), &mut self.feed_forward.w1),
+            (format!("{prefix}.feed_forward.w2"), &mut self.feed_forward.w2),
+            (format!("{prefix}.feed_forward.w3"), &mut self.feed_forward.w3),
+        ];
+        if let Some(ada) = &mut self.ada_ln_modulation {
+            out.push((format!("{prefix}.adaLN_modulation.0"), ada));
+        }
+        out
+    }
+}
+
+/// y = LayerNorm(x) · (1 + W_ada·SiLU(c)); out = linear(y).
+#[derive(Debug, Clone)]
+struct FinalLayer {
+    linear: Linear,
+    ada_ln_modulation: Linear,
+}
+
+impl FinalLayer {
+    fn new(vb: VarBuilder, cfg: &TransformerConfig) -> Result<Self> {
+        Ok(Self {
+            linear: linear(&vb.pp("linear"), cfg.patch_dim(), cfg.dim, true)?,
+            ada_ln_modulation: linear(
+                &vb.pp("adaLN_modulation").pp("1"),
+                cfg.dim,
+                cfg.adaln_dim(),
+                true,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let scale = (self.ada_ln_modulation.forward(&c.silu()?)? + 1.0)?.unsqueeze(1)?;
+        let y = layer_norm_no_affine(x, 1e-6)?.broadcast_mul(&scale)?;
+        self.linear.forward(&y)
+    }
+}
+
+/// A batch of token sequences padded to one length, with their rotations and key mask.
+struct Sequence {
+    x: Tensor,
+    rot: Rotation,
+    mask: Option<Tensor>,
+    lens: Vec<usize>,
+}
+
+impl Sequence {
+    /// Pads each item's (len_i, dim) tokens with zero rows to the longest one.
+    fn pad(items: Vec<Tensor>, rots: Vec<Rotation>) -> Result<Self> {
+        let lens: Vec<usize> = items.iter().map(|t| t.dim(0)).collect::<Result<_>>()?;
+        let max = lens.iter().copied().max().unwrap_or(0);
+        let pad_rows = |t: &Tensor, n: usize| -> Result<Tensor> {
+            let len = t.dim(0)?;
+            if len == n {
+                return Ok(t.clone());
+            }
+            let zeros = Tensor::zeros((n - len, t.dim(1)?), t.dtype(), t.device())?;
+            Tensor::cat(&[t, &zeros], 0)
+        };
+        let x: Vec<Tensor> = items.iter().map(|t| pad_rows(t, max)).collect::<Result<_>>()?;
+        let rots: Vec<Rotation> = rots
+            .iter()
+            .map(|r| {
+                Ok(Rotation {
+                    cos: pad_rows(&r.cos, max)?,
+                    sin: pad_rows(&r.sin, max)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let device = x[0].device().clone();
+        Ok(Self {
+            x: Tensor::stack(&x, 0)?,
+            rot: Rotation::stack(&rots)?,
+            mask: key_padding_mask(&lens, max, &device)?,
+            lens,
+        })
+    }
+
+    /// Item i's valid rows, (len_i, dim).
+    fn item(&self, i: usize) -> Result<Tensor> {
+        self.x.get(i)?.narrow(0, 0, self.lens[i])
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ZImageTransformer {
+    cfg: TransformerConfig,
+    t_embedder: TimestepEmbedder,
+    x_embedder: Linear,
+    cap_norm: RmsNorm,
+    cap_linear: Linear,
+    x_pad_token: Tensor,
+    cap_pad_token: Tensor,
+    noise_refiner: Vec<TransformerBlock>,
+    context_refiner: Vec<TransformerBlock>,
+    layers: Vec<TransformerBlock>,
+    final_layer: FinalLayer,
+    rope: RopeEmbedder,
+    dtype: DType,
+    /// Every adapter-capable Linear, listed once at load time.
+    linear_shapes: Vec<(String, (usize, usize))>,
+}
+
+impl ZImageTransformer {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let blocks = |name: &str, n: usize, modulated: bool| -> Result<Vec<TransformerBlock>> {
+            (0..n)
+                .map(|i| TransformerBlock::new(vb.pp(name).pp(i), cfg, modulated))
+                .collect()
+        };
+        let key = cfg.patch_key();
+        let mut model = Self {
+            t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), cfg.adaln_dim())?,
+            x_embedder: linear(&vb.pp("all_x_embedder").pp(&key), cfg.dim, cfg.patch_dim(), true)?,
+            cap_norm: RmsNorm::load(vb.pp("cap_embedder").pp("0"), cfg.cap_feat_dim, cfg.norm_eps)?,
+            cap_linear: linear(&vb.pp("cap_embedder").pp("1"), cfg.dim, cfg.cap_feat_dim, true)?,
+            x_pad_token: vb.get((1, cfg.dim), "x_pad_token")?,
+            cap_pad_token: vb.get((1, cfg.dim), "cap_pad_token")?,
+            noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true)?,
+            context_refiner: blocks("context_refiner", cfg.n_refiner_layers, false)?,
+            layers: blocks("layers", cfg.n_layers, true)?,
+            final_layer: FinalLayer::new(vb.pp("all_final_layer").pp(&key), cfg)?,
+            rope: RopeEmbedder::new(cfg.rope_theta, &cfg.axes_dims, &cfg.axes_lens),
+            dtype: vb.dtype(),
+            cfg: cfg.clone(),
+            linear_shapes: Vec::new(),
+        };
+        model.linear_shapes = model
+            .all_linears()
+            .into_iter()
+            .map(|(name, l)| (name, l.shape()))
+            .collect();
+        Ok(model)
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        self.x_pad_token.device()
+    }
+
+    /// The raw model output (the reference's, before the pipeline negates it).
+    ///
+    /// `latents`: (B, C, H, W) in the transformer's latent space; `t`: (B,) the model's time
+    /// t = 1 − σ (f32); `caps`: per item, the text features (L_i, cap_feat_dim) without
+    /// padding. Returns (B, C, H, W) in f32.
+    pub fn forward(&self, latents: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
+        let (b, _, h, w) = latents.dims4()?;
+        if caps.len() != b || t.dims1()? != b {
+            candle_core::bail!("batch of {b} latents needs {b} captions and timesteps");
+        }
+        let p = self.cfg.patch_size();
+        if h % p != 0 || w % p != 0 {
+            candle_core::bail!("latent size {h}×{w} is not a multiple of the patch size {p}");
+        }
+        let (ht, wt) = (h / p, w / p);
+        let c = self
+            .t_embedder
+            .forward(&(t.to_dtype(DType::F32)? * self.cfg.t_scale)?, self.dtype)?;
+        let cap_lens: Vec<usize> = caps.iter().map(|c| round_up(c.dim(0).unwrap_or(0))).collect();
+
+        let image = self.embed_image(latents, &cap_lens, ht, wt)?;
+        let image = self.run(&self.noise_refiner, image, Some(&c))?;
+        let caption = self.embed_captions(caps)?;
+        let caption = self.run(&self.context_refiner, caption, None)?;
+        let unified = Self::unify(&image, &caption)?;
+        let unified = self.run(&self.layers, unified, Some(&c))?;
+
+        let out = self.final_layer.forward(&unified.x, &c)?;
+        self.unpatchify(&out.narrow(1, 0, ht * wt)?, ht, wt)
+    }
+
+    fn run(&self, blocks: &[TransformerBlock], mut seq: Sequence, c: Option<&Tensor>) -> Result<Sequence> {
+        for block in blocks {
+            seq.x = block.forward(&seq.x, &seq.rot, seq.mask.as_ref(), c)?;
+        }
+        Ok(seq)
+    }
+
+    /// Patchify → x_embedder → pad with `x_pad_token` to a multiple of 32 tokens.
+    fn embed_image(&self, latents: &Tensor, cap_lens: &[usize], ht: usize, wt: usize) -> Result<Sequence> {
+        let (b, ch, _, _) = latents.dims4()?;
+        let p = self.cfg.patch_size();
+        let patches = latents
+            .to_dtype(self.dtype)?
+            .reshape((b, ch, ht, p, wt, p))?
+            .permute((0, 2, 4, 3, 5, 1))?
+            .reshape((b, ht * wt, p * p * ch))?;
+        let n = ht * wt;
+        let np = round_up(n);
+        let x = self.x_embedder.forward(&patches)?;
+        let x = if np > n {
+            let pad = self.x_pad_token.to_dtype(self.dtype)?.broadcast_as((b, np - n, self.cfg.dim))?;
+            Tensor::cat(&[&x, &pad], 1)?
+        } else {
+            x
+        };
+        let rots = cap_lens
+            .iter()
+            .map(|&lp| {
+                let mut pos: Vec<Position> = (0..ht)
+                    .flat_map(|i| (0..wt).map(move |j| [lp + 1, i, j]))
+                    .collect();
+                pos.resize(np, [0, 0, 0]);
+                self.rope.rotation(&pos, latents.device())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let items = (0..b).map(|i| x.get(i)).collect::<Result<Vec<_>>>()?;
+        Sequence::pad(items, rots)
+    }
+
+    /// cap_embedder (RMSNorm, Linear) → pad each caption with `cap_pad_token` to a multiple
+    /// of 32; positions (k+1, 0, 0) including the pad tokens.
+    fn embed_captions(&self, caps: &[Tensor]) -> Result<Sequence> {
+        let pad_token = self.cap_pad_token.to_dtype(self.dtype)?;
+        let mut items = Vec::with_capacity(caps.len());
+        let mut rots = Vec::with_capacity(caps.len());
+        for cap in caps {
+            let len = cap.dim(0)?;
+            if len == 0 {
+                candle_core::bail!("empty caption features");
+            }
+            let lp = round_up(len);
+            let x = self.cap_norm.forward(&cap.to_dtype(self.dtype)?)?;
+            let x = self.cap_linear.forward(&x)?;
+            let x = if lp > len {
+                Tensor::cat(&[&x, &pad_token.broadcast_as((lp - len, self.cfg.dim))?], 0)?
+            } else {
+                x
+            };
+            let pos: Vec<Position> = (0..lp).map(|k| [k + 1, 0, 0]).collect();
+            rots.push(self.rope.rotation(&pos, cap.device())?);
+            items.push(x);
+        }
+        Sequence::pad(items, rots)
+    }
+
+    /// Per item: [image tokens, caption tokens], then batch padding.
+    fn unify(image: &Sequence, caption: &Sequence) -> Result<Sequence> {
+        let mut items = Vec::new();
+        let mut rots = Vec::new();
+        for i in 0..image.lens.len() {
+            items.push(Tensor::cat(&[image.item(i)?, caption.item(i)?], 0)?);
+            let (ni, nc) = (image.lens[i], caption.lens[i]);
+            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                Tensor::cat(&[a.get(i)?.narrow(0, 0, ni)?, b.get(i)?.narrow(0, 0, nc)?], 0)
+            };
+            rots.push(Rotation {
+                cos: join(&image.rot.cos, &caption.rot.cos)?,
+                sin: join(&image.rot.sin, &caption.rot.sin)?,
+            });
+        }
+        Sequence::pad(items, rots)
+    }
+
+    /// (B, N, p·p·C) tokens → (B, C, H, W), f32.
+    fn unpatchify(&self, x: &Tensor, ht: usize, wt: usize) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        let p = self.cfg.patch_size();
+        let ch = self.cfg.in_channels;
+        x.to_dtype(DType::F32)?
+            .reshape((b, ht, wt, p, p, ch))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((b, ch, ht * p, wt * p))
+    }
+
+    fn all_linears(&mut self) -> Vec<(String, &mut Linear)> {
+        let key = self.cfg.patch_key();
+        let mut out: Vec<(String, &mut Linear)> = vec![
+            (format!("all_x_embedder.{key}"), &mut self.x_embedder),
+            ("cap_embedder.1".into(), &mut self.cap_linear),
+            ("t_embedder.mlp.0".into(), &mut self.t_embedder.mlp0),
+            ("t_embedder.mlp.2".into(), &mut self.t_embedder.mlp2),
+            (format!("all_final_layer.{key}.linear"), &mut self.final_layer.linear),
+            (
+                format!("all_final_layer.{key}.adaLN_modulation.1"),
+                &mut self.final_layer.ada_ln_modulation,
+            ),
+        ];
+        for (name, stack) in [
+            ("noise_refiner", &mut self.noise_refiner),
+            ("context_refiner", &mut self.context_refiner),
+            ("layers", &mut self.layers),
+        ] {
+            for (i, block) in stack.iter_mut().enumerate() {
+                out.extend(block.linears(&format!("{name}.{i}")));
+            }
+        }
+        out
+    }
+}
+
+impl LinearTargets for ZImageTransformer {
+    fn linear_shapes(&self) -> Vec<(String, (usize, usize))> {
+        self.linear_shapes.clone()
+    }
+
+    fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
+        self.all_linears()
+            .into_iter()
+            .find(|(name, _)| name == path)
+            .map(|(_, l)| l)
+    }
+}

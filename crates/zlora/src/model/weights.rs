@@ -1,0 +1,336 @@
+//! Checkpoint layouts → one canonical name space (the diffusers parameter names).
+//!
+//! A diffusers folder (optionally sharded with an index) is read as it is. A ComfyUI
+//! single-file transformer (fused `attention.qkv`, `attention.out`, `q_norm`/`k_norm`,
+//! `x_embedder`, `final_layer`, optional `model.diffusion_model.` prefix) is translated name
+//! by name, the fused qkv split into row blocks, so the model code sees one layout only.
+//! Files are memory-mapped; a tensor is read when the model asks for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use super::config::TransformerConfig;
+use super::dit::ZImageTransformer;
+use crate::{Error, Result};
+
+/// Where one canonical tensor lives in the checkpoint.
+#[derive(Debug, Clone)]
+enum Source {
+    Whole(String),
+    /// Rows [start, start+len) of a fused tensor.
+    Rows { key: String, start: usize, len: usize },
+}
+
+/// The layout a transformer checkpoint was written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointLayout {
+    Diffusers,
+    ComfyUi,
+}
+
+/// An opened (memory-mapped) transformer checkpoint, addressed by canonical names.
+pub struct TransformerCheckpoint {
+    files: Vec<PathBuf>,
+    tensors: MmapedSafetensors,
+    /// Canonical name → source, with the canonical shape.
+    map: HashMap<String, (Source, Vec<usize>)>,
+    layout: CheckpointLayout,
+}
+
+/// Names a ComfyUI file may carry that the model does not use (a Lumina2 leftover).
+const IGNORED_COMFY_KEYS: &[&str] = &["norm_final.weight"];
+
+impl TransformerCheckpoint {
+    /// Opens one or more safetensors files that together hold one transformer.
+    pub fn open(files: Vec<PathBuf>) -> Result<Self> {
+        let tensors = mmap(&files)?;
+        let mut shapes = Vec::new();
+        for (name, view) in tensors.tensors() {
+            check_dtype(&files, &name, view.dtype())?;
+            shapes.push((name, view.shape().to_vec()));
+        }
+        let layout = detect_layout(&shapes);
+        let map = match layout {
+            CheckpointLayout::Diffusers => shapes
+                .into_iter()
+                .map(|(name, shape)| (name.clone(), (Source::Whole(name), shape)))
+                .collect(),
+            CheckpointLayout::ComfyUi => comfy_to_canonical(shapes),
+        };
+        Ok(Self {
+            files,
+            tensors,
+            map,
+            layout,
+        })
+    }
+
+    pub fn layout(&self) -> CheckpointLayout {
+        self.layout
+    }
+
+    /// A description of the files for messages.
+    pub fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!("{} ({} shards)", many[0].parent().unwrap_or(Path::new("")).display(), many.len()),
+        }
+    }
+
+    /// The canonical (name, shape) pairs present.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.map.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect()
+    }
+
+    /// Guesses the configuration of a single file without a config.json, assuming the
+    /// released model's RoPE layout when the head size is the released one (128).
+    pub fn infer_config(&self) -> Result<TransformerConfig> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            self.map
+                .get(name)
+                .map(|(_, s)| s.clone())
+                .ok_or_else(|| Error::bad_file(&self.files[0], format!("missing tensor {name}")))
+        };
+        let count = |stack: &str| {
+            (0..)
+                .take_while(|i| self.map.contains_key(&format!("{stack}.{i}.attention.to_q.weight")))
+                .count()
+        };
+        let dim = shape("all_x_embedder.2-1.weight")?[0];
+        let head_dim = shape("layers.0.attention.norm_q.weight")?[0];
+        let mut cfg = TransformerConfig::z_image();
+        if head_dim != cfg.head_dim() {
+            return Err(Error::bad_file(
+                &self.files[0],
+                format!("head size {head_dim} differs from Z-Image's 128: pass a model folder with transformer/config.json"),
+            ));
+        }
+        cfg.dim = dim;
+        cfg.n_heads = dim / head_dim;
+        cfg.n_kv_heads = Some(cfg.n_heads);
+        cfg.n_layers = count("layers");
+        cfg.n_refiner_layers = count("noise_refiner");
+        cfg.cap_feat_dim = shape("cap_embedder.1.weight")?[1];
+        Ok(cfg)
+    }
+
+    /// Checks every tensor the model needs against the checkpoint; one error lists all that
+    /// are missing, have the wrong shape, or are not part of the model.
+    pub fn check(&self, cfg: &TransformerConfig) -> Result<()> {
+        let expected = expected_tensors(cfg)?;
+        let present = self.shapes();
+        let mut problems = Vec::new();
+        for (name, shape) in &expected {
+            match present.get(name) {
+                None => problems.push(format!("missing {name} {shape:?}")),
+                Some(s) if s != shape => problems.push(format!("{name}: shape {s:?}, expected {shape:?}")),
+                Some(_) => {}
+            }
+        }
+        for name in present.keys().filter(|n| !expected.contains_key(*n)) {
+            problems.push(format!("unexpected tensor {name}"));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let total = problems.len();
+        problems.truncate(40);
+        let more = if total > 40 { format!("\n  … and {} more", total - 40) } else { String::new() };
+        Err(Error::bad_file(
+            &self.files[0],
+            format!(
+                "{total} tensor problem(s) against the transformer config (dim {}, {} layers):\n  {}{more}",
+                cfg.dim,
+                cfg.n_layers,
+                problems.join("\n  ")
+            ),
+        ))
+    }
+
+    /// Checks the checkpoint, then builds the transformer in `dtype` on `device`.
+    pub fn load(self, cfg: &TransformerConfig, dtype: DType, device: &Device) -> Result<ZImageTransformer> {
+        self.check(cfg)?;
+        let first = self.files[0].clone();
+        let vb = VarBuilder::from_backend(Box::new(self), dtype, device.clone());
+        ZImageTransformer::new(cfg, vb).map_err(|e| Error::bad_file(first, e.to_string()))
+    }
+}
+
+impl SimpleBackend for TransformerCheckpoint {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("{name}: shape {:?}, expected {:?}", t.dims(), s.dims());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((source, _)) = self.map.get(name) else {
+            candle_core::bail!("missing tensor {name}");
+        };
+        let t = match source {
+            Source::Whole(key) => self.tensors.load(key, dev)?,
+            Source::Rows { key, start, len } => self.tensors.load(key, dev)?.narrow(0, *start, *len)?,
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.map.contains_key(name)
+    }
+}
+
+fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
+    for f in files {
+        std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+    }
+    // SAFETY: the files are opened read-only; like every mmap user we rely on them not being
+    // truncated by another process while we run.
+    unsafe { MmapedSafetensors::multi(files) }
+        .map_err(|e| Error::bad_file(&files[0], format!("not a readable safetensors file: {e}")))
+}
+
+fn check_dtype(files: &[PathBuf], name: &str, dtype: safetensors::Dtype) -> Result<()> {
+    use safetensors::Dtype::*;
+    match dtype {
+        F32 | F16 | BF16 => Ok(()),
+        other => Err(Error::bad_file(
+            &files[0],
+            format!("tensor {name} is stored as {other:?}; only f32, bf16 and f16 are supported"),
+        )),
+    }
+}
+
+fn detect_layout(shapes: &[(String, Vec<usize>)]) -> CheckpointLayout {
+    let comfy = shapes.iter().any(|(n, _)| {
+        n.ends_with("attention.qkv.weight") || strip_comfy_prefix(n).starts_with("x_embedder.")
+    });
+    if comfy {
+        CheckpointLayout::ComfyUi
+    } else {
+        CheckpointLayout::Diffusers
+    }
+}
+
+fn strip_comfy_prefix(name: &str) -> &str {
+    name.strip_prefix("model.diffusion_model.")
+        .or_else(|| name.strip_prefix("diffusion_model."))
+        .unwrap_or(name)
+}
+
+/// Translates ComfyUI names to diffusers names (reference §1.3).
+fn comfy_to_canonical(shapes: Vec<(String, Vec<usize>)>) -> HashMap<String, (Source, Vec<usize>)> {
+    let mut map = HashMap::new();
+    for (key, shape) in shapes {
+        let name = strip_comfy_prefix(&key);
+        if IGNORED_COMFY_KEYS.contains(&name) {
+            continue;
+        }
+        if let Some(block) = name.strip_suffix("attention.qkv.weight") {
+            let third = shape[0] / 3;
+            for (i, part) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+                let source = Source::Rows { key: key.clone(), start: i * third, len: third };
+                let mut part_shape = shape.clone();
+                part_shape[0] = third;
+                map.insert(format!("{block}attention.{part}.weight"), (source, part_shape));
+            }
+            continue;
+        }
+        let canonical = if let Some(rest) = name.strip_prefix("x_embedder.") {
+            format!("all_x_embedder.2-1.{rest}")
+        } else if let Some(rest) = name.strip_prefix("final_layer.") {
+            format!("all_final_layer.2-1.{rest}")
+        } else {
+            name.replace("attention.out.", "attention.to_out.0.")
+                .replace("attention.q_norm.", "attention.norm_q.")
+                .replace("attention.k_norm.", "attention.norm_k.")
+        };
+        map.insert(canonical, (Source::Whole(key), shape));
+    }
+    map
+}
+
+/// Records every (name, shape) a model asks for; hands back zero-stride zeros.
+#[derive(Default, Clone)]
+struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for Recorder {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(name.to_string(), s.dims().to_vec());
+        }
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("{name}: shape needed")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor (canonical name → shape) the transformer with this config reads.
+pub fn expected_tensors(cfg: &TransformerConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    let recorder = Recorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    ZImageTransformer::new(cfg, vb)?;
+    let names = recorder.0.lock().map(|m| m.clone()).unwrap_or_default();
+    Ok(names)
+}
+
+/// The weight files of one diffusers component folder: the shards named by
+/// `*.safetensors.index.json`, or the single `*.safetensors` file.
+pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut singles = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".safetensors.index.json") {
+            return index_shards(&path);
+        }
+        if name.ends_with(".safetensors") {
+            singles.push(path);
+        }
+    }
+    match singles.len() {
+        1 => Ok(singles),
+        0 => Err(Error::bad_file(dir, "no .safetensors weights in this folder")),
+        _ => Err(Error::bad_file(dir, "several .safetensors files but no index.json naming the shards")),
+    }
+}
+
+fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: Index =
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("invalid shard index: {e}")))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::bad_file(index, format!("names shard {} which does not exist", f.display())));
+        }
+    }
+    Ok(files)
+}
+
+/// Opens safetensors weights as a VarBuilder without any name translation (text encoder, VAE).
+pub fn plain_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    let tensors = mmap(files)?;
+    Ok(VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()))
+}
