@@ -1,0 +1,37 @@
+//! Shared helpers for the parity tests: fixture paths and tolerant comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny"))
+}
+
+/// The reference tensors written by scripts/make_fixtures.py.
+pub fn reference() -> HashMap<String, Tensor> {
+    let path = fixtures().join("reference.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu).expect("fixtures/tiny/reference.safetensors")
+}
+
+pub fn get(r: &HashMap<String, Tensor>, name: &str) -> Tensor {
+    r.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing")).clone()
+}
+
+/// Largest absolute difference divided by the reference's largest magnitude.
+pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
+    assert_eq!(actual.dims(), expected.dims(), "shape");
+    let a = actual.to_dtype(candle_core::DType::F32).unwrap();
+    let e = expected.to_dtype(candle_core::DType::F32).unwrap();
+    let diff = (a - &e).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = e.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / scale.max(1e-12)
+}
+
+pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) {
+    let err = rel_err(actual, expected);
+    eprintln!("{what}: relative error {err:.3e}");
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
