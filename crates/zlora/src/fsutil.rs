@@ -32,6 +32,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// Saves named tensors as a safetensors file (atomically), with optional header metadata.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    overwrite: bool,
+) -> Result<()> {
+    let bytes = safetensors::serialize(tensors.iter(), metadata)
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise tensors: {e}")))?;
+    write_atomic(path, &bytes, overwrite)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,10 @@
-//! Sampling: the sigma schedule, classifier-free guidance, the denoising loop and images.
+//! Sampling: the sigma schedule, classifier-free guidance, the denoising loop, the generate
+//! command's orchestration and PNG output.
 
+pub mod generate;
 pub mod guidance;
 pub mod image;
+pub mod pipeline;
 pub mod schedule;
 
 pub use guidance::Guidance;

@@ -1,0 +1,133 @@
+//! `zlora generate`: the fixed command-line contract of the inference issue.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::DType;
+use zlora::sample::generate::{generate, Event, GenerateRequest, LoraSpec, Preset};
+use zlora::sample::Guidance;
+
+use crate::progress::steps_bar;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PresetArg {
+    /// 8 steps, guidance 0 (distilled Turbo).
+    Turbo,
+    /// 50 steps, guidance 4 (= classic CFG 5; undistilled Base).
+    Base,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (diffusers layout) or a Hugging Face repo id in the local HF cache.
+    #[arg(long)]
+    model: String,
+    /// A single-file transformer checkpoint (ComfyUI or diffusers names) replacing the folder's.
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Used when guidance > 0.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 1024)]
+    width: usize,
+    #[arg(long, default_value_t = 1024)]
+    height: usize,
+    /// Step count and guidance defaults.
+    #[arg(long, value_enum, default_value = "turbo")]
+    preset: PresetArg,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// g in pos + g·(pos − neg); 0 = no CFG. Classic-CFG tools' scale is ours + 1.
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Scheduler shift (default: the model's scheduler_config.json).
+    #[arg(long)]
+    shift: Option<f64>,
+    /// Drop guidance on steps whose model time 1 − σ exceeds this (1 = never).
+    #[arg(long, default_value_t = 1.0)]
+    cfg_truncation: f64,
+    /// Cap ‖guided‖ at K·‖positive‖ (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    cfg_normalization: f64,
+    /// One image per seed.
+    #[arg(long)]
+    seed: Vec<u64>,
+    /// Initial noise: safetensors with an f32 tensor `latents` of shape (1,16,h,w).
+    #[arg(long, conflicts_with = "seed")]
+    latents: Option<PathBuf>,
+    /// A LoRA file, optionally with a strength: FILE[:STRENGTH]; repeatable.
+    #[arg(long)]
+    lora: Vec<String>,
+    /// Write the final latents (before VAE decoding) as safetensors tensor `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Compute dtype (default f32 on CPU).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    #[arg(long)]
+    out: PathBuf,
+    /// Overwrite existing output files.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let preset = match a.preset {
+        PresetArg::Turbo => Preset::Turbo,
+        PresetArg::Base => Preset::Base,
+    };
+    let req = GenerateRequest {
+        model: a.model,
+        transformer_file: a.transformer,
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        width: a.width,
+        height: a.height,
+        steps: a.steps.unwrap_or(preset.steps()),
+        shift: a.shift,
+        guidance: Guidance {
+            scale: a.guidance.unwrap_or(preset.guidance()),
+            truncation: a.cfg_truncation,
+            normalization: a.cfg_normalization,
+        },
+        seeds: a.seed,
+        latents: a.latents,
+        loras: a.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
+        save_latents: a.save_latents,
+        dtype: match a.dtype {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+        },
+        out: a.out,
+        overwrite: a.force,
+    };
+    anyhow::ensure!(req.steps > 0, "--steps must be at least 1");
+    let mut bar = None;
+    let images = generate(&req, &mut |event| match event {
+        Event::Stage(msg) => eprintln!("{msg}"),
+        Event::Step { image, images, step, steps } => {
+            if step == 1 {
+                bar = Some(steps_bar(steps as u64, format!("image {}/{images}", image + 1)));
+            }
+            if let Some(b) = &bar {
+                b.set_position(step as u64);
+                if step == steps {
+                    b.finish();
+                }
+            }
+        }
+    })
+    .context("generate failed")?;
+    for img in images {
+        println!("{}", img.png.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,287 @@
+//! `zlora generate`: prompt → caption features → denoise (with LoRAs) → VAE → PNG.
+//!
+//! Memory order follows the 24 GB budget: the text encoder is loaded, used and dropped before
+//! the transformer is loaded; the VAE comes last.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::guidance::Guidance;
+use super::image::{save_png, to_rgb8};
+use super::pipeline::{denoise, seeded_noise, Conditioning, DenoiseSettings};
+use crate::fsutil::save_safetensors;
+use crate::lora::LoraFile;
+use crate::model::folder::ModelFolder;
+use crate::model::ZImageTransformer;
+use crate::{Error, Result};
+
+/// Sampler defaults of the two distilled/undistilled variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// Distilled Turbo: 8 steps, no CFG.
+    Turbo,
+    /// Undistilled Base: 50 steps, CFG 4 (classic scale 5).
+    Base,
+}
+
+impl Preset {
+    pub fn steps(self) -> usize {
+        match self {
+            Preset::Turbo => 8,
+            Preset::Base => 50,
+        }
+    }
+
+    pub fn guidance(self) -> f64 {
+        match self {
+            Preset::Turbo => 0.0,
+            Preset::Base => 4.0,
+        }
+    }
+}
+
+/// A LoRA file with the strength to apply it at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    pub path: PathBuf,
+    pub strength: f64,
+}
+
+impl LoraSpec {
+    /// `FILE` or `FILE:STRENGTH` (a suffix that is not a number stays part of the path).
+    pub fn parse(s: &str) -> Self {
+        if let Some((path, strength)) = s.rsplit_once(':') {
+            if let Ok(strength) = strength.parse::<f64>() {
+                return Self { path: path.into(), strength };
+            }
+        }
+        Self { path: s.into(), strength: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub model: String,
+    /// A single-file transformer (ComfyUI or diffusers names) replacing the folder's.
+    pub transformer_file: Option<PathBuf>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub shift: Option<f64>,
+    pub guidance: Guidance,
+    pub seeds: Vec<u64>,
+    pub latents: Option<PathBuf>,
+    pub loras: Vec<LoraSpec>,
+    pub save_latents: Option<PathBuf>,
+    pub dtype: DType,
+    pub out: PathBuf,
+    pub overwrite: bool,
+}
+
+/// What one seed produced.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub seed: Option<u64>,
+    pub png: PathBuf,
+    pub latents: Tensor,
+}
+
+/// Progress events for the caller to display.
+pub enum Event<'a> {
+    Stage(&'a str),
+    Step { image: usize, images: usize, step: usize, steps: usize },
+}
+
+pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<Vec<Generated>> {
+    let device = Device::Cpu;
+    let folder = ModelFolder::open(&req.model)?;
+    let factor = latent_factor(&folder)?;
+    let (h, w) = latent_size(req.height, req.width, factor)?;
+    let seeds = image_seeds(req);
+    check_outputs(req, &seeds)?;
+    let starts = initial_latents(req, &seeds, h, w, &device)?;
+
+    events(Event::Stage("encoding the prompt"));
+    let cond = encode_prompts(&folder, req, &device)?;
+
+    events(Event::Stage("loading the transformer"));
+    let model = load_transformer(&folder, req, &device, events)?;
+    let settings = DenoiseSettings {
+        steps: req.steps,
+        shift: match req.shift {
+            Some(s) => s,
+            None => folder.scheduler_shift()?,
+        },
+        guidance: req.guidance,
+    };
+    let mut finals = Vec::new();
+    let images = starts.len();
+    for (image, (seed, start)) in starts.into_iter().enumerate() {
+        let mut step = |step, steps| events(Event::Step { image, images, step, steps });
+        finals.push((seed, denoise(&model, &cond, start, &settings, &mut step)?));
+    }
+    drop(model);
+
+    events(Event::Stage("decoding"));
+    let vae = folder.load_vae(req.dtype, &device)?;
+    let mut out = Vec::new();
+    for (seed, latents) in finals {
+        let raw = vae.from_transformer_space(&latents)?;
+        let rgb = to_rgb8(&vae.decode(&raw)?.get(0)?)?;
+        let png = output_path(&req.out, seed, images);
+        save_png(&png, &rgb, &[("parameters", parameters(req, &settings, seed))], req.overwrite)?;
+        if let Some(path) = &req.save_latents {
+            let path = output_path(path, seed, images);
+            let tensors = [("latents".to_string(), latents.clone())].into_iter().collect();
+            save_safetensors(&path, &tensors, None, req.overwrite)?;
+        }
+        out.push(Generated { seed, png, latents });
+    }
+    Ok(out)
+}
+
+fn latent_factor(folder: &ModelFolder) -> Result<usize> {
+    let cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
+    Ok(cfg.spatial_factor())
+}
+
+/// Image size → latent size: H and W must be multiples of 2·(VAE factor) (16 for Z-Image).
+pub fn latent_size(height: usize, width: usize, factor: usize) -> Result<(usize, usize)> {
+    let m = 2 * factor;
+    if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+        return Err(Error::Invalid(format!(
+            "width and height must be positive multiples of {m} for this model, got {width}×{height}"
+        )));
+    }
+    Ok((height / factor, width / factor))
+}
+
+/// One entry per image: its seed, or None for the single image of `--latents`.
+fn image_seeds(req: &GenerateRequest) -> Vec<Option<u64>> {
+    if req.latents.is_some() {
+        vec![None]
+    } else if req.seeds.is_empty() {
+        vec![Some(0)]
+    } else {
+        req.seeds.iter().map(|&s| Some(s)).collect()
+    }
+}
+
+/// The starting noise per image: the `--latents` file, or seeded noise.
+fn initial_latents(
+    req: &GenerateRequest,
+    seeds: &[Option<u64>],
+    h: usize,
+    w: usize,
+    device: &Device,
+) -> Result<Vec<(Option<u64>, Tensor)>> {
+    let shape = [1, 16, h, w];
+    seeds
+        .iter()
+        .map(|&seed| match (seed, &req.latents) {
+            (Some(s), _) => Ok((seed, seeded_noise(s, &shape, device)?)),
+            (None, Some(path)) => Ok((None, read_latents(path, &shape, device)?)),
+            (None, None) => Err(Error::Invalid("no seed and no --latents".into())),
+        })
+        .collect()
+}
+
+fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))?;
+    let t = tensors
+        .remove("latents")
+        .ok_or_else(|| Error::bad_file(path, "no tensor named \"latents\""))?;
+    if t.dims() != shape {
+        return Err(Error::bad_file(path, format!("latents have shape {:?}, expected {shape:?}", t.dims())));
+    }
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Fails before any work when an output exists and `--force` was not given.
+fn check_outputs(req: &GenerateRequest, seeds: &[Option<u64>]) -> Result<()> {
+    if req.overwrite {
+        return Ok(());
+    }
+    for &seed in seeds {
+        for base in std::iter::once(&req.out).chain(req.save_latents.as_ref()) {
+            let p = output_path(base, seed, seeds.len());
+            if p.exists() {
+                return Err(Error::bad_file(&p, "already exists (pass --force to overwrite it)"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_prompts(folder: &ModelFolder, req: &GenerateRequest, device: &Device) -> Result<Conditioning> {
+    let encoder = folder.load_prompt_encoder(req.dtype, device)?;
+    let cfg = req.guidance.scale > 0.0;
+    let prompts: Vec<&str> = if cfg {
+        vec![&req.prompt, &req.negative_prompt]
+    } else {
+        vec![&req.prompt]
+    };
+    let mut feats = encoder.encode(&prompts)?.into_iter();
+    let positive = feats.next().ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))?;
+    Ok(Conditioning { positive, negative: feats.next() })
+}
+
+fn load_transformer(
+    folder: &ModelFolder,
+    req: &GenerateRequest,
+    device: &Device,
+    events: &mut dyn FnMut(Event),
+) -> Result<ZImageTransformer> {
+    let mut model = folder.load_transformer(req.transformer_file.as_deref(), req.dtype, device)?;
+    for spec in &req.loras {
+        let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
+        let n = file.attach(spec.strength, &mut model)?;
+        let msg = format!("LoRA {} at strength {}: {n} modules", spec.path.display(), spec.strength);
+        events(Event::Stage(&msg));
+    }
+    Ok(model)
+}
+
+/// FILE.png for one image; FILE_s{seed}.png when several seeds share one --out.
+fn output_path(base: &Path, seed: Option<u64>, images: usize) -> PathBuf {
+    match seed {
+        Some(s) if images > 1 => {
+            let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("png");
+            base.with_file_name(format!("{stem}_s{s}.{ext}"))
+        }
+        _ => base.to_path_buf(),
+    }
+}
+
+/// The generation parameters stored in the PNG (JSON in an iTXt chunk named "parameters").
+fn parameters(req: &GenerateRequest, settings: &DenoiseSettings, seed: Option<u64>) -> String {
+    let loras: Vec<_> = req
+        .loras
+        .iter()
+        .map(|l| json!({"file": l.path.display().to_string(), "strength": l.strength}))
+        .collect();
+    json!({
+        "software": "zlora",
+        "model": req.model,
+        "transformer_file": req.transformer_file.as_ref().map(|p| p.display().to_string()),
+        "prompt": req.prompt,
+        "negative_prompt": if settings.guidance.scale > 0.0 { Some(&req.negative_prompt) } else { None },
+        "width": req.width, "height": req.height,
+        "seed": seed,
+        "latents_file": req.latents.as_ref().map(|p| p.display().to_string()),
+        "steps": settings.steps,
+        "guidance": settings.guidance.scale,
+        "cfg_truncation": settings.guidance.truncation,
+        "cfg_normalization": settings.guidance.normalization,
+        "shift": settings.shift,
+        "loras": loras,
+        "dtype": format!("{:?}", req.dtype).to_lowercase(),
+    })
+    .to_string()
+}
