@@ -17,7 +17,6 @@ Every file and tensor name is documented in `fixtures/README.md`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -300,8 +299,25 @@ def f32(x) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous().clone()
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def canonicalize_safetensors_header(path: Path) -> None:
+    """Rewrite the JSON header with a fixed key order (content unchanged).
+
+    The safetensors writer keeps `__metadata__` in a Rust HashMap, so with two or more
+    metadata keys the byte layout changes from run to run.  Sorting makes reruns
+    byte-identical; tensor data and offsets are untouched.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    new = {}
+    if meta is not None:
+        new["__metadata__"] = dict(sorted(meta.items()))
+    for k in sorted(header, key=lambda k: (header[k]["data_offsets"][0], k)):
+        new[k] = header[k]
+    hs = json.dumps(new, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hs += b" " * ((8 - len(hs) % 8) % 8)
+    path.write_bytes(len(hs).to_bytes(8, "little") + hs + raw[8 + n :])
 
 
 # --------------------------------------------------------------------------------------
@@ -389,6 +405,8 @@ def main() -> None:
             p.data.copy_(0.5 * torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
     lora_sd = get_peft_model_state_dict(lora_dit)
     lora_meta = lora_dit.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set: sort it so the file is byte-identical across runs
+    lora_meta["target_modules"] = sorted(lora_meta["target_modules"])
     with tempfile.TemporaryDirectory() as td:
         ZImagePipeline.save_lora_weights(
             td,
@@ -612,6 +630,17 @@ def main() -> None:
     # check header round trip
     with safe_open(str(OUT / "reference.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["params"]) == json.loads(json.dumps(meta))
+
+    # ---------------- canonical headers (byte-identical reruns) ---------------------------
+    for p in sorted(OUT.rglob("*.safetensors")):
+        before = load_file(str(p))
+        with safe_open(str(p), "pt") as f:
+            before_meta = f.metadata()
+        canonicalize_safetensors_header(p)
+        after = load_file(str(p))
+        with safe_open(str(p), "pt") as f:
+            assert f.metadata() == before_meta, p
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), p
 
     # ---------------- summary ------------------------------------------------------------
     total = 0
