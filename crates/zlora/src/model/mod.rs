@@ -1,1 +1,3 @@
-//! placeholder
+//! The Z-Image family: text encoder and VAE.
+
+pub mod text;
