@@ -124,6 +124,35 @@ fn hidden_states_match_reference() -> TestResult {
 }
 
 #[test]
+fn pipeline_prompt_embeds_match_reference() -> TestResult {
+    // The base pipeline's positive and negative prompts have different lengths (24, 37).
+    let reference = reference()?;
+    let got = prompt_encoder()?.encode(&["a cat", "blurry, low quality"])?;
+    for (hidden, name) in got
+        .iter()
+        .zip(["base.prompt_embeds", "base.negative_prompt_embeds"])
+    {
+        let err = rel_err(hidden, &reference[name])?;
+        println!("{name}: max rel err {err:.3e}");
+        assert!(err < TOL, "{name}: {err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn bf16_weights_stay_close() -> TestResult {
+    let reference = reference()?;
+    let vb = VarBuilder::from_tensors(weights()?, DType::BF16, &Device::Cpu);
+    let enc = PromptEncoder::new(tokenizer()?, Qwen3TextEncoder::new(&config()?, vb)?);
+    let hidden = enc.encode(&[reference_prompts()?[0].as_str()])?.remove(0);
+    assert_eq!(hidden.dtype(), DType::F32);
+    let err = rel_err(&hidden, &reference["te.hidden.0"])?;
+    println!("te.hidden.0 with bf16 weights: max rel err {err:.3e}");
+    assert!(err < 5e-2, "{err}");
+    Ok(())
+}
+
+#[test]
 fn batch_equals_separate_runs() -> TestResult {
     let enc = prompt_encoder()?;
     let prompts = ["a red fox in the snow", "", "the cat sat in the window"];

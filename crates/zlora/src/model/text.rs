@@ -70,6 +70,7 @@ struct RawTextEncoderConfig {
 #[derive(Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
+    #[serde(alias = "type")]
     rope_type: Option<String>,
 }
 
@@ -104,7 +105,10 @@ impl TryFrom<RawTextEncoderConfig> for TextEncoderConfig {
             num_hidden_layers: raw.num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
-            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1)),
+            head_dim: raw
+                .head_dim
+                .or_else(|| raw.hidden_size.checked_div(heads))
+                .unwrap_or(0),
             rms_norm_eps: raw.rms_norm_eps,
             // transformers' Qwen3Config default.
             rope_theta: raw.rope_theta.or(nested_theta).unwrap_or(10_000.0),
@@ -365,6 +369,7 @@ impl Qwen3TextEncoder {
     /// Loads the embedding and the first `num_hidden_layers - 1` decoder layers. `vb` is the
     /// checkpoint root; a `model.` prefix (Qwen3ForCausalLM checkpoints) is detected.
     pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(Error::Invalid)?;
         let vb = if vb.contains_tensor("model.embed_tokens.weight") {
             vb.pp("model")
         } else {
