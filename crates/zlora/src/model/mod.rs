@@ -1,3 +1,4 @@
 //! The Z-Image family: text encoder and VAE.
 
 pub mod text;
+pub mod vae;
