@@ -82,6 +82,8 @@ fn config_reads_transformers_5_layout() -> TestResult {
     assert_eq!((cfg.num_attention_heads, cfg.num_key_value_heads), (4, 2));
     assert_eq!(cfg.head_dim, 8);
     assert_eq!(cfg.layers_used(), 2);
+    // Z-Image reads the output of layer 34 of Qwen3-4B's 36.
+    assert_eq!(TextEncoderConfig::qwen3_4b().layers_used(), 35);
     Ok(())
 }
 
