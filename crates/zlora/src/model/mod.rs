@@ -2,7 +2,11 @@
 
 pub mod config;
 pub mod dit;
+pub mod folder;
 pub mod rope;
+pub mod text;
+pub mod tiny;
+pub mod vae;
 pub mod weights;
 
 pub use config::TransformerConfig;

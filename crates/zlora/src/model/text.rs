@@ -1,0 +1,521 @@
+//! The Z-Image text encoder: Qwen3 run up to its second-to-last decoder layer, plus the chat
+//! template and tokenizer that turn a prompt into the ids it reads.
+//!
+//! Z-Image conditions on `hidden_states[-2]` of transformers' `Qwen3Model`, which is the raw
+//! output of decoder layer `num_hidden_layers - 2` (the final layer and the final norm are not
+//! used), so only the first `num_hidden_layers - 1` layers are loaded and run. Module names
+//! follow the Hugging Face checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), with
+//! or without the `model.` prefix that `Qwen3ForCausalLM` checkpoints carry.
+//!
+//! Precision: weights may be bf16 or f32; RMSNorm, RoPE tables and softmax are computed in f32.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use serde::Deserialize;
+use tokenizers::Tokenizer;
+
+use crate::{Error, Result};
+
+/// Z-Image's `max_sequence_length`: prompts are cut to this many tokens, template included.
+pub const DEFAULT_MAX_TOKENS: usize = 512;
+
+/// The Qwen3 chat template with one user turn and the generation prompt (no system prompt, no
+/// think block), exactly as the reference pipelines produce it.
+pub fn chat_prompt(prompt: &str) -> String {
+    format!("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+/// The Qwen3 hyper-parameters, read from the text encoder's `config.json` (unknown keys are
+/// ignored).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawTextEncoderConfig")]
+pub struct TextEncoderConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub attention_bias: bool,
+}
+
+/// `config.json` as transformers writes it. Version 5 moved `rope_theta` into
+/// `rope_parameters`, so both places are accepted.
+#[derive(Deserialize)]
+struct RawTextEncoderConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    rms_norm_eps: f64,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<RopeParameters>,
+    #[serde(default = "default_max_positions")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    attention_bias: bool,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_max_positions() -> usize {
+    32768
+}
+
+impl TryFrom<RawTextEncoderConfig> for TextEncoderConfig {
+    type Error = String;
+
+    fn try_from(raw: RawTextEncoderConfig) -> std::result::Result<Self, String> {
+        // Only plain RoPE is implemented; a scaled variant would silently change the output.
+        for params in [&raw.rope_parameters, &raw.rope_scaling]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(kind) = params.rope_type.as_deref().filter(|k| *k != "default") {
+                return Err(format!(
+                    "rope type {kind:?} is not supported (only \"default\")"
+                ));
+            }
+        }
+        let nested_theta = raw.rope_parameters.as_ref().and_then(|p| p.rope_theta);
+        let heads = raw.num_attention_heads;
+        let cfg = Self {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
+            head_dim: raw
+                .head_dim
+                .or_else(|| raw.hidden_size.checked_div(heads))
+                .unwrap_or(0),
+            rms_norm_eps: raw.rms_norm_eps,
+            // transformers' Qwen3Config default.
+            rope_theta: raw.rope_theta.or(nested_theta).unwrap_or(10_000.0),
+            max_position_embeddings: raw.max_position_embeddings,
+            attention_bias: raw.attention_bias,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl TextEncoderConfig {
+    /// Qwen3-4B as shipped in Z-Image's `text_encoder/config.json`.
+    pub fn qwen3_4b() -> Self {
+        Self {
+            vocab_size: 151_936,
+            hidden_size: 2560,
+            intermediate_size: 9728,
+            num_hidden_layers: 36,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 40960,
+            attention_bias: false,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(path, format!("not a Qwen3 text encoder config: {e}")))
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_hidden_layers == 0 {
+            return Err("num_hidden_layers must be at least 1".into());
+        }
+        let (heads, kv_heads) = (self.num_attention_heads, self.num_key_value_heads);
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim {} must be even and positive",
+                self.head_dim
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decoder layers that contribute to `hidden_states[-2]`: all but the last.
+    pub fn layers_used(&self) -> usize {
+        self.num_hidden_layers - 1
+    }
+}
+
+/// Qwen3RMSNorm: normalise in f32, cast back, then scale (the weight multiplies in its dtype).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// NeoX-style rotary tables for positions 0..len, shape (len, head_dim), in f32.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Self> {
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
+        let pos = Tensor::arange(0u32, len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((len, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        // The half-split layout: the same angle drives element i and element i + head_dim/2.
+        let angles = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// x: (B, heads, L, head_dim) → x·cos + rotate_half(x)·sin, computed in f32.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let half = xf.dim(D::Minus1)? / 2;
+        let x1 = xf.narrow(D::Minus1, 0, half)?;
+        let x2 = xf.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
+        Ok(out.to_dtype(x.dtype())?)
+    }
+}
+
+/// Additive causal mask (L, L) in f32: 0 on and below the diagonal, -inf above.
+fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (len, len), device)?)
+}
+
+/// Grouped-query attention: each key/value head serves `n_rep` consecutive query heads.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, kv_heads, len, dim) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .expand((b, kv_heads, n_rep, len, dim))?
+        .reshape((b, kv_heads * n_rep, len, dim))?)
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: candle_nn::linear_b(hidden, heads * hd, bias, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear_b(hidden, kv_heads * hd, bias, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear_b(hidden, kv_heads * hd, bias, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_b(heads * hd, hidden, bias, vb.pp("o_proj"))?,
+            q_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
+            k_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
+            heads,
+            kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// (B, L, hidden) → (B, heads, L, head_dim).
+    fn split_heads(&self, x: Tensor, heads: usize) -> Result<Tensor> {
+        let (b, len, _) = x.dims3()?;
+        Ok(x.reshape((b, len, heads, self.head_dim))?.transpose(1, 2)?)
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let (b, len, _) = x.dims3()?;
+        // The q/k norms act per head, before RoPE.
+        let q = self.split_heads(self.q_proj.forward(x)?, self.heads)?;
+        let k = self.split_heads(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = rope.apply(&self.q_norm.forward(&q)?)?;
+        let k = rope.apply(&self.k_norm.forward(&k)?)?;
+        let n_rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?;
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+
+        let scores = q.contiguous()?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = (scores / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?;
+        let out = out.reshape((b, len, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// SwiGLU: down(silu(gate(x)) * up(x)).
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let eps = cfg.rms_norm_eps;
+        Ok(Self {
+            input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(
+                cfg.hidden_size,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, rope, mask)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+}
+
+/// Qwen3 truncated to the layers Z-Image reads.
+pub struct Qwen3TextEncoder {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    cfg: TextEncoderConfig,
+}
+
+impl Qwen3TextEncoder {
+    /// Loads the embedding and the first `num_hidden_layers - 1` decoder layers. `vb` is the
+    /// checkpoint root; a `model.` prefix (Qwen3ForCausalLM checkpoints) is detected.
+    pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(Error::Invalid)?;
+        let vb = if vb.contains_tensor("model.embed_tokens.weight") {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let layers = (0..cfg.layers_used())
+            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextEncoderConfig {
+        &self.cfg
+    }
+
+    /// ids: (B, L) u32 → `hidden_states[-2]`, (B, L, hidden) in the weight dtype.
+    ///
+    /// Attention is causal and positions start at 0 for every row, so a right-padded batch gives
+    /// each prompt's valid tokens exactly what an unpadded run gives them.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        if len > self.cfg.max_position_embeddings {
+            return Err(Error::Invalid(format!(
+                "{len} tokens exceed the text encoder's {} positions",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let device = ids.device();
+        let rope = Rope::new(len, self.cfg.head_dim, self.cfg.rope_theta, device)?;
+        let mask = causal_mask(len, device)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, &mask)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Turns a prompt into the token ids the text encoder reads: chat template, tokenizer,
+/// truncation.
+pub struct PromptTokenizer {
+    tokenizer: Tokenizer,
+    max_tokens: usize,
+}
+
+impl PromptTokenizer {
+    /// Reads a Hugging Face `tokenizer.json` (Z-Image: `tokenizer/tokenizer.json`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::bad_file(path, format!("not a tokenizer.json: {e}")))?;
+        // Truncation is ours to do (after templating); padding never reaches the model.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::bad_file(path, e.to_string()))?;
+        tokenizer.with_padding(None);
+        Ok(Self {
+            tokenizer,
+            max_tokens: DEFAULT_MAX_TOKENS,
+        })
+    }
+
+    /// Keep at most `max_tokens` ids per prompt (template included); the tail is cut.
+    pub fn with_max_tokens(mut self, max_tokens: usize) -> Result<Self> {
+        if max_tokens == 0 {
+            return Err(Error::Invalid("max tokens must be at least 1".into()));
+        }
+        self.max_tokens = max_tokens;
+        Ok(self)
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// The ids of `chat_prompt(prompt)`. Special tokens come only from the template text
+    /// (Qwen adds no BOS), so the tokenizer's post-processor is not applied.
+    pub fn ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(chat_prompt(prompt), false)
+            .map_err(|e| Error::Invalid(format!("cannot tokenize prompt: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        ids.truncate(self.max_tokens);
+        Ok(ids)
+    }
+}
+
+/// Prompts in, Z-Image caption features out.
+pub struct PromptEncoder {
+    tokenizer: PromptTokenizer,
+    encoder: Qwen3TextEncoder,
+}
+
+impl PromptEncoder {
+    pub fn new(tokenizer: PromptTokenizer, encoder: Qwen3TextEncoder) -> Self {
+        Self { tokenizer, encoder }
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn encoder(&self) -> &Qwen3TextEncoder {
+        &self.encoder
+    }
+
+    /// One (L_i, hidden) f32 tensor per prompt, holding only its valid tokens. The prompts run
+    /// as one right-padded batch; callers bound the batch size by how many prompts they pass.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
+        let ids = prompts
+            .iter()
+            .map(|p| self.tokenizer.ids(p))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(len) = ids.iter().map(Vec::len).max() else {
+            return Ok(Vec::new());
+        };
+        let batch = self.padded_batch(&ids, len)?;
+        let hidden = self.encoder.forward(&batch)?.to_dtype(DType::F32)?;
+        ids.iter()
+            .enumerate()
+            .map(|(i, row)| Ok(hidden.get(i)?.narrow(0, 0, row.len())?))
+            .collect()
+    }
+
+    /// (B, len) ids, right-padded with id 0 (pad rows are computed and dropped).
+    fn padded_batch(&self, ids: &[Vec<u32>], len: usize) -> Result<Tensor> {
+        let vocab = self.encoder.config().vocab_size;
+        let mut flat = Vec::with_capacity(ids.len() * len);
+        for row in ids {
+            if let Some(bad) = row.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is outside the text encoder's vocabulary of {vocab}; \
+                     tokenizer and text encoder do not match"
+                )));
+            }
+            flat.extend_from_slice(row);
+            flat.resize(flat.len() + len - row.len(), 0);
+        }
+        let device = self.encoder.embed_tokens.embeddings().device();
+        Ok(Tensor::from_vec(flat, (ids.len(), len), device)?)
+    }
+}
