@@ -1,0 +1,154 @@
+//! `zlora generate` end to end against the diffusers pipelines of the tiny fixture model
+//! (reference §5): injected initial latents, final latents within 1e-4, PNGs within one level.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{Device, Tensor};
+use zlora::sample::image::read_png;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny"))
+}
+
+fn reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The pipeline parameters the fixture script recorded in the header.
+fn params(pipeline: &str) -> serde_json::Value {
+    let bytes = std::fs::read(fixtures().join("reference.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let text = meta.metadata().as_ref().unwrap()["params"].clone();
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    all["pipelines"][pipeline].clone()
+}
+
+fn zlora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zlora")).args(args).output().unwrap()
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "zlora failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn save_latents(path: &Path, t: &Tensor) {
+    let map = [("latents".to_string(), t.clone())].into_iter().collect();
+    zlora::fsutil::save_safetensors(path, &map, None, false).unwrap();
+}
+
+fn rel_err(a: &Tensor, e: &Tensor) -> f32 {
+    let diff = (a - e).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    diff / e.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// Runs `generate` with a pipeline's recorded settings and checks latents and pixels.
+fn check_pipeline(name: &str, extra: &[&str], latent_tol: f32, pixel_tol: f32) {
+    let r = reference();
+    let p = params(name);
+    let dir = tempfile::tempdir().unwrap();
+    let start = dir.path().join("start.safetensors");
+    save_latents(&start, &r[&format!("{name}.latents_in")]);
+    let (png, fin) = (dir.path().join("out.png"), dir.path().join("final.safetensors"));
+    let model = fixtures().join("model");
+    let steps = p["num_inference_steps"].to_string();
+    let guidance = p["guidance_scale"].to_string();
+    let mut args = vec![
+        "generate", "--model", model.to_str().unwrap(), "--prompt", p["prompt"].as_str().unwrap(),
+        "--width", "80", "--height", "48", "--steps", &steps, "--guidance", &guidance,
+        "--latents", start.to_str().unwrap(), "--save-latents", fin.to_str().unwrap(),
+        "--out", png.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    ok(&zlora(&args));
+
+    let got = candle_core::safetensors::load(&fin, &Device::Cpu).unwrap()["latents"].clone();
+    let err = rel_err(&got, &r[&format!("{name}.latents_out")]);
+    eprintln!("{name}: final latents relative error {err:.3e}");
+    assert!(err <= latent_tol, "{name}: latents error {err}");
+
+    let (img, text) = read_png(&png).unwrap();
+    let expected = r[&format!("{name}.image_u8")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let worst = img.pixels.iter().zip(&expected).map(|(&a, &b)| (a as f32 - b).abs()).fold(0f32, f32::max);
+    eprintln!("{name}: largest pixel difference {worst}");
+    assert!(worst <= pixel_tol, "{name}: pixels differ by {worst} levels");
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains(p["prompt"].as_str().unwrap()), "{params}");
+}
+
+#[test]
+fn turbo_pipeline_matches_diffusers() {
+    check_pipeline("turbo", &[], 1e-4, 1.0);
+}
+
+#[test]
+fn base_pipeline_with_negative_prompt_truncation_and_normalization_matches_diffusers() {
+    let p = params("base");
+    let (shift, trunc, norm) = (p["shift"].to_string(), p["cfg_truncation"].to_string(), p["cfg_normalization"].to_string());
+    let neg = p["negative_prompt"].as_str().unwrap().to_string();
+    check_pipeline(
+        "base",
+        &["--negative-prompt", &neg, "--shift", &shift, "--cfg-truncation", &trunc, "--cfg-normalization", &norm],
+        1e-4,
+        1.0,
+    );
+}
+
+#[test]
+fn peft_lora_at_strength_below_one_matches_diffusers() {
+    let p = params("lora");
+    let lora = format!("{}:{}", fixtures().join("lora_peft.safetensors").display(), p["lora_strength"]);
+    check_pipeline("lora", &["--lora", &lora], 1e-4, 1.0);
+}
+
+#[test]
+fn comfyui_single_file_gives_the_turbo_result_up_to_bf16_weights() {
+    let comfy = fixtures().join("comfy_transformer.safetensors");
+    // bf16-rounded weights move the result by a few levels; the DiT test checks them exactly.
+    check_pipeline("turbo", &["--transformer", comfy.to_str().unwrap()], 2e-2, 4.0);
+}
+
+#[test]
+fn tiny_model_generates_one_png_per_seed_with_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    ok(&zlora(&["tiny-model", "--out", model.to_str().unwrap()]));
+    let out = dir.path().join("img.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse", "--width", "64",
+            "--height", "32", "--steps", "2", "--seed", "1", "--seed", "2", "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zlora(&args)
+    };
+    ok(&run(&[]));
+    let (a, text) = read_png(&dir.path().join("img_s1.png")).unwrap();
+    let (b, _) = read_png(&dir.path().join("img_s2.png")).unwrap();
+    assert_eq!((a.width, a.height), (64, 32));
+    assert_ne!(a.pixels, b.pixels, "different seeds give different images");
+    let meta: serde_json::Value = serde_json::from_str(&text[0].1).unwrap();
+    assert_eq!(meta["seed"], 1);
+    assert_eq!(meta["steps"], 2);
+
+    let again = run(&[]);
+    assert!(!again.status.success(), "existing outputs are not overwritten without --force");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    ok(&run(&["--force"]));
+    let (a2, _) = read_png(&dir.path().join("img_s1.png")).unwrap();
+    assert_eq!(a.pixels, a2.pixels, "same seed, same image");
+}
+
+#[test]
+fn bad_sizes_and_missing_models_fail_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("model");
+    let out = dir.path().join("x.png");
+    let bad = zlora(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "50", "--height", "48", "--out", out.to_str().unwrap()]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiples of 8"), "{}", String::from_utf8_lossy(&bad.stderr));
+    let missing = zlora(&["generate", "--model", "/nonexistent/model", "--prompt", "x", "--out", out.to_str().unwrap()]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/model"));
+}
