@@ -1,3 +1,5 @@
 //! placeholder
 
 mod container;
+mod names;
+mod peft;
