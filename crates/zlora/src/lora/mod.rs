@@ -1,5 +1,6 @@
 //! placeholder
 
 mod container;
+pub mod identify;
 mod names;
 mod peft;
