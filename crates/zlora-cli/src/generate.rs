@@ -113,9 +113,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let mut bar = None;
     let images = generate(&req, &mut |event| match event {
         Event::Stage(msg) => eprintln!("{msg}"),
-        Event::Step { image, images, step, steps } => {
+        Event::Step {
+            image,
+            images,
+            step,
+            steps,
+        } => {
             if step == 1 {
-                bar = Some(steps_bar(steps as u64, format!("image {}/{images}", image + 1)));
+                bar = Some(steps_bar(
+                    steps as u64,
+                    format!("image {}/{images}", image + 1),
+                ));
             }
             if let Some(b) = &bar {
                 b.set_position(step as u64);

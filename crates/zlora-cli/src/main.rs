@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "zlora", version, about = "Train, convert and validate LoRAs for Z-Image (Turbo, Base, De-Turbo)")]
+#[command(
+    name = "zlora",
+    version,
+    about = "Train, convert and validate LoRAs for Z-Image (Turbo, Base, De-Turbo)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images with a Z-Image model and any number of LoRAs.
-    Generate(generate::Args),
+    Generate(Box<generate::Args>),
     /// Create a tiny random-weight Z-Image model (diffusers layout) to try every command on.
     TinyModel(tiny::Args),
 }
@@ -27,7 +31,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(*args),
         Command::TinyModel(args) => tiny::run(args),
     };
     match result {

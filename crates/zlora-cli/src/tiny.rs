@@ -30,8 +30,19 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let spec = TinySpec { dim: a.dim, layers: a.layers, heads: a.heads, seed: a.seed, shift: a.shift };
+    let spec = TinySpec {
+        dim: a.dim,
+        layers: a.layers,
+        heads: a.heads,
+        seed: a.seed,
+        shift: a.shift,
+    };
     create(&a.out, &spec, a.force)?;
-    eprintln!("wrote a tiny Z-Image model (dim {}, {} layers) to {}", a.dim, a.layers, a.out.display());
+    eprintln!(
+        "wrote a tiny Z-Image model (dim {}, {} layers) to {}",
+        a.dim,
+        a.layers,
+        a.out.display()
+    );
     Ok(())
 }

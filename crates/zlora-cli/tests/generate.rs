@@ -26,11 +26,18 @@ fn params(pipeline: &str) -> serde_json::Value {
 }
 
 fn zlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn ok(out: &Output) {
-    assert!(out.status.success(), "zlora failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "zlora failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn save_latents(path: &Path, t: &Tensor) {
@@ -39,8 +46,21 @@ fn save_latents(path: &Path, t: &Tensor) {
 }
 
 fn rel_err(a: &Tensor, e: &Tensor) -> f32 {
-    let diff = (a - e).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    diff / e.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    let diff = (a - e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    diff / e
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Runs `generate` with a pipeline's recorded settings and checks latents and pixels.
@@ -50,15 +70,33 @@ fn check_pipeline(name: &str, extra: &[&str], latent_tol: f32, pixel_tol: f32) {
     let dir = tempfile::tempdir().unwrap();
     let start = dir.path().join("start.safetensors");
     save_latents(&start, &r[&format!("{name}.latents_in")]);
-    let (png, fin) = (dir.path().join("out.png"), dir.path().join("final.safetensors"));
+    let (png, fin) = (
+        dir.path().join("out.png"),
+        dir.path().join("final.safetensors"),
+    );
     let model = fixtures().join("model");
     let steps = p["num_inference_steps"].to_string();
     let guidance = p["guidance_scale"].to_string();
     let mut args = vec![
-        "generate", "--model", model.to_str().unwrap(), "--prompt", p["prompt"].as_str().unwrap(),
-        "--width", "80", "--height", "48", "--steps", &steps, "--guidance", &guidance,
-        "--latents", start.to_str().unwrap(), "--save-latents", fin.to_str().unwrap(),
-        "--out", png.to_str().unwrap(),
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        p["prompt"].as_str().unwrap(),
+        "--width",
+        "80",
+        "--height",
+        "48",
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--latents",
+        start.to_str().unwrap(),
+        "--save-latents",
+        fin.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
     ok(&zlora(&args));
@@ -69,10 +107,22 @@ fn check_pipeline(name: &str, extra: &[&str], latent_tol: f32, pixel_tol: f32) {
     assert!(err <= latent_tol, "{name}: latents error {err}");
 
     let (img, text) = read_png(&png).unwrap();
-    let expected = r[&format!("{name}.image_u8")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let worst = img.pixels.iter().zip(&expected).map(|(&a, &b)| (a as f32 - b).abs()).fold(0f32, f32::max);
+    let expected = r[&format!("{name}.image_u8")]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let worst = img
+        .pixels
+        .iter()
+        .zip(&expected)
+        .map(|(&a, &b)| (a as f32 - b).abs())
+        .fold(0f32, f32::max);
     eprintln!("{name}: largest pixel difference {worst}");
-    assert!(worst <= pixel_tol, "{name}: pixels differ by {worst} levels");
+    assert!(
+        worst <= pixel_tol,
+        "{name}: pixels differ by {worst} levels"
+    );
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(params.contains(p["prompt"].as_str().unwrap()), "{params}");
 }
@@ -85,11 +135,24 @@ fn turbo_pipeline_matches_diffusers() {
 #[test]
 fn base_pipeline_with_negative_prompt_truncation_and_normalization_matches_diffusers() {
     let p = params("base");
-    let (shift, trunc, norm) = (p["shift"].to_string(), p["cfg_truncation"].to_string(), p["cfg_normalization"].to_string());
+    let (shift, trunc, norm) = (
+        p["shift"].to_string(),
+        p["cfg_truncation"].to_string(),
+        p["cfg_normalization"].to_string(),
+    );
     let neg = p["negative_prompt"].as_str().unwrap().to_string();
     check_pipeline(
         "base",
-        &["--negative-prompt", &neg, "--shift", &shift, "--cfg-truncation", &trunc, "--cfg-normalization", &norm],
+        &[
+            "--negative-prompt",
+            &neg,
+            "--shift",
+            &shift,
+            "--cfg-truncation",
+            &trunc,
+            "--cfg-normalization",
+            &norm,
+        ],
         1e-4,
         1.0,
     );
@@ -98,7 +161,11 @@ fn base_pipeline_with_negative_prompt_truncation_and_normalization_matches_diffu
 #[test]
 fn peft_lora_at_strength_below_one_matches_diffusers() {
     let p = params("lora");
-    let lora = format!("{}:{}", fixtures().join("lora_peft.safetensors").display(), p["lora_strength"]);
+    let lora = format!(
+        "{}:{}",
+        fixtures().join("lora_peft.safetensors").display(),
+        p["lora_strength"]
+    );
     check_pipeline("lora", &["--lora", &lora], 1e-4, 1.0);
 }
 
@@ -106,7 +173,12 @@ fn peft_lora_at_strength_below_one_matches_diffusers() {
 fn comfyui_single_file_gives_the_turbo_result_up_to_bf16_weights() {
     let comfy = fixtures().join("comfy_transformer.safetensors");
     // bf16-rounded weights move the result by a few levels; the DiT test checks them exactly.
-    check_pipeline("turbo", &["--transformer", comfy.to_str().unwrap()], 2e-2, 4.0);
+    check_pipeline(
+        "turbo",
+        &["--transformer", comfy.to_str().unwrap()],
+        2e-2,
+        4.0,
+    );
 }
 
 #[test]
@@ -117,8 +189,23 @@ fn tiny_model_generates_one_png_per_seed_with_parameters() {
     let out = dir.path().join("img.png");
     let run = |extra: &[&str]| {
         let mut args = vec![
-            "generate", "--model", model.to_str().unwrap(), "--prompt", "a lighthouse", "--width", "64",
-            "--height", "32", "--steps", "2", "--seed", "1", "--seed", "2", "--out", out.to_str().unwrap(),
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a lighthouse",
+            "--width",
+            "64",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--seed",
+            "1",
+            "--seed",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         zlora(&args)
@@ -133,7 +220,10 @@ fn tiny_model_generates_one_png_per_seed_with_parameters() {
     assert_eq!(meta["steps"], 2);
 
     let again = run(&[]);
-    assert!(!again.status.success(), "existing outputs are not overwritten without --force");
+    assert!(
+        !again.status.success(),
+        "existing outputs are not overwritten without --force"
+    );
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     ok(&run(&["--force"]));
     let (a2, _) = read_png(&dir.path().join("img_s1.png")).unwrap();
@@ -145,10 +235,34 @@ fn bad_sizes_and_missing_models_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixtures().join("model");
     let out = dir.path().join("x.png");
-    let bad = zlora(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "50", "--height", "48", "--out", out.to_str().unwrap()]);
+    let bad = zlora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "50",
+        "--height",
+        "48",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("multiples of 8"), "{}", String::from_utf8_lossy(&bad.stderr));
-    let missing = zlora(&["generate", "--model", "/nonexistent/model", "--prompt", "x", "--out", out.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("multiples of 8"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let missing = zlora(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "x",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/model"));
 }

@@ -10,7 +10,10 @@ use crate::{Error, Result};
 /// `overwrite` is set.
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     if !overwrite && path.exists() {
-        return Err(Error::bad_file(path, "already exists (pass --force to overwrite it)"));
+        return Err(Error::bad_file(
+            path,
+            "already exists (pass --force to overwrite it)",
+        ));
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -57,7 +60,9 @@ mod tests {
         assert_eq!(std::fs::read(&p).map_err(|e| Error::io(&p, e))?, b"one");
         write_atomic(&p, b"two", true)?;
         assert_eq!(std::fs::read(&p).map_err(|e| Error::io(&p, e))?, b"two");
-        let leftovers = std::fs::read_dir(dir.path()).map_err(|e| Error::io(dir.path(), e))?.count();
+        let leftovers = std::fs::read_dir(dir.path())
+            .map_err(|e| Error::io(dir.path(), e))?
+            .count();
         assert_eq!(leftovers, 1, "no temporary files are left behind");
         Ok(())
     }

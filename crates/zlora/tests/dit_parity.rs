@@ -8,8 +8,12 @@ use zlora::model::weights::{component_files, TransformerCheckpoint};
 use zlora::model::{TransformerConfig, ZImageTransformer};
 
 fn load(files: Vec<std::path::PathBuf>, dtype: DType) -> ZImageTransformer {
-    let cfg = TransformerConfig::from_file(&fixtures().join("model/transformer/config.json")).unwrap();
-    TransformerCheckpoint::open(files).unwrap().load(&cfg, dtype, &Device::Cpu).unwrap()
+    let cfg =
+        TransformerConfig::from_file(&fixtures().join("model/transformer/config.json")).unwrap();
+    TransformerCheckpoint::open(files)
+        .unwrap()
+        .load(&cfg, dtype, &Device::Cpu)
+        .unwrap()
 }
 
 fn diffusers_model() -> ZImageTransformer {
@@ -32,7 +36,12 @@ fn batch_with_different_caption_lengths_matches_diffusers() {
     let out = model.forward(&x, &get(&r, "dit.t"), &caps).unwrap();
     for i in 0..2 {
         let expected = latent(&r, &format!("dit.out.{i}"));
-        assert_close(&out.narrow(0, i, 1).unwrap(), &expected, 1e-4, &format!("item {i}"));
+        assert_close(
+            &out.narrow(0, i, 1).unwrap(),
+            &expected,
+            1e-4,
+            &format!("item {i}"),
+        );
     }
 }
 
@@ -41,7 +50,9 @@ fn single_item_matches_diffusers() {
     let r = reference();
     let model = diffusers_model();
     let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model.forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")]).unwrap();
+    let out = model
+        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
+        .unwrap();
     assert_close(&out, &latent(&r, "dit.single.out.0"), 1e-4, "single item");
 }
 
@@ -50,10 +61,15 @@ fn comfyui_single_file_loads_into_the_same_weights() {
     let r = reference();
     let file = fixtures().join("comfy_transformer.safetensors");
     let checkpoint = TransformerCheckpoint::open(vec![file.clone()]).unwrap();
-    assert_eq!(checkpoint.layout(), zlora::model::weights::CheckpointLayout::ComfyUi);
+    assert_eq!(
+        checkpoint.layout(),
+        zlora::model::weights::CheckpointLayout::ComfyUi
+    );
     let model = load(vec![file], DType::F32);
     let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model.forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")]).unwrap();
+    let out = model
+        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
+        .unwrap();
     // The reference ran the same bf16-rounded weights in f32.
     assert_close(&out, &latent(&r, "dit_bf16w.out.0"), 1e-4, "ComfyUI file");
 }
@@ -68,14 +84,30 @@ fn missing_and_misshapen_tensors_are_all_named() {
         tensors.extend(candle_core::safetensors::load(&f, &Device::Cpu).unwrap());
     }
     tensors.remove("layers.1.feed_forward.w2.weight");
-    tensors.insert("x_pad_token".into(), Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap());
-    tensors.insert("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "x_pad_token".into(),
+        Tensor::zeros((1, 7), DType::F32, &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        "extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     zlora::fsutil::save_safetensors(&file, &tensors, None, false).unwrap();
     let cfg = TransformerConfig::from_file(&src.join("config.json")).unwrap();
-    let err = TransformerCheckpoint::open(vec![file]).unwrap().check(&cfg).unwrap_err().to_string();
+    let err = TransformerCheckpoint::open(vec![file])
+        .unwrap()
+        .check(&cfg)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("broken.safetensors"), "{err}");
-    assert!(err.contains("missing layers.1.feed_forward.w2.weight"), "{err}");
-    assert!(err.contains("x_pad_token: shape [1, 7], expected [1, 32]"), "{err}");
+    assert!(
+        err.contains("missing layers.1.feed_forward.w2.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("x_pad_token: shape [1, 7], expected [1, 32]"),
+        "{err}"
+    );
     assert!(err.contains("unexpected tensor extra.weight"), "{err}");
 }
 
@@ -85,7 +117,9 @@ fn bf16_compute_stays_close_to_f32() {
     let files = component_files(&fixtures().join("model/transformer")).unwrap();
     let model = load(files, DType::BF16);
     let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model.forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")]).unwrap();
+    let out = model
+        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
+        .unwrap();
     assert_eq!(out.dtype(), DType::F32);
     assert_close(&out, &latent(&r, "dit.single.out.0"), 5e-2, "bf16 compute");
 }

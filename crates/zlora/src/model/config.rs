@@ -96,10 +96,15 @@ impl TransformerConfig {
 
     fn validate(&self) -> std::result::Result<(), String> {
         if self.patch_size() != 2 || self.f_patch_size() != 1 {
-            return Err("only patch size 2 and frame patch size 1 (text-to-image) are supported".into());
+            return Err(
+                "only patch size 2 and frame patch size 1 (text-to-image) are supported".into(),
+            );
         }
-        if self.n_heads == 0 || self.dim % self.n_heads != 0 {
-            return Err(format!("dim {} is not divisible by n_heads {}", self.dim, self.n_heads));
+        if self.n_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
+            return Err(format!(
+                "dim {} is not divisible by n_heads {}",
+                self.dim, self.n_heads
+            ));
         }
         if self.axes_dims.len() != 3 || self.axes_lens.len() != 3 {
             return Err("axes_dims and axes_lens must have three entries".into());

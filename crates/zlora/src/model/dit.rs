@@ -14,7 +14,11 @@ use crate::nn::{Linear, LinearTargets, RmsNorm};
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((out, inp), "weight")?;
-    let b = if bias { Some(vb.get(out, "bias")?) } else { None };
+    let b = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
     Ok(Linear::new(w, b))
 }
 
@@ -45,7 +49,10 @@ impl TimestepEmbedder {
             .map(|j| (-(10000f32.ln()) * j as f32 / half as f32).exp())
             .collect();
         let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-        let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let args = t
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
         self.mlp2.forward(&self.mlp0.forward(&emb)?.silu()?)
     }
@@ -92,7 +99,11 @@ impl Attention {
         let dim = cfg.dim;
         let qk_norm = |name: &str| -> Result<Option<RmsNorm>> {
             if cfg.qk_norm {
-                Ok(Some(RmsNorm::load(vb.pp(name), cfg.head_dim(), QK_NORM_EPS)?))
+                Ok(Some(RmsNorm::load(
+                    vb.pp(name),
+                    cfg.head_dim(),
+                    QK_NORM_EPS,
+                )?))
             } else {
                 Ok(None)
             }
@@ -110,7 +121,9 @@ impl Attention {
 
     fn heads(&self, x: &Tensor, proj: &Linear, norm: &Option<RmsNorm>) -> Result<Tensor> {
         let (b, s, dim) = x.dims3()?;
-        let h = proj.forward(x)?.reshape((b, s, self.n_heads, dim / self.n_heads))?;
+        let h = proj
+            .forward(x)?
+            .reshape((b, s, self.n_heads, dim / self.n_heads))?;
         match norm {
             Some(n) => n.forward(&h),
             None => Ok(h),
@@ -180,7 +193,9 @@ impl TransformerBlock {
         c: Option<&Tensor>,
     ) -> Result<Tensor> {
         let Some(ada) = &self.ada_ln_modulation else {
-            let a = self.attention.forward(&self.attention_norm1.forward(x)?, rot, mask)?;
+            let a = self
+                .attention
+                .forward(&self.attention_norm1.forward(x)?, rot, mask)?;
             let x = (x + self.attention_norm2.forward(&a)?)?;
             let f = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
             return x + self.ffn_norm2.forward(&f)?;
@@ -202,10 +217,22 @@ impl TransformerBlock {
             (format!("{prefix}.attention.to_q"), &mut self.attention.to_q),
             (format!("{prefix}.attention.to_k"), &mut self.attention.to_k),
             (format!("{prefix}.attention.to_v"), &mut self.attention.to_v),
-            (format!("{prefix}.attention.to_out.0"), &mut self.attention.to_out),
-            (format!("{prefix}.feed_forward.w1"), &mut self.feed_forward.w1),
-            (format!("{prefix}.feed_forward.w2"), &mut self.feed_forward.w2),
-            (format!("{prefix}.feed_forward.w3"), &mut self.feed_forward.w3),
+            (
+                format!("{prefix}.attention.to_out.0"),
+                &mut self.attention.to_out,
+            ),
+            (
+                format!("{prefix}.feed_forward.w1"),
+                &mut self.feed_forward.w1,
+            ),
+            (
+                format!("{prefix}.feed_forward.w2"),
+                &mut self.feed_forward.w2,
+            ),
+            (
+                format!("{prefix}.feed_forward.w3"),
+                &mut self.feed_forward.w3,
+            ),
         ];
         if let Some(ada) = &mut self.ada_ln_modulation {
             out.push((format!("{prefix}.adaLN_modulation.0"), ada));
@@ -262,7 +289,10 @@ impl Sequence {
             let zeros = Tensor::zeros((n - len, t.dim(1)?), t.dtype(), t.device())?;
             Tensor::cat(&[t, &zeros], 0)
         };
-        let x: Vec<Tensor> = items.iter().map(|t| pad_rows(t, max)).collect::<Result<_>>()?;
+        let x: Vec<Tensor> = items
+            .iter()
+            .map(|t| pad_rows(t, max))
+            .collect::<Result<_>>()?;
         let rots: Vec<Rotation> = rots
             .iter()
             .map(|r| {
@@ -316,9 +346,23 @@ impl ZImageTransformer {
         let key = cfg.patch_key();
         let mut model = Self {
             t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), cfg.adaln_dim())?,
-            x_embedder: linear(&vb.pp("all_x_embedder").pp(&key), cfg.dim, cfg.patch_dim(), true)?,
-            cap_norm: RmsNorm::load(vb.pp("cap_embedder").pp("0"), cfg.cap_feat_dim, cfg.norm_eps)?,
-            cap_linear: linear(&vb.pp("cap_embedder").pp("1"), cfg.dim, cfg.cap_feat_dim, true)?,
+            x_embedder: linear(
+                &vb.pp("all_x_embedder").pp(&key),
+                cfg.dim,
+                cfg.patch_dim(),
+                true,
+            )?,
+            cap_norm: RmsNorm::load(
+                vb.pp("cap_embedder").pp("0"),
+                cfg.cap_feat_dim,
+                cfg.norm_eps,
+            )?,
+            cap_linear: linear(
+                &vb.pp("cap_embedder").pp("1"),
+                cfg.dim,
+                cfg.cap_feat_dim,
+                true,
+            )?,
             x_pad_token: vb.get((1, cfg.dim), "x_pad_token")?,
             cap_pad_token: vb.get((1, cfg.dim), "cap_pad_token")?,
             noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true)?,
@@ -368,7 +412,10 @@ impl ZImageTransformer {
         let c = self
             .t_embedder
             .forward(&(t.to_dtype(DType::F32)? * self.cfg.t_scale)?, self.dtype)?;
-        let cap_lens: Vec<usize> = caps.iter().map(|c| round_up(c.dim(0).unwrap_or(0))).collect();
+        let cap_lens: Vec<usize> = caps
+            .iter()
+            .map(|c| round_up(c.dim(0).unwrap_or(0)))
+            .collect();
 
         let image = self.embed_image(latents, &cap_lens, ht, wt)?;
         let image = self.run(&self.noise_refiner, image, Some(&c))?;
@@ -381,7 +428,12 @@ impl ZImageTransformer {
         self.unpatchify(&out.narrow(1, 0, ht * wt)?, ht, wt)
     }
 
-    fn run(&self, blocks: &[TransformerBlock], mut seq: Sequence, c: Option<&Tensor>) -> Result<Sequence> {
+    fn run(
+        &self,
+        blocks: &[TransformerBlock],
+        mut seq: Sequence,
+        c: Option<&Tensor>,
+    ) -> Result<Sequence> {
         for block in blocks {
             seq.x = block.forward(&seq.x, &seq.rot, seq.mask.as_ref(), c)?;
         }
@@ -389,7 +441,13 @@ impl ZImageTransformer {
     }
 
     /// Patchify → x_embedder → pad with `x_pad_token` to a multiple of 32 tokens.
-    fn embed_image(&self, latents: &Tensor, cap_lens: &[usize], ht: usize, wt: usize) -> Result<Sequence> {
+    fn embed_image(
+        &self,
+        latents: &Tensor,
+        cap_lens: &[usize],
+        ht: usize,
+        wt: usize,
+    ) -> Result<Sequence> {
         let (b, ch, _, _) = latents.dims4()?;
         let p = self.cfg.patch_size();
         let patches = latents
@@ -401,7 +459,10 @@ impl ZImageTransformer {
         let np = round_up(n);
         let x = self.x_embedder.forward(&patches)?;
         let x = if np > n {
-            let pad = self.x_pad_token.to_dtype(self.dtype)?.broadcast_as((b, np - n, self.cfg.dim))?;
+            let pad =
+                self.x_pad_token
+                    .to_dtype(self.dtype)?
+                    .broadcast_as((b, np - n, self.cfg.dim))?;
             Tensor::cat(&[&x, &pad], 1)?
         } else {
             x
@@ -454,7 +515,10 @@ impl ZImageTransformer {
             items.push(Tensor::cat(&[image.item(i)?, caption.item(i)?], 0)?);
             let (ni, nc) = (image.lens[i], caption.lens[i]);
             let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-                Tensor::cat(&[a.get(i)?.narrow(0, 0, ni)?, b.get(i)?.narrow(0, 0, nc)?], 0)
+                Tensor::cat(
+                    &[a.get(i)?.narrow(0, 0, ni)?, b.get(i)?.narrow(0, 0, nc)?],
+                    0,
+                )
             };
             rots.push(Rotation {
                 cos: join(&image.rot.cos, &caption.rot.cos)?,
@@ -482,7 +546,10 @@ impl ZImageTransformer {
             ("cap_embedder.1".into(), &mut self.cap_linear),
             ("t_embedder.mlp.0".into(), &mut self.t_embedder.mlp0),
             ("t_embedder.mlp.2".into(), &mut self.t_embedder.mlp2),
-            (format!("all_final_layer.{key}.linear"), &mut self.final_layer.linear),
+            (
+                format!("all_final_layer.{key}.linear"),
+                &mut self.final_layer.linear,
+            ),
             (
                 format!("all_final_layer.{key}.adaLN_modulation.1"),
                 &mut self.final_layer.ada_ln_modulation,

@@ -42,7 +42,10 @@ impl ModelFolder {
 
     fn from_dir(root: PathBuf) -> Result<Self> {
         if !root.join("transformer").is_dir() {
-            return Err(Error::bad_file(&root, "not a diffusers Z-Image folder: no transformer/ inside"));
+            return Err(Error::bad_file(
+                &root,
+                "not a diffusers Z-Image folder: no transformer/ inside",
+            ));
         }
         Ok(Self { root })
     }
@@ -57,7 +60,12 @@ impl ModelFolder {
 
     /// The transformer from this folder, or from a single-file checkpoint (ComfyUI or
     /// diffusers names) that replaces it.
-    pub fn load_transformer(&self, single_file: Option<&Path>, dtype: DType, device: &Device) -> Result<ZImageTransformer> {
+    pub fn load_transformer(
+        &self,
+        single_file: Option<&Path>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ZImageTransformer> {
         let files = match single_file {
             Some(f) => vec![f.to_path_buf()],
             None => component_files(&self.root.join("transformer"))?,
@@ -91,10 +99,13 @@ impl ModelFolder {
     pub fn scheduler_shift(&self) -> Result<f64> {
         let path = self.root.join("scheduler/scheduler_config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, format!("invalid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, format!("invalid JSON: {e}")))?;
         if value.get("use_dynamic_shifting").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(Error::bad_file(&path, "dynamic shifting is not used by Z-Image and is not supported"));
+            return Err(Error::bad_file(
+                &path,
+                "dynamic shifting is not used by Z-Image and is not supported",
+            ));
         }
         value
             .get("shift")

@@ -89,6 +89,8 @@ impl Rotation {
         let sin = self.sin.unsqueeze(2)?;
         let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
         let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-        Tensor::stack(&[out0, out1], 4)?.reshape((b, s, h, d))?.to_dtype(dtype)
+        Tensor::stack(&[out0, out1], 4)?
+            .reshape((b, s, h, d))?
+            .to_dtype(dtype)
     }
 }

@@ -36,7 +36,13 @@ pub struct TinySpec {
 
 impl Default for TinySpec {
     fn default() -> Self {
-        Self { dim: 64, layers: 2, heads: 2, seed: 0, shift: 3.0 }
+        Self {
+            dim: 64,
+            layers: 2,
+            heads: 2,
+            seed: 0,
+            shift: 3.0,
+        }
     }
 }
 
@@ -74,12 +80,25 @@ impl RandomInit {
 }
 
 impl SimpleBackend for RandomInit {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut made = self.made.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut made = self
+            .made
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         if let Some(t) = made.get(name) {
             return Ok(t.clone());
         }
-        let mut rng = self.rng.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut rng = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let data: Vec<f32> = (0..s.elem_count())
             .map(|_| Self::value(name, &s, StandardNormal.sample(&mut *rng)))
             .collect();
@@ -108,16 +127,26 @@ where
     F: FnOnce(VarBuilder) -> Result<()>,
 {
     let init = RandomInit::new(seed);
-    build(VarBuilder::from_backend(Box::new(init.clone()), DType::F32, Device::Cpu))?;
+    build(VarBuilder::from_backend(
+        Box::new(init.clone()),
+        DType::F32,
+        Device::Cpu,
+    ))?;
     save_safetensors(&dir.join(file), &init.tensors(), None, true)
 }
 
 /// Writes the tiny model into `root` (which must not exist unless `overwrite`).
 pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
     if root.exists() && !overwrite {
-        return Err(Error::bad_file(root, "already exists (pass --force to replace it)"));
+        return Err(Error::bad_file(
+            root,
+            "already exists (pass --force to replace it)",
+        ));
     }
-    if spec.heads == 0 || spec.dim % spec.heads != 0 || (spec.dim / spec.heads) % 8 != 0 {
+    if spec.heads == 0
+        || !spec.dim.is_multiple_of(spec.heads)
+        || !(spec.dim / spec.heads).is_multiple_of(8)
+    {
         return Err(Error::Invalid(format!(
             "tiny model: dim {} must split into {} heads of a multiple of 8",
             spec.dim, spec.heads
@@ -134,7 +163,11 @@ pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
 
     let head_dim = spec.dim / spec.heads;
     let quarter = head_dim / 4;
-    let axes = [head_dim - 2 * (quarter / 2 * 2), quarter / 2 * 2, quarter / 2 * 2];
+    let axes = [
+        head_dim - 2 * (quarter / 2 * 2),
+        quarter / 2 * 2,
+        quarter / 2 * 2,
+    ];
     let transformer = json!({
         "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
         "in_channels": 16, "dim": spec.dim, "n_layers": spec.layers, "n_refiner_layers": 1,
@@ -144,9 +177,16 @@ pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
     let dir = root.join("transformer");
     write_json(&dir.join("config.json"), &transformer)?;
     let cfg = TransformerConfig::from_file(&dir.join("config.json"))?;
-    save_random(&dir, "diffusion_pytorch_model.safetensors", spec.seed, |vb| {
-        ZImageTransformer::new(&cfg, vb).map(|_| ()).map_err(Error::from)
-    })?;
+    save_random(
+        &dir,
+        "diffusion_pytorch_model.safetensors",
+        spec.seed,
+        |vb| {
+            ZImageTransformer::new(&cfg, vb)
+                .map(|_| ())
+                .map_err(Error::from)
+        },
+    )?;
 
     let text = json!({
         "architectures": ["Qwen3Model"], "model_type": "qwen3", "vocab_size": TINY_VOCAB,
@@ -157,7 +197,9 @@ pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
     let dir = root.join("text_encoder");
     write_json(&dir.join("config.json"), &text)?;
     let cfg = TextEncoderConfig::from_file(&dir.join("config.json"))?;
-    save_random(&dir, "model.safetensors", spec.seed + 1, |vb| Qwen3TextEncoder::new(&cfg, vb).map(|_| ()))?;
+    save_random(&dir, "model.safetensors", spec.seed + 1, |vb| {
+        Qwen3TextEncoder::new(&cfg, vb).map(|_| ())
+    })?;
 
     let vae = json!({
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,
@@ -169,9 +211,12 @@ pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
     let dir = root.join("vae");
     write_json(&dir.join("config.json"), &vae)?;
     let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
-    save_random(&dir, "diffusion_pytorch_model.safetensors", spec.seed + 2, |vb| {
-        AutoencoderKL::new(&cfg, vb).map(|_| ())
-    })
+    save_random(
+        &dir,
+        "diffusion_pytorch_model.safetensors",
+        spec.seed + 2,
+        |vb| AutoencoderKL::new(&cfg, vb).map(|_| ()),
+    )
 }
 
 fn model_index() -> serde_json::Value {
@@ -194,10 +239,16 @@ fn write_tokenizer(dir: &Path) -> Result<()> {
     use tokenizers::{AddedToken, Tokenizer};
 
     let fail = |e: tokenizers::Error| Error::Invalid(format!("tiny tokenizer: {e}"));
-    let mut alphabet: Vec<String> = ByteLevel::alphabet().into_iter().map(String::from).collect();
+    let mut alphabet: Vec<String> = ByteLevel::alphabet()
+        .into_iter()
+        .map(String::from)
+        .collect();
     alphabet.sort();
-    let vocab: tokenizers::models::bpe::Vocab =
-        alphabet.into_iter().enumerate().map(|(i, c)| (c, i as u32)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = alphabet
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (c, i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, vec![])
         .build()
@@ -205,7 +256,8 @@ fn write_tokenizer(dir: &Path) -> Result<()> {
     let mut tok = Tokenizer::new(bpe);
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
     tok.with_decoder(Some(ByteLevel::default()));
-    let special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|s| AddedToken::from(s, true));
+    let special =
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(|s| AddedToken::from(s, true));
     tok.add_special_tokens(special).map_err(fail)?;
     let text = tok.to_string(true).map_err(fail)?;
     write_atomic(&dir.join("tokenizer.json"), text.as_bytes(), true)

@@ -24,7 +24,11 @@ use crate::{Error, Result};
 enum Source {
     Whole(String),
     /// Rows [start, start+len) of a fused tensor.
-    Rows { key: String, start: usize, len: usize },
+    Rows {
+        key: String,
+        start: usize,
+        len: usize,
+    },
 }
 
 /// The layout a transformer checkpoint was written in.
@@ -79,13 +83,20 @@ impl TransformerCheckpoint {
     pub fn describe(&self) -> String {
         match self.files.as_slice() {
             [one] => one.display().to_string(),
-            many => format!("{} ({} shards)", many[0].parent().unwrap_or(Path::new("")).display(), many.len()),
+            many => format!(
+                "{} ({} shards)",
+                many[0].parent().unwrap_or(Path::new("")).display(),
+                many.len()
+            ),
         }
     }
 
     /// The canonical (name, shape) pairs present.
     pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
-        self.map.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect()
+        self.map
+            .iter()
+            .map(|(k, (_, s))| (k.clone(), s.clone()))
+            .collect()
     }
 
     /// Guesses the configuration of a single file without a config.json, assuming the
@@ -99,7 +110,10 @@ impl TransformerCheckpoint {
         };
         let count = |stack: &str| {
             (0..)
-                .take_while(|i| self.map.contains_key(&format!("{stack}.{i}.attention.to_q.weight")))
+                .take_while(|i| {
+                    self.map
+                        .contains_key(&format!("{stack}.{i}.attention.to_q.weight"))
+                })
                 .count()
         };
         let dim = shape("all_x_embedder.2-1.weight")?[0];
@@ -129,7 +143,9 @@ impl TransformerCheckpoint {
         for (name, shape) in &expected {
             match present.get(name) {
                 None => problems.push(format!("missing {name} {shape:?}")),
-                Some(s) if s != shape => problems.push(format!("{name}: shape {s:?}, expected {shape:?}")),
+                Some(s) if s != shape => {
+                    problems.push(format!("{name}: shape {s:?}, expected {shape:?}"))
+                }
                 Some(_) => {}
             }
         }
@@ -141,7 +157,11 @@ impl TransformerCheckpoint {
         }
         let total = problems.len();
         problems.truncate(40);
-        let more = if total > 40 { format!("\n  … and {} more", total - 40) } else { String::new() };
+        let more = if total > 40 {
+            format!("\n  … and {} more", total - 40)
+        } else {
+            String::new()
+        };
         Err(Error::bad_file(
             &self.files[0],
             format!(
@@ -154,7 +174,12 @@ impl TransformerCheckpoint {
     }
 
     /// Checks the checkpoint, then builds the transformer in `dtype` on `device`.
-    pub fn load(self, cfg: &TransformerConfig, dtype: DType, device: &Device) -> Result<ZImageTransformer> {
+    pub fn load(
+        self,
+        cfg: &TransformerConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ZImageTransformer> {
         self.check(cfg)?;
         let first = self.files[0].clone();
         let vb = VarBuilder::from_backend(Box::new(self), dtype, device.clone());
@@ -163,7 +188,14 @@ impl TransformerCheckpoint {
 }
 
 impl SimpleBackend for TransformerCheckpoint {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.shape() != &s {
             candle_core::bail!("{name}: shape {:?}, expected {:?}", t.dims(), s.dims());
@@ -177,7 +209,9 @@ impl SimpleBackend for TransformerCheckpoint {
         };
         let t = match source {
             Source::Whole(key) => self.tensors.load(key, dev)?,
-            Source::Rows { key, start, len } => self.tensors.load(key, dev)?.narrow(0, *start, *len)?,
+            Source::Rows { key, start, len } => {
+                self.tensors.load(key, dev)?.narrow(0, *start, *len)?
+            }
         };
         t.to_dtype(dtype)
     }
@@ -236,10 +270,17 @@ fn comfy_to_canonical(shapes: Vec<(String, Vec<usize>)>) -> HashMap<String, (Sou
         if let Some(block) = name.strip_suffix("attention.qkv.weight") {
             let third = shape[0] / 3;
             for (i, part) in ["to_q", "to_k", "to_v"].iter().enumerate() {
-                let source = Source::Rows { key: key.clone(), start: i * third, len: third };
+                let source = Source::Rows {
+                    key: key.clone(),
+                    start: i * third,
+                    len: third,
+                };
                 let mut part_shape = shape.clone();
                 part_shape[0] = third;
-                map.insert(format!("{block}attention.{part}.weight"), (source, part_shape));
+                map.insert(
+                    format!("{block}attention.{part}.weight"),
+                    (source, part_shape),
+                );
             }
             continue;
         }
@@ -262,7 +303,14 @@ fn comfy_to_canonical(shapes: Vec<(String, Vec<usize>)>) -> HashMap<String, (Sou
 struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
 
 impl SimpleBackend for Recorder {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if let Ok(mut m) = self.0.lock() {
             m.insert(name.to_string(), s.dims().to_vec());
         }
@@ -304,8 +352,14 @@ pub fn component_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     match singles.len() {
         1 => Ok(singles),
-        0 => Err(Error::bad_file(dir, "no .safetensors weights in this folder")),
-        _ => Err(Error::bad_file(dir, "several .safetensors files but no index.json naming the shards")),
+        0 => Err(Error::bad_file(
+            dir,
+            "no .safetensors weights in this folder",
+        )),
+        _ => Err(Error::bad_file(
+            dir,
+            "several .safetensors files but no index.json naming the shards",
+        )),
     }
 }
 
@@ -315,22 +369,33 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
         weight_map: BTreeMap<String, String>,
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let parsed: Index =
-        serde_json::from_str(&text).map_err(|e| Error::bad_file(index, format!("invalid shard index: {e}")))?;
+    let parsed: Index = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(index, format!("invalid shard index: {e}")))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
     files.sort();
     files.dedup();
     for f in &files {
         if !f.is_file() {
-            return Err(Error::bad_file(index, format!("names shard {} which does not exist", f.display())));
+            return Err(Error::bad_file(
+                index,
+                format!("names shard {} which does not exist", f.display()),
+            ));
         }
     }
     Ok(files)
 }
 
 /// Opens safetensors weights as a VarBuilder without any name translation (text encoder, VAE).
-pub fn plain_var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn plain_var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     let tensors = mmap(files)?;
-    Ok(VarBuilder::from_backend(Box::new(tensors), dtype, device.clone()))
+    Ok(VarBuilder::from_backend(
+        Box::new(tensors),
+        dtype,
+        device.clone(),
+    ))
 }

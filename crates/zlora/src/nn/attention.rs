@@ -13,7 +13,11 @@ pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
 /// Key mask for batches whose items have different lengths: 0 for valid keys, −∞ for batch
 /// padding, shaped (B, 1, 1, S) to broadcast over heads and queries. `None` when every item
 /// fills the sequence (the reference passes no mask then).
-pub fn key_padding_mask(lens: &[usize], seq: usize, device: &candle_core::Device) -> Result<Option<Tensor>> {
+pub fn key_padding_mask(
+    lens: &[usize],
+    seq: usize,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
     if lens.iter().all(|&l| l == seq) {
         return Ok(None);
     }

@@ -10,7 +10,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let w = weight.to_dtype(DType::F32)?;
-    x.broadcast_mul(&inv_rms)?.broadcast_mul(&w)?.to_dtype(dtype)
+    x.broadcast_mul(&inv_rms)?
+        .broadcast_mul(&w)?
+        .to_dtype(dtype)
 }
 
 /// LayerNorm over the last dimension without affine parameters.
@@ -18,7 +20,9 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-    let inv_std = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let inv_std = (centered.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     centered.broadcast_mul(&inv_std)?.to_dtype(dtype)
 }
 

@@ -54,10 +54,16 @@ impl LoraSpec {
     pub fn parse(s: &str) -> Self {
         if let Some((path, strength)) = s.rsplit_once(':') {
             if let Ok(strength) = strength.parse::<f64>() {
-                return Self { path: path.into(), strength };
+                return Self {
+                    path: path.into(),
+                    strength,
+                };
             }
         }
-        Self { path: s.into(), strength: 1.0 }
+        Self {
+            path: s.into(),
+            strength: 1.0,
+        }
     }
 }
 
@@ -93,7 +99,12 @@ pub struct Generated {
 /// Progress events for the caller to display.
 pub enum Event<'a> {
     Stage(&'a str),
-    Step { image: usize, images: usize, step: usize, steps: usize },
+    Step {
+        image: usize,
+        images: usize,
+        step: usize,
+        steps: usize,
+    },
 }
 
 pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<Vec<Generated>> {
@@ -121,7 +132,14 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     let mut finals = Vec::new();
     let images = starts.len();
     for (image, (seed, start)) in starts.into_iter().enumerate() {
-        let mut step = |step, steps| events(Event::Step { image, images, step, steps });
+        let mut step = |step, steps| {
+            events(Event::Step {
+                image,
+                images,
+                step,
+                steps,
+            })
+        };
         finals.push((seed, denoise(&model, &cond, start, &settings, &mut step)?));
     }
     drop(model);
@@ -133,10 +151,17 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
         let raw = vae.from_transformer_space(&latents)?;
         let rgb = to_rgb8(&vae.decode(&raw)?.get(0)?)?;
         let png = output_path(&req.out, seed, images);
-        save_png(&png, &rgb, &[("parameters", parameters(req, &settings, seed))], req.overwrite)?;
+        save_png(
+            &png,
+            &rgb,
+            &[("parameters", parameters(req, &settings, seed))],
+            req.overwrite,
+        )?;
         if let Some(path) = &req.save_latents {
             let path = output_path(path, seed, images);
-            let tensors = [("latents".to_string(), latents.clone())].into_iter().collect();
+            let tensors = [("latents".to_string(), latents.clone())]
+                .into_iter()
+                .collect();
             save_safetensors(&path, &tensors, None, req.overwrite)?;
         }
         out.push(Generated { seed, png, latents });
@@ -152,7 +177,7 @@ fn latent_factor(folder: &ModelFolder) -> Result<usize> {
 /// Image size → latent size: H and W must be multiples of 2·(VAE factor) (16 for Z-Image).
 pub fn latent_size(height: usize, width: usize, factor: usize) -> Result<(usize, usize)> {
     let m = 2 * factor;
-    if height == 0 || width == 0 || height % m != 0 || width % m != 0 {
+    if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
         return Err(Error::Invalid(format!(
             "width and height must be positive multiples of {m} for this model, got {width}×{height}"
         )));
@@ -197,7 +222,10 @@ fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor>
         .remove("latents")
         .ok_or_else(|| Error::bad_file(path, "no tensor named \"latents\""))?;
     if t.dims() != shape {
-        return Err(Error::bad_file(path, format!("latents have shape {:?}, expected {shape:?}", t.dims())));
+        return Err(Error::bad_file(
+            path,
+            format!("latents have shape {:?}, expected {shape:?}", t.dims()),
+        ));
     }
     Ok(t.to_dtype(DType::F32)?)
 }
@@ -211,14 +239,21 @@ fn check_outputs(req: &GenerateRequest, seeds: &[Option<u64>]) -> Result<()> {
         for base in std::iter::once(&req.out).chain(req.save_latents.as_ref()) {
             let p = output_path(base, seed, seeds.len());
             if p.exists() {
-                return Err(Error::bad_file(&p, "already exists (pass --force to overwrite it)"));
+                return Err(Error::bad_file(
+                    &p,
+                    "already exists (pass --force to overwrite it)",
+                ));
             }
         }
     }
     Ok(())
 }
 
-fn encode_prompts(folder: &ModelFolder, req: &GenerateRequest, device: &Device) -> Result<Conditioning> {
+fn encode_prompts(
+    folder: &ModelFolder,
+    req: &GenerateRequest,
+    device: &Device,
+) -> Result<Conditioning> {
     let encoder = folder.load_prompt_encoder(req.dtype, device)?;
     let cfg = req.guidance.scale > 0.0;
     let prompts: Vec<&str> = if cfg {
@@ -227,8 +262,13 @@ fn encode_prompts(folder: &ModelFolder, req: &GenerateRequest, device: &Device) 
         vec![&req.prompt]
     };
     let mut feats = encoder.encode(&prompts)?.into_iter();
-    let positive = feats.next().ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))?;
-    Ok(Conditioning { positive, negative: feats.next() })
+    let positive = feats
+        .next()
+        .ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))?;
+    Ok(Conditioning {
+        positive,
+        negative: feats.next(),
+    })
 }
 
 fn load_transformer(
@@ -241,7 +281,11 @@ fn load_transformer(
     for spec in &req.loras {
         let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
         let n = file.attach(spec.strength, &mut model)?;
-        let msg = format!("LoRA {} at strength {}: {n} modules", spec.path.display(), spec.strength);
+        let msg = format!(
+            "LoRA {} at strength {}: {n} modules",
+            spec.path.display(),
+            spec.strength
+        );
         events(Event::Stage(&msg));
     }
     Ok(model)

@@ -67,10 +67,17 @@ mod tests {
 
     #[test]
     fn truncation_drops_guidance_late_in_the_run() {
-        let g = Guidance { scale: 4.0, truncation: 0.8, normalization: 0.0 };
+        let g = Guidance {
+            scale: 4.0,
+            truncation: 0.8,
+            normalization: 0.0,
+        };
         assert_eq!(g.scale_at(0.5), 4.0);
         assert_eq!(g.scale_at(0.9), 0.0);
-        let never = Guidance { truncation: 1.5, ..g };
+        let never = Guidance {
+            truncation: 1.5,
+            ..g
+        };
         assert_eq!(never.scale_at(0.99), 4.0);
     }
 
@@ -79,7 +86,11 @@ mod tests {
         let dev = Device::Cpu;
         let pos = Tensor::new(&[[3f32, 4.0], [1.0, 0.0]], &dev)?;
         let neg = Tensor::zeros((2, 2), candle_core::DType::F32, &dev)?;
-        let g = Guidance { scale: 1.0, truncation: 1.0, normalization: 1.5 };
+        let g = Guidance {
+            scale: 1.0,
+            truncation: 1.0,
+            normalization: 1.5,
+        };
         let out = g.combine(&pos, &neg, 1.0)?.to_vec2::<f32>()?;
         // pred = 2·pos: item norms 10 and 2 are capped to 7.5 and 1.5.
         assert!((out[0][0] - 4.5).abs() < 1e-5 && (out[0][1] - 6.0).abs() < 1e-5);

@@ -57,7 +57,13 @@ pub fn denoise(
 }
 
 /// The (guided) raw model prediction of x0 − ε at model time t.
-fn predict(model: &ZImageTransformer, cond: &Conditioning, x: &Tensor, t: f32, guidance: &Guidance) -> Result<Tensor> {
+fn predict(
+    model: &ZImageTransformer,
+    cond: &Conditioning,
+    x: &Tensor,
+    t: f32,
+    guidance: &Guidance,
+) -> Result<Tensor> {
     let scale = guidance.scale_at(t);
     let device = x.device();
     match &cond.negative {
@@ -67,6 +73,10 @@ fn predict(model: &ZImageTransformer, cond: &Conditioning, x: &Tensor, t: f32, g
             let out = model.forward(&batch, &ts, &[cond.positive.clone(), neg.clone()])?;
             guidance.combine(&out.narrow(0, 0, 1)?, &out.narrow(0, 1, 1)?, scale)
         }
-        _ => model.forward(x, &Tensor::new(&[t], device)?, std::slice::from_ref(&cond.positive)),
+        _ => model.forward(
+            x,
+            &Tensor::new(&[t], device)?,
+            std::slice::from_ref(&cond.positive),
+        ),
     }
 }

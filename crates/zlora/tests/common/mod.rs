@@ -13,11 +13,14 @@ pub fn fixtures() -> PathBuf {
 /// The reference tensors written by scripts/make_fixtures.py.
 pub fn reference() -> HashMap<String, Tensor> {
     let path = fixtures().join("reference.safetensors");
-    candle_core::safetensors::load(&path, &Device::Cpu).expect("fixtures/tiny/reference.safetensors")
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .expect("fixtures/tiny/reference.safetensors")
 }
 
 pub fn get(r: &HashMap<String, Tensor>, name: &str) -> Tensor {
-    r.get(name).unwrap_or_else(|| panic!("reference tensor {name} missing")).clone()
+    r.get(name)
+        .unwrap_or_else(|| panic!("reference tensor {name} missing"))
+        .clone()
 }
 
 /// Largest absolute difference divided by the reference's largest magnitude.
@@ -25,8 +28,21 @@ pub fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
     assert_eq!(actual.dims(), expected.dims(), "shape");
     let a = actual.to_dtype(candle_core::DType::F32).unwrap();
     let e = expected.to_dtype(candle_core::DType::F32).unwrap();
-    let diff = (a - &e).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = e.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - &e)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = e
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale.max(1e-12)
 }
 
