@@ -266,3 +266,69 @@ fn bad_sizes_and_missing_models_fail_with_a_message() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/model"));
 }
+
+/// Copies a folder tree (the fixture model) into place.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_repo_id_resolves_from_the_local_hugging_face_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--Tongyi-MAI--Z-Image-Turbo");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    copy_tree(&fixtures().join("model"), &repo.join("snapshots/0123abcd"));
+    let out = home.path().join("x.png");
+    let run = Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .args(["generate", "--model", "Tongyi-MAI/Z-Image-Turbo", "--prompt", "x", "--width", "32"])
+        .args(["--height", "32", "--steps", "1", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    ok(&run);
+    assert!(out.is_file());
+    let missing = Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .args(["generate", "--model", "Tongyi-MAI/Z-Image", "--prompt", "x", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("Hugging Face cache"));
+}
+
+#[test]
+fn a_foreign_lora_is_named_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = dir.path().join("sdxl.safetensors");
+    let t = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k";
+    let tensors = [
+        (format!("{key}.lora_down.weight"), t(&[4, 2048])),
+        (format!("{key}.lora_up.weight"), t(&[640, 4])),
+    ]
+    .into_iter()
+    .collect();
+    zlora::fsutil::save_safetensors(&lora, &tensors, None, false).unwrap();
+    let out = dir.path().join("x.png");
+    let model = fixtures().join("model");
+    let run = zlora(&[
+        "generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "32", "--height", "32",
+        "--steps", "1", "--lora", lora.to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("SDXL") && err.contains("sdxl.safetensors"), "{err}");
+    assert!(!out.exists());
+}

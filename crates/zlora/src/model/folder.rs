@@ -12,6 +12,14 @@ use super::weights::{component_files, plain_var_builder, TransformerCheckpoint};
 use super::{TransformerConfig, ZImageTransformer};
 use crate::{Error, Result};
 
+/// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+fn hf_cache() -> hf_hub::Cache {
+    match std::env::var_os("HF_HUB_CACHE") {
+        Some(dir) => hf_hub::Cache::new(dir.into()),
+        None => hf_hub::Cache::from_env(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ModelFolder {
     root: PathBuf,
@@ -25,7 +33,7 @@ impl ModelFolder {
         if path.is_dir() {
             return Self::from_dir(path);
         }
-        let cache = hf_hub::Cache::from_env();
+        let cache = hf_cache();
         if let Some(index) = cache.model(spec.to_string()).get("model_index.json") {
             if let Some(root) = index.parent() {
                 return Self::from_dir(root.to_path_buf());
