@@ -269,16 +269,20 @@ impl FinalLayer {
 }
 
 /// A batch of token sequences padded to one length, with their rotations and key mask.
-struct Sequence {
-    x: Tensor,
-    rot: Rotation,
-    mask: Option<Tensor>,
-    lens: Vec<usize>,
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    /// (B, S, dim) tokens.
+    pub x: Tensor,
+    pub rot: Rotation,
+    /// Key mask when the items' lengths differ (batch padding).
+    pub mask: Option<Tensor>,
+    /// Each item's valid length.
+    pub lens: Vec<usize>,
 }
 
 impl Sequence {
     /// Pads each item's (len_i, dim) tokens with zero rows to the longest one.
-    fn pad(items: Vec<Tensor>, rots: Vec<Rotation>) -> Result<Self> {
+    pub fn pad(items: Vec<Tensor>, rots: Vec<Rotation>) -> Result<Self> {
         let lens: Vec<usize> = items.iter().map(|t| t.dim(0)).collect::<Result<_>>()?;
         let max = lens.iter().copied().max().unwrap_or(0);
         let pad_rows = |t: &Tensor, n: usize| -> Result<Tensor> {
@@ -312,9 +316,49 @@ impl Sequence {
     }
 
     /// Item i's valid rows, (len_i, dim).
-    fn item(&self, i: usize) -> Result<Tensor> {
+    pub fn item(&self, i: usize) -> Result<Tensor> {
         self.x.get(i)?.narrow(0, 0, self.lens[i])
     }
+
+    /// Per item: [image tokens, caption tokens], then batch padding.
+    pub fn unify(image: &Sequence, caption: &Sequence) -> Result<Sequence> {
+        let mut items = Vec::new();
+        let mut rots = Vec::new();
+        for i in 0..image.lens.len() {
+            items.push(Tensor::cat(&[image.item(i)?, caption.item(i)?], 0)?);
+            let (ni, nc) = (image.lens[i], caption.lens[i]);
+            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
+                Tensor::cat(
+                    &[a.get(i)?.narrow(0, 0, ni)?, b.get(i)?.narrow(0, 0, nc)?],
+                    0,
+                )
+            };
+            rots.push(Rotation {
+                cos: join(&image.rot.cos, &caption.rot.cos)?,
+                sin: join(&image.rot.sin, &caption.rot.sin)?,
+            });
+        }
+        Sequence::pad(items, rots)
+    }
+}
+
+/// The output of the embedding stage.
+#[derive(Debug, Clone)]
+pub struct Embedded {
+    /// The adaLN input (B, adaln_dim).
+    pub c: Tensor,
+    pub image: Sequence,
+    pub caption: Sequence,
+    /// The image token grid (H/p, W/p).
+    pub grid: (usize, usize),
+}
+
+/// Runs a block stack over a sequence.
+pub fn run(blocks: &[TransformerBlock], mut seq: Sequence, c: Option<&Tensor>) -> Result<Sequence> {
+    for block in blocks {
+        seq.x = block.forward(&seq.x, &seq.rot, seq.mask.as_ref(), c)?;
+    }
+    Ok(seq)
 }
 
 #[derive(Debug, Clone)]
@@ -400,6 +444,15 @@ impl ZImageTransformer {
     /// t = 1 − σ (f32); `caps`: per item, the text features (L_i, cap_feat_dim) without
     /// padding. Returns (B, C, H, W) in f32.
     pub fn forward(&self, latents: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
+        let e = self.embed(latents, t, caps)?;
+        let image = run(&self.noise_refiner, e.image, Some(&e.c))?;
+        let caption = run(&self.context_refiner, e.caption, None)?;
+        let unified = run(&self.layers, Sequence::unify(&image, &caption)?, Some(&e.c))?;
+        self.finish(&unified.x, &e.c, e.grid)
+    }
+
+    /// The first stage: timestep embedding c, embedded image and caption sequences.
+    pub fn embed(&self, latents: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Embedded> {
         let (b, _, h, w) = latents.dims4()?;
         if caps.len() != b || t.dims1()? != b {
             candle_core::bail!("batch of {b} latents needs {b} captions and timesteps");
@@ -408,7 +461,7 @@ impl ZImageTransformer {
         if h % p != 0 || w % p != 0 {
             candle_core::bail!("latent size {h}×{w} is not a multiple of the patch size {p}");
         }
-        let (ht, wt) = (h / p, w / p);
+        let grid = (h / p, w / p);
         let c = self
             .t_embedder
             .forward(&(t.to_dtype(DType::F32)? * self.cfg.t_scale)?, self.dtype)?;
@@ -416,28 +469,32 @@ impl ZImageTransformer {
             .iter()
             .map(|c| round_up(c.dim(0).unwrap_or(0)))
             .collect();
-
-        let image = self.embed_image(latents, &cap_lens, ht, wt)?;
-        let image = self.run(&self.noise_refiner, image, Some(&c))?;
-        let caption = self.embed_captions(caps)?;
-        let caption = self.run(&self.context_refiner, caption, None)?;
-        let unified = Self::unify(&image, &caption)?;
-        let unified = self.run(&self.layers, unified, Some(&c))?;
-
-        let out = self.final_layer.forward(&unified.x, &c)?;
-        self.unpatchify(&out.narrow(1, 0, ht * wt)?, ht, wt)
+        Ok(Embedded {
+            image: self.embed_image(latents, &cap_lens, grid.0, grid.1)?,
+            caption: self.embed_captions(caps)?,
+            c,
+            grid,
+        })
     }
 
-    fn run(
-        &self,
-        blocks: &[TransformerBlock],
-        mut seq: Sequence,
-        c: Option<&Tensor>,
-    ) -> Result<Sequence> {
-        for block in blocks {
-            seq.x = block.forward(&seq.x, &seq.rot, seq.mask.as_ref(), c)?;
-        }
-        Ok(seq)
+    /// The block stacks in the order they run: noise refiner (image tokens, modulated),
+    /// context refiner (caption tokens, unmodulated), main layers (unified, modulated).
+    pub fn noise_refiner(&self) -> &[TransformerBlock] {
+        &self.noise_refiner
+    }
+
+    pub fn context_refiner(&self) -> &[TransformerBlock] {
+        &self.context_refiner
+    }
+
+    pub fn layers(&self) -> &[TransformerBlock] {
+        &self.layers
+    }
+
+    /// The last stage: final layer on the unified tokens, keep the image tokens, unpatchify.
+    pub fn finish(&self, unified: &Tensor, c: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
+        let out = self.final_layer.forward(unified, c)?;
+        self.unpatchify(&out.narrow(1, 0, grid.0 * grid.1)?, grid.0, grid.1)
     }
 
     /// Patchify → x_embedder → pad with `x_pad_token` to a multiple of 32 tokens.
@@ -503,27 +560,6 @@ impl ZImageTransformer {
             let pos: Vec<Position> = (0..lp).map(|k| [k + 1, 0, 0]).collect();
             rots.push(self.rope.rotation(&pos, cap.device())?);
             items.push(x);
-        }
-        Sequence::pad(items, rots)
-    }
-
-    /// Per item: [image tokens, caption tokens], then batch padding.
-    fn unify(image: &Sequence, caption: &Sequence) -> Result<Sequence> {
-        let mut items = Vec::new();
-        let mut rots = Vec::new();
-        for i in 0..image.lens.len() {
-            items.push(Tensor::cat(&[image.item(i)?, caption.item(i)?], 0)?);
-            let (ni, nc) = (image.lens[i], caption.lens[i]);
-            let join = |a: &Tensor, b: &Tensor| -> Result<Tensor> {
-                Tensor::cat(
-                    &[a.get(i)?.narrow(0, 0, ni)?, b.get(i)?.narrow(0, 0, nc)?],
-                    0,
-                )
-            };
-            rots.push(Rotation {
-                cos: join(&image.rot.cos, &caption.rot.cos)?,
-                sin: join(&image.rot.sin, &caption.rot.sin)?,
-            });
         }
         Sequence::pad(items, rots)
     }
