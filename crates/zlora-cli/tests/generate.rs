@@ -292,8 +292,23 @@ fn a_repo_id_resolves_from_the_local_hugging_face_cache() {
     let run = Command::new(env!("CARGO_BIN_EXE_zlora"))
         .env("HF_HOME", home.path())
         .env_remove("HF_HUB_CACHE")
-        .args(["generate", "--model", "Tongyi-MAI/Z-Image-Turbo", "--prompt", "x", "--width", "32"])
-        .args(["--height", "32", "--steps", "1", "--out", out.to_str().unwrap()])
+        .args([
+            "generate",
+            "--model",
+            "Tongyi-MAI/Z-Image-Turbo",
+            "--prompt",
+            "x",
+            "--width",
+            "32",
+        ])
+        .args([
+            "--height",
+            "32",
+            "--steps",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     ok(&run);
@@ -301,7 +316,15 @@ fn a_repo_id_resolves_from_the_local_hugging_face_cache() {
     let missing = Command::new(env!("CARGO_BIN_EXE_zlora"))
         .env("HF_HOME", home.path())
         .env_remove("HF_HUB_CACHE")
-        .args(["generate", "--model", "Tongyi-MAI/Z-Image", "--prompt", "x", "--out", out.to_str().unwrap()])
+        .args([
+            "generate",
+            "--model",
+            "Tongyi-MAI/Z-Image",
+            "--prompt",
+            "x",
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!missing.status.success());
@@ -324,11 +347,27 @@ fn a_foreign_lora_is_named_and_fails() {
     let out = dir.path().join("x.png");
     let model = fixtures().join("model");
     let run = zlora(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "32", "--height", "32",
-        "--steps", "1", "--lora", lora.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "1",
+        "--lora",
+        lora.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
-    assert!(err.contains("SDXL") && err.contains("sdxl.safetensors"), "{err}");
+    assert!(
+        err.contains("SDXL") && err.contains("sdxl.safetensors"),
+        "{err}"
+    );
     assert!(!out.exists());
 }

@@ -10,5 +10,6 @@ pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod sample;
+pub mod train;
 
 pub use error::{Error, Result};

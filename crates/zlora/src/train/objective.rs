@@ -1,0 +1,166 @@
+//! Flow matching in Z-Image's convention (training-practice §1): x_σ = (1−σ)·x0 + σ·ε, the
+//! model is fed t = 1 − σ and its raw output is regressed onto x0 − ε.
+
+use candle_core::{DType, Result, Tensor, D};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::sample::schedule::shift_sigma;
+
+/// How training sigmas are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSampling {
+    /// σ = shift(sigmoid(mean + std·N(0,1))): most samples mid-schedule, pushed towards noise
+    /// by the shift (SimpleTuner's and musubi's recipe).
+    LogitNormal,
+    /// σ ~ U(0, 1), no shift.
+    Uniform,
+    /// σ = shift(U(0, 1)).
+    Shift,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossWeighting {
+    None,
+    /// exp(−2(σ − ½)²), normalised to mean 1 over σ ∈ [0, 1] (DiffSynth's bell).
+    Bell,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SigmaSampler {
+    pub sampling: TimestepSampling,
+    pub shift: f64,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+}
+
+impl SigmaSampler {
+    pub fn sample(&self, rng: &mut ChaCha8Rng) -> f32 {
+        let shift = self.shift as f32;
+        match self.sampling {
+            TimestepSampling::LogitNormal => {
+                let z: f64 = StandardNormal.sample(rng);
+                let s = 1.0 / (1.0 + (-(self.logit_mean + self.logit_std * z)).exp());
+                shift_sigma(s as f32, shift)
+            }
+            TimestepSampling::Uniform => rng.random::<f32>(),
+            TimestepSampling::Shift => shift_sigma(rng.random::<f32>(), shift),
+        }
+    }
+}
+
+impl LossWeighting {
+    pub fn weight(self, sigma: f32) -> f32 {
+        match self {
+            LossWeighting::None => 1.0,
+            // ∫₀¹ exp(−2(s − ½)²) ds ≈ 0.920 6.
+            LossWeighting::Bell => (-2.0 * (sigma - 0.5).powi(2)).exp() / 0.920_6,
+        }
+    }
+}
+
+/// One noised batch.
+#[derive(Debug, Clone)]
+pub struct Noised {
+    /// x_σ, (B, C, h, w) f32.
+    pub x: Tensor,
+    /// The model time t = 1 − σ per item, (B,) f32.
+    pub t: Tensor,
+    /// x0 − ε.
+    pub target: Tensor,
+    pub sigmas: Vec<f32>,
+}
+
+/// Noises clean latents x0 with ε at the given sigmas (one per item).
+pub fn noise(x0: &Tensor, eps: &Tensor, sigmas: &[f32]) -> Result<Noised> {
+    let b = x0.dim(0)?;
+    let device = x0.device();
+    let s = Tensor::from_vec(sigmas.to_vec(), (b, 1, 1, 1), device)?;
+    let one_minus = (1.0 - &s)?;
+    let x = (x0.broadcast_mul(&one_minus)? + eps.broadcast_mul(&s)?)?;
+    let t: Vec<f32> = sigmas.iter().map(|s| 1.0 - s).collect();
+    Ok(Noised {
+        x,
+        t: Tensor::new(t, device)?,
+        target: (x0 - eps)?,
+        sigmas: sigmas.to_vec(),
+    })
+}
+
+/// Mean squared error per item (f32), weighted per item, averaged over the batch.
+pub fn loss(out: &Tensor, target: &Tensor, weights: &[f32]) -> Result<Tensor> {
+    let b = out.dim(0)?;
+    let per_item = (out.to_dtype(DType::F32)? - target)?
+        .sqr()?
+        .flatten_from(1)?
+        .mean(D::Minus1)?;
+    let w = Tensor::from_vec(weights.to_vec(), b, out.device())?;
+    (per_item * w)?.mean_all()
+}
+
+/// Standard normal noise shaped like `like`, from the trainer's stream.
+pub fn gaussian_like(like: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+    let data: Vec<f32> = (0..like.elem_count())
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
+    Tensor::from_vec(data, like.shape(), like.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::SeedableRng;
+
+    #[test]
+    fn noising_interpolates_and_targets_x0_minus_eps() -> Result<()> {
+        let dev = Device::Cpu;
+        let x0 = Tensor::new(&[[[[2.0f32]]], [[[4.0]]]], &dev)?;
+        let eps = Tensor::new(&[[[[1.0f32]]], [[[0.0]]]], &dev)?;
+        let n = noise(&x0, &eps, &[0.25, 1.0])?;
+        assert_eq!(n.x.flatten_all()?.to_vec1::<f32>()?, vec![1.75, 0.0]);
+        assert_eq!(n.target.flatten_all()?.to_vec1::<f32>()?, vec![1.0, 4.0]);
+        assert_eq!(n.t.to_vec1::<f32>()?, vec![0.75, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn sigmas_stay_in_range_and_shift_pushes_towards_noise() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let draw = |sampling, shift, rng: &mut ChaCha8Rng| {
+            let s = SigmaSampler {
+                sampling,
+                shift,
+                logit_mean: 0.0,
+                logit_std: 1.0,
+            };
+            (0..4000).map(|_| s.sample(rng)).collect::<Vec<f32>>()
+        };
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+        let plain = draw(TimestepSampling::LogitNormal, 1.0, &mut rng);
+        let shifted = draw(TimestepSampling::LogitNormal, 3.0, &mut rng);
+        let uniform = draw(TimestepSampling::Uniform, 3.0, &mut rng);
+        assert!(shifted
+            .iter()
+            .chain(&plain)
+            .chain(&uniform)
+            .all(|s| (0.0..=1.0).contains(s)));
+        assert!((mean(&plain) - 0.5).abs() < 0.02);
+        assert!(mean(&shifted) > 0.65, "{}", mean(&shifted));
+        assert!((mean(&uniform) - 0.5).abs() < 0.02);
+    }
+
+    #[test]
+    fn bell_weights_average_to_one() {
+        let n = 10000;
+        let avg: f32 = (0..n)
+            .map(|i| LossWeighting::Bell.weight((i as f32 + 0.5) / n as f32))
+            .sum::<f32>()
+            / n as f32;
+        assert!((avg - 1.0).abs() < 1e-3, "{avg}");
+    }
+}
