@@ -6,5 +6,6 @@ pub mod guidance;
 pub mod image;
 pub mod pipeline;
 pub mod schedule;
+pub mod sheet;
 
 pub use guidance::Guidance;

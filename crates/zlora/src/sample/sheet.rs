@@ -1,0 +1,124 @@
+//! Labelled contact sheets: a grid of equally sized images with a caption above each column
+//! and at the left of each row, drawn with an 8×8 bitmap font (no font files needed).
+
+use font8x8::UnicodeFonts;
+
+use super::image::Rgb8;
+use crate::{Error, Result};
+
+/// Glyphs are drawn at this many pixels per font pixel.
+const SCALE: usize = 2;
+const GLYPH: usize = 8 * SCALE;
+const PAD: usize = 6;
+const BACKGROUND: u8 = 255;
+
+/// A canvas for the sheet.
+struct Canvas {
+    img: Rgb8,
+}
+
+impl Canvas {
+    fn new(width: usize, height: usize) -> Self {
+        Self { img: Rgb8 { width, height, pixels: vec![BACKGROUND; width * height * 3] } }
+    }
+
+    fn blit(&mut self, src: &Rgb8, x0: usize, y0: usize) {
+        for y in 0..src.height.min(self.img.height.saturating_sub(y0)) {
+            let from = y * src.width * 3;
+            let to = ((y0 + y) * self.img.width + x0) * 3;
+            let n = src.width.min(self.img.width.saturating_sub(x0)) * 3;
+            self.img.pixels[to..to + n].copy_from_slice(&src.pixels[from..from + n]);
+        }
+    }
+
+    /// Draws `text` in black from (x0, y0), cut to `max_width` pixels (with "…" → "..").
+    fn text(&mut self, text: &str, x0: usize, y0: usize, max_width: usize) {
+        let fits = max_width / GLYPH;
+        let mut chars: Vec<char> = text.chars().collect();
+        if chars.len() > fits && fits >= 2 {
+            chars.truncate(fits - 2);
+            chars.extend(['.', '.']);
+        }
+        for (i, ch) in chars.into_iter().take(fits).enumerate() {
+            let glyph = font8x8::BASIC_FONTS.get(ch).or_else(|| font8x8::LATIN_FONTS.get(ch)).unwrap_or([0; 8]);
+            self.glyph(&glyph, x0 + i * GLYPH, y0);
+        }
+    }
+
+    fn glyph(&mut self, rows: &[u8; 8], x0: usize, y0: usize) {
+        for (gy, bits) in rows.iter().enumerate() {
+            for gx in 0..8 {
+                if bits & (1 << gx) == 0 {
+                    continue;
+                }
+                for dy in 0..SCALE {
+                    for dx in 0..SCALE {
+                        let (x, y) = (x0 + gx * SCALE + dx, y0 + gy * SCALE + dy);
+                        if x < self.img.width && y < self.img.height {
+                            let i = (y * self.img.width + x) * 3;
+                            self.img.pixels[i..i + 3].fill(0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `cells[row][col]` under `col_labels`, beside `row_labels`, with a title line on top.
+pub fn contact_sheet(title: &str, row_labels: &[String], col_labels: &[String], cells: &[Vec<Rgb8>]) -> Result<Rgb8> {
+    let first = cells.first().and_then(|r| r.first()).ok_or_else(|| Error::Invalid("empty contact sheet".into()))?;
+    let (w, h) = (first.width, first.height);
+    if cells.len() != row_labels.len() || cells.iter().any(|r| r.len() != col_labels.len()) {
+        return Err(Error::Invalid("contact sheet labels do not match the grid".into()));
+    }
+    if cells.iter().flatten().any(|c| c.width != w || c.height != h) {
+        return Err(Error::Invalid("contact sheet images differ in size".into()));
+    }
+    let label_w = row_labels.iter().map(|l| l.chars().count()).max().unwrap_or(0).min(24) * GLYPH + 2 * PAD;
+    let head = 2 * (GLYPH + PAD) + PAD;
+    let width = label_w + col_labels.len() * (w + PAD) + PAD;
+    let height = head + row_labels.len() * (h + PAD) + PAD;
+    let mut c = Canvas::new(width, height);
+    c.text(title, PAD, PAD, width - 2 * PAD);
+    for (j, label) in col_labels.iter().enumerate() {
+        c.text(label, label_w + j * (w + PAD), head - GLYPH - PAD, w);
+    }
+    for (i, (label, row)) in row_labels.iter().zip(cells).enumerate() {
+        let y = head + i * (h + PAD);
+        c.text(label, PAD, y + h / 2 - GLYPH / 2, label_w - PAD);
+        for (j, img) in row.iter().enumerate() {
+            c.blit(img, label_w + j * (w + PAD), y);
+        }
+    }
+    Ok(c.img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn solid(w: usize, h: usize, v: u8) -> Rgb8 {
+        Rgb8 { width: w, height: h, pixels: vec![v; w * h * 3] }
+    }
+
+    #[test]
+    fn sheet_places_cells_and_draws_labels() -> Result<()> {
+        let cells = vec![vec![solid(20, 10, 10), solid(20, 10, 200)]];
+        let sheet = contact_sheet("title", &["row".into()], &["a".into(), "b".into()], &cells)?;
+        let label_w = 3 * GLYPH + 2 * PAD;
+        let head = 2 * (GLYPH + PAD) + PAD;
+        let px = |x: usize, y: usize| sheet.pixels[(y * sheet.width + x) * 3];
+        assert_eq!(px(label_w + 1, head + 1), 10);
+        assert_eq!(px(label_w + 20 + PAD + 1, head + 1), 200);
+        let title_ink = (0..GLYPH).any(|y| (0..5 * GLYPH).any(|x| px(PAD + x, PAD + y) == 0));
+        assert!(title_ink, "the title is drawn");
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_grids_are_errors() {
+        let cells = vec![vec![solid(4, 4, 0)]];
+        assert!(contact_sheet("t", &["a".into(), "b".into()], &["c".into()], &cells).is_err());
+    }
+}
