@@ -100,9 +100,14 @@ impl Buckets {
     }
 
     /// The bucket whose aspect ratio is closest to `width`×`height`, measured as the distance
-    /// of log ratios so that 2:1 and 1:2 are equally far from 1:1. Ties go to the narrower one.
+    /// of log ratios so that 2:1 and 1:2 are equally far from 1:1. Ties (within rounding) go
+    /// to the bucket nearer to square, so a shape and its transpose get transposed buckets.
     pub fn assign(&self, width: u32, height: u32) -> Bucket {
         let target = log_aspect(width, height);
+        let key = |b: &Bucket| {
+            let aspect = log_aspect(b.width, b.height);
+            ((aspect - target).abs(), aspect.abs())
+        };
         let square = Bucket {
             width: self.resolution,
             height: self.resolution,
@@ -111,9 +116,12 @@ impl Buckets {
             .iter()
             .copied()
             .min_by(|a, b| {
-                let da = (log_aspect(a.width, a.height) - target).abs();
-                let db = (log_aspect(b.width, b.height) - target).abs();
-                da.total_cmp(&db)
+                let ((da, sa), (db, sb)) = (key(a), key(b));
+                if (da - db).abs() < 1e-9 {
+                    sa.total_cmp(&sb)
+                } else {
+                    da.total_cmp(&db)
+                }
             })
             .unwrap_or(square)
     }

@@ -216,11 +216,8 @@ impl Dataset {
                 .file_stem()
                 .is_some_and(|s| listing.images.contains_key(s));
             if !has_image {
-                problems.push(Problem {
-                    file: caption.clone(),
-                    kind: ProblemKind::OrphanCaption,
-                    severity: Severity::Warning,
-                });
+                let kind = ProblemKind::OrphanCaption;
+                push(&mut problems, caption.clone(), kind, Severity::Warning);
             }
         }
         problems.sort_by(|a, b| a.file.cmp(&b.file));
@@ -259,11 +256,8 @@ impl Dataset {
 fn duplicates(images: &[PathBuf], problems: &mut Vec<Problem>) {
     for (i, image) in images.iter().enumerate() {
         let other = images[(i + 1) % images.len()].clone();
-        problems.push(Problem {
-            file: image.clone(),
-            kind: ProblemKind::DuplicateStem { other },
-            severity: Severity::Error,
-        });
+        let kind = ProblemKind::DuplicateStem { other };
+        push(problems, image.clone(), kind, Severity::Error);
     }
 }
 
@@ -342,70 +336,52 @@ impl ItemCheck<'_> {
 
     fn caption(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<String> {
         let path = image.with_extension(&self.cfg.caption_extension);
-        let mut report = |kind, severity| {
-            problems.push(Problem {
-                file: path.clone(),
-                kind,
-                severity,
-            })
-        };
-        let exists = path.is_file();
-        let text = if exists {
-            match read_caption(&path) {
-                Ok(text) => text,
-                Err(msg) => {
-                    report(ProblemKind::CaptionUnreadable(msg), Severity::Error);
-                    return None;
-                }
-            }
+        let text = if path.is_file() {
+            caption_file(&path, problems)?
         } else {
-            let read_as_empty = self.cfg.missing_caption == MissingCaption::Empty;
-            let kind = ProblemKind::MissingCaption {
-                expected: path.clone(),
-                read_as_empty,
-            };
-            if !read_as_empty {
-                report(kind, Severity::Error);
-                return None;
-            }
-            report(kind, Severity::Warning);
-            String::new()
+            self.missing_caption(image, &path, problems)?
         };
-        if text.is_empty() && exists {
-            report(ProblemKind::EmptyCaption, Severity::Warning);
-        }
         let caption = self.cfg.caption_with_trigger(&text);
-        match self.tokenizer.ids(&caption) {
-            Ok(ids) if ids.len() >= self.tokenizer.max_tokens() => {
-                let max = self.tokenizer.max_tokens();
-                report(
-                    ProblemKind::CaptionTooLong {
-                        tokens: ids.len(),
-                        max,
-                    },
-                    Severity::Error,
-                );
-                None
-            }
-            Ok(_) => Some(caption),
-            Err(e) => {
-                report(
-                    ProblemKind::CaptionUnreadable(e.to_string()),
-                    Severity::Error,
-                );
-                None
-            }
+        let max = self.tokenizer.max_tokens();
+        let kind = match self.tokenizer.ids(&caption) {
+            Ok(ids) if ids.len() < max => return Some(caption),
+            Ok(_) => ProblemKind::CaptionTooLong { max },
+            Err(e) => ProblemKind::CaptionUnreadable(e.to_string()),
+        };
+        // A caption past the limit is reported on its file (the image's when there is none).
+        let file = if path.is_file() {
+            path
+        } else {
+            image.to_path_buf()
+        };
+        push(problems, file, kind, Severity::Error);
+        None
+    }
+
+    /// The caption of an image without a caption file, if the policy gives it one.
+    fn missing_caption(
+        &self,
+        image: &Path,
+        expected: &Path,
+        problems: &mut Vec<Problem>,
+    ) -> Option<String> {
+        let read_as_empty = self.cfg.missing_caption == MissingCaption::Empty;
+        let kind = ProblemKind::MissingCaption {
+            expected: expected.to_path_buf(),
+            read_as_empty,
+        };
+        // The problem is the image's: its caption file does not exist to be named.
+        if read_as_empty {
+            push(problems, image.to_path_buf(), kind, Severity::Warning);
+            Some(String::new())
+        } else {
+            push(problems, image.to_path_buf(), kind, Severity::Error);
+            None
         }
     }
 
     fn image_size(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<(u32, u32)> {
-        let mut report = |kind| {
-            problems.push(Problem {
-                file: image.to_path_buf(),
-                kind,
-                severity: Severity::Error,
-            })
-        };
+        let mut report = |kind| push(problems, image.to_path_buf(), kind, Severity::Error);
         let decoded = std::fs::read(image)
             .map_err(|e| e.to_string())
             .and_then(|bytes| decode_image(&bytes).map_err(|e| e.to_string()));
@@ -426,6 +402,31 @@ impl ItemCheck<'_> {
             return None;
         }
         Some((width, height))
+    }
+}
+
+fn push(problems: &mut Vec<Problem>, file: PathBuf, kind: ProblemKind, severity: Severity) {
+    problems.push(Problem {
+        file,
+        kind,
+        severity,
+    });
+}
+
+/// The text of an existing caption file, or None after reporting why it cannot be used.
+fn caption_file(path: &Path, problems: &mut Vec<Problem>) -> Option<String> {
+    match read_caption(path) {
+        Ok(text) if text.is_empty() => {
+            let kind = ProblemKind::EmptyCaption;
+            push(problems, path.to_path_buf(), kind, Severity::Warning);
+            Some(text)
+        }
+        Ok(text) => Some(text),
+        Err(msg) => {
+            let kind = ProblemKind::CaptionUnreadable(msg);
+            push(problems, path.to_path_buf(), kind, Severity::Error);
+            None
+        }
     }
 }
 

@@ -26,8 +26,9 @@ pub enum ProblemKind {
     CaptionUnreadable(String),
     /// The caption file holds only whitespace.
     EmptyCaption,
-    /// The templated caption reaches the text encoder's limit; the tail would be cut.
-    CaptionTooLong { tokens: usize, max: usize },
+    /// The templated caption reaches the text encoder's limit of `max` tokens; the tail would
+    /// be cut. (The tokenizer truncates, so reaching the limit is all that can be seen.)
+    CaptionTooLong { max: usize },
     /// Another image has the same stem, so both would read the same caption file.
     DuplicateStem { other: PathBuf },
     /// A caption file with no image of the same stem.
@@ -143,10 +144,10 @@ impl fmt::Display for ProblemKind {
             }
             Self::CaptionUnreadable(msg) => write!(f, "caption cannot be read: {msg}"),
             Self::EmptyCaption => write!(f, "empty caption: trains on the trigger word alone, or unconditionally without one"),
-            Self::CaptionTooLong { tokens, max } => write!(
+            Self::CaptionTooLong { max } => write!(
                 f,
-                "caption reaches the text encoder's limit of {max} tokens (chat template included; \
-                 {tokens} kept): the end would be cut, shorten it"
+                "caption reaches the text encoder's limit of {max} tokens (chat template \
+                 included): the end would be cut, shorten it"
             ),
             Self::DuplicateStem { other } => write!(
                 f,
