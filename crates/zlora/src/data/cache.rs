@@ -85,21 +85,23 @@ impl CachedDataset {
     ) -> Result<(Self, CacheStats)> {
         let keys = Keys::new(model, opts)?;
         let mut stats = CacheStats::default();
-        let captions: Vec<&str> = dataset.items().iter().map(|i| i.caption.as_str()).collect();
-        let caption_paths =
-            encode_captions(&keys, model, opts, &captions, &mut stats, &mut progress)?;
+        // The empty caption comes first: caption dropout trains on its features.
+        let texts: Vec<&str> = std::iter::once("")
+            .chain(dataset.items().iter().map(|i| i.caption.as_str()))
+            .collect();
+        let caption_paths = encode_captions(&keys, model, opts, &texts, &mut stats, &mut progress)?;
         let latent_paths = encode_latents(&keys, model, opts, dataset, &mut stats, &mut progress)?;
         let items = dataset
             .items()
             .iter()
-            .zip(caption_paths.iter().skip(1).zip(latent_paths))
+            .zip(caption_paths.into_iter().skip(1).zip(latent_paths))
             .map(|(item, (caption, latent))| CachedItem {
                 latent,
-                caption: caption.clone(),
+                caption,
                 bucket: item.bucket,
             })
             .collect();
-        let empty_caption = load_tensor(&caption_paths[0], CAPTION, &Device::Cpu)?;
+        let empty_caption = load_tensor(&keys.caption_path(""), CAPTION, &Device::Cpu)?;
         Ok((
             Self {
                 items,
@@ -146,19 +148,15 @@ impl CachedDataset {
     }
 }
 
-/// Encodes the empty caption and then `captions`; returns one entry path per text, the empty
-/// caption's first.
+/// Encodes every text whose features are not cached; returns one entry path per text.
 fn encode_captions(
     keys: &Keys,
     model: &ModelFolder,
     opts: &CacheOptions,
-    captions: &[&str],
+    texts: &[&str],
     stats: &mut CacheStats,
     progress: &mut impl FnMut(Stage, usize, usize),
 ) -> Result<Vec<PathBuf>> {
-    let texts: Vec<&str> = std::iter::once("")
-        .chain(captions.iter().copied())
-        .collect();
     let paths: Vec<PathBuf> = texts.iter().map(|t| keys.caption_path(t)).collect();
     let distinct: BTreeMap<&PathBuf, &str> = paths.iter().zip(texts.iter().copied()).collect();
     let hidden = keys.text_hidden;
