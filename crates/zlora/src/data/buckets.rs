@@ -200,6 +200,13 @@ mod tests {
         let wide = b.assign(2000, 1000);
         let ratio = f64::from(wide.width) / f64::from(wide.height);
         assert!((ratio - 2.0).abs() < 0.05, "{wide}");
+        assert_eq!(
+            b.assign(3000, 2000),
+            Bucket {
+                width: 1248,
+                height: 832
+            }
+        );
         let tall = b.assign(1000, 2000);
         assert_eq!((tall.width, tall.height), (wide.height, wide.width));
     }
