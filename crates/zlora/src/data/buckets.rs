@@ -135,9 +135,9 @@ fn log_aspect(width: u32, height: u32) -> f64 {
 /// in f32 RGB in [0, 1]. Transparent pixels are composited over white, so the colour a PNG
 /// happens to store under alpha 0 never reaches the model.
 pub fn crop_resize(image: &DynamicImage, bucket: Bucket) -> Rgb32FImage {
-    let rgb = over_white(image);
-    let (w, h) = rgb.dimensions();
+    let (w, h) = (image.width(), image.height());
     // Crop the side that is too long for the bucket's aspect ratio; keep the other whole.
+    // Cropping before the f32 conversion keeps a large photo's copy small.
     let bucket_wide =
         u64::from(bucket.width) * u64::from(h) >= u64::from(bucket.height) * u64::from(w);
     let (cw, ch) = if bucket_wide {
@@ -147,8 +147,13 @@ pub fn crop_resize(image: &DynamicImage, bucket: Bucket) -> Rgb32FImage {
         let cw = (u64::from(h) * u64::from(bucket.width) / u64::from(bucket.height)) as u32;
         (cw.clamp(1, w), h)
     };
-    let crop = imageops::crop_imm(&rgb, (w - cw) / 2, (h - ch) / 2, cw, ch).to_image();
-    imageops::resize(&crop, bucket.width, bucket.height, RESIZE_FILTER)
+    let crop = image.crop_imm((w - cw) / 2, (h - ch) / 2, cw, ch);
+    imageops::resize(
+        &over_white(&crop),
+        bucket.width,
+        bucket.height,
+        RESIZE_FILTER,
+    )
 }
 
 fn over_white(image: &DynamicImage) -> Rgb32FImage {
