@@ -265,3 +265,31 @@ fn the_dataset_table_parses_with_defaults_and_rejects_unknown_keys() {
         serde_json::from_str(r#"{"path": "DIR", "missing_caption": "empty"}"#).expect("parse");
     assert_eq!(policy.missing_caption, MissingCaption::Empty);
 }
+
+/// A JPEG as a phone writes it: pixels stored landscape, EXIF orientation 6 (rotate 90°).
+fn rotated_jpeg(path: &Path, w: u32, h: u32) {
+    use image::{codecs::jpeg::JpegEncoder, ExtendedColorType, ImageEncoder};
+    // Big-endian TIFF header, one IFD entry: Orientation (0x0112), SHORT, 1 value = 6.
+    let exif = [
+        b'M', b'M', 0, 42, 0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, 0, 0, 0, 0,
+    ];
+    let file = std::fs::File::create(path).expect("jpeg");
+    let mut encoder = JpegEncoder::new(file);
+    encoder.set_exif_metadata(exif.to_vec()).expect("exif");
+    let pixels = image(w, h).to_rgb8();
+    encoder
+        .write_image(&pixels, w, h, ExtendedColorType::Rgb8)
+        .expect("jpeg");
+}
+
+#[test]
+fn exif_orientation_is_applied_before_bucketing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rotated_jpeg(&dir.path().join("phone.jpg"), 128, 64);
+    write(dir.path(), "phone.txt", "a tall photo");
+    let (dataset, report) = scan(&config(dir.path()));
+    assert!(!report.is_fatal(), "{report}");
+    let item = &dataset.items()[0];
+    assert_eq!((item.width, item.height), (64, 128));
+    assert!(item.bucket.height > item.bucket.width, "{}", item.bucket);
+}
