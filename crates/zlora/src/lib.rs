@@ -4,6 +4,7 @@
 //! guidance, the generate pipeline); `lora` reads and writes adapter files and depends only on
 //! tensors. `nn` holds the differentiable building blocks that both inference and training use.
 
+pub mod data;
 pub mod error;
 pub mod fsutil;
 pub mod lora;

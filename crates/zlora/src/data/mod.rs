@@ -1,0 +1,15 @@
+//! Training data: a folder of images and captions, checked as a whole before training
+//! (`preflight`), sorted into aspect-ratio `buckets`, encoded once into an on-disk `cache`, and
+//! served in a seeded, resumable order (`loader`). See docs/datasets.md.
+
+pub mod buckets;
+pub mod cache;
+pub mod dataset;
+pub mod loader;
+pub mod preflight;
+
+pub use buckets::{Bucket, Buckets};
+pub use cache::{CacheOptions, CacheStats, CachedDataset, Stage};
+pub use dataset::{Dataset, DatasetConfig, Item, MissingCaption};
+pub use loader::{Batch, BatchPlan, Loader, LoaderOptions, LoaderState};
+pub use preflight::{Preflight, Problem, ProblemKind, Severity};
