@@ -2,6 +2,8 @@
 //! safetensors crate at toy sizes (dim 64, 2 layers, FFN 170, adaLN 256 → 4·64), read back
 //! and attached to a mock model.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -9,6 +11,8 @@ use candle_core::{DType, Device, Tensor};
 use zlora::lora::identify::{identify, Architecture};
 use zlora::lora::{Layout, LoraFile, LoraHeader};
 use zlora::nn::{AdapterWeights, Linear, LinearTargets};
+
+use common::matrix;
 
 const DIM: usize = 64;
 const FFN: usize = 170;
@@ -71,24 +75,6 @@ impl LinearTargets for Mock {
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
         self.linears.get_mut(path)
     }
-}
-
-/// Deterministic values that are multiples of 1/16 in [-0.5, 0.5]: exact in F16 and BF16, so
-/// every layout can be compared exactly whatever dtype it is written in.
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 17) as f32 / 16.0 - 0.5
-        })
-        .collect()
-}
-
-fn matrix(seed: u64, rows: usize, cols: usize) -> Tensor {
-    Tensor::from_vec(values(seed, rows * cols), (rows, cols), &Device::Cpu).unwrap()
 }
 
 fn scalar(x: f32) -> Tensor {

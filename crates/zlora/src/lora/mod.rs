@@ -29,7 +29,8 @@
 //! whose factors are both full has scale 1) and takes precedence over the header. Underscore names are resolved by
 //! lookup against the enumerated Z-Image modules, not by replacing underscores. A fused
 //! `attention.qkv` is split exactly: to_q / to_k / to_v each get the shared down matrix and
-//! their third of the up rows, with the fused scale; `attention.out` becomes
+//! their third of the up rows (LoKr: of w1's rows; LoHa: of both products), with the fused
+//! scale; `attention.out` becomes
 //! `attention.to_out.0`.
 //!
 //! # Refusals
@@ -44,6 +45,7 @@ pub mod identify;
 mod layout;
 mod names;
 mod peft;
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -365,11 +367,13 @@ impl Source<'_> {
                 let parts = weights
                     .split_rows(QKV_PARTS.len())
                     .map_err(|e| Error::lora(self.path, format!("{}: {e}", g.stem)))?;
-                Ok(QKV_PARTS
-                    .iter()
-                    .zip(parts)
-                    .map(|(part, w)| (format!("{block}.{part}"), module(w)))
-                    .collect())
+                let mut out = Vec::new();
+                for (part, w) in QKV_PARTS.iter().zip(parts) {
+                    if let Some(w) = prune_zero_rank(w)? {
+                        out.push((format!("{block}.{part}"), module(w)));
+                    }
+                }
+                Ok(out)
             }
         }
     }
@@ -396,4 +400,28 @@ impl Source<'_> {
             _ => Ok(1.0),
         }
     }
+}
+
+/// Drops the rank components of a LoRA whose up column is all zero, which changes nothing in
+/// its delta: the block-diagonal fused qkv ComfyUI and musubi write splits back into parts of
+/// their own rank, and a part that is all zero disappears (`None`).
+fn prune_zero_rank(w: AdapterWeights) -> Result<Option<AdapterWeights>> {
+    let AdapterWeights::LowRank { down, up } = &w else {
+        return Ok(Some(w));
+    };
+    let norms = up.abs()?.sum(0)?.to_vec1::<f32>()?;
+    let keep: Vec<u32> = (0..norms.len() as u32)
+        .filter(|&i| norms[i as usize] != 0.0)
+        .collect();
+    if keep.len() == norms.len() {
+        return Ok(Some(w));
+    }
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    let idx = Tensor::new(keep.as_slice(), down.device())?;
+    Ok(Some(AdapterWeights::LowRank {
+        down: down.index_select(&idx, 0)?,
+        up: up.index_select(&idx, 1)?,
+    }))
 }

@@ -59,7 +59,7 @@ impl Target {
     pub fn path(&self) -> String {
         match self {
             Target::Module(p) => p.clone(),
-            Target::FusedQkv(block) => format!("{block}.{COMFY_QKV}"),
+            Target::FusedQkv(block) => fused_qkv(block),
         }
     }
 }
@@ -159,6 +159,31 @@ impl Role {
             .map(|(s, _)| &s[1..])
             .unwrap_or_default()
     }
+}
+
+/// The ComfyUI spelling of a diffusers module path (q/k/v excepted: ComfyUI fuses them).
+pub(crate) fn comfy_name(path: &str) -> String {
+    if let Some((comfy, _)) = COMFY_GLOBALS.iter().find(|(_, d)| *d == path) {
+        return comfy.to_string();
+    }
+    match path.strip_suffix(COMFY_OUT.1) {
+        Some(block) => format!("{block}{}", COMFY_OUT.0),
+        None => path.to_string(),
+    }
+}
+
+/// For `<block>.attention.to_q|to_k|to_v`: the block path and the part's index in the fused
+/// qkv.
+pub(crate) fn qkv_part(path: &str) -> Option<(&str, usize)> {
+    QKV_PARTS.iter().enumerate().find_map(|(i, part)| {
+        let block = path.strip_suffix(part)?.strip_suffix('.')?;
+        Some((block, i))
+    })
+}
+
+/// The fused qkv module path of a block, e.g. `layers.0.attention.qkv`.
+pub(crate) fn fused_qkv(block: &str) -> String {
+    format!("{block}.{COMFY_QKV}")
 }
 
 /// Splits `key` into its stem (prefix + module) and role, if the suffix is known.
@@ -311,6 +336,25 @@ mod tests {
         ] {
             assert_eq!(module(stem), None, "{stem}");
         }
+    }
+
+    #[test]
+    fn diffusers_paths_to_comfy_names() {
+        assert_eq!(
+            comfy_name("layers.2.attention.to_out.0"),
+            "layers.2.attention.out"
+        );
+        assert_eq!(comfy_name("all_x_embedder.2-1"), "x_embedder");
+        assert_eq!(
+            comfy_name("layers.2.feed_forward.w1"),
+            "layers.2.feed_forward.w1"
+        );
+        assert_eq!(
+            qkv_part("noise_refiner.0.attention.to_v"),
+            Some(("noise_refiner.0", 2))
+        );
+        assert_eq!(qkv_part("layers.0.attention.to_out.0"), None);
+        assert_eq!(fused_qkv("layers.1"), "layers.1.attention.qkv");
     }
 
     #[test]
