@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod nn;
