@@ -1,6 +1,7 @@
 //! `zlora lora ...`: inspect, convert, combine, merge and extract LoRA files. One file per
 //! subcommand; this one holds the argument types they share.
 
+mod combine;
 mod convert;
 
 use std::process::ExitCode;
@@ -13,11 +14,15 @@ use zlora::lora::Layout;
 pub enum Command {
     /// Rewrite a LoRA in another layout, exactly (alpha folded or stored as the target expects).
     Convert(convert::Args),
+    /// Combine LoRAs at their strengths into one file (exact rank concatenation; --max-rank
+    /// re-compresses by SVD and reports the error).
+    Combine(combine::Args),
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Convert(a) => convert::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Combine(a) => combine::run(a).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -40,6 +40,7 @@
 //! text-encoder adapters, and LoRAs for other architectures ([`identify()`] names
 //! them with the key that gave them away).
 
+pub mod combine;
 mod container;
 pub mod identify;
 mod layout;
