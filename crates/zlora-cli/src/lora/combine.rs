@@ -36,7 +36,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|(f, s)| (f, s.strength))
         .collect();
     let (modules, reports) = combine(&inputs, a.max_rank).context("combine failed")?;
-    let mut metadata = a.out.metadata(Metadata::default());
+    let mut metadata = a.out.metadata(Metadata {
+        trigger_words: trigger_words(&files),
+        ..Metadata::default()
+    });
     metadata
         .carried
         .insert("modelspec.merged_from".into(), a.inputs.join(", "));
@@ -51,6 +54,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     .context("combine failed")?;
     println!("{}: {}", a.output.display(), summary(&reports));
     Ok(())
+}
+
+/// The inputs' trigger words, each once, in order.
+fn trigger_words(files: &[LoraFile]) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    for f in files {
+        for w in Metadata::carried_from(&f.metadata).trigger_words {
+            if !words.contains(&w) {
+                words.push(w);
+            }
+        }
+    }
+    words
 }
 
 /// One line: how many modules were exact, how many re-compressed and with what error.

@@ -3,6 +3,8 @@
 
 mod combine;
 mod convert;
+mod extract;
+mod merge;
 
 use std::process::ExitCode;
 
@@ -17,12 +19,18 @@ pub enum Command {
     /// Combine LoRAs at their strengths into one file (exact rank concatenation; --max-rank
     /// re-compresses by SVD and reports the error).
     Combine(combine::Args),
+    /// Bake LoRAs into the transformer weights (diffusers shards or a ComfyUI single file).
+    Merge(merge::Args),
+    /// Extract a LoRA from the difference of two checkpoints by truncated SVD.
+    Extract(extract::Args),
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Convert(a) => convert::run(a).map(|()| ExitCode::SUCCESS),
         Command::Combine(a) => combine::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Merge(a) => merge::run(a).map(|()| ExitCode::SUCCESS),
+        Command::Extract(a) => extract::run(a).map(|()| ExitCode::SUCCESS),
     }
 }
 

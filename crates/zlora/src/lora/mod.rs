@@ -124,6 +124,11 @@ impl LoraHeader {
     }
 }
 
+/// Whether `path` (a diffusers module path) is a Linear a LoRA can adapt.
+pub fn is_linear(path: &str) -> bool {
+    names::resolve(path, '.').is_some_and(|r| !r.comfy)
+}
+
 /// At most this many items are spelled out in one error message.
 const LISTED: usize = 20;
 
