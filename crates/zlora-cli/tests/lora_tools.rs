@@ -264,3 +264,241 @@ fn convert_and_combine_through_the_binary() {
     // Trigger words of the inputs carry over.
     assert_eq!(back.metadata["modelspec.trigger_phrase"], "zfox");
 }
+
+/// Saves f32 tensors of the given shapes (values 0.01) under `keys`.
+fn synthetic(dir: &Path, name: &str, keys: &[(&str, &[usize])]) -> PathBuf {
+    let tensors: std::collections::HashMap<String, Tensor> = keys
+        .iter()
+        .map(|(k, shape)| {
+            let t = Tensor::full(0.01f32, *shape, &Device::Cpu).unwrap();
+            (k.to_string(), t)
+        })
+        .collect();
+    let path = dir.join(name);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+/// Exit code and stdout of `lora inspect` with `extra` arguments.
+fn inspect(file: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["lora", "inspect", s(file)];
+    args.extend_from_slice(extra);
+    let out = zlora(&args);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inspect_exit_codes_name_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kohya_sdxl = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k";
+    let cases: Vec<(PathBuf, i32, &str)> = vec![
+        (
+            synthetic(
+                d,
+                "sdxl.safetensors",
+                &[
+                    (&format!("{kohya_sdxl}.lora_down.weight"), &[4, 2048]),
+                    (&format!("{kohya_sdxl}.lora_up.weight"), &[640, 4]),
+                    (
+                        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+                        &[4, 1280],
+                    ),
+                ],
+            ),
+            2,
+            "a SDXL LoRA",
+        ),
+        (
+            synthetic(
+                d,
+                "flux.safetensors",
+                &[
+                    (
+                        "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight",
+                        &[4, 3072],
+                    ),
+                    (
+                        "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight",
+                        &[12288, 4],
+                    ),
+                ],
+            ),
+            2,
+            "a FLUX.1 LoRA",
+        ),
+        (
+            synthetic(
+                d,
+                "lumina2.safetensors",
+                &[
+                    (
+                        "lora_unet_layers_0_attention_qkv.lora_down.weight",
+                        &[4, 2304],
+                    ),
+                    (
+                        "lora_unet_layers_0_attention_qkv.lora_up.weight",
+                        &[3840, 4],
+                    ),
+                ],
+            ),
+            2,
+            "a Lumina-Image 2.0 LoRA",
+        ),
+        (
+            synthetic(
+                d,
+                "te.safetensors",
+                &[(
+                    "lora_te_model_layers_0_mlp_up_proj.lora_down.weight",
+                    &[4, 2560],
+                )],
+            ),
+            2,
+            "text-encoder LoRA",
+        ),
+        (
+            synthetic(
+                d,
+                "dora.safetensors",
+                &[
+                    (
+                        "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+                        &[4, 3840],
+                    ),
+                    (
+                        "diffusion_model.layers.0.attention.to_q.lora_B.weight",
+                        &[3840, 4],
+                    ),
+                    (
+                        "diffusion_model.layers.0.attention.to_q.dora_scale",
+                        &[3840, 1],
+                    ),
+                ],
+            ),
+            3,
+            "DoRA",
+        ),
+        (
+            synthetic(
+                d,
+                "unknown-keys.safetensors",
+                &[
+                    (
+                        "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+                        &[4, 3840],
+                    ),
+                    (
+                        "diffusion_model.layers.0.attention.to_q.lora_B.weight",
+                        &[3840, 4],
+                    ),
+                    (
+                        "diffusion_model.layers.0.attention.to_z.lora_A.weight",
+                        &[4, 3840],
+                    ),
+                ],
+            ),
+            4,
+            "keys naming no Z-Image module (1)",
+        ),
+    ];
+    for (path, code, needle) in cases {
+        let (got, stdout, stderr) = inspect(&path, &[]);
+        assert_eq!(got, code, "{}: {stdout}", path.display());
+        assert!(stdout.contains(needle), "{stdout}");
+        assert_eq!(stderr.lines().count(), 1, "one-line reason: {stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+    let bytes = std::fs::read(lora_fixture()).unwrap();
+    let cut = d.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, stderr) = inspect(&cut, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("truncated"), "{stderr}");
+}
+
+#[test]
+fn inspect_describes_every_layout_and_matches_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("model");
+    let (code, stdout, _) = inspect(&lora_fixture(), &["--model", s(&model)]);
+    assert_eq!(code, 0, "{stdout}");
+    for needle in [
+        "layout: diffusers/PEFT",
+        "architecture: Z-Image",
+        "layers 0–1 (2 blocks): attention.to_k, attention.to_out.0",
+        "LoRA rank 4, alpha 8, scale 2 (all 28 modules)",
+        "lora_adapter_metadata = {",
+        "28 modules apply, 0 not in the model, 0 shape mismatches",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+    for (to, layout) in [
+        ("default", "ai-toolkit"),
+        ("comfyui", "ComfyUI"),
+        ("musubi", "kohya/musubi"),
+        ("diffsynth", "DiffSynth-Studio"),
+        ("diffusers", "diffusers/PEFT"),
+    ] {
+        let out = dir.path().join(format!("{to}.safetensors"));
+        ok(&zlora(&[
+            "lora",
+            "convert",
+            s(&lora_fixture()),
+            s(&out),
+            "--to",
+            to,
+        ]));
+        let (code, stdout, _) = inspect(&out, &["--model", s(&model), "--json"]);
+        assert_eq!(code, 0, "{to}: {stdout}");
+        let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert!(
+            json["layout"].as_str().unwrap().starts_with(layout),
+            "{json}"
+        );
+        assert_eq!(json["model_match"]["applies"], 28);
+        assert_eq!(json["metadata"]["modelspec.architecture"], "Z-Image/lora");
+    }
+    // A LoRA for a wider model: every module mismatches the tiny model.
+    let wide = synthetic(
+        dir.path(),
+        "wide.safetensors",
+        &[
+            (
+                "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+                &[4, 64],
+            ),
+            (
+                "diffusion_model.layers.0.attention.to_q.lora_B.weight",
+                &[64, 4],
+            ),
+            (
+                "diffusion_model.layers.7.attention.to_q.lora_A.weight",
+                &[4, 32],
+            ),
+            (
+                "diffusion_model.layers.7.attention.to_q.lora_B.weight",
+                &[32, 4],
+            ),
+        ],
+    );
+    let (code, stdout, stderr) = inspect(&wide, &["--model", s(&model)]);
+    assert_eq!(code, 4, "{stdout}");
+    assert!(
+        stdout.contains("0 modules apply, 1 not in the model, 1 shape mismatches"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("layers.0.attention.to_q (LoRA [64, 64], model [32, 32])"),
+        "{stderr}"
+    );
+    assert_eq!(
+        inspect(&wide, &[]).0,
+        0,
+        "without --model the file itself is fine"
+    );
+}

@@ -4,6 +4,7 @@
 mod combine;
 mod convert;
 mod extract;
+mod inspect;
 mod merge;
 
 use std::process::ExitCode;
@@ -14,6 +15,10 @@ use zlora::lora::Layout;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
+    /// Describe a LoRA file; exit 0 only if it applies cleanly to Z-Image (1 unreadable,
+    /// 2 not a Z-Image transformer LoRA, 3 unsupported algorithm, 4 keys or shapes that do not
+    /// fit).
+    Inspect(inspect::Args),
     /// Rewrite a LoRA in another layout, exactly (alpha folded or stored as the target expects).
     Convert(convert::Args),
     /// Combine LoRAs at their strengths into one file (exact rank concatenation; --max-rank
@@ -27,6 +32,7 @@ pub enum Command {
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a).map(|()| ExitCode::SUCCESS),
         Command::Combine(a) => combine::run(a).map(|()| ExitCode::SUCCESS),
         Command::Merge(a) => merge::run(a).map(|()| ExitCode::SUCCESS),

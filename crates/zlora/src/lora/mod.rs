@@ -43,6 +43,7 @@
 pub mod combine;
 mod container;
 pub mod identify;
+pub mod inspect;
 mod layout;
 mod names;
 mod peft;
@@ -105,6 +106,8 @@ pub struct LoraHeader {
     pub metadata: BTreeMap<String, String>,
     /// Key → shape, as validated against the data region.
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Key → stored dtype (F32, F16 or BF16; the reader refuses any other).
+    pub dtypes: BTreeMap<String, candle_core::DType>,
 }
 
 impl LoraHeader {
@@ -119,6 +122,11 @@ impl LoraHeader {
         let header = container::parse(path, bytes)?;
         Ok(LoraHeader {
             shapes: header.shapes(),
+            dtypes: header
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.dtype))
+                .collect(),
             metadata: header.metadata,
         })
     }
