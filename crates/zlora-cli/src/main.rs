@@ -2,6 +2,7 @@
 //! lives in its own file and calls the library.
 
 mod generate;
+mod lora;
 mod progress;
 mod tiny;
 
@@ -26,16 +27,20 @@ enum Command {
     Generate(Box<generate::Args>),
     /// Create a tiny random-weight Z-Image model (diffusers layout) to try every command on.
     TinyModel(tiny::Args),
+    /// Inspect, convert, combine, merge and extract LoRA files.
+    #[command(subcommand)]
+    Lora(lora::Command),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(*args),
-        Command::TinyModel(args) => tiny::run(args),
+        Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Lora(command) => lora::run(command),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

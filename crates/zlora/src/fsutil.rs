@@ -9,6 +9,18 @@ use crate::{Error, Result};
 /// so a crash leaves either the old file or the new one. An existing file is an error unless
 /// `overwrite` is set.
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
+    write_atomic_with(path, overwrite, |w| {
+        w.write_all(bytes).map_err(|e| Error::io(path, e))
+    })
+}
+
+/// [`write_atomic`] for content produced piece by piece: `fill` writes into the temporary
+/// file; if it fails the temporary file is removed and `path` is left as it was.
+pub fn write_atomic_with(
+    path: &Path,
+    overwrite: bool,
+    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
     if !overwrite && path.exists() {
         return Err(Error::bad_file(
             path,
@@ -22,17 +34,98 @@ pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        fill(&mut w)?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(&tmp, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
-    if let Err(e) = result {
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
     }
-    Ok(())
+    result
+}
+
+/// Name, dtype and shape of one tensor of a streamed safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: candle_core::DType,
+    pub shape: Vec<usize>,
+}
+
+/// Writes a safetensors file one tensor at a time (atomically): `tensor(i)` is called for
+/// `specs[i]` only when its bytes are due, so a checkpoint larger than memory can be written.
+/// Each produced tensor must match its spec.
+pub fn write_safetensors_with(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &std::collections::BTreeMap<String, String>,
+    overwrite: bool,
+    mut tensor: impl FnMut(usize) -> Result<candle_core::Tensor>,
+) -> Result<()> {
+    let header = safetensors_header(path, specs, metadata)?;
+    write_atomic_with(path, overwrite, |w| {
+        let io = |e| Error::io(path, e);
+        w.write_all(&(header.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        for (i, spec) in specs.iter().enumerate() {
+            let t = tensor(i)?;
+            if t.dtype() != spec.dtype || t.dims() != spec.shape.as_slice() {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "tensor {} came out as {:?} {:?}, planned {:?} {:?}",
+                        spec.name,
+                        t.dtype(),
+                        t.dims(),
+                        spec.dtype,
+                        spec.shape
+                    ),
+                ));
+            }
+            w.write_all(&safetensors::View::data(&t)).map_err(io)?;
+        }
+        Ok(())
+    })
+}
+
+/// The JSON header with data offsets, padded with spaces to a multiple of 8 bytes as the
+/// safetensors writer does.
+fn safetensors_header(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), serde_json::json!(metadata));
+    let mut offset = 0usize;
+    for s in specs {
+        let name = match s.dtype {
+            candle_core::DType::F32 => "F32",
+            candle_core::DType::BF16 => "BF16",
+            candle_core::DType::F16 => "F16",
+            other => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("tensor {} has dtype {other:?}, not f32/bf16/f16", s.name),
+                ))
+            }
+        };
+        let bytes = s.shape.iter().product::<usize>() * s.dtype.size_in_bytes();
+        let entry = serde_json::json!({"dtype": name, "shape": s.shape, "data_offsets": [offset, offset + bytes]});
+        map.insert(s.name.clone(), entry);
+        offset += bytes;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(map))
+        .map_err(|e| Error::bad_file(path, format!("cannot encode the header: {e}")))?;
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    Ok(json)
 }
 
 /// Saves named tensors as a safetensors file (atomically), with optional header metadata.
@@ -50,6 +143,42 @@ pub fn save_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streamed_files_read_back() -> Result<()> {
+        use candle_core::{DType, Device, Tensor};
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let p = dir.path().join("s.safetensors");
+        let tensors = [
+            Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &Device::Cpu)?,
+            Tensor::new(&[5f32, 6.0, 7.0], &Device::Cpu)?.to_dtype(DType::BF16)?,
+        ];
+        let specs: Vec<TensorSpec> = ["a", "b"]
+            .iter()
+            .zip(&tensors)
+            .map(|(n, t)| TensorSpec {
+                name: n.to_string(),
+                dtype: t.dtype(),
+                shape: t.dims().to_vec(),
+            })
+            .collect();
+        let meta = [("k".to_string(), "v".to_string())].into();
+        write_safetensors_with(&p, &specs, &meta, false, |i| Ok(tensors[i].clone()))?;
+        let back = candle_core::safetensors::load(&p, &Device::Cpu)?;
+        assert_eq!(
+            back["a"].to_vec2::<f32>()?,
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+        );
+        assert_eq!(
+            back["b"].to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            vec![5.0, 6.0, 7.0]
+        );
+        // A tensor that does not match its spec aborts the write and leaves nothing behind.
+        let q = dir.path().join("bad.safetensors");
+        let bad = write_safetensors_with(&q, &specs, &meta, false, |_| Ok(tensors[1].clone()));
+        assert!(bad.is_err() && !q.exists());
+        Ok(())
+    }
 
     #[test]
     fn refuses_to_overwrite_without_permission() -> Result<()> {

@@ -3,10 +3,14 @@
 //! Data flows one way: `model` (weights, DiT, text encoder, VAE) ← `sample` (schedules,
 //! guidance, the generate pipeline); `lora` reads and writes adapter files and depends only on
 //! tensors. `nn` holds the differentiable building blocks that both inference and training use.
+//! `bake` joins the two: it merges LoRAs into checkpoints and extracts them from checkpoint
+//! differences. `linalg` has the QR and SVD they need.
 
+pub mod bake;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod nn;

@@ -2,13 +2,17 @@
 //! safetensors crate at toy sizes (dim 64, 2 layers, FFN 170, adaLN 256 → 4·64), read back
 //! and attached to a mock model.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use zlora::lora::identify::{identify, Architecture};
 use zlora::lora::{Layout, LoraFile, LoraHeader};
-use zlora::nn::{Linear, LinearTargets};
+use zlora::nn::{AdapterWeights, Linear, LinearTargets};
+
+use common::matrix;
 
 const DIM: usize = 64;
 const FFN: usize = 170;
@@ -71,24 +75,6 @@ impl LinearTargets for Mock {
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
         self.linears.get_mut(path)
     }
-}
-
-/// Deterministic values that are multiples of 1/16 in [-0.5, 0.5]: exact in F16 and BF16, so
-/// every layout can be compared exactly whatever dtype it is written in.
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % 17) as f32 / 16.0 - 0.5
-        })
-        .collect()
-}
-
-fn matrix(seed: u64, rows: usize, cols: usize) -> Tensor {
-    Tensor::from_vec(values(seed, rows * cols), (rows, cols), &Device::Cpu).unwrap()
 }
 
 fn scalar(x: f32) -> Tensor {
@@ -368,7 +354,10 @@ fn fused_qkv_splits_exactly() {
         let m = &file.modules[&format!("layers.1.attention.{part}")];
         assert_eq!(m.scale, 0.5);
         assert_eq!(m.source_key, "diffusion_model.layers.1.attention.qkv");
-        assert_eq!(max_diff(&m.down, &down), 0.0);
+        let AdapterWeights::LowRank { down: shared, .. } = &m.weights else {
+            panic!("{part} is not a LoRA");
+        };
+        assert_eq!(max_diff(shared, &down), 0.0);
         let block = fused.narrow(0, i * DIM, DIM).unwrap();
         assert_eq!(max_diff(&m.delta().unwrap(), &block), 0.0, "{part}");
     }
@@ -508,46 +497,14 @@ fn half_pairs_and_rank_mismatches_are_errors() {
     ];
     let msg = read_err(&write(dir.path(), "rank.safetensors", t, DType::F32, &[]));
     assert!(
-        msg.contains("rank mismatch: down [4, 64] vs up [64, 5]"),
+        msg.contains("rank mismatch: lora_down.weight [4, 64] vs lora_up.weight [64, 5]"),
         "{msg}"
     );
 }
 
 #[test]
-fn lokr_loha_and_dora_are_refused_by_name() {
+fn dora_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let lokr = vec![
-        (
-            "diffusion_model.layers.0.attention.to_q.lokr_w1".to_string(),
-            matrix(1, 8, 8),
-        ),
-        (
-            "diffusion_model.layers.0.attention.to_q.lokr_w2".to_string(),
-            matrix(2, 8, 8),
-        ),
-        (
-            "diffusion_model.layers.0.attention.to_q.alpha".to_string(),
-            scalar(1.0),
-        ),
-    ];
-    let loha = vec![
-        (
-            "lycoris_layers_0_attention_to_q.hada_w1_a".to_string(),
-            matrix(1, DIM, RANK),
-        ),
-        (
-            "lycoris_layers_0_attention_to_q.hada_w1_b".to_string(),
-            matrix(1, RANK, DIM),
-        ),
-        (
-            "lycoris_layers_0_attention_to_q.hada_w2_a".to_string(),
-            matrix(1, DIM, RANK),
-        ),
-        (
-            "lycoris_layers_0_attention_to_q.hada_w2_b".to_string(),
-            matrix(1, RANK, DIM),
-        ),
-    ];
     let mut dora = valid_pair("diffusion_model.layers.0.attention.to_q");
     dora.push((
         "diffusion_model.layers.0.attention.to_q.dora_scale".into(),
@@ -558,13 +515,11 @@ fn lokr_loha_and_dora_are_refused_by_name() {
         "transformer.layers.0.attention.to_q.lora_magnitude_vector".into(),
         matrix(3, 1, DIM),
     ));
-    let cases = [
-        ("lokr.safetensors", lokr, "LoKr (LyCORIS) adapters are not supported yet: diffusion_model.layers.0.attention.to_q.lokr_w1"),
-        ("loha.safetensors", loha, "LoHa (LyCORIS) adapters are not supported yet"),
-        ("dora.safetensors", dora, "DoRA (weight-decomposed LoRA) adapters are not supported yet"),
-        ("peft-dora.safetensors", peft_dora, "DoRA (weight-decomposed LoRA) adapters are not supported yet"),
-    ];
-    for (name, tensors, needle) in cases {
+    let needle = "DoRA (weight-decomposed LoRA) adapters are not supported yet";
+    for (name, tensors) in [
+        ("dora.safetensors", dora),
+        ("peft-dora.safetensors", peft_dora),
+    ] {
         let msg = read_err(&write(dir.path(), name, tensors, DType::F32, &[]));
         assert!(msg.contains(needle), "{msg}");
     }
@@ -578,6 +533,115 @@ fn lokr_loha_and_dora_are_refused_by_name() {
         &meta,
     ));
     assert!(msg.contains("DoRA"), "{msg}");
+}
+
+/// LoKr and LoHa in both namings, with LyCORIS' scale rules: alpha / rank of the decomposed
+/// factor; a LoKr with two full factors has scale 1 whatever its alpha.
+#[test]
+fn lokr_and_loha_read_with_lycoris_scales() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w1, w2a, w2b) = (matrix(1, 8, 8), matrix(2, 8, 2), matrix(3, 2, 8));
+    let lokr = vec![
+        (
+            "diffusion_model.layers.0.attention.to_q.lokr_w1".to_string(),
+            w1.clone(),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_q.lokr_w2_a".to_string(),
+            w2a.clone(),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_q.lokr_w2_b".to_string(),
+            w2b.clone(),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_q.alpha".to_string(),
+            scalar(1.0),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_k.lokr_w1".to_string(),
+            w1.clone(),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_k.lokr_w2".to_string(),
+            matrix(4, 8, 8),
+        ),
+        (
+            "diffusion_model.layers.0.attention.to_k.alpha".to_string(),
+            scalar(1e10),
+        ),
+    ];
+    let file = read(&write(
+        dir.path(),
+        "lokr.safetensors",
+        lokr,
+        DType::F32,
+        &[],
+    ));
+    let q = &file.modules["layers.0.attention.to_q"];
+    assert_eq!((q.weights.kind(), q.scale), ("LoKr", 0.5));
+    let w2 = w2a.matmul(&w2b).unwrap();
+    let want = (zlora::nn::adapter::kron(&w1, &w2).unwrap() * 0.5).unwrap();
+    assert!(max_diff(&q.delta().unwrap(), &want) < 1e-6);
+    assert_eq!(file.modules["layers.0.attention.to_k"].scale, 1.0);
+
+    let (a1, b1, a2, b2) = (
+        matrix(5, DIM, RANK),
+        matrix(6, RANK, DIM),
+        matrix(7, DIM, RANK),
+        matrix(8, RANK, DIM),
+    );
+    let stem = "lycoris_layers_0_attention_to_q";
+    let loha = vec![
+        (format!("{stem}.hada_w1_a"), a1.clone()),
+        (format!("{stem}.hada_w1_b"), b1.clone()),
+        (format!("{stem}.hada_w2_a"), a2.clone()),
+        (format!("{stem}.hada_w2_b"), b2.clone()),
+        (format!("{stem}.alpha"), scalar(ALPHA)),
+    ];
+    let file = read(&write(
+        dir.path(),
+        "loha.safetensors",
+        loha,
+        DType::BF16,
+        &[],
+    ));
+    let q = &file.modules["layers.0.attention.to_q"];
+    assert_eq!((q.weights.kind(), q.scale), ("LoHa", 0.5));
+    let want = ((a1.matmul(&b1).unwrap() * a2.matmul(&b2).unwrap()).unwrap() * 0.5).unwrap();
+    assert!(max_diff(&q.delta().unwrap(), &want) < 1e-6);
+    let mut model = Mock::new();
+    assert_eq!(file.attach(1.0, &mut model).unwrap(), 1);
+}
+
+#[test]
+fn incomplete_lokr_and_loha_sets_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = vec![
+        (
+            "lycoris_layers_0_attention_to_q.lokr_w1".to_string(),
+            matrix(1, 8, 8),
+        ),
+        (
+            "lycoris_layers_0_attention_to_q.lokr_w2_a".to_string(),
+            matrix(2, 8, 2),
+        ),
+        (
+            "lycoris_layers_0_attention_to_k.hada_w1_a".to_string(),
+            matrix(2, DIM, 2),
+        ),
+        (
+            "lycoris_layers_0_attention_to_k.hada_w1_b".to_string(),
+            matrix(2, 2, DIM),
+        ),
+    ];
+    let msg = read_err(&write(dir.path(), "half.safetensors", t, DType::F32, &[]));
+    assert!(msg.contains("incomplete modules (2)"), "{msg}");
+    assert!(
+        msg.contains("lacks exactly one of lokr_w2 or lokr_w2_a + lokr_w2_b"),
+        "{msg}"
+    );
+    assert!(msg.contains("lacks hada_w2_a + hada_w2_b"), "{msg}");
 }
 
 #[test]

@@ -94,14 +94,14 @@ impl KeyView<'_> {
     /// in_features of a down (A) matrix.
     fn in_dim(&self) -> Option<usize> {
         match (self.role, self.shape) {
-            (Some(Role::Down), [_, i]) => Some(*i),
+            (Some(Role::Down | Role::HadaW1B | Role::HadaW2B), [_, i]) => Some(*i),
             _ => None,
         }
     }
 
     fn rows(&self) -> Option<usize> {
         match (self.role, self.shape) {
-            (Some(Role::Up), [o, _]) => Some(*o),
+            (Some(Role::Up | Role::HadaW1A | Role::HadaW2A), [o, _]) => Some(*o),
             _ => None,
         }
     }
@@ -376,17 +376,21 @@ fn metadata_family(meta: &BTreeMap<String, String>) -> Option<Identification> {
         })
 }
 
-/// LyCORIS-style adapter algorithms that are not plain LoRA.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Adapter algorithms, told apart by tensor names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Algorithm {
+    LoRA,
     LoKr,
     LoHa,
+    /// Weight-decomposed LoRA (`dora_scale`, ai-toolkit `magnitude`, PEFT
+    /// `lora_magnitude_vector`): zlora cannot apply it.
     DoRA,
 }
 
 impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(match self {
+            Algorithm::LoRA => "LoRA",
             Algorithm::LoKr => "LoKr (LyCORIS)",
             Algorithm::LoHa => "LoHa (LyCORIS)",
             Algorithm::DoRA => "DoRA (weight-decomposed LoRA)",
@@ -394,38 +398,43 @@ impl fmt::Display for Algorithm {
     }
 }
 
-fn algorithm_of(key: &str) -> Option<Algorithm> {
-    key.split('.').find_map(|seg| {
-        if seg.starts_with("lokr_") {
-            Some(Algorithm::LoKr)
-        } else if seg.starts_with("hada_") {
-            Some(Algorithm::LoHa)
-        } else if ["dora_scale", "magnitude", "lora_magnitude_vector"].contains(&seg) {
-            Some(Algorithm::DoRA)
-        } else {
-            None
-        }
-    })
+/// The algorithm a key belongs to; `None` for keys that any algorithm may carry (`alpha`)
+/// or that are not adapter keys at all.
+pub fn algorithm_of(key: &str) -> Option<Algorithm> {
+    let segments: Vec<&str> = key.split('.').collect();
+    let has = |pred: &dyn Fn(&str) -> bool| segments.iter().any(|s| pred(s));
+    if has(&|s| ["dora_scale", "magnitude", "lora_magnitude_vector"].contains(&s)) {
+        Some(Algorithm::DoRA)
+    } else if has(&|s| s.starts_with("lokr_")) {
+        Some(Algorithm::LoKr)
+    } else if has(&|s| s.starts_with("hada_")) {
+        Some(Algorithm::LoHa)
+    } else if has(&|s| s.starts_with("lora_") || s == "lora") {
+        Some(Algorithm::LoRA)
+    } else {
+        None
+    }
 }
 
-/// The first non-LoRA algorithm found (in the order LoKr, LoHa, DoRA) with all its keys.
+/// How many keys of each algorithm a file has.
+pub fn algorithms<'a>(keys: impl IntoIterator<Item = &'a String>) -> BTreeMap<Algorithm, usize> {
+    let mut counts = BTreeMap::new();
+    for a in keys.into_iter().filter_map(|k| algorithm_of(k)) {
+        *counts.entry(a).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The keys of an algorithm zlora cannot apply (DoRA), if any.
 pub fn unsupported_algorithm<'a>(
     keys: impl IntoIterator<Item = &'a String>,
 ) -> Option<(Algorithm, Vec<&'a str>)> {
-    let found: Vec<(Algorithm, &str)> = keys
+    let keys: Vec<&str> = keys
         .into_iter()
-        .filter_map(|k| algorithm_of(k).map(|a| (a, k.as_str())))
+        .map(String::as_str)
+        .filter(|k| algorithm_of(k) == Some(Algorithm::DoRA))
         .collect();
-    [Algorithm::LoKr, Algorithm::LoHa, Algorithm::DoRA]
-        .into_iter()
-        .find_map(|alg| {
-            let keys: Vec<&str> = found
-                .iter()
-                .filter(|(a, _)| *a == alg)
-                .map(|(_, k)| *k)
-                .collect();
-            (!keys.is_empty()).then_some((alg, keys))
-        })
+    (!keys.is_empty()).then_some((Algorithm::DoRA, keys))
 }
 
 /// Keys that adapt a text encoder (kohya `lora_te*`, diffusers `text_encoder*`).
@@ -541,9 +550,12 @@ mod tests {
         .to_vec();
         assert_eq!(
             unsupported_algorithm(&keys),
-            Some((Algorithm::LoKr, vec!["d.lokr_w2"]))
+            Some((Algorithm::DoRA, vec!["c.dora_scale"]))
         );
-        assert_eq!(unsupported_algorithm(&keys[..1]), None);
+        assert_eq!(unsupported_algorithm(&keys[..2]), None);
+        let counts = algorithms(&keys);
+        assert_eq!(counts.get(&Algorithm::LoKr), Some(&1));
+        assert_eq!(counts.get(&Algorithm::LoRA), Some(&1));
         let te: Vec<String> = vec![
             "lora_te1_x.alpha".into(),
             "text_encoder.y".into(),

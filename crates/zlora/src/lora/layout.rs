@@ -51,15 +51,20 @@ impl Layout {
     }
 }
 
-/// The keys of one LoRA module (before a fused qkv is split).
+/// The keys of one adapted module (before a fused qkv is split).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Group {
     pub target: Target,
     /// The key without its suffix, e.g. `lora_unet_layers_0_attention_to_q`.
     pub stem: String,
-    pub down: String,
-    pub up: String,
-    pub alpha: Option<String>,
+    /// Role → key: a complete LoRA, LoKr or LoHa set, optionally with `Role::Alpha`.
+    pub keys: BTreeMap<Role, String>,
+}
+
+impl Group {
+    pub fn key(&self, role: Role) -> Option<&str> {
+        self.keys.get(&role).map(String::as_str)
+    }
 }
 
 /// A key taken apart.
@@ -141,9 +146,7 @@ fn layout_of(parsed: &[Parsed]) -> Result<Layout, String> {
 #[derive(Default)]
 struct Slots<'a> {
     stem: &'a str,
-    down: Option<&'a str>,
-    up: Option<&'a str>,
-    alpha: Option<&'a str>,
+    keys: BTreeMap<Role, &'a str>,
 }
 
 fn group(parsed: &[Parsed]) -> Result<Vec<Group>, String> {
@@ -154,16 +157,10 @@ fn group(parsed: &[Parsed]) -> Result<Vec<Group>, String> {
         if s.stem.is_empty() {
             s.stem = p.stem;
         }
-        let same_stem = s.stem == p.stem;
-        let slot = match p.role {
-            Role::Down => &mut s.down,
-            Role::Up => &mut s.up,
-            Role::Alpha => &mut s.alpha,
-        };
-        if !same_stem || slot.is_some() {
+        if s.stem != p.stem || s.keys.contains_key(&p.role) {
             conflicts.push(format!("{} ({})", p.key, p.resolved.target.path()));
         } else {
-            *slot = Some(p.key);
+            s.keys.insert(p.role, p.key);
         }
     }
     conflicts.extend(fused_and_split(&slots));
@@ -192,27 +189,26 @@ fn fused_and_split(slots: &BTreeMap<Target, Slots>) -> Vec<String> {
         .collect()
 }
 
-/// Every module needs both matrices; an alpha alone or half a pair is an error.
+/// Every module needs a complete set of one algorithm; an alpha alone or half a pair is an
+/// error.
 fn complete(slots: BTreeMap<Target, Slots>) -> Result<Vec<Group>, String> {
     let mut groups = Vec::new();
     let mut missing = Vec::new();
     for (target, s) in slots {
-        match (s.down, s.up) {
-            (Some(down), Some(up)) => groups.push(Group {
+        let roles: BTreeSet<Role> = s.keys.keys().copied().collect();
+        match lacks(&roles) {
+            None => groups.push(Group {
                 target,
                 stem: s.stem.to_string(),
-                down: down.to_string(),
-                up: up.to_string(),
-                alpha: s.alpha.map(str::to_string),
+                keys: s
+                    .keys
+                    .into_iter()
+                    .map(|(r, k)| (r, k.to_string()))
+                    .collect(),
             }),
-            (down, up) => {
-                let have: Vec<&str> = [s.alpha, down, up].into_iter().flatten().collect();
-                let lacks = if down.is_none() { "down/A" } else { "up/B" };
-                missing.push(format!(
-                    "{} (has {}, lacks {lacks})",
-                    s.stem,
-                    have.join(" + ")
-                ));
+            Some(lacks) => {
+                let have: Vec<&str> = s.keys.values().copied().collect();
+                missing.push(format!("{} (has {}, {lacks})", s.stem, have.join(" + ")));
             }
         }
     }
@@ -221,6 +217,59 @@ fn complete(slots: BTreeMap<Target, Slots>) -> Result<Vec<Group>, String> {
     }
     let n = missing.len();
     Err(format!("incomplete modules ({n}): {}", listing(missing)))
+}
+
+const LORA: [Role; 2] = [Role::Down, Role::Up];
+const LOKR: [Role; 6] = [
+    Role::LokrW1,
+    Role::LokrW1A,
+    Role::LokrW1B,
+    Role::LokrW2,
+    Role::LokrW2A,
+    Role::LokrW2B,
+];
+const LOHA: [Role; 4] = [Role::HadaW1A, Role::HadaW1B, Role::HadaW2A, Role::HadaW2B];
+
+/// What a module's roles lack to form one complete adapter, `None` when complete.
+fn lacks(roles: &BTreeSet<Role>) -> Option<String> {
+    let any = |set: &[Role]| set.iter().any(|r| roles.contains(r));
+    let families = [any(&LORA), any(&LOKR), any(&LOHA)];
+    if families.iter().filter(|f| **f).count() > 1 {
+        return Some("mixes LoRA, LoKr and LoHa tensors".into());
+    }
+    let absent = |set: &[Role]| -> Vec<Role> {
+        set.iter().copied().filter(|r| !roles.contains(r)).collect()
+    };
+    let text = match families {
+        [_, true, _] => lokr_lacks(roles),
+        [_, _, true] => {
+            let names: Vec<&str> = absent(&LOHA).iter().map(|r| r.name()).collect();
+            (!names.is_empty()).then(|| names.join(" + "))
+        }
+        _ => match absent(&LORA).as_slice() {
+            [] => None,
+            [Role::Down, ..] => Some("down/A".into()),
+            _ => Some("up/B".into()),
+        },
+    };
+    text.map(|t| format!("lacks {t}"))
+}
+
+/// A LoKr factor is either full or a product, never both, never half a product.
+fn lokr_lacks(roles: &BTreeSet<Role>) -> Option<String> {
+    let factor = |name: &str, full: Role, a: Role, b: Role| -> Option<String> {
+        let has = |r: Role| roles.contains(&r);
+        match (has(full), has(a), has(b)) {
+            (true, false, false) | (false, true, true) => None,
+            _ => Some(format!(
+                "exactly one of lokr_{name} or lokr_{name}_a + lokr_{name}_b"
+            )),
+        }
+    };
+    let w1 = factor("w1", Role::LokrW1, Role::LokrW1A, Role::LokrW1B);
+    let w2 = factor("w2", Role::LokrW2, Role::LokrW2A, Role::LokrW2B);
+    let parts: Vec<String> = [w1, w2].into_iter().flatten().collect();
+    (!parts.is_empty()).then(|| parts.join(" and "))
 }
 
 fn check_shapes(groups: &[Group], shapes: &BTreeMap<String, Vec<usize>>) -> Result<(), String> {
@@ -239,25 +288,77 @@ fn check_shapes(groups: &[Group], shapes: &BTreeMap<String, Vec<usize>>) -> Resu
 }
 
 fn shape_problem(g: &Group, shapes: &BTreeMap<String, Vec<usize>>) -> Option<String> {
-    let shape = |k: &str| shapes.get(k).map(Vec::as_slice).unwrap_or_default();
-    let (down, up) = (shape(&g.down), shape(&g.up));
-    let ([r_down, _], [out, r_up]) = (down, up) else {
-        return Some(format!("down {down:?} and up {up:?} must both be 2-D"));
+    let shape = |r: Role| {
+        g.key(r)
+            .and_then(|k| shapes.get(k))
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     };
-    if r_down != r_up {
-        return Some(format!("rank mismatch: down {down:?} vs up {up:?}"));
+    if g.key(Role::Alpha).is_some() && shape(Role::Alpha).iter().product::<usize>() != 1 {
+        return Some(format!("alpha {:?} is not a scalar", shape(Role::Alpha)));
     }
-    if *r_down == 0 {
-        return Some("rank 0".into());
+    let product = |a: Role, b: Role| product_dims((a, shape(a)), (b, shape(b)));
+    let factor = |full: Role, a: Role, b: Role| match g.key(full) {
+        Some(_) => matrix_dims(full, shape(full)),
+        None => product(a, b),
+    };
+    // Rows of the factor that a fused qkv split cuts into thirds.
+    let outer = if g.key(Role::Down).is_some() {
+        product(Role::Up, Role::Down).map(|(out, _)| out)
+    } else if g.key(Role::HadaW1A).is_some() {
+        let w1 = product(Role::HadaW1A, Role::HadaW1B);
+        let w2 = product(Role::HadaW2A, Role::HadaW2B);
+        match (w1, w2) {
+            (Ok(s1), Ok(s2)) if s1 != s2 => Err(format!("LoHa products {s1:?} and {s2:?} differ")),
+            (w1, w2) => w2.and(w1).map(|(out, _)| out),
+        }
+    } else {
+        let w2 = factor(Role::LokrW2, Role::LokrW2A, Role::LokrW2B);
+        w2.and(factor(Role::LokrW1, Role::LokrW1A, Role::LokrW1B))
+            .map(|(l, _)| l)
+    };
+    match outer {
+        Err(e) => Some(e),
+        Ok(rows) if matches!(g.target, Target::FusedQkv(_)) && rows % 3 != 0 => Some(format!(
+            "fused qkv has {rows} outer rows, not a multiple of 3 (cannot be split exactly)"
+        )),
+        Ok(_) => None,
     }
-    if matches!(g.target, Target::FusedQkv(_)) && out % 3 != 0 {
-        return Some(format!("fused qkv up has {out} rows, not a multiple of 3"));
+}
+
+fn matrix_dims(role: Role, shape: &[usize]) -> Result<(usize, usize), String> {
+    match shape {
+        [rows, cols] if *rows > 0 && *cols > 0 => Ok((*rows, *cols)),
+        _ => Err(format!(
+            "{} {shape:?} must be a non-empty 2-D matrix",
+            role.name()
+        )),
     }
-    let alpha = g.alpha.as_deref().map(shape);
-    match alpha {
-        Some(a) if a.iter().product::<usize>() != 1 => Some(format!("alpha {a:?} is not a scalar")),
-        _ => None,
+}
+
+/// (rows, cols) of `a · b`, checking both are 2-D and share a non-zero rank.
+fn product_dims(
+    (ra, a): (Role, &[usize]),
+    (rb, b): (Role, &[usize]),
+) -> Result<(usize, usize), String> {
+    let ([rows, rank_a], [rank_b, cols]) = (a, b) else {
+        return Err(format!(
+            "{} {a:?} and {} {b:?} must both be 2-D",
+            ra.name(),
+            rb.name()
+        ));
+    };
+    if rank_a != rank_b {
+        return Err(format!(
+            "rank mismatch: {} {b:?} vs {} {a:?}",
+            rb.name(),
+            ra.name()
+        ));
     }
+    if *rank_a == 0 {
+        return Err("rank 0".into());
+    }
+    Ok((*rows, *cols))
 }
 
 #[cfg(test)]
@@ -290,7 +391,7 @@ mod tests {
             groups[0].target,
             Target::Module("layers.0.feed_forward.w2".into())
         );
-        assert!(groups[0].alpha.is_some());
+        assert!(groups[0].key(Role::Alpha).is_some());
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //!
 //! [`LoraFile::read`] turns any supported file into a [`LoraFile`] whose `modules` map a
 //! diffusers module path (`layers.3.attention.to_q`, `noise_refiner.0.feed_forward.w2`,
-//! `all_final_layer.2-1.linear`, ...) to a [`LoraModule`]: `down` (A, `[rank, in]`), `up`
-//! (B, `[out, rank]`), both f32 on the CPU, and `scale` = alpha / rank, so that the weight
-//! delta is `up · down · scale` whatever the producer. The header's `__metadata__` is kept
+//! `all_final_layer.2-1.linear`, ...) to a [`LoraModule`]: the adapter factors
+//! ([`AdapterWeights`]: LoRA `down` A `[rank, in]` / `up` B `[out, rank]`, LyCORIS LoKr or
+//! LoHa), f32 on the CPU, and `scale` = alpha / rank, so that the weight delta is
+//! `weights.delta() · scale` whatever the producer. The header's `__metadata__` is kept
 //! verbatim (informational only: nothing that changes the math is read from it except the
 //! PEFT alpha below).
 //!
@@ -20,48 +21,54 @@
 //! | kohya / musubi | `lora_unet_layers_0_attention_to_q.lora_down.weight` | 0-dim `.alpha` tensor |
 //! | ComfyUI fused | `diffusion_model.layers.0.attention.qkv.lora_up.weight`, `lora_unet_layers_0_attention_out...` | optional `.alpha` |
 //!
+//! LyCORIS LoKr (`lokr_w1` or `lokr_w1_a/_b`, `lokr_w2` or `lokr_w2_a/_b`) and LoHa
+//! (`hada_w1_a/_b`, `hada_w2_a/_b`) tensors are read under any of these prefixes.
+//!
 //! A `.alpha` tensor is honoured next to any layout (scale = alpha / rank with rank =
-//! `down.shape[0]`) and takes precedence over the header. Underscore names are resolved by
+//! `down.shape[0]`, LoHa `hada_w1_b.shape[0]`, LoKr the rank of the decomposed factor; a LoKr
+//! whose factors are both full has scale 1) and takes precedence over the header. Underscore names are resolved by
 //! lookup against the enumerated Z-Image modules, not by replacing underscores. A fused
 //! `attention.qkv` is split exactly: to_q / to_k / to_v each get the shared down matrix and
-//! their third of the up rows, with the fused scale; `attention.out` becomes
+//! their third of the up rows (LoKr: of w1's rows; LoHa: of both products), with the fused
+//! scale; `attention.out` becomes
 //! `attention.to_out.0`.
 //!
 //! # Refusals
 //!
 //! Every refusal is an error naming the file: unreadable or forged safetensors headers, keys
-//! that map to no Z-Image module (all listed), half pairs, rank mismatches, LoKr / LoHa / DoRA
-//! adapters, text-encoder adapters, and LoRAs for other architectures ([`identify()`] names
+//! that map to no Z-Image module (all listed), half pairs, rank mismatches, DoRA adapters,
+//! text-encoder adapters, and LoRAs for other architectures ([`identify()`] names
 //! them with the key that gave them away).
 
+pub mod combine;
 mod container;
 pub mod identify;
+pub mod inspect;
 mod layout;
 mod names;
 mod peft;
+pub mod write;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{IndexOp, Tensor};
 
-use crate::nn::{Adapter, LinearTargets};
+use crate::nn::{Adapter, AdapterWeights, Factor, LinearTargets};
 use crate::{Error, Result};
 use container::Header;
 use identify::{identify, text_encoder_keys, unsupported_algorithm, Architecture, ZIMAGE_DIM};
 use layout::Group;
 pub use layout::Layout;
-use names::{Target, QKV_PARTS};
+use names::{Role, Target, QKV_PARTS};
 use peft::PeftConfig;
 
-/// One adapted Linear: `delta_W = up · down · scale`.
+/// One adapted Linear: `delta_W = weights.delta() · scale`.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
-    /// A: [rank, in_features], f32.
-    pub down: Tensor,
-    /// B: [out_features, rank], f32.
-    pub up: Tensor,
-    /// alpha / rank (1 when the file carries no alpha).
+    /// The factors, f32 on the CPU (LoRA down [rank, in] / up [out, rank], LoKr, LoHa).
+    pub weights: AdapterWeights,
+    /// alpha / rank as the producer's algorithm defines it (1 when the file carries no alpha).
     pub scale: f64,
     /// The file's key for this module without its suffix, e.g.
     /// `lora_unet_layers_0_attention_to_q` or, for a split qkv, `...attention.qkv`.
@@ -69,22 +76,15 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
-    /// (out_features, in_features) of the Linear this module adapts; an error if `down` and
-    /// `up` are not 2-D matrices of the same rank (the fields are public).
+    /// (out_features, in_features) of the Linear this module adapts; an error if the factors
+    /// do not compose (the fields are public).
     pub fn shape(&self) -> Result<(usize, usize)> {
-        let (r_down, inp) = self.down.dims2()?;
-        let (out, r_up) = self.up.dims2()?;
-        if r_down != r_up {
-            return Err(Error::Invalid(format!(
-                "LoRA down [{r_down}, {inp}] and up [{out}, {r_up}] differ in rank"
-            )));
-        }
-        Ok((out, inp))
+        Ok(self.weights.shape()?)
     }
 
-    /// The dense weight delta `up · down · scale`, [out, in].
+    /// The dense weight delta `weights.delta() · scale`, f32 [out, in].
     pub fn delta(&self) -> Result<Tensor> {
-        Ok((self.up.matmul(&self.down)? * self.scale)?)
+        Ok((self.weights.delta()? * self.scale)?)
     }
 }
 
@@ -106,18 +106,35 @@ pub struct LoraHeader {
     pub metadata: BTreeMap<String, String>,
     /// Key → shape, as validated against the data region.
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Key → stored dtype (F32, F16 or BF16; the reader refuses any other).
+    pub dtypes: BTreeMap<String, candle_core::DType>,
 }
 
 impl LoraHeader {
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let header = container::parse(path, &bytes)?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// The header of the safetensors image `bytes` (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let header = container::parse(path, bytes)?;
         Ok(LoraHeader {
             shapes: header.shapes(),
+            dtypes: header
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.dtype))
+                .collect(),
             metadata: header.metadata,
         })
     }
+}
+
+/// Whether `path` (a diffusers module path) is a Linear a LoRA can adapt.
+pub fn is_linear(path: &str) -> bool {
+    names::resolve(path, '.').is_some_and(|r| !r.comfy)
 }
 
 /// At most this many items are spelled out in one error message.
@@ -145,7 +162,13 @@ impl LoraFile {
     pub fn read_for_dim(path: impl AsRef<Path>, dim: usize) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let header = container::parse(path, &bytes)?;
+        Self::from_bytes(path, &bytes, dim)
+    }
+
+    /// Reads the safetensors image `bytes`; `path` only names the file in errors and becomes
+    /// [`Self::path`]. Never panics, whatever the bytes (this is the fuzzing entry point).
+    pub fn from_bytes(path: &Path, bytes: &[u8], dim: usize) -> Result<Self> {
+        let header = container::parse(path, bytes)?;
         let shapes = header.shapes();
         let refuse = |msg: String| Error::lora(path, msg);
         check_content(&shapes, &header.metadata, dim).map_err(refuse)?;
@@ -153,7 +176,7 @@ impl LoraFile {
         let (layout, groups) = layout::plan(&shapes).map_err(refuse)?;
         let source = Source {
             path,
-            bytes: &bytes,
+            bytes,
             header: &header,
             peft,
         };
@@ -203,8 +226,7 @@ impl LoraFile {
         for (path, m) in &self.modules {
             let adapter = Adapter {
                 name: name.clone(),
-                down: m.down.clone(),
-                up: m.up.clone(),
+                weights: m.weights.clone(),
                 scale: m.scale,
                 strength,
                 enabled: true,
@@ -303,38 +325,78 @@ impl Source<'_> {
         container::tensor(self.path, self.bytes, key, entry)
     }
 
+    fn matrix(&self, g: &Group, role: Role) -> Result<Tensor> {
+        let key = g.key(role).ok_or_else(|| {
+            Error::lora(self.path, format!("{}: no {} tensor", g.stem, role.name()))
+        })?;
+        self.tensor(key)
+    }
+
+    /// A LoKr factor: the full matrix when the file has it, else the product of its halves.
+    fn factor(&self, g: &Group, full: Role, a: Role, b: Role) -> Result<Factor> {
+        Ok(match g.key(full) {
+            Some(_) => Factor::Full(self.matrix(g, full)?),
+            None => Factor::Product(self.matrix(g, a)?, self.matrix(g, b)?),
+        })
+    }
+
+    /// The adapter factors of one group (`plan` checked that its roles form one set).
+    fn weights(&self, g: &Group) -> Result<AdapterWeights> {
+        Ok(if g.key(Role::Down).is_some() {
+            AdapterWeights::LowRank {
+                down: self.matrix(g, Role::Down)?,
+                up: self.matrix(g, Role::Up)?,
+            }
+        } else if g.key(Role::HadaW1A).is_some() {
+            AdapterWeights::Hadamard {
+                w1: Factor::Product(
+                    self.matrix(g, Role::HadaW1A)?,
+                    self.matrix(g, Role::HadaW1B)?,
+                ),
+                w2: Factor::Product(
+                    self.matrix(g, Role::HadaW2A)?,
+                    self.matrix(g, Role::HadaW2B)?,
+                ),
+            }
+        } else {
+            AdapterWeights::Kronecker {
+                w1: self.factor(g, Role::LokrW1, Role::LokrW1A, Role::LokrW1B)?,
+                w2: self.factor(g, Role::LokrW2, Role::LokrW2A, Role::LokrW2B)?,
+            }
+        })
+    }
+
     /// The canonical module(s) of one group: one, or three for a fused qkv.
     fn modules(&self, g: &Group) -> Result<Vec<(String, LoraModule)>> {
-        let down = self.tensor(&g.down)?;
-        let up = self.tensor(&g.up)?;
-        let (rank, _) = down.dims2()?;
-        let scale = self.scale(g, rank)?;
-        let module = |down: Tensor, up: Tensor| LoraModule {
-            down,
-            up,
+        let weights = self.weights(g)?;
+        let scale = self.scale(g, &weights)?;
+        let module = |weights: AdapterWeights| LoraModule {
+            weights,
             scale,
             source_key: g.stem.clone(),
         };
         match &g.target {
-            Target::Module(path) => Ok(vec![(path.clone(), module(down, up))]),
+            Target::Module(path) => Ok(vec![(path.clone(), module(weights))]),
             Target::FusedQkv(block) => {
-                let (rows, _) = up.dims2()?;
-                let third = rows / 3;
-                QKV_PARTS
-                    .iter()
-                    .enumerate()
-                    .map(|(i, part)| {
-                        let up_i = up.i((i * third..(i + 1) * third, ..))?;
-                        Ok((format!("{block}.{part}"), module(down.clone(), up_i)))
-                    })
-                    .collect()
+                let parts = weights
+                    .split_rows(QKV_PARTS.len())
+                    .map_err(|e| Error::lora(self.path, format!("{}: {e}", g.stem)))?;
+                let mut out = Vec::new();
+                for (part, w) in QKV_PARTS.iter().zip(parts) {
+                    if let Some(w) = prune_zero_rank(w)? {
+                        out.push((format!("{block}.{part}"), module(w)));
+                    }
+                }
+                Ok(out)
             }
         }
     }
 
-    /// `.alpha` tensor first, then the PEFT header, else 1.
-    fn scale(&self, g: &Group, rank: usize) -> Result<f64> {
-        if let Some(key) = &g.alpha {
+    /// `.alpha` tensor over the algorithm's rank (see [`AdapterWeights::alpha_rank`]), then
+    /// the PEFT header (LoRA only), else 1.
+    fn scale(&self, g: &Group, weights: &AdapterWeights) -> Result<f64> {
+        let rank = weights.alpha_rank();
+        if let Some(key) = g.key(Role::Alpha) {
             let alpha = self.tensor(key)?.flatten_all()?.i(0)?.to_scalar::<f32>()?;
             if !alpha.is_finite() {
                 return Err(Error::lora(
@@ -342,13 +404,38 @@ impl Source<'_> {
                     format!("{key} = {alpha} is not finite"),
                 ));
             }
-            return Ok(f64::from(alpha) / rank as f64);
+            // A LoKr with two full factors has scale 1 whatever its alpha (LyCORIS, ComfyUI).
+            return Ok(rank.map_or(1.0, |r| f64::from(alpha) / r as f64));
         }
-        match &self.peft {
-            Some(config) => config
+        match (&self.peft, weights, rank) {
+            (Some(config), AdapterWeights::LowRank { .. }, Some(rank)) => config
                 .scale(&g.target.path(), rank)
                 .map_err(|e| Error::lora(self.path, e)),
-            None => Ok(1.0),
+            _ => Ok(1.0),
         }
     }
+}
+
+/// Drops the rank components of a LoRA whose up column is all zero, which changes nothing in
+/// its delta: the block-diagonal fused qkv ComfyUI and musubi write splits back into parts of
+/// their own rank, and a part that is all zero disappears (`None`).
+fn prune_zero_rank(w: AdapterWeights) -> Result<Option<AdapterWeights>> {
+    let AdapterWeights::LowRank { down, up } = &w else {
+        return Ok(Some(w));
+    };
+    let norms = up.abs()?.sum(0)?.to_vec1::<f32>()?;
+    let keep: Vec<u32> = (0..norms.len() as u32)
+        .filter(|&i| norms[i as usize] != 0.0)
+        .collect();
+    if keep.len() == norms.len() {
+        return Ok(Some(w));
+    }
+    if keep.is_empty() {
+        return Ok(None);
+    }
+    let idx = Tensor::new(keep.as_slice(), down.device())?;
+    Ok(Some(AdapterWeights::LowRank {
+        down: down.index_select(&idx, 0)?,
+        up: up.index_select(&idx, 1)?,
+    }))
 }

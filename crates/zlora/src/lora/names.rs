@@ -59,7 +59,7 @@ impl Target {
     pub fn path(&self) -> String {
         match self {
             Target::Module(p) => p.clone(),
-            Target::FusedQkv(block) => format!("{block}.{COMFY_QKV}"),
+            Target::FusedQkv(block) => fused_qkv(block),
         }
     }
 }
@@ -104,19 +104,31 @@ impl Prefix {
 }
 
 /// The part of a key after the module name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Role {
-    /// A: [rank, in].
+    /// LoRA A: [rank, in].
     Down,
-    /// B: [out, rank].
+    /// LoRA B: [out, rank].
     Up,
     /// 0-dim alpha; scale = alpha / rank.
     Alpha,
+    /// LoKr factors: `lokr_w1` or `lokr_w1_a`·`lokr_w1_b`, and the same for w2.
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+    /// LoHa products `hada_w1_a`·`hada_w1_b` and `hada_w2_a`·`hada_w2_b`.
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
 }
 
-/// Recognised LoRA suffixes: PEFT (`lora_A/B`, optionally with adapter name `default`),
-/// kohya (`lora_down/up`) and the alpha scalar any layout may carry.
-const SUFFIXES: [(&str, Role); 7] = [
+/// Recognised suffixes: PEFT (`lora_A/B`, optionally with adapter name `default`), kohya
+/// (`lora_down/up`), LyCORIS LoKr / LoHa, and the alpha scalar any layout may carry.
+const SUFFIXES: [(&str, Role); 17] = [
     (".lora_A.default.weight", Role::Down),
     (".lora_B.default.weight", Role::Up),
     (".lora_A.weight", Role::Down),
@@ -124,7 +136,55 @@ const SUFFIXES: [(&str, Role); 7] = [
     (".lora_down.weight", Role::Down),
     (".lora_up.weight", Role::Up),
     (".alpha", Role::Alpha),
+    (".lokr_w1", Role::LokrW1),
+    (".lokr_w1_a", Role::LokrW1A),
+    (".lokr_w1_b", Role::LokrW1B),
+    (".lokr_w2", Role::LokrW2),
+    (".lokr_w2_a", Role::LokrW2A),
+    (".lokr_w2_b", Role::LokrW2B),
+    (".hada_w1_a", Role::HadaW1A),
+    (".hada_w1_b", Role::HadaW1B),
+    (".hada_w2_a", Role::HadaW2A),
+    (".hada_w2_b", Role::HadaW2B),
 ];
+
+impl Role {
+    /// The tensor's name after the module path: kohya spelling for LoRA (`lora_down.weight`,
+    /// `lora_up.weight`), LyCORIS names for LoKr / LoHa, `alpha`.
+    pub fn name(self) -> &'static str {
+        SUFFIXES
+            .iter()
+            .rev()
+            .find(|(_, r)| *r == self)
+            .map(|(s, _)| &s[1..])
+            .unwrap_or_default()
+    }
+}
+
+/// The ComfyUI spelling of a diffusers module path (q/k/v excepted: ComfyUI fuses them).
+pub(crate) fn comfy_name(path: &str) -> String {
+    if let Some((comfy, _)) = COMFY_GLOBALS.iter().find(|(_, d)| *d == path) {
+        return comfy.to_string();
+    }
+    match path.strip_suffix(COMFY_OUT.1) {
+        Some(block) => format!("{block}{}", COMFY_OUT.0),
+        None => path.to_string(),
+    }
+}
+
+/// For `<block>.attention.to_q|to_k|to_v`: the block path and the part's index in the fused
+/// qkv.
+pub(crate) fn qkv_part(path: &str) -> Option<(&str, usize)> {
+    QKV_PARTS.iter().enumerate().find_map(|(i, part)| {
+        let block = path.strip_suffix(part)?.strip_suffix('.')?;
+        Some((block, i))
+    })
+}
+
+/// The fused qkv module path of a block, e.g. `layers.0.attention.qkv`.
+pub(crate) fn fused_qkv(block: &str) -> String {
+    format!("{block}.{COMFY_QKV}")
+}
 
 /// Splits `key` into its stem (prefix + module) and role, if the suffix is known.
 pub(crate) fn split_suffix(key: &str) -> Option<(&str, Role)> {
@@ -279,11 +339,32 @@ mod tests {
     }
 
     #[test]
+    fn diffusers_paths_to_comfy_names() {
+        assert_eq!(
+            comfy_name("layers.2.attention.to_out.0"),
+            "layers.2.attention.out"
+        );
+        assert_eq!(comfy_name("all_x_embedder.2-1"), "x_embedder");
+        assert_eq!(
+            comfy_name("layers.2.feed_forward.w1"),
+            "layers.2.feed_forward.w1"
+        );
+        assert_eq!(
+            qkv_part("noise_refiner.0.attention.to_v"),
+            Some(("noise_refiner.0", 2))
+        );
+        assert_eq!(qkv_part("layers.0.attention.to_out.0"), None);
+        assert_eq!(fused_qkv("layers.1"), "layers.1.attention.qkv");
+    }
+
+    #[test]
     fn suffixes_give_stem_and_role() {
         assert_eq!(
             split_suffix("layers.0.attention.to_q.lora_A.default.weight"),
             Some(("layers.0.attention.to_q", Role::Down))
         );
-        assert_eq!(split_suffix("x.lokr_w1"), None);
+        assert_eq!(split_suffix("x.lokr_w1"), Some(("x", Role::LokrW1)));
+        assert_eq!(split_suffix("x.lokr_w1_a"), Some(("x", Role::LokrW1A)));
+        assert_eq!(split_suffix("x.lokr_t2"), None);
     }
 }

@@ -32,7 +32,7 @@ impl PeftConfig {
         let json: Map<String, Value> = serde_json::from_str(text)
             .map_err(|e| format!("header {HEADER_KEY} is not a JSON object: {e}"))?;
         let get = |k: &str| json.get(&format!("{COMPONENT}{k}"));
-        if get("use_dora").and_then(Value::as_bool) == Some(true) {
+        if declares_dora(meta) {
             return Err(format!(
                 "DoRA adapters are not supported yet (header {HEADER_KEY} has use_dora = true)"
             ));
@@ -72,6 +72,14 @@ impl PeftConfig {
         };
         Ok(alpha / divisor)
     }
+}
+
+/// Whether the header's PEFT config says the transformer adapters are DoRA.
+pub(crate) fn declares_dora(meta: &BTreeMap<String, String>) -> bool {
+    meta.get(HEADER_KEY)
+        .and_then(|text| serde_json::from_str::<Map<String, Value>>(text).ok())
+        .and_then(|json| json.get(&format!("{COMPONENT}use_dora"))?.as_bool())
+        == Some(true)
 }
 
 fn number(v: &Value, what: &str) -> Result<f64, String> {

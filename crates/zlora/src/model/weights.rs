@@ -75,8 +75,66 @@ impl TransformerCheckpoint {
         })
     }
 
+    /// A transformer given as a model folder (its `transformer/`), a component folder (shards
+    /// with an index, or one file) or a single safetensors file.
+    pub fn open_path(path: &Path) -> Result<Self> {
+        let files = if path.is_dir() {
+            let component = path.join("transformer");
+            component_files(if component.is_dir() { &component } else { path })?
+        } else {
+            vec![path.to_path_buf()]
+        };
+        Self::open(files)
+    }
+
     pub fn layout(&self) -> CheckpointLayout {
         self.layout
+    }
+
+    /// The model width (in-features of the first block's to_q), if the checkpoint has it.
+    pub fn width(&self) -> Option<usize> {
+        let (_, shape) = self.map.get("layers.0.attention.to_q.weight")?;
+        shape.get(1).copied()
+    }
+
+    /// The `config.json` next to the weight files, if there is one.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        let config = self.files.first()?.parent()?.join("config.json");
+        config.is_file().then_some(config)
+    }
+
+    /// A canonical tensor in its stored dtype, on the CPU.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let first = &self.files[0];
+        let dtype = self.dtype(name)?;
+        self.get_unchecked(name, dtype, &Device::Cpu)
+            .map_err(|e| Error::bad_file(first, e.to_string()))
+    }
+
+    /// The stored dtype of a canonical tensor.
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        let key = match self.map.get(name) {
+            Some((Source::Whole(key) | Source::Rows { key, .. }, _)) => key,
+            None => {
+                return Err(Error::bad_file(
+                    &self.files[0],
+                    format!("missing tensor {name}"),
+                ))
+            }
+        };
+        let view = self
+            .tensors
+            .get(key)
+            .map_err(|e| Error::bad_file(&self.files[0], format!("{key}: {e}")))?;
+        match view.dtype() {
+            safetensors::Dtype::F32 => Ok(DType::F32),
+            safetensors::Dtype::BF16 => Ok(DType::BF16),
+            safetensors::Dtype::F16 => Ok(DType::F16),
+            other => Err(Error::bad_file(
+                &self.files[0],
+                format!("{key} is {other:?}"),
+            )),
+        }
     }
 
     /// A description of the files for messages.
@@ -296,6 +354,31 @@ fn comfy_to_canonical(shapes: Vec<(String, Vec<usize>)>) -> HashMap<String, (Sou
         map.insert(canonical, (Source::Whole(key), shape));
     }
     map
+}
+
+/// The ComfyUI single-file name of a canonical tensor (reference §1.3), with the row block it
+/// fills when it is one of q/k/v fused into `attention.qkv.weight`.
+pub fn comfy_tensor_name(canonical: &str) -> (String, Option<usize>) {
+    for (i, part) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+        if let Some(block) = canonical.strip_suffix(&format!("attention.{part}.weight")) {
+            return (format!("{block}attention.qkv.weight"), Some(i));
+        }
+    }
+    let global = |prefix: &str, comfy: &str| {
+        let rest = canonical.strip_prefix(prefix)?;
+        // Skip the patch key segment (`2-1`).
+        let (_, tail) = rest.split_once('.')?;
+        Some(format!("{comfy}.{tail}"))
+    };
+    let name = global("all_x_embedder.", "x_embedder")
+        .or_else(|| global("all_final_layer.", "final_layer"))
+        .unwrap_or_else(|| {
+            canonical
+                .replace("attention.to_out.0.", "attention.out.")
+                .replace("attention.norm_q.", "attention.q_norm.")
+                .replace("attention.norm_k.", "attention.k_norm.")
+        });
+    (name, None)
 }
 
 /// Records every (name, shape) a model asks for; hands back zero-stride zeros.

@@ -2,9 +2,11 @@
 //! from composed candle ops that have a backward (candle's fused norm, softmax and rope
 //! kernels silently return no gradient).
 
+pub mod adapter;
 pub mod attention;
 pub mod linear;
 pub mod norm;
 
-pub use linear::{Adapter, Linear, LinearTargets};
+pub use adapter::{Adapter, AdapterWeights, Factor};
+pub use linear::{Linear, LinearTargets};
 pub use norm::RmsNorm;

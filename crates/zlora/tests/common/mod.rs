@@ -51,3 +51,22 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, tol: f32, what: &str) {
     eprintln!("{what}: relative error {err:.3e}");
     assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
 }
+
+/// Deterministic values that are multiples of 1/16 in [-0.5, 0.5]: exact in F16 and BF16, so
+/// every layout can be compared exactly whatever dtype it is written in.
+pub fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % 17) as f32 / 16.0 - 0.5
+        })
+        .collect()
+}
+
+/// A [rows, cols] f32 matrix of [`values`].
+pub fn matrix(seed: u64, rows: usize, cols: usize) -> Tensor {
+    Tensor::from_vec(values(seed, rows * cols), (rows, cols), &Device::Cpu).unwrap()
+}

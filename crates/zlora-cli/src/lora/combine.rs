@@ -1,0 +1,90 @@
+//! `zlora lora combine A:0.8 B:1.0 -o OUT [--max-rank R]`: several LoRAs as one file.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use zlora::lora::combine::{combine, ModuleReport};
+use zlora::lora::write::{save, Metadata};
+use zlora::lora::LoraFile;
+use zlora::sample::generate::LoraSpec;
+
+use super::Output;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// LoRA files, each FILE[:STRENGTH] (strength 1 when omitted).
+    #[arg(required = true, num_args = 1..)]
+    inputs: Vec<String>,
+    #[arg(short = 'o', long = "out")]
+    output: PathBuf,
+    /// Re-compress every module whose combined rank exceeds R by truncated SVD.
+    #[arg(long)]
+    max_rank: Option<usize>,
+    #[command(flatten)]
+    out: Output,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let specs: Vec<LoraSpec> = a.inputs.iter().map(|s| LoraSpec::parse(s)).collect();
+    let files = specs
+        .iter()
+        .map(|s| LoraFile::read(&s.path))
+        .collect::<zlora::Result<Vec<_>>>()?;
+    let inputs: Vec<(&LoraFile, f64)> = files
+        .iter()
+        .zip(&specs)
+        .map(|(f, s)| (f, s.strength))
+        .collect();
+    let (modules, reports) = combine(&inputs, a.max_rank).context("combine failed")?;
+    let mut metadata = a.out.metadata(Metadata {
+        trigger_words: trigger_words(&files),
+        ..Metadata::default()
+    });
+    metadata
+        .carried
+        .insert("modelspec.merged_from".into(), a.inputs.join(", "));
+    save(
+        &a.output,
+        &modules,
+        a.out.layout.into(),
+        a.out.dtype.into(),
+        &metadata,
+        a.out.force,
+    )
+    .context("combine failed")?;
+    println!("{}: {}", a.output.display(), summary(&reports));
+    Ok(())
+}
+
+/// The inputs' trigger words, each once, in order.
+fn trigger_words(files: &[LoraFile]) -> Vec<String> {
+    let mut words: Vec<String> = Vec::new();
+    for f in files {
+        for w in Metadata::carried_from(&f.metadata).trigger_words {
+            if !words.contains(&w) {
+                words.push(w);
+            }
+        }
+    }
+    words
+}
+
+/// One line: how many modules were exact, how many re-compressed and with what error.
+fn summary(reports: &[ModuleReport]) -> String {
+    let mut lossy: Vec<&ModuleReport> = reports.iter().filter(|r| r.rank_out < r.rank_in).collect();
+    let exact = reports.len() - lossy.len();
+    let mut text = format!("{} modules, {exact} combined exactly", reports.len());
+    lossy.sort_by(|x, y| x.rel_error.total_cmp(&y.rel_error));
+    if let (Some(median), Some(worst)) = (lossy.get(lossy.len() / 2), lossy.last()) {
+        text.push_str(&format!(
+            ", {} re-compressed by SVD: relative error median {:.2e}, max {:.2e} ({}, rank {} → {})",
+            lossy.len(),
+            median.rel_error,
+            worst.rel_error,
+            worst.path,
+            worst.rank_in,
+            worst.rank_out
+        ));
+    }
+    text
+}

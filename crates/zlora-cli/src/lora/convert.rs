@@ -1,0 +1,41 @@
+//! `zlora lora convert IN OUT --to LAYOUT`: the same effective deltas in another layout.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use zlora::lora::write::{save, Metadata};
+use zlora::lora::LoraFile;
+
+use super::Output;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The LoRA to convert (any layout zlora reads).
+    input: PathBuf,
+    /// Where to write it.
+    output: PathBuf,
+    #[command(flatten)]
+    out: Output,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let file = LoraFile::read(&a.input)?;
+    let metadata = a.out.metadata(Metadata::carried_from(&file.metadata));
+    let layout = a.out.layout.into();
+    save(
+        &a.output,
+        &file.modules,
+        layout,
+        a.out.dtype.into(),
+        &metadata,
+        a.out.force,
+    )
+    .context("convert failed")?;
+    println!(
+        "{}: {} modules, {} → {layout}",
+        a.output.display(),
+        file.modules.len(),
+        file.layout
+    );
+    Ok(())
+}

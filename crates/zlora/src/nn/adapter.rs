@@ -1,0 +1,338 @@
+//! Adapters that a [`super::Linear`] adds to its output: LoRA, LoKr and LoHa.
+//!
+//! Each kind keeps its own factors (so training can make them `Var`s and inference never
+//! materialises more than it must) and defines its dense weight delta as LyCORIS does:
+//!
+//! | kind | factors | delta (before `scale · strength`) |
+//! |---|---|---|
+//! | LoRA | down A [r, in], up B [out, r] | B · A |
+//! | LoKr | w1 [l, m], w2 [k, n] (each full or a product a·b) | kron(w1, w2), out = l·k, in = m·n |
+//! | LoHa | w1 = w1a·w1b, w2 = w2a·w2b, both [out, in] | w1 ⊙ w2 |
+//!
+//! Everything is composed of candle ops that have a backward pass.
+
+use candle_core::{DType, Result, Tensor};
+
+/// One factor of a LoKr or LoHa adapter.
+#[derive(Debug, Clone)]
+pub enum Factor {
+    /// A matrix stored as it is (LyCORIS `lokr_w1`, `lokr_w2`).
+    Full(Tensor),
+    /// `a · b` with a [rows, rank] and b [rank, cols] (`lokr_w1_a`/`_b`, `hada_w1_a`/`_b`).
+    Product(Tensor, Tensor),
+}
+
+impl Factor {
+    /// (rows, cols), after checking that the two halves of a product agree on the rank.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match self {
+            Factor::Full(m) => m.dims2(),
+            Factor::Product(a, b) => {
+                let ((rows, ra), (rb, cols)) = (a.dims2()?, b.dims2()?);
+                if ra != rb {
+                    candle_core::bail!(
+                        "factor halves [{rows}, {ra}] and [{rb}, {cols}] differ in rank"
+                    );
+                }
+                Ok((rows, cols))
+            }
+        }
+    }
+
+    /// The rank of a product, `None` for a full matrix.
+    pub fn rank(&self) -> Option<usize> {
+        match self {
+            Factor::Full(_) => None,
+            Factor::Product(_, b) => b.dims().first().copied(),
+        }
+    }
+
+    /// The factor as one f32 matrix.
+    pub fn matrix(&self) -> Result<Tensor> {
+        match self {
+            Factor::Full(m) => m.to_dtype(DType::F32),
+            Factor::Product(a, b) => a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?),
+        }
+    }
+
+    /// The factor with its rows `[start, start + len)` (for a product: rows of `a`).
+    fn rows(&self, start: usize, len: usize) -> Result<Factor> {
+        Ok(match self {
+            Factor::Full(m) => Factor::Full(m.narrow(0, start, len)?),
+            Factor::Product(a, b) => Factor::Product(a.narrow(0, start, len)?, b.clone()),
+        })
+    }
+
+    /// The factor times `s` (folded into the full matrix or into `a`).
+    pub fn scaled(&self, s: f64) -> Result<Factor> {
+        Ok(match self {
+            Factor::Full(m) => Factor::Full((m * s)?),
+            Factor::Product(a, b) => Factor::Product((a * s)?, b.clone()),
+        })
+    }
+}
+
+/// The factors of one adapter and the rule that combines them.
+#[derive(Debug, Clone)]
+pub enum AdapterWeights {
+    /// LoRA: down (A) [rank, in], up (B) [out, rank].
+    LowRank { down: Tensor, up: Tensor },
+    /// LyCORIS LoKr: kron(w1, w2).
+    Kronecker { w1: Factor, w2: Factor },
+    /// LyCORIS LoHa: w1 ⊙ w2 (both products in every producer).
+    Hadamard { w1: Factor, w2: Factor },
+}
+
+impl AdapterWeights {
+    /// "LoRA", "LoKr" or "LoHa".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AdapterWeights::LowRank { .. } => "LoRA",
+            AdapterWeights::Kronecker { .. } => "LoKr",
+            AdapterWeights::Hadamard { .. } => "LoHa",
+        }
+    }
+
+    /// (out_features, in_features) of the Linear this adapts; an error for factors whose
+    /// shapes do not compose.
+    pub fn shape(&self) -> Result<(usize, usize)> {
+        match self {
+            AdapterWeights::LowRank { down, up } => {
+                let ((r_down, inp), (out, r_up)) = (down.dims2()?, up.dims2()?);
+                if r_down != r_up {
+                    candle_core::bail!(
+                        "LoRA down [{r_down}, {inp}] and up [{out}, {r_up}] differ in rank"
+                    );
+                }
+                Ok((out, inp))
+            }
+            AdapterWeights::Kronecker { w1, w2 } => {
+                let ((l, m), (k, n)) = (w1.dims()?, w2.dims()?);
+                Ok((l * k, m * n))
+            }
+            AdapterWeights::Hadamard { w1, w2 } => {
+                let (s1, s2) = (w1.dims()?, w2.dims()?);
+                if s1 != s2 {
+                    candle_core::bail!("LoHa products {s1:?} and {s2:?} differ in shape");
+                }
+                Ok(s1)
+            }
+        }
+    }
+
+    /// The rank the producer's alpha is divided by, as LyCORIS and ComfyUI define it: the
+    /// LoRA rank, the LoHa rank of w1, the LoKr rank of the decomposed factor (w2 first);
+    /// `None` for a LoKr whose factors are both full (its scale is 1 whatever alpha says).
+    pub fn alpha_rank(&self) -> Option<usize> {
+        match self {
+            AdapterWeights::LowRank { down, .. } => down.dims().first().copied(),
+            AdapterWeights::Kronecker { w1, w2 } => w2.rank().or(w1.rank()),
+            AdapterWeights::Hadamard { w1, .. } => w1.rank(),
+        }
+    }
+
+    /// The dense delta (without scale or strength), f32 [out, in].
+    pub fn delta(&self) -> Result<Tensor> {
+        match self {
+            AdapterWeights::LowRank { down, up } => {
+                up.to_dtype(DType::F32)?.matmul(&down.to_dtype(DType::F32)?)
+            }
+            AdapterWeights::Kronecker { w1, w2 } => kron(&w1.matrix()?, &w2.matrix()?),
+            AdapterWeights::Hadamard { w1, w2 } => w1.matrix()? * w2.matrix()?,
+        }
+    }
+
+    /// `x · deltaᵀ` for x [..., in] in the adapter's dtype (f32).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            AdapterWeights::LowRank { down, up } => {
+                let x = x.to_dtype(down.dtype())?;
+                x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)
+            }
+            // kron(w1, w2) · vec(X) = vec(w1 · X · w2ᵀ) with X the input viewed as [m, n]:
+            // two small matmuls instead of an [out, in] matrix.
+            AdapterWeights::Kronecker { w1, w2 } => {
+                let (w1, w2) = (w1.matrix()?, w2.matrix()?);
+                let ((l, m), (k, n)) = (w1.dims2()?, w2.dims2()?);
+                let dims = x.dims();
+                let lead = &dims[..dims.len().saturating_sub(1)];
+                let rows: usize = lead.iter().product();
+                let xs = x.to_dtype(DType::F32)?.reshape((rows, m, n))?;
+                let y = w1.broadcast_matmul(&xs.broadcast_matmul(&w2.t()?)?)?;
+                let mut out = lead.to_vec();
+                out.push(l * k);
+                y.reshape(out)
+            }
+            AdapterWeights::Hadamard { .. } => x
+                .to_dtype(DType::F32)?
+                .broadcast_matmul(&self.delta()?.t()?),
+        }
+    }
+
+    /// `n` adapters for `n` equal row blocks of this one, exactly: LoRA shares down and
+    /// splits up, LoKr splits w1's rows (when `n` divides them), LoHa splits both products.
+    /// Used to take ComfyUI's fused `attention.qkv` apart.
+    pub fn split_rows(&self, n: usize) -> Result<Vec<AdapterWeights>> {
+        let (out, _) = self.shape()?;
+        let outer = match self {
+            AdapterWeights::Kronecker { w1, .. } => w1.dims()?.0,
+            _ => out,
+        };
+        if n == 0 || outer % n != 0 {
+            candle_core::bail!(
+                "{} with {outer} outer rows cannot be split exactly into {n} blocks",
+                self.kind()
+            );
+        }
+        let len = outer / n;
+        (0..n)
+            .map(|i| {
+                let start = i * len;
+                Ok(match self {
+                    AdapterWeights::LowRank { down, up } => AdapterWeights::LowRank {
+                        down: down.clone(),
+                        up: up.narrow(0, start, len)?,
+                    },
+                    AdapterWeights::Kronecker { w1, w2 } => AdapterWeights::Kronecker {
+                        w1: w1.rows(start, len)?,
+                        w2: w2.clone(),
+                    },
+                    AdapterWeights::Hadamard { w1, w2 } => AdapterWeights::Hadamard {
+                        w1: w1.rows(start, len)?,
+                        w2: w2.rows(start, len)?,
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+/// kron(a, b) for matrices: [l, m] ⊗ [k, n] → [l·k, m·n], differentiable.
+pub fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ((l, m), (k, n)) = (a.dims2()?, b.dims2()?);
+    let a4 = a.reshape((l, 1, m, 1))?;
+    let b4 = b.reshape((1, k, 1, n))?;
+    a4.broadcast_mul(&b4)?.reshape((l * k, m * n))
+}
+
+/// One adapter on one Linear: `delta_W = strength · scale · weights.delta()`.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    /// Which file or run this adapter came from (for messages and for switching it off).
+    pub name: String,
+    pub weights: AdapterWeights,
+    /// The producer's alpha / rank (1 when alpha was folded in).
+    pub scale: f64,
+    /// The user's strength (1.0 = as trained).
+    pub strength: f64,
+    pub enabled: bool,
+}
+
+impl Adapter {
+    fn factor(&self) -> f64 {
+        self.scale * self.strength
+    }
+
+    /// The dense weight delta this adapter adds, in f32 ([out, in]).
+    pub fn delta(&self) -> Result<Tensor> {
+        self.weights.delta()? * self.factor()
+    }
+
+    /// What this adapter adds to the Linear's output for input `x`, in `x`'s dtype.
+    /// Adapters compute in their own dtype (f32 per the precision policy).
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        (self.weights.apply(x)? * self.factor())?.to_dtype(x.dtype())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn m(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f32 + seed) * 0.37).sin())
+            .collect();
+        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn kron_matches_its_definition() {
+        let (a, b) = (m(2, 3, 0.0), m(4, 5, 1.0));
+        let k = kron(&a, &b).unwrap();
+        let (av, bv, kv) = (
+            a.to_vec2::<f32>().unwrap(),
+            b.to_vec2::<f32>().unwrap(),
+            k.to_vec2::<f32>().unwrap(),
+        );
+        for (i, j, p, q) in [(0, 0, 0, 0), (1, 3, 2, 4), (1, 0, 0, 2), (0, 2, 1, 3)] {
+            assert_eq!(kv[i * 4 + j][p * 5 + q], av[i][p] * bv[j][q]);
+        }
+    }
+
+    /// Every kind's fast forward equals x · deltaᵀ, and splitting rows is exact.
+    #[test]
+    fn forward_and_split_agree_with_the_dense_delta() {
+        let kinds = [
+            AdapterWeights::LowRank {
+                down: m(3, 12, 0.0),
+                up: m(6, 3, 1.0),
+            },
+            AdapterWeights::Kronecker {
+                w1: Factor::Full(m(3, 4, 2.0)),
+                w2: Factor::Product(m(2, 1, 3.0), m(1, 3, 4.0)),
+            },
+            AdapterWeights::Hadamard {
+                w1: Factor::Product(m(6, 2, 5.0), m(2, 12, 6.0)),
+                w2: Factor::Product(m(6, 2, 7.0), m(2, 12, 8.0)),
+            },
+        ];
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 12), &Device::Cpu).unwrap();
+        for w in kinds {
+            assert_eq!(w.shape().unwrap(), (6, 12), "{}", w.kind());
+            let delta = w.delta().unwrap();
+            let dense = x.broadcast_matmul(&delta.t().unwrap()).unwrap();
+            assert!(
+                max_diff(&w.apply(&x).unwrap(), &dense) < 1e-5,
+                "{}",
+                w.kind()
+            );
+            let parts = w.split_rows(3).unwrap();
+            for (i, p) in parts.iter().enumerate() {
+                let want = delta.narrow(0, 2 * i, 2).unwrap();
+                assert!(max_diff(&p.delta().unwrap(), &want) < 1e-6, "{}", w.kind());
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let lora = AdapterWeights::LowRank {
+            down: m(3, 4, 0.0),
+            up: m(4, 2, 0.0),
+        };
+        assert!(lora.shape().is_err());
+        let loha = AdapterWeights::Hadamard {
+            w1: Factor::Product(m(4, 2, 0.0), m(2, 4, 0.0)),
+            w2: Factor::Product(m(4, 2, 0.0), m(2, 5, 0.0)),
+        };
+        assert!(loha.shape().is_err());
+        let lokr = AdapterWeights::Kronecker {
+            w1: Factor::Full(m(2, 2, 0.0)),
+            w2: Factor::Full(m(3, 3, 0.0)),
+        };
+        assert!(lokr.split_rows(3).is_err());
+    }
+}
