@@ -5,6 +5,7 @@ mod generate;
 mod lora;
 mod progress;
 mod tiny;
+mod train;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,10 @@ enum Command {
     Generate(Box<generate::Args>),
     /// Create a tiny random-weight Z-Image model (diffusers layout) to try every command on.
     TinyModel(tiny::Args),
+    /// Create a small synthetic dataset (images + captions) to train the tiny model on.
+    TinyDataset(tiny::DatasetArgs),
+    /// Train a LoRA (base, turbo with a training adapter, or direct turbo) from a TOML config.
+    Train(train::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -37,6 +42,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
+        Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

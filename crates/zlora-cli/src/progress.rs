@@ -2,13 +2,21 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub fn steps_bar(total: u64, label: String) -> ProgressBar {
+fn bar(total: u64, label: String, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
-    let style =
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps  {per_sec}  ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+    let template = format!("{{msg}} [{{bar:30}}] {{pos}}/{{len}} {unit}  {{per_sec}}  ETA {{eta}}");
+    let style = ProgressStyle::with_template(&template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(label);
     bar
+}
+
+pub fn steps_bar(total: u64, label: String) -> ProgressBar {
+    bar(total, label, "steps")
+}
+
+pub fn count_bar(total: u64, label: String) -> ProgressBar {
+    bar(total, label, "items")
 }

@@ -46,3 +46,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `zlora tiny-dataset`: writes a synthetic dataset for the demo.
+#[derive(clap::Args)]
+pub struct DatasetArgs {
+    /// Folder to create.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    count: usize,
+    /// Side of the square images in pixels.
+    #[arg(long, default_value_t = 96)]
+    size: u32,
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run_dataset(a: DatasetArgs) -> anyhow::Result<()> {
+    zlora::data::synthetic::create(&a.out, a.count, a.size, a.force)?;
+    eprintln!("wrote {} captioned images to {}", a.count, a.out.display());
+    Ok(())
+}

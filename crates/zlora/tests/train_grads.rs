@@ -193,12 +193,20 @@ fn one_step_matches_diffusers_and_peft() {
     let r = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let mut model = model();
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
-    let lora = TrainableLora::new(&cfg, &model, &mut ChaCha8Rng::seed_from_u64(0), &Device::Cpu).unwrap();
+    let lora = TrainableLora::new(
+        &cfg,
+        &model,
+        &mut ChaCha8Rng::seed_from_u64(0),
+        &Device::Cpu,
+    )
+    .unwrap();
     let values = lora
         .var_names()
         .into_iter()
         .map(|n| {
-            let t = r.get(&format!("lora.{n}")).unwrap_or_else(|| panic!("fixture lacks {n}"));
+            let t = r
+                .get(&format!("lora.{n}"))
+                .unwrap_or_else(|| panic!("fixture lacks {n}"));
             (n, t.clone())
         })
         .collect();
@@ -208,10 +216,19 @@ fn one_step_matches_diffusers_and_peft() {
     let sigmas = r["sigmas"].to_vec1::<f32>().unwrap();
     let noised = zlora::train::objective::noise(&r["x0"], &r["eps"], &sigmas).unwrap();
     let caps = vec![r["caps.0"].clone(), r["caps.1"].clone()];
-    let batch = MicroBatch { x: &noised.x, t: &noised.t, captions: &caps, target: &noised.target, weights: &[1.0, 1.0] };
+    let batch = MicroBatch {
+        x: &noised.x,
+        t: &noised.t,
+        captions: &caps,
+        target: &noised.target,
+        weights: &[1.0, 1.0],
+    };
     let (loss, grads) = loss_and_grads(&model, &lora, &batch, true).unwrap();
     let expected = r["loss"].to_scalar::<f32>().unwrap();
-    assert!((loss - expected).abs() <= 1e-5 * expected.abs(), "loss {loss} vs {expected}");
+    assert!(
+        (loss - expected).abs() <= 1e-5 * expected.abs(),
+        "loss {loss} vs {expected}"
+    );
     let mut worst = 0f32;
     for (g, name) in grads.iter().zip(lora.var_names()) {
         let e = &r[&format!("grad.{name}")];

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod dataset;
 pub mod loader;
 pub mod preflight;
+pub mod synthetic;
 
 pub use buckets::{Bucket, Buckets};
 pub use cache::{CacheOptions, CacheStats, CachedDataset, Stage};

@@ -204,6 +204,17 @@ impl LoraFile {
     /// and returns how many. All modules are checked first; if any is missing from the model
     /// or has another shape, the error lists them all and nothing is attached.
     pub fn attach(&self, strength: f64, model: &mut impl LinearTargets) -> Result<usize> {
+        self.attach_named(&self.name(), strength, model)
+    }
+
+    /// [`Self::attach`] under another adapter name (e.g. the frozen training adapter, which
+    /// the trainer switches off by name for samples).
+    pub fn attach_named(
+        &self,
+        name: &str,
+        strength: f64,
+        model: &mut impl LinearTargets,
+    ) -> Result<usize> {
         if !strength.is_finite() {
             return Err(Error::Invalid(format!(
                 "LoRA strength {strength} is not finite"
@@ -222,10 +233,9 @@ impl LoraFile {
             );
             return Err(Error::lora(&self.path, msg));
         }
-        let name = self.name();
         for (path, m) in &self.modules {
             let adapter = Adapter {
-                name: name.clone(),
+                name: name.to_string(),
                 weights: m.weights.clone(),
                 scale: m.scale,
                 strength,

@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraModule;
-use crate::nn::{Adapter, LinearTargets};
+use crate::nn::{Adapter, AdapterWeights, LinearTargets};
 use crate::{Error, Result};
 
 /// The adapter name the trained LoRA carries on every Linear.
@@ -173,8 +173,10 @@ impl TrainableLora {
             linear
                 .push_adapter(Adapter {
                     name: TRAINED.into(),
-                    down: m.down.as_tensor().clone(),
-                    up: m.up.as_tensor().clone(),
+                    weights: AdapterWeights::LowRank {
+                        down: m.down.as_tensor().clone(),
+                        up: m.up.as_tensor().clone(),
+                    },
                     scale: self.scale(),
                     strength: 1.0,
                     enabled: true,
@@ -190,8 +192,10 @@ impl TrainableLora {
             .iter()
             .map(|m| {
                 let module = LoraModule {
-                    down: m.down.as_tensor().copy()?,
-                    up: m.up.as_tensor().copy()?,
+                    weights: AdapterWeights::LowRank {
+                        down: m.down.as_tensor().copy()?,
+                        up: m.up.as_tensor().copy()?,
+                    },
                     scale: self.scale(),
                     source_key: m.path.clone(),
                 };

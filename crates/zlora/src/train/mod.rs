@@ -1,7 +1,12 @@
-//! LoRA training: the trainable LoRA, the flow-matching objective, AdamW, and gradients with
-//! block checkpointing.
+//! LoRA training: configuration, the trainable LoRA, the flow-matching objective, AdamW,
+//! gradients with block checkpointing, checkpoints, samples and the training loop.
 
 pub mod backprop;
+pub mod config;
+pub mod log;
 pub mod lora;
 pub mod objective;
 pub mod optim;
+pub mod samples;
+pub mod state;
+pub mod trainer;

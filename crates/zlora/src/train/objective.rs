@@ -57,8 +57,8 @@ impl LossWeighting {
     pub fn weight(self, sigma: f32) -> f32 {
         match self {
             LossWeighting::None => 1.0,
-            // ∫₀¹ exp(−2(s − ½)²) ds ≈ 0.920 6.
-            LossWeighting::Bell => (-2.0 * (sigma - 0.5).powi(2)).exp() / 0.920_6,
+            // ∫₀¹ exp(−2(s − ½)²) ds ≈ 0.855 62.
+            LossWeighting::Bell => (-2.0 * (sigma - 0.5).powi(2)).exp() / 0.855_62,
         }
     }
 }

@@ -1,0 +1,364 @@
+//! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
+//! determinism, resume after SIGKILL, refusal to overwrite, NaN stop, training adapter, and
+//! the dataset check.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use zlora::lora::LoraFile;
+
+fn zlora(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "zlora failed:\n{err}");
+    err
+}
+
+/// A temp folder with a tiny model and dataset, and a config writer.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+        ok(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
+        ok(&zlora(&[
+            "tiny-dataset",
+            "--out",
+            &p("data"),
+            "--count",
+            "6",
+            "--size",
+            "64",
+        ]));
+        Self { dir }
+    }
+
+    fn path(&self, s: &str) -> PathBuf {
+        self.dir.path().join(s)
+    }
+
+    /// Writes a config (with `extra` TOML appended to [train]) and returns its path.
+    fn config(&self, name: &str, model_extra: &str, train_extra: &str, sample: &str) -> PathBuf {
+        let text = format!(
+            r#"[model]
+path = "{model}"
+variant = "turbo"
+base_dtype = "f32"
+{model_extra}
+[dataset]
+path = "{data}"
+resolution = 32
+trigger = "zkchar"
+
+[lora]
+rank = 2
+alpha = 2
+
+[train]
+steps = 6
+learning_rate = 1e-3
+batch_size = 2
+seed = 7
+save_every = 2
+output = "{out}"
+{train_extra}
+{sample}
+"#,
+            model = self.path("model").display(),
+            data = self.path("data").display(),
+            out = self.path(name).display(),
+        );
+        let path = self.path(&format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Every tensor's name and raw bytes (the header metadata, which names paths, is left out).
+fn tensor_bytes(p: &Path) -> Vec<(String, Vec<u8>)> {
+    let file = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    let mut out: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.data().to_vec()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The two LoRA files hold bit-identical tensors.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (ta, tb) = (tensor_bytes(a), tensor_bytes(b));
+    assert_eq!(ta.len(), tb.len());
+    for ((na, da), (nb, db)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(
+            da == db,
+            "{na} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+#[test]
+fn a_tiny_run_writes_lora_checkpoints_samples_and_log() {
+    let s = Setup::new();
+    let cfg = s.config(
+        "run",
+        "",
+        "",
+        "[sample]\nevery = 3\nprompts = [\"zkchar, a red circle\"]\nseeds = [1, 2]",
+    );
+    let log = ok(&zlora(&["train", cfg.to_str().unwrap()]));
+    assert!(log.contains("mode turbo-direct"), "{log}");
+    let out = s.path("run");
+    let lora = LoraFile::read_for_dim(out.join("lora.safetensors"), 32).unwrap();
+    assert_eq!(lora.modules.len(), 2 * 7);
+    assert_eq!(lora.metadata["modelspec.trigger_phrase"], "zkchar");
+    assert!(lora.metadata["zlora.training"].contains("\"mode\":\"turbo-direct\""));
+    let moved = lora.modules.values().any(|m| {
+        m.delta()
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    });
+    assert!(moved, "training changed the LoRA");
+    for step in ["000002", "000004", "000006"] {
+        assert!(out
+            .join(format!("checkpoints/step-{step}/lora.safetensors"))
+            .is_file());
+    }
+    for step in ["000000", "000003", "000006"] {
+        assert!(out.join(format!("samples/step-{step}.png")).is_file());
+    }
+    let lines = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(last["step"], 6);
+    assert!(
+        last["loss"].as_f64().unwrap().is_finite() && last["grad_norm"].as_f64().unwrap() > 0.0
+    );
+}
+
+#[test]
+fn the_same_seed_gives_the_same_lora_bit_for_bit() {
+    let s = Setup::new();
+    let a = s.config("a", "", "", "");
+    let b = s.config("b", "", "", "");
+    ok(&zlora(&["train", a.to_str().unwrap()]));
+    ok(&zlora(&["train", b.to_str().unwrap()]));
+    assert_same_tensors(&s.path("a/lora.safetensors"), &s.path("b/lora.safetensors"));
+}
+
+#[test]
+fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
+    let s = Setup::new();
+    let steps = ["--steps", "40"];
+    let reference = s.config("reference", "", "", "");
+    let started = Instant::now();
+    ok(&zlora(&[
+        "train",
+        reference.to_str().unwrap(),
+        steps[0],
+        steps[1],
+    ]));
+    let full = started.elapsed();
+
+    let cfg = s.config("killed", "", "", "");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let (mut kills, mut attempts) = (0, 0);
+    while kills < 3 && attempts < 20 {
+        attempts += 1;
+        let resume = zlora::train::state::latest(&s.path("killed"))
+            .unwrap()
+            .is_some();
+        let mut args = vec!["train", cfg.to_str().unwrap(), steps[0], steps[1]];
+        args.push(if resume { "--resume" } else { "--force" });
+        let mut child = Command::new(env!("CARGO_BIN_EXE_zlora"))
+            .args(&args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs_f64(
+            rng.random_range(0.1..0.9) * full.as_secs_f64(),
+        ));
+        if child.try_wait().unwrap().is_some() {
+            // Finished before the kill: start over so that the kills land mid-run.
+            std::fs::remove_dir_all(s.path("killed")).unwrap();
+            continue;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    assert_eq!(
+        kills, 3,
+        "three kills landed mid-run in {attempts} attempts"
+    );
+    let resume = zlora::train::state::latest(&s.path("killed"))
+        .unwrap()
+        .is_some();
+    let mode = if resume { "--resume" } else { "--force" };
+    ok(&zlora(&[
+        "train",
+        cfg.to_str().unwrap(),
+        steps[0],
+        steps[1],
+        mode,
+    ]));
+    assert_same_tensors(
+        &s.path("killed/lora.safetensors"),
+        &s.path("reference/lora.safetensors"),
+    );
+}
+
+#[test]
+fn an_existing_output_is_not_overwritten_without_force() {
+    let s = Setup::new();
+    let cfg = s.config("out", "", "", "");
+    std::fs::create_dir_all(s.path("out")).unwrap();
+    std::fs::write(s.path("out/keep.txt"), "mine").unwrap();
+    let refused = zlora(&["train", cfg.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert_eq!(
+        std::fs::read_to_string(s.path("out/keep.txt")).unwrap(),
+        "mine"
+    );
+    ok(&zlora(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--force",
+        "--steps",
+        "1",
+    ]));
+    assert!(s.path("out/lora.safetensors").is_file());
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
+    let s = Setup::new();
+    let cfg = s.config(
+        "nan",
+        "",
+        "max_grad_norm = 0.0\nlr_schedule = \"constant\"",
+        "",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("learning_rate = 1e-3", "learning_rate = 1e30")
+        .replace("save_every = 2", "save_every = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let run = zlora(&["train", cfg.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("loss became") && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    let (step, dir) = zlora::train::state::latest(&s.path("nan"))
+        .unwrap()
+        .expect("a checkpoint");
+    assert!(step >= 1 && dir.join("lora.safetensors").is_file());
+    assert!(
+        !s.path("nan/lora.safetensors").exists(),
+        "no final LoRA from a diverged run"
+    );
+}
+
+#[test]
+fn the_training_adapter_is_applied_frozen_off_for_samples_and_not_saved() {
+    let s = Setup::new();
+    // An adapter on the adaLN modulation of every main layer: disjoint from the trained set.
+    let adapter = s.path("adapter.safetensors");
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for i in 0..2 {
+        let key = format!("diffusion_model.layers.{i}.adaLN_modulation.0");
+        let rand = |shape: (usize, usize), rng: &mut rand_chacha::ChaCha8Rng| {
+            let v: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| rng.random_range(-0.5..0.5))
+                .collect();
+            candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+        };
+        tensors.insert(format!("{key}.lora_A.weight"), rand((4, 32), &mut rng));
+        tensors.insert(format!("{key}.lora_B.weight"), rand((128, 4), &mut rng));
+    }
+    zlora::fsutil::save_safetensors(&adapter, &tensors, None, false).unwrap();
+    let sample = "[sample]\nevery = 1\nprompts = [\"zkchar\"]\nseeds = [3]";
+    let with = s.config(
+        "with",
+        &format!("training_adapter = \"{}\"", adapter.display()),
+        "",
+        sample,
+    );
+    let without = s.config("without", "", "", sample);
+    let log = ok(&zlora(&["train", with.to_str().unwrap(), "--steps", "1"]));
+    assert!(
+        log.contains("mode turbo-adapter") && log.contains("applied at strength 1 to 2 modules"),
+        "{log}"
+    );
+    ok(&zlora(&[
+        "train",
+        without.to_str().unwrap(),
+        "--steps",
+        "1",
+    ]));
+    // Step 0: the trained LoRA is still zero, so with the adapter off both runs sample plain
+    // Turbo: the grids agree below their titles (which name the modes).
+    let grid = |run: &str| {
+        zlora::sample::image::read_png(&s.path(run).join("samples/step-000000.png"))
+            .unwrap()
+            .0
+    };
+    let (a, b) = (grid("with"), grid("without"));
+    let head = 50; // the title and column-label rows of a contact sheet
+    let width = a.width.min(b.width);
+    let rows = |img: &zlora::sample::image::Rgb8| -> Vec<u8> {
+        (head..img.height)
+            .flat_map(|y| img.pixels[y * img.width * 3..(y * img.width + width) * 3].to_vec())
+            .collect()
+    };
+    assert_eq!(rows(&a), rows(&b), "samples ran with the adapter off");
+    let saved = LoraFile::read_for_dim(s.path("with/lora.safetensors"), 32).unwrap();
+    assert!(
+        saved.modules.keys().all(|k| !k.contains("adaLN")),
+        "the adapter is not in the saved LoRA"
+    );
+    // During training it was on: the trained LoRAs differ.
+    assert!(
+        tensor_bytes(&s.path("with/lora.safetensors"))
+            != tensor_bytes(&s.path("without/lora.safetensors"))
+    );
+}
+
+#[test]
+fn a_bad_dataset_fails_before_step_one_naming_the_file() {
+    let s = Setup::new();
+    std::fs::write(s.path("data/broken.png"), b"not a png").unwrap();
+    std::fs::write(s.path("data/broken.txt"), "a caption").unwrap();
+    let cfg = s.config("bad", "", "", "");
+    let run = zlora(&["train", cfg.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("broken.png"), "{err}");
+    assert!(!s.path("bad/log.jsonl").exists(), "nothing was trained");
+}

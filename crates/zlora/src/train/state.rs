@@ -1,0 +1,116 @@
+//! Checkpoints that survive a kill at any moment: each is written into a hidden `.partial`
+//! folder (every file fsynced) and renamed into place, so `checkpoints/step-NNNNNN/` either
+//! exists complete or not at all. Randomness needs no saved state: every step's noise and
+//! sigmas come from a stream keyed by (seed, step), and the data order from the loader
+//! state saved here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::lora::TrainableLora;
+use super::optim::AdamW;
+use crate::data::loader::LoaderState;
+use crate::fsutil::{save_safetensors, write_atomic};
+use crate::{Error, Result};
+
+/// What besides tensors a resumed run needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub loader: LoaderState,
+    /// The smoothed loss shown in the progress bar.
+    pub loss_ema: Option<f64>,
+}
+
+pub fn checkpoints_dir(output: &Path) -> PathBuf {
+    output.join("checkpoints")
+}
+
+pub fn checkpoint_dir(output: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(output).join(format!("step-{step:06}"))
+}
+
+/// Writes a checkpoint; `write_lora` writes the user-facing LoRA file into the given path.
+pub fn save(
+    output: &Path,
+    state: &RunState,
+    lora: &TrainableLora,
+    optimizer: &AdamW,
+    write_lora: &dyn Fn(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dir = checkpoint_dir(output, state.step);
+    let partial = checkpoints_dir(output).join(format!(".step-{:06}.partial", state.step));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| Error::io(&partial, e))?;
+
+    let names = lora.var_names();
+    let (mut tensors, _) = optimizer.state(&names);
+    tensors.extend(lora.values());
+    save_safetensors(&partial.join("state.safetensors"), &tensors, None, false)?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
+    write_atomic(&partial.join("state.json"), json.as_bytes(), false)?;
+    write_lora(&partial.join("lora.safetensors"))?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    std::fs::rename(&partial, &dir).map_err(|e| Error::io(&dir, e))?;
+    sync_dir(&checkpoints_dir(output));
+    Ok(dir)
+}
+
+/// Makes the rename durable; best effort where directories cannot be opened.
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest(output: &Path) -> Result<Option<(u64, PathBuf)>> {
+    let dir = checkpoints_dir(output);
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let mut best = None;
+    for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+        let path = entry.map_err(|e| Error::io(&dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if path.join("state.json").is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
+            best = Some((step, path));
+        }
+    }
+    Ok(best)
+}
+
+/// Restores LoRA values and optimizer moments from a checkpoint folder.
+pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<RunState> {
+    let json_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+    let state: RunState = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&json_path, format!("invalid checkpoint state: {e}")))?;
+    let tensor_path = dir.join("state.safetensors");
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(&tensor_path, &Device::Cpu).map_err(|e| {
+            Error::bad_file(&tensor_path, format!("unreadable checkpoint tensors: {e}"))
+        })?;
+    let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let fail = |e: Error| Error::bad_file(&tensor_path, e.to_string());
+    lora.load_values(&tensors).map_err(fail)?;
+    optimizer
+        .load_state(&lora.var_names(), &tensors, state.step)
+        .map_err(fail)?;
+    Ok(state)
+}

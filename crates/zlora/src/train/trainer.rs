@@ -1,0 +1,385 @@
+//! `zlora train`: the three modes of the workflow on one loop.
+//!
+//! dataset → preflight → cache (text encoder, VAE, then dropped) → transformer (+ frozen
+//! training adapter) + trainable LoRA → steps (flow matching, AdamW) → checkpoints, samples →
+//! `lora.safetensors`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::backprop::{loss_and_grads, MicroBatch};
+use super::config::{Mode, TrainConfig};
+use super::log::StepLog;
+use super::lora::{set_enabled, TrainableLora};
+use super::objective::{gaussian_like, noise, SigmaSampler};
+use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::samples::Sampler;
+use super::state::{self, RunState};
+use crate::data::buckets::Buckets;
+use crate::data::cache::{CacheOptions, CachedDataset, Stage};
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Loader, LoaderOptions, LoaderState};
+use crate::lora::write::{save, Metadata};
+use crate::lora::{Layout, LoraFile};
+use crate::model::folder::ModelFolder;
+use crate::model::text::PromptTokenizer;
+use crate::model::ZImageTransformer;
+use crate::{Error, Result};
+
+/// The adapter name of the frozen training adapter on every Linear it touches.
+pub const TRAINING_ADAPTER: &str = "training-adapter";
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub resume: bool,
+    pub force: bool,
+}
+
+/// What the trainer reports while it works (the CLI draws bars and prints lines).
+pub enum Event<'a> {
+    Message(String),
+    Cache {
+        stage: Stage,
+        done: usize,
+        total: usize,
+    },
+    Step(&'a StepLog),
+    Checkpoint(&'a Path),
+    Samples(&'a Path),
+}
+
+pub struct Outcome {
+    pub lora: PathBuf,
+    pub steps: u64,
+}
+
+pub fn train(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<Outcome> {
+    let device = Device::Cpu;
+    let out = &cfg.train.output;
+    let resume_from = prepare_output(out, opts)?;
+    let folder = ModelFolder::open(&cfg.model.path)?;
+    let mode = cfg.mode();
+    events(Event::Message(format!(
+        "mode {} on {}",
+        mode.name(),
+        folder.root().display()
+    )));
+
+    let data = prepare_data(cfg, &folder, &device, events)?;
+    let mut sampler = Sampler::new(cfg, &folder, &device)?;
+
+    let mut model = folder.load_transformer(None, base_dtype(cfg), &device)?;
+    attach_training_adapter(cfg, &mut model, events)?;
+    let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
+    let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng, &device)?;
+    lora.attach(&mut model)?;
+    events(Event::Message(format!(
+        "training a rank-{} LoRA on {} modules ({} parameters)",
+        cfg.lora.rank,
+        lora.modules.len(),
+        lora.vars().iter().map(|v| v.elem_count()).sum::<usize>()
+    )));
+
+    let t = &cfg.train;
+    let adam = AdamWConfig {
+        beta1: t.betas[0],
+        beta2: t.betas[1],
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut optimizer = AdamW::new(adam, &lora.vars())?;
+    let mut run = RunState {
+        step: 0,
+        loader: LoaderState::default(),
+        loss_ema: None,
+    };
+    if let Some(dir) = resume_from {
+        run = state::load(&dir, &lora, &mut optimizer)?;
+        events(Event::Message(format!(
+            "resumed from {} (step {})",
+            dir.display(),
+            run.step
+        )));
+    }
+    let log = StepLog::open(&out.join("log.jsonl"), run.step)?;
+    let mut loader = Loader::for_cached(
+        &data,
+        LoaderOptions::new(&cfg.dataset, t.batch_size, t.seed),
+        run.loader,
+    )?;
+    let writer = LoraWriter { cfg, mode };
+
+    if run.step == 0 && cfg.sample.every > 0 {
+        sample_now(&mut sampler, &mut model, 0, out, events)?;
+    }
+    while run.step < t.steps {
+        let started = Instant::now();
+        let step = run.step + 1;
+        let (loss, grad_norm, lr) = optimizer_step(
+            cfg,
+            &model,
+            &lora,
+            &mut optimizer,
+            &mut loader,
+            &data,
+            step,
+            &device,
+        )?;
+        if !loss.is_finite() {
+            return Err(Error::Invalid(format!(
+                "loss became {loss} at step {step}: training stopped; the last good checkpoint is kept in {}",
+                state::checkpoints_dir(out).display()
+            )));
+        }
+        run.step = step;
+        run.loader = loader.state();
+        run.loss_ema = Some(
+            run.loss_ema
+                .map_or(loss as f64, |e| 0.9 * e + 0.1 * loss as f64),
+        );
+        let entry = log.append(
+            step,
+            loss,
+            run.loss_ema.unwrap_or(0.0),
+            lr,
+            grad_norm,
+            started.elapsed().as_secs_f64(),
+        )?;
+        events(Event::Step(&entry));
+        if step.is_multiple_of(t.save_every) || step == t.steps {
+            let dir = state::save(out, &run, &lora, &optimizer, &|p| {
+                writer.write(&lora, step, p)
+            })?;
+            events(Event::Checkpoint(&dir));
+        }
+        if step.is_multiple_of(cfg.sample.every) {
+            sample_now(&mut sampler, &mut model, step, out, events)?;
+        }
+    }
+    let final_path = out.join("lora.safetensors");
+    writer.write(&lora, run.step, &final_path)?;
+    Ok(Outcome {
+        lora: final_path,
+        steps: run.step,
+    })
+}
+
+/// Creates the output folder, refusing to touch an existing one without --force or --resume;
+/// returns the checkpoint to resume from.
+fn prepare_output(out: &Path, opts: &TrainOptions) -> Result<Option<PathBuf>> {
+    if opts.resume {
+        return match state::latest(out)? {
+            Some((_, dir)) => Ok(Some(dir)),
+            None => Err(Error::bad_file(
+                out,
+                "--resume: no checkpoint in this output folder",
+            )),
+        };
+    }
+    if out.exists() {
+        if !opts.force {
+            return Err(Error::bad_file(
+                out,
+                "output folder exists (use --resume to continue it or --force to start over)",
+            ));
+        }
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    Ok(None)
+}
+
+fn base_dtype(cfg: &TrainConfig) -> DType {
+    if cfg.model.base_dtype == "f32" {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+fn prepare_data(
+    cfg: &TrainConfig,
+    folder: &ModelFolder,
+    device: &Device,
+    events: &mut dyn FnMut(Event),
+) -> Result<CachedDataset> {
+    let tokenizer = PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
+    let vae_cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
+    let buckets = Buckets::for_vae(cfg.dataset.resolution, vae_cfg.spatial_factor())?;
+    let (dataset, report) = Dataset::scan(&cfg.dataset, &buckets, &tokenizer)?;
+    events(Event::Message(report.to_string()));
+    if report.is_fatal() {
+        return Err(Error::bad_file(
+            &cfg.dataset.path,
+            "the dataset check found problems (listed above); nothing was trained",
+        ));
+    }
+    let opts = CacheOptions {
+        dir: cfg.dataset.cache_dir(),
+        dtype: DType::F32,
+        device: device.clone(),
+    };
+    let (data, stats) = CachedDataset::build(&dataset, folder, &opts, |stage, done, total| {
+        events(Event::Cache { stage, done, total })
+    })?;
+    events(Event::Message(format!(
+        "cache: {} captions and {} images encoded, {} and {} reused",
+        stats.captions_encoded, stats.latents_encoded, stats.captions_reused, stats.latents_reused
+    )));
+    Ok(data)
+}
+
+/// Applies the training adapter frozen, as its own adapter on each Linear (not merged: the
+/// base stays exact and the adapter can be switched off for samples).
+fn attach_training_adapter(
+    cfg: &TrainConfig,
+    model: &mut ZImageTransformer,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let Some(path) = &cfg.model.training_adapter else {
+        return Ok(());
+    };
+    let file = LoraFile::read_for_dim(path, model.config().dim)?;
+    let n = file.attach_named(TRAINING_ADAPTER, cfg.model.training_adapter_strength, model)?;
+    events(Event::Message(format!(
+        "training adapter {} applied at strength {} to {n} modules (frozen, not saved, off for samples)",
+        path.display(),
+        cfg.model.training_adapter_strength
+    )));
+    Ok(())
+}
+
+/// A stream of randomness for one micro-batch of one step, independent of everything before
+/// it: a resumed run draws exactly what an uninterrupted one would.
+fn step_rng(seed: u64, step: u64, micro: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step.wrapping_mul(1024).wrapping_add(micro as u64));
+    rng
+}
+
+#[allow(clippy::too_many_arguments)]
+fn optimizer_step(
+    cfg: &TrainConfig,
+    model: &ZImageTransformer,
+    lora: &TrainableLora,
+    optimizer: &mut AdamW,
+    loader: &mut Loader,
+    data: &CachedDataset,
+    step: u64,
+    device: &Device,
+) -> Result<(f32, f64, f64)> {
+    let t = &cfg.train;
+    let sampler = SigmaSampler {
+        sampling: t.timestep_sampling,
+        shift: t.timestep_shift,
+        logit_mean: t.logit_mean,
+        logit_std: t.logit_std,
+    };
+    let mut total: Option<Vec<Tensor>> = None;
+    let mut loss_sum = 0f32;
+    for micro in 0..t.gradient_accumulation {
+        let batch = loader.next_batch(data, device)?;
+        let mut rng = step_rng(t.seed, step, micro);
+        let sigmas: Vec<f32> = (0..batch.indices.len())
+            .map(|_| sampler.sample(&mut rng))
+            .collect();
+        let eps = gaussian_like(&batch.latents, &mut rng)?;
+        let noised = noise(&batch.latents, &eps, &sigmas)?;
+        let weights: Vec<f32> = sigmas.iter().map(|&s| t.loss_weighting.weight(s)).collect();
+        let micro_batch = MicroBatch {
+            x: &noised.x,
+            t: &noised.t,
+            captions: &batch.captions,
+            target: &noised.target,
+            weights: &weights,
+        };
+        let (loss, grads) = loss_and_grads(model, lora, &micro_batch, t.gradient_checkpointing)?;
+        loss_sum += loss;
+        total = Some(match total {
+            None => grads,
+            Some(acc) => acc
+                .iter()
+                .zip(&grads)
+                .map(|(a, g)| a + g)
+                .collect::<candle_core::Result<_>>()?,
+        });
+    }
+    let n = t.gradient_accumulation as f64;
+    let mut grads: Vec<Tensor> = total
+        .unwrap_or_default()
+        .into_iter()
+        .map(|g| g / n)
+        .collect::<candle_core::Result<_>>()?;
+    let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+    let lr = learning_rate(
+        t.learning_rate,
+        t.lr_schedule,
+        t.warmup_steps,
+        step,
+        t.steps,
+    );
+    optimizer.step(&lora.vars(), &grads, lr)?;
+    Ok((loss_sum / t.gradient_accumulation as f32, grad_norm, lr))
+}
+
+fn sample_now(
+    sampler: &mut Sampler,
+    model: &mut ZImageTransformer,
+    step: u64,
+    out: &Path,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    set_enabled(model, TRAINING_ADAPTER, false);
+    let result = sampler.render(model, step, out);
+    set_enabled(model, TRAINING_ADAPTER, true);
+    let path = result?;
+    events(Event::Samples(&path));
+    Ok(())
+}
+
+/// Writes the trained LoRA in the layout that loads everywhere, with its metadata.
+struct LoraWriter<'a> {
+    cfg: &'a TrainConfig,
+    mode: Mode,
+}
+
+impl LoraWriter<'_> {
+    fn write(&self, lora: &TrainableLora, step: u64, path: &Path) -> Result<()> {
+        let training = json!({
+            "mode": self.mode.name(),
+            "base_model": self.cfg.model.path,
+            "variant": self.cfg.model.variant,
+            "trigger": self.cfg.dataset.trigger,
+            "steps": step,
+        });
+        let config = toml::to_string(self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let metadata = Metadata {
+            base_model: Some(self.cfg.model.path.clone()),
+            trigger_words: self.cfg.dataset.trigger.iter().cloned().collect(),
+            title: None,
+            carried: [
+                ("zlora.training".to_string(), training.to_string()),
+                ("zlora.config".to_string(), config),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        save(
+            path,
+            &lora.to_modules()?,
+            Layout::AiToolkit,
+            DType::F32,
+            &metadata,
+            true,
+        )
+    }
+}
