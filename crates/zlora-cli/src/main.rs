@@ -3,6 +3,7 @@
 
 mod generate;
 mod lora;
+mod plan;
 mod progress;
 mod tiny;
 mod train;
@@ -32,6 +33,8 @@ enum Command {
     TinyDataset(tiny::DatasetArgs),
     /// Train a LoRA (base, turbo with a training adapter, or direct turbo) from a TOML config.
     Train(train::Args),
+    /// Estimate memory, time, cost and downloads of a training configuration per GPU.
+    Plan(plan::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

@@ -10,10 +10,12 @@ pub mod bake;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod plan;
 pub mod sample;
 pub mod train;
 

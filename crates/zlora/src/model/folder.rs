@@ -13,7 +13,7 @@ use super::{TransformerConfig, ZImageTransformer};
 use crate::{Error, Result};
 
 /// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
-fn hf_cache() -> hf_hub::Cache {
+pub(crate) fn hf_cache() -> hf_hub::Cache {
     match std::env::var_os("HF_HUB_CACHE") {
         Some(dir) => hf_hub::Cache::new(dir.into()),
         None => hf_hub::Cache::from_env(),

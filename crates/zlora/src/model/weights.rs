@@ -411,9 +411,25 @@ impl SimpleBackend for Recorder {
 
 /// Every tensor (canonical name → shape) the transformer with this config reads.
 pub fn expected_tensors(cfg: &TransformerConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    recorded_tensors(|vb| {
+        ZImageTransformer::new(cfg, vb)
+            .map(|_| ())
+            .map_err(Error::from)
+    })
+}
+
+/// Every tensor (name → shape) that `build` asks its VarBuilder for, without allocating the
+/// weights: a model's parameter list comes from its own construction code.
+pub fn recorded_tensors<F>(build: F) -> Result<BTreeMap<String, Vec<usize>>>
+where
+    F: FnOnce(VarBuilder) -> Result<()>,
+{
     let recorder = Recorder::default();
-    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
-    ZImageTransformer::new(cfg, vb)?;
+    build(VarBuilder::from_backend(
+        Box::new(recorder.clone()),
+        DType::F32,
+        Device::Cpu,
+    ))?;
     let names = recorder.0.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(names)
 }

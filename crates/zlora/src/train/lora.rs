@@ -83,7 +83,7 @@ impl LoraConfig {
         Ok(())
     }
 
-    fn targets(&self, path: &str) -> bool {
+    pub(crate) fn targets(&self, path: &str) -> bool {
         let mut parts = path.splitn(3, '.');
         let (Some(stack), Some(index), Some(module)) = (parts.next(), parts.next(), parts.next())
         else {

@@ -1,0 +1,4 @@
+//! The Hugging Face Hub: the repositories zlora knows, and downloads into the standard cache
+//! (docs/fetch.md).
+
+pub mod known;

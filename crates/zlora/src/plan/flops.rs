@@ -1,0 +1,131 @@
+//! Floating-point operations of one training step, counted from the model's Linears and the
+//! token counts: a Linear costs 2 · in · out per token it sees, attention 4 · tokens² · dim per
+//! block (q·kᵀ and probabilities · v), a low-rank module 2 · its parameters per token. The
+//! backward pass costs twice the forward of the part it walks; checkpointing adds one more
+//! forward of the trained blocks. Element-wise work (norms, rope, softmax) is left out: it is
+//! memory-bound and a few percent of the matmuls at Z-Image's width.
+
+use serde::Serialize;
+
+use super::dims::{stack_of, LowRank, STACKS};
+use super::memory::{Run, Workload};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Flops {
+    /// One forward pass over one micro-batch.
+    pub forward: f64,
+    /// Twice the forward of the blocks and layers the backward walks.
+    pub backward: f64,
+    /// The trained blocks once more (checkpointing), else 0.
+    pub recompute: f64,
+    /// (forward + backward + recompute) × gradient accumulation.
+    pub per_step: f64,
+}
+
+/// Token counts of one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Tokens {
+    pub batch: usize,
+    pub image: usize,
+    pub caption: usize,
+}
+
+impl Tokens {
+    /// How many tokens (per item) a Linear or low-rank module at `path` sees.
+    fn seen_by(&self, path: &str) -> usize {
+        let module = path.splitn(3, '.').nth(2).unwrap_or("");
+        match stack_of(path) {
+            // adaLN reads the conditioning vector, once per item.
+            Some(_) if module.starts_with("adaLN") => 1,
+            Some(stack) => self.of_stack(stack),
+            None if path.starts_with("all_x_embedder") => self.image,
+            None if path.starts_with("cap_embedder") => self.caption,
+            None if path.starts_with("all_final_layer") && path.ends_with(".linear") => {
+                self.image + self.caption
+            }
+            None => 1,
+        }
+    }
+
+    fn of_stack(&self, stack: &str) -> usize {
+        match stack {
+            "noise_refiner" => self.image,
+            "context_refiner" => self.caption,
+            _ => self.image + self.caption,
+        }
+    }
+}
+
+/// Where a module sits, for choosing what the backward walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Block(&'static str),
+    FinalLayer,
+    /// The patch, caption and timestep embedders.
+    Embedders,
+}
+
+fn part_of(path: &str) -> Part {
+    match stack_of(path) {
+        Some(stack) => Part::Block(stack),
+        None if path.starts_with("all_final_layer") => Part::FinalLayer,
+        None => Part::Embedders,
+    }
+}
+
+/// The forward cost of the parts of the model that `include` selects.
+pub fn forward(run: &Run, tokens: Tokens, include: impl Fn(Part) -> bool) -> f64 {
+    let b = tokens.batch as f64;
+    let linears: f64 = run
+        .dims
+        .linears
+        .iter()
+        .filter(|l| include(part_of(&l.path)))
+        .map(|l| 2.0 * b * tokens.seen_by(&l.path) as f64 * l.params() as f64)
+        .sum();
+    let lowrank = |modules: &[LowRank]| -> f64 {
+        modules
+            .iter()
+            .filter(|m| include(part_of(&m.path)))
+            .map(|m| 2.0 * b * tokens.seen_by(&m.path) as f64 * m.params as f64)
+            .sum()
+    };
+    let cfg = &run.dims.transformer;
+    let attention: f64 = STACKS
+        .into_iter()
+        .filter(|s| include(Part::Block(s)))
+        .map(|s| {
+            let blocks = if s == "layers" {
+                cfg.n_layers
+            } else {
+                cfg.n_refiner_layers
+            };
+            let t = tokens.of_stack(s) as f64;
+            blocks as f64 * 4.0 * b * t * t * cfg.dim as f64
+        })
+        .sum();
+    linears + lowrank(run.lora) + lowrank(run.adapter) + attention
+}
+
+/// One optimizer step.
+pub fn step(run: &Run, work: &Workload) -> Flops {
+    let tokens = Tokens {
+        batch: work.batch,
+        image: work.image_tokens,
+        caption: work.caption_tokens,
+    };
+    // The backward walks the main layers, the final layer and the refiners that carry a
+    // LoRA; the embedders and untrained refiners are constants to it.
+    let trained = |s: &str| s == "layers" || run.lora.iter().any(|m| m.stack() == Some(s));
+    let all = forward(run, tokens, |_| true);
+    let blocks = forward(run, tokens, |p| matches!(p, Part::Block(s) if trained(s)));
+    let final_layer = forward(run, tokens, |p| p == Part::FinalLayer);
+    let backward = 2.0 * (blocks + final_layer);
+    let recompute = if work.checkpointing { blocks } else { 0.0 };
+    Flops {
+        forward: all,
+        backward,
+        recompute,
+        per_step: work.accumulation as f64 * (all + backward + recompute),
+    }
+}

@@ -1,0 +1,165 @@
+//! The GPU table: memory, sustained throughput and price per GPU, from an editable TOML file.
+//! The shipped table (gpus.toml, with its sources) is built in; `--gpu-table` replaces it.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+const BUILT_IN: &str = include_str!("gpus.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuTable {
+    pub defaults: Defaults,
+    pub storage: Storage,
+    #[serde(rename = "gpu")]
+    pub gpus: Vec<Gpu>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Share of the peak a training step sustains.
+    pub efficiency: f64,
+    pub cuda_context_gib: f64,
+    pub allocator_slack: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    pub usd_per_gb_month: f64,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gpu {
+    /// What `--gpu` selects it by.
+    pub name: String,
+    pub label: String,
+    pub memory_gib: f64,
+    /// Dense BF16 tensor TFLOPS with FP32 accumulation.
+    pub peak_tflops: f64,
+    pub tflops_source: String,
+    pub usd_per_hour: f64,
+    /// Where the price comes from when it is not the table's default source.
+    #[serde(default)]
+    pub price_source: Option<String>,
+    /// Overrides `[defaults] efficiency`.
+    #[serde(default)]
+    pub efficiency: Option<f64>,
+}
+
+impl GpuTable {
+    /// The table shipped with zlora.
+    pub fn built_in() -> Result<Self> {
+        Self::parse(BUILT_IN).map_err(|e| Error::Invalid(format!("built-in GPU table: {e}")))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text).map_err(|e| Error::bad_file(path, e.to_string()))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let table: Self = toml::from_str(text).map_err(|e| Error::Invalid(e.to_string()))?;
+        table.validate()?;
+        Ok(table)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let share = |v: f64| positive(v) && v <= 1.0;
+        let non_negative = |v: f64| v >= 0.0 && v.is_finite();
+        let d = &self.defaults;
+        if !share(d.efficiency) {
+            return Err(Error::Invalid(
+                "[defaults] efficiency must be in (0, 1]".into(),
+            ));
+        }
+        if !(non_negative(d.cuda_context_gib) && non_negative(d.allocator_slack)) {
+            return Err(Error::Invalid(
+                "[defaults] cuda_context_gib and allocator_slack must not be negative".into(),
+            ));
+        }
+        if !non_negative(self.storage.usd_per_gb_month) {
+            return Err(Error::Invalid(
+                "[storage] usd_per_gb_month must not be negative".into(),
+            ));
+        }
+        for g in &self.gpus {
+            let valid = positive(g.memory_gib)
+                && positive(g.peak_tflops)
+                && non_negative(g.usd_per_hour)
+                && g.efficiency.is_none_or(share);
+            if !valid {
+                return Err(Error::Invalid(format!(
+                    "GPU {:?}: memory_gib and peak_tflops must be positive, usd_per_hour not \
+                     negative, efficiency in (0, 1]",
+                    g.name
+                )));
+            }
+        }
+        if self.gpus.is_empty() {
+            return Err(Error::Invalid("the GPU table lists no [[gpu]]".into()));
+        }
+        Ok(())
+    }
+
+    /// The GPUs named (case-insensitive), in the order given; all of them for an empty list.
+    pub fn select(&self, names: &[String]) -> Result<Vec<Gpu>> {
+        if names.is_empty() {
+            return Ok(self.gpus.clone());
+        }
+        names
+            .iter()
+            .map(|n| {
+                self.gpus
+                    .iter()
+                    .find(|g| g.name.eq_ignore_ascii_case(n.trim()))
+                    .cloned()
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = self.gpus.iter().map(|g| g.name.as_str()).collect();
+                        Error::Invalid(format!(
+                            "unknown GPU {n:?}; the table has {}",
+                            known.join(", ")
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Sustained FLOP/s of `gpu`.
+    pub fn sustained(&self, gpu: &Gpu) -> f64 {
+        gpu.peak_tflops * 1e12 * gpu.efficiency.unwrap_or(self.defaults.efficiency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_table_parses_and_every_gpu_cites_its_throughput() {
+        let t = GpuTable::built_in().unwrap();
+        for g in &t.gpus {
+            assert!(!g.tflops_source.is_empty(), "{}", g.name);
+        }
+        let names: Vec<String> = ["4090", "A5000", "l40s", "a100", "h100"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(t.select(&names).unwrap().len(), 5);
+        assert!(t.select(&["tpu".into()]).is_err());
+    }
+
+    #[test]
+    fn nonsense_values_are_refused() {
+        let bad = BUILT_IN.replace("memory_gib = 24", "memory_gib = -24");
+        assert!(GpuTable::parse(&bad).is_err());
+        let typo = BUILT_IN.replace("usd_per_hour = 0.60", "usd_per_hr = 0.60");
+        assert!(GpuTable::parse(&typo).is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! Peak memory of a training run, phase by phase: caption encoding, image encoding, loading,
+//! training and sampling run one after the other (docs/training.md), so the peak is the
+//! largest phase, not their sum.
+//!
+//! Each phase is a list of named items. The items and their formulas are the same for every
+//! [`Profile`]; a profile says what the code that runs the step keeps: zlora's candle graph on
+//! the CPU (counted from the model code, checked against measured RSS: docs/benchmarks.md) or a
+//! PyTorch-class CUDA trainer (saved tensors of the diffusers block with fused attention; no
+//! GPU run has checked it yet). docs/plan.md derives every coefficient.
+
+use serde::Serialize;
+
+use super::dims::{stack_of, Linear, LowRank, ModelDims};
+
+/// One micro-batch and what else the run does.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workload {
+    pub batch: usize,
+    /// Image tokens per item: the largest bucket's, padded to a multiple of 32.
+    pub image_tokens: usize,
+    /// Caption tokens per item, padded to a multiple of 32.
+    pub caption_tokens: usize,
+    /// Pixels of the largest bucket, which the VAE encodes.
+    pub image_pixels: usize,
+    pub checkpointing: bool,
+    pub accumulation: usize,
+    /// Bytes per frozen transformer weight: 4 (f32), 2 (bf16) or 1 (an 8-bit base).
+    pub base_bytes: f64,
+    pub sample: Option<SampleShape>,
+}
+
+/// One denoising forward of the samples taken during training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SampleShape {
+    pub pixels: usize,
+    pub image_tokens: usize,
+    /// 2 when classifier-free guidance runs the negative prompt alongside.
+    pub batch: usize,
+}
+
+/// Bytes one block keeps per token while its graph is alive, per unit of the width named.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Keeps {
+    /// × dim, for an unmodulated block.
+    pub per_dim: f64,
+    /// × dim, added by the four scale/gate products of a modulated block.
+    pub modulation: f64,
+    /// × FFN width.
+    pub per_ffn: f64,
+    /// × in-width, × out-width and × rank of each low-rank module (LoRA or adapter).
+    pub lowrank_in: f64,
+    pub lowrank_out: f64,
+    pub lowrank_rank: f64,
+    /// × heads · tokens², the attention probabilities and their intermediates.
+    pub scores: f64,
+}
+
+/// What the code that runs the step keeps, beyond the shared formulas.
+#[derive(Debug, Clone, Copy)]
+pub struct Profile {
+    pub name: &'static str,
+    /// Activation bytes: None = the frozen weights' dtype (zlora computes in it).
+    pub activation_bytes: Option<f64>,
+    pub keeps: fn(f64) -> Keeps,
+    /// candle's backward computes and keeps a gradient for every frozen input of a tracked op
+    /// (weights, norm weights, rope tables, modulation vectors) until the backward ends.
+    pub constant_grads: bool,
+    /// The backward's own working set: a share of one block's kept activations, plus bytes
+    /// per attention score (the softmax backward's score-sized gradients).
+    pub backward_blocks: f64,
+    pub backward_scores: f64,
+    /// Bytes per weight of the text encoder and VAE while caching, and of the sampling VAE.
+    pub encoder_bytes: f64,
+    /// Bytes per weight of the frozen training adapter (zlora loads adapters as f32).
+    pub adapter_bytes: f64,
+    /// Weight files stay mapped (resident) while they are copied in.
+    pub maps_files: bool,
+    /// 3×3 convolutions unfold their input (im2col), 9× its size.
+    pub conv_unfold: bool,
+    /// Fixed cost: the CUDA context, or the process's own RSS.
+    pub overhead_bytes: f64,
+    /// Allocator slack, as a share of everything else.
+    pub slack: f64,
+}
+
+impl Profile {
+    /// zlora on the CPU: the activation counts of model/dit.rs and nn/ under candle's graph.
+    /// The backward working set, the allocator slack (glibc keeps freed chunks) and the
+    /// process baseline are fitted to measured runs (docs/benchmarks.md).
+    pub fn cpu() -> Self {
+        Self {
+            name: "cpu",
+            activation_bytes: None,
+            keeps: candle_keeps,
+            constant_grads: true,
+            backward_blocks: 0.4,
+            backward_scores: 12.0,
+            encoder_bytes: 4.0,
+            adapter_bytes: 4.0,
+            maps_files: true,
+            conv_unfold: true,
+            overhead_bytes: 13.0 * MIB,
+            slack: 0.25,
+        }
+    }
+
+    /// A CUDA trainer: bf16 activations, fused attention, no gradients for frozen tensors.
+    /// Context and slack are estimates (docs/plan.md).
+    pub fn gpu() -> Self {
+        Self {
+            name: "gpu",
+            activation_bytes: Some(2.0),
+            keeps: torch_keeps,
+            constant_grads: false,
+            backward_blocks: 0.5,
+            backward_scores: 0.0,
+            encoder_bytes: 2.0,
+            adapter_bytes: 4.0,
+            maps_files: false,
+            conv_unfold: false,
+            overhead_bytes: 0.8 * GIB,
+            slack: 0.10,
+        }
+    }
+}
+
+pub const MIB: f64 = 1024.0 * 1024.0;
+pub const GIB: f64 = 1024.0 * MIB;
+
+/// zlora's graph, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32 tensors (plus an
+/// f32 copy of its input and a cast back when activations are bf16), every rope 4 f32 tensors
+/// (plus the same casts), the attention 5 copies and products of width dim, every low-rank
+/// module its f32 product, scaled product and sum (plus an f32 copy of its input for bf16),
+/// and the composed softmax 5 score-sized tensors.
+fn candle_keeps(a: f64) -> Keeps {
+    let casts = if a < 4.0 { 4.0 + a } else { 0.0 };
+    let norm = 12.0 + casts;
+    let rope = 16.0 + casts;
+    Keeps {
+        per_dim: 6.0 * norm + 2.0 * rope + 12.0 * a,
+        modulation: 4.0 * a,
+        per_ffn: 4.0 * a,
+        lowrank_in: if a < 4.0 { 4.0 } else { 0.0 },
+        lowrank_out: 8.0 + if a < 4.0 { a } else { 0.0 } + a,
+        lowrank_rank: 4.0,
+        scores: 2.0 * a + 12.0 + casts,
+    }
+}
+
+/// What PyTorch autograd saves for the diffusers block (docs/plan.md): per RMSNorm its f32
+/// input copy and the bf16 input (6 bytes), the rope's f32 complex q and k, fused attention's
+/// q, k, v and output, the Linears' inputs, the SwiGLU's four FFN-wide tensors, and each
+/// low-rank module's rank-wide intermediate. No score matrix; modulation vectors need no
+/// gradient, so their products save nothing large.
+fn torch_keeps(a: f64) -> Keeps {
+    Keeps {
+        per_dim: 6.0 * (4.0 + a) + 2.0 * 4.0 + 4.0 * a + 2.0 * a,
+        modulation: 0.0,
+        per_ffn: 4.0 * a,
+        lowrank_in: 0.0,
+        lowrank_out: 0.0,
+        lowrank_rank: a,
+        scores: 0.0,
+    }
+}
+
+/// One named amount of memory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Item {
+    pub what: String,
+    pub bytes: f64,
+}
+
+/// Memory that is live at the same time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Phase {
+    pub name: &'static str,
+    pub items: Vec<Item>,
+}
+
+impl Phase {
+    pub fn total(&self) -> f64 {
+        self.items.iter().map(|i| i.bytes).sum()
+    }
+
+    /// Adds the profile's fixed overhead and allocator slack.
+    fn finish(mut self, profile: &Profile) -> Self {
+        if profile.slack > 0.0 {
+            let slack = self.total() * profile.slack;
+            self.push("allocator slack", slack);
+        }
+        self.push(
+            if profile.name == "cpu" {
+                "process baseline (binary, libraries, allocator)"
+            } else {
+                "CUDA context and workspaces"
+            },
+            profile.overhead_bytes,
+        );
+        self
+    }
+
+    fn push(&mut self, what: impl Into<String>, bytes: f64) {
+        if bytes > 0.0 {
+            self.items.push(Item {
+                what: what.into(),
+                bytes,
+            });
+        }
+    }
+}
+
+/// The model and adapters a run holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub dims: &'a ModelDims,
+    pub lora: &'a [LowRank],
+    pub adapter: &'a [LowRank],
+}
+
+/// Every phase of the run, in order; the peak is the largest.
+pub fn estimate(run: &Run, work: &Workload, profile: &Profile) -> Vec<Phase> {
+    let mut phases = vec![
+        caption_phase(run.dims, work, profile),
+        image_phase(run.dims, work, profile),
+    ];
+    if profile.maps_files {
+        phases.push(loading_phase(run, work, profile));
+    }
+    phases.push(training_phase(run, work, profile));
+    if work.sample.is_some() {
+        phases.push(sampling_phase(run, work, profile));
+    }
+    phases.into_iter().map(|p| p.finish(profile)).collect()
+}
+
+/// The largest phase.
+pub fn peak(phases: &[Phase]) -> Option<&Phase> {
+    phases.iter().max_by(|a, b| a.total().total_cmp(&b.total()))
+}
+
+fn activation_bytes(work: &Workload, profile: &Profile) -> f64 {
+    profile.activation_bytes.unwrap_or(work.base_bytes)
+}
+
+/// The text encoder encodes one caption at a time, without gradients: its weights plus one
+/// layer's transient tensors.
+fn caption_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase {
+    let e = profile.encoder_bytes;
+    let t = &dims.text;
+    let l = work.caption_tokens as f64;
+    let transient = l * (8.0 * t.hidden_size as f64 + 3.0 * t.intermediate_size as f64) * e
+        + 3.0 * t.num_attention_heads as f64 * l * l * 4.0;
+    let mut phase = Phase {
+        name: "caption encoding (cache)",
+        items: Vec::new(),
+    };
+    phase.push(
+        format!("text encoder weights ({})", dtype_name(e)),
+        dims.text_params as f64 * e,
+    );
+    if profile.maps_files {
+        phase.push(
+            "text encoder files, mapped while loading",
+            dims.text_file_bytes as f64,
+        );
+    }
+    phase.push("one caption's activations", transient);
+    phase
+}
+
+/// The VAE encodes one image at a time, without gradients.
+fn image_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase {
+    let mut phase = Phase {
+        name: "image encoding (cache)",
+        items: Vec::new(),
+    };
+    phase.push(
+        format!("VAE weights ({})", dtype_name(profile.encoder_bytes)),
+        dims.vae_params as f64 * profile.encoder_bytes,
+    );
+    if profile.maps_files {
+        phase.push("VAE file, mapped while loading", dims.vae_file_bytes as f64);
+    }
+    phase.push(
+        "one image's activations at full resolution",
+        vae_transient(dims, work.image_pixels, profile),
+    );
+    phase
+}
+
+/// The widest VAE stage runs at full resolution: about four tensors of its width alive at
+/// once, plus the unfolded input of a 3×3 convolution where convolutions unfold.
+fn vae_transient(dims: &ModelDims, pixels: usize, profile: &Profile) -> f64 {
+    let channels = dims.vae.block_out_channels.first().copied().unwrap_or(0) as f64;
+    let unfold = if profile.conv_unfold { 9.0 } else { 0.0 };
+    (4.0 + unfold) * channels * pixels as f64 * profile.encoder_bytes
+}
+
+fn weights_item(phase: &mut Phase, run: &Run, work: &Workload) {
+    phase.push(
+        format!("transformer weights ({})", dtype_name(work.base_bytes)),
+        run.dims.transformer_params as f64 * work.base_bytes,
+    );
+}
+
+fn adapter_item(phase: &mut Phase, run: &Run, profile: &Profile) {
+    phase.push(
+        "training adapter (frozen)",
+        params(run.adapter) * profile.adapter_bytes,
+    );
+}
+
+/// The transformer's files are mapped while their tensors are copied in (CPU only).
+fn loading_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
+    let mut phase = Phase {
+        name: "loading",
+        items: Vec::new(),
+    };
+    weights_item(&mut phase, run, work);
+    phase.push(
+        "transformer files, mapped while loading",
+        run.dims.transformer_file_bytes as f64,
+    );
+    adapter_item(&mut phase, run, profile);
+    phase
+}
+
+fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
+    let mut phase = Phase {
+        name: "training",
+        items: Vec::new(),
+    };
+    weights_item(&mut phase, run, work);
+    adapter_item(&mut phase, run, profile);
+    let state_copies = if work.accumulation > 1 { 5.0 } else { 4.0 };
+    phase.push(
+        "LoRA: f32 weights, gradients, 2 AdamW moments",
+        params(run.lora) * 4.0 * state_copies,
+    );
+    let acts = Activations::new(run, work, profile);
+    if work.checkpointing {
+        phase.push("block inputs kept for recomputation", acts.saved_inputs());
+        phase.push("one block recomputed with its graph", acts.largest_block());
+    } else {
+        phase.push("every trained block's graph", acts.all_blocks());
+    }
+    phase.push(
+        "gradients of frozen inputs (candle)",
+        acts.constant_grads(work.checkpointing),
+    );
+    phase.push("backward working set", acts.backward_working_set());
+    phase
+}
+
+/// Training state stays; the VAE is loaded (kept after the first grid), and one denoising
+/// forward or the VAE decode runs, whichever is larger.
+fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
+    let mut phase = Phase {
+        name: "sampling",
+        items: Vec::new(),
+    };
+    let Some(sample) = work.sample else {
+        return phase;
+    };
+    weights_item(&mut phase, run, work);
+    adapter_item(&mut phase, run, profile);
+    phase.push("LoRA state", params(run.lora) * 16.0);
+    phase.push(
+        "VAE weights",
+        run.dims.vae_params as f64 * profile.encoder_bytes,
+    );
+    let inference = Workload {
+        batch: sample.batch,
+        image_tokens: sample.image_tokens,
+        ..work.clone()
+    };
+    // Without a graph a block holds a fraction of what training keeps: its current tensors.
+    let forward = 0.25 * Activations::new(run, &inference, profile).largest_block();
+    let decode = vae_transient(run.dims, sample.pixels, profile);
+    phase.push("denoising forward or VAE decode", forward.max(decode));
+    phase
+}
+
+fn params(modules: &[LowRank]) -> f64 {
+    modules.iter().map(|m| m.params as f64).sum()
+}
+
+fn dtype_name(bytes: f64) -> &'static str {
+    match bytes as u32 {
+        4 => "f32",
+        2 => "bf16",
+        1 => "8-bit",
+        _ => "mixed",
+    }
+}
+
+/// The activation side of one training step.
+struct Activations<'a> {
+    run: &'a Run<'a>,
+    work: &'a Workload,
+    profile: &'a Profile,
+    a: f64,
+    keeps: Keeps,
+}
+
+impl<'a> Activations<'a> {
+    fn new(run: &'a Run<'a>, work: &'a Workload, profile: &'a Profile) -> Self {
+        let a = activation_bytes(work, profile);
+        Self {
+            run,
+            work,
+            profile,
+            a,
+            keeps: (profile.keeps)(a),
+        }
+    }
+
+    /// Tokens per item that a stack's blocks see.
+    fn tokens(&self, stack: &str) -> f64 {
+        let w = self.work;
+        (match stack {
+            "noise_refiner" => w.image_tokens,
+            "context_refiner" => w.caption_tokens,
+            _ => w.image_tokens + w.caption_tokens,
+        }) as f64
+    }
+
+    fn blocks(&self, stack: &str) -> f64 {
+        let cfg = &self.run.dims.transformer;
+        (if stack == "layers" {
+            cfg.n_layers
+        } else {
+            cfg.n_refiner_layers
+        }) as f64
+    }
+
+    /// Stacks in the backward pass: the main layers (downstream of every LoRA) and the
+    /// refiners that carry one.
+    fn tracked(&self) -> Vec<&'static str> {
+        super::dims::STACKS
+            .into_iter()
+            .filter(|s| *s == "layers" || self.run.lora.iter().any(|m| m.stack() == Some(s)))
+            .collect()
+    }
+
+    /// What one block of `stack` keeps while its graph is alive.
+    fn block(&self, stack: &str) -> f64 {
+        let cfg = &self.run.dims.transformer;
+        let k = &self.keeps;
+        let (dim, ffn) = (cfg.dim as f64, cfg.ffn_dim() as f64);
+        let modulated = stack != "context_refiner";
+        let mut per_token = k.per_dim * dim + k.per_ffn * ffn;
+        if modulated {
+            per_token += k.modulation * dim;
+        }
+        // adaLN's low-rank modules see one conditioning vector per item, not every token.
+        per_token += first_block(self.run.lora, stack)
+            .chain(first_block(self.run.adapter, stack))
+            .filter(|m| !m.module().starts_with("adaLN"))
+            .map(|m| {
+                k.lowrank_in * m.inp as f64
+                    + k.lowrank_out * m.out as f64
+                    + k.lowrank_rank * m.rank()
+            })
+            .sum::<f64>();
+        let tokens = self.work.batch as f64 * self.tokens(stack);
+        tokens * per_token + k.scores * self.scores(stack)
+    }
+
+    /// Attention scores of one block: batch · heads · tokens².
+    fn scores(&self, stack: &str) -> f64 {
+        let t = self.tokens(stack);
+        self.work.batch as f64 * self.run.dims.transformer.n_heads as f64 * t * t
+    }
+
+    fn backward_working_set(&self) -> f64 {
+        self.tracked()
+            .into_iter()
+            .map(|s| {
+                self.profile.backward_blocks * self.block(s)
+                    + self.profile.backward_scores * self.scores(s)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    fn largest_block(&self) -> f64 {
+        self.tracked()
+            .into_iter()
+            .map(|s| self.block(s))
+            .fold(0.0, f64::max)
+    }
+
+    fn all_blocks(&self) -> f64 {
+        self.tracked()
+            .into_iter()
+            .map(|s| self.blocks(s) * self.block(s))
+            .sum()
+    }
+
+    /// Every block's input (all stacks run forward) and the three stack outputs.
+    fn saved_inputs(&self) -> f64 {
+        let dim = self.run.dims.transformer.dim as f64;
+        let per_item: f64 = super::dims::STACKS
+            .into_iter()
+            .map(|s| self.blocks(s) * self.tokens(s))
+            .sum::<f64>()
+            + 3.0 * self.tokens("layers");
+        per_item * dim * self.a * self.work.batch as f64
+    }
+
+    /// candle's gradients of frozen inputs: per tracked block the full-size gradients of the
+    /// norm weights, rope tables and modulation vectors, and of each frozen weight its
+    /// input reaches; for the whole backward pass, or one block with checkpointing.
+    fn constant_grads(&self, checkpointing: bool) -> f64 {
+        if !self.profile.constant_grads {
+            return 0.0;
+        }
+        let per_block = |stack: &str| {
+            let dim = self.run.dims.transformer.dim as f64;
+            let modulation = if stack == "context_refiner" {
+                0.0
+            } else {
+                4.0 * self.a
+            };
+            let tokens = self.work.batch as f64 * self.tokens(stack);
+            let vectors = tokens * dim * (6.0 * 4.0 + 4.0 * 4.0 + modulation);
+            vectors + self.frozen_weight_grads(stack)
+        };
+        let stacks = self.tracked();
+        if checkpointing {
+            stacks.into_iter().map(per_block).fold(0.0, f64::max)
+        } else {
+            stacks
+                .into_iter()
+                .map(|s| self.blocks(s) * per_block(s))
+                .sum()
+        }
+    }
+
+    /// Weights whose matmul input carries a gradient: every Linear of the block but the
+    /// adaLN one (its input is the detached conditioning) unless a LoRA sits on it; adapter
+    /// factors are frozen inputs too (f32).
+    fn frozen_weight_grads(&self, stack: &str) -> f64 {
+        let lora_on = |l: &Linear| first_block(self.run.lora, stack).any(|m| m.path == l.path);
+        let weights: f64 = self
+            .run
+            .dims
+            .linears
+            .iter()
+            .filter(|l| stack_of(&l.path) == Some(stack) && l.path.split('.').nth(1) == Some("0"))
+            .filter(|l| !l.module().starts_with("adaLN") || lora_on(l))
+            .map(|l| l.params() as f64)
+            .sum();
+        let adapter: f64 = first_block(self.run.adapter, stack)
+            .map(|m| m.params as f64)
+            .sum();
+        weights * self.a + adapter * 4.0
+    }
+}
+
+/// The modules of a stack's first block (every block of a stack has the same ones).
+fn first_block<'m>(modules: &'m [LowRank], stack: &'m str) -> impl Iterator<Item = &'m LowRank> {
+    modules
+        .iter()
+        .filter(move |m| m.stack() == Some(stack) && m.path.split('.').nth(1) == Some("0"))
+}

@@ -1,0 +1,531 @@
+//! `zlora plan`: before renting a GPU, what a training configuration needs — peak memory by
+//! phase, whether it fits each GPU and what to change when it does not, FLOPs, time and cost
+//! per GPU, the download set and the storage it occupies. Every figure is an estimate; its
+//! basis is written next to it in docs/plan.md.
+
+pub mod dims;
+pub mod flops;
+pub mod gpus;
+pub mod memory;
+
+use serde::Serialize;
+
+use crate::data::buckets::Buckets;
+use crate::hub::known;
+use crate::model::config::SEQ_MULTI_OF;
+use crate::train::config::{Mode, TrainConfig};
+use crate::Result;
+use dims::{ModelDims, Source};
+use flops::{Flops, Tokens};
+use gpus::{Gpu, GpuTable};
+use memory::{Phase, Profile, Run, SampleShape, Workload, GIB, MIB};
+
+/// Z-Image's longest caption (its `max_sequence_length`), the worst case a plan assumes.
+pub const MAX_CAPTION_TOKENS: usize = crate::model::text::DEFAULT_MAX_TOKENS;
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// GPU names to estimate for (empty: the whole table).
+    pub gpus: Vec<String>,
+    pub table: GpuTable,
+    /// Caption tokens per item, template included (before padding to 32).
+    pub caption_tokens: usize,
+    /// Download bandwidth in MB/s (10^6 bytes).
+    pub bandwidth_mb_s: f64,
+    /// Days the model is kept on a rented volume.
+    pub storage_days: f64,
+}
+
+/// Everything `zlora plan` reports; the first three fields are the `--json` contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub flops_per_step: f64,
+    /// What must still be downloaded, GB (10^9 bytes).
+    pub download_gb: f64,
+    pub gpus: Vec<GpuEstimate>,
+    pub model: String,
+    pub mode: &'static str,
+    pub workload: Workload,
+    pub flops: Flops,
+    /// GPU memory by phase (the GPU profile).
+    pub memory: Vec<Phase>,
+    pub peak_memory_gib: f64,
+    pub peak_phase: &'static str,
+    /// zlora on this CPU: peak resident memory by phase.
+    pub cpu: CpuEstimate,
+    pub sampling: Option<SamplingCost>,
+    pub downloads: Downloads,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuEstimate {
+    pub name: String,
+    pub label: String,
+    pub memory_gib: f64,
+    /// 10^9 bytes, as the contract names it; `peak_memory_gib` is the same in GiB.
+    pub peak_memory_gb: f64,
+    pub peak_memory_gib: f64,
+    pub fits: bool,
+    pub sustained_tflops: f64,
+    pub seconds_per_step: f64,
+    /// Training steps plus the samples taken during training.
+    pub total_hours: f64,
+    pub usd_per_hour: f64,
+    pub cost_usd: f64,
+    /// Hours the download takes at the plan's bandwidth, billed at this GPU's price when the
+    /// model is fetched on the rented machine.
+    pub download_hours: f64,
+    /// When it does not fit: changes that make it fit, or the best combination.
+    pub changes: Vec<Change>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub change: String,
+    pub peak_memory_gib: f64,
+    pub fits: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuEstimate {
+    pub peak_rss_mib: f64,
+    pub peak_phase: &'static str,
+    pub phases: Vec<Phase>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplingCost {
+    /// Sample grids during the run (one at step 0, then every `[sample] every` steps).
+    pub grids: u64,
+    /// Transformer forwards per grid (images × steps × 2 with guidance).
+    pub forwards_per_grid: u64,
+    pub flops: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Downloads {
+    pub parts: Vec<DownloadPart>,
+    /// All parts, present or not, GB.
+    pub total_gb: f64,
+    pub bandwidth_mb_s: f64,
+    pub transfer_hours: f64,
+    pub storage_days: f64,
+    pub storage_usd: f64,
+    pub storage_source: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadPart {
+    pub what: String,
+    pub repo: String,
+    pub bytes: u64,
+    pub basis: String,
+    /// Already on this machine.
+    pub present: bool,
+}
+
+/// The plan for `cfg`.
+pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
+    let dims = ModelDims::for_config(cfg)?;
+    let lora = dims.lora(&cfg.lora);
+    let adapter = match &cfg.model.training_adapter {
+        Some(path) => dims.adapter(path)?,
+        None => Vec::new(),
+    };
+    let run = Run {
+        dims: &dims,
+        lora: &lora,
+        adapter: &adapter,
+    };
+    let work = workload(cfg, &dims, opts.caption_tokens)?;
+    let flops = flops::step(&run, &work);
+    let gpu_profile = gpu_profile(&opts.table);
+    let memory = memory::estimate(&run, &work, &gpu_profile);
+    let (peak_phase, peak) = peak_of(&memory);
+    let cpu_phases = memory::estimate(&run, &work, &Profile::cpu());
+    let (cpu_phase, cpu_peak) = peak_of(&cpu_phases);
+    let sampling = sampling_cost(cfg, &run, &work);
+    let downloads = downloads(cfg, &dims, opts)?;
+    let download_bytes: u64 = downloads
+        .parts
+        .iter()
+        .filter(|p| !p.present)
+        .map(|p| p.bytes)
+        .sum();
+    let context = Context {
+        cfg,
+        run: &run,
+        opts,
+        profile: &gpu_profile,
+        flops: &flops,
+        sampling: sampling.as_ref(),
+        download_hours: download_bytes as f64 / (opts.bandwidth_mb_s * 1e6) / 3600.0,
+    };
+    let gpus = opts
+        .table
+        .select(&opts.gpus)?
+        .iter()
+        .map(|g| context.estimate(g, peak))
+        .collect::<Result<_>>()?;
+    Ok(Plan {
+        flops_per_step: flops.per_step,
+        download_gb: download_bytes as f64 / 1e9,
+        gpus,
+        model: describe(&dims, cfg),
+        mode: cfg.mode().name(),
+        notes: notes(&dims, &work),
+        workload: work,
+        flops,
+        memory,
+        peak_memory_gib: peak / GIB,
+        peak_phase,
+        cpu: CpuEstimate {
+            peak_rss_mib: cpu_peak / MIB,
+            peak_phase: cpu_phase,
+            phases: cpu_phases,
+        },
+        sampling,
+        downloads,
+    })
+}
+
+/// The GPU profile with the table's context and slack.
+fn gpu_profile(table: &GpuTable) -> Profile {
+    Profile {
+        overhead_bytes: table.defaults.cuda_context_gib * GIB,
+        slack: table.defaults.allocator_slack,
+        ..Profile::gpu()
+    }
+}
+
+fn peak_of(phases: &[Phase]) -> (&'static str, f64) {
+    memory::peak(phases).map_or(("none", 0.0), |p| (p.name, p.total()))
+}
+
+fn round_up(n: usize) -> usize {
+    n.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF
+}
+
+/// Image tokens of a `height`×`width` image: one per 2×2 latent patch, padded to 32.
+fn image_tokens(height: usize, width: usize, vae_factor: usize) -> usize {
+    let side = 2 * vae_factor;
+    round_up((height / side) * (width / side))
+}
+
+/// The micro-batch of `cfg`: the bucket with the most tokens at the configured resolution.
+pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> Result<Workload> {
+    let factor = dims.vae_factor();
+    let buckets = Buckets::for_vae(cfg.dataset.resolution, factor)?;
+    let largest = buckets
+        .all()
+        .iter()
+        .max_by_key(|b| image_tokens(b.height as usize, b.width as usize, factor))
+        .copied();
+    let (h, w) = largest.map_or((0, 0), |b| (b.height as usize, b.width as usize));
+    let t = &cfg.train;
+    Ok(Workload {
+        batch: t.batch_size,
+        image_tokens: image_tokens(h, w, factor),
+        caption_tokens: round_up(caption_tokens.max(1)),
+        image_pixels: h * w,
+        checkpointing: t.gradient_checkpointing,
+        accumulation: t.gradient_accumulation,
+        base_bytes: if cfg.model.base_dtype == "f32" {
+            4.0
+        } else {
+            2.0
+        },
+        sample: sample_shape(cfg, factor),
+    })
+}
+
+fn sample_shape(cfg: &TrainConfig, factor: usize) -> Option<SampleShape> {
+    let s = &cfg.sample;
+    if s.every == 0 {
+        return None;
+    }
+    let res = cfg.dataset.resolution as usize;
+    let (h, w) = (s.height.unwrap_or(res), s.width.unwrap_or(res));
+    Some(SampleShape {
+        pixels: h * w,
+        image_tokens: image_tokens(h, w, factor),
+        batch: if guidance(cfg) > 0.0 { 2 } else { 1 },
+    })
+}
+
+fn guidance(cfg: &TrainConfig) -> f64 {
+    cfg.sample.guidance.unwrap_or(cfg.mode().sampling().1)
+}
+
+/// The transformer forwards of the sample grids taken during training.
+fn sampling_cost(cfg: &TrainConfig, run: &Run, work: &Workload) -> Option<SamplingCost> {
+    let sample = work.sample?;
+    let s = &cfg.sample;
+    let grids = cfg.train.steps / s.every + 1;
+    let steps = s.steps.unwrap_or(cfg.mode().sampling().0) as u64;
+    let images = (s.prompts.len() * s.seeds.len()) as u64;
+    let tokens = Tokens {
+        batch: sample.batch,
+        image: sample.image_tokens,
+        caption: work.caption_tokens,
+    };
+    let forward = flops::forward(run, tokens, |_| true);
+    Some(SamplingCost {
+        grids,
+        forwards_per_grid: images * steps * sample.batch as u64,
+        flops: (grids * images * steps) as f64 * forward,
+    })
+}
+
+/// What one GPU estimate needs besides the GPU.
+struct Context<'a> {
+    cfg: &'a TrainConfig,
+    run: &'a Run<'a>,
+    opts: &'a PlanOptions,
+    profile: &'a Profile,
+    flops: &'a Flops,
+    sampling: Option<&'a SamplingCost>,
+    download_hours: f64,
+}
+
+impl Context<'_> {
+    fn estimate(&self, gpu: &Gpu, peak: f64) -> Result<GpuEstimate> {
+        let sustained = self.opts.table.sustained(gpu);
+        let seconds_per_step = self.flops.per_step / sustained;
+        let sampling_seconds = self.sampling.map_or(0.0, |s| s.flops / sustained);
+        let total_hours =
+            (seconds_per_step * self.cfg.train.steps as f64 + sampling_seconds) / 3600.0;
+        let capacity = gpu.memory_gib * GIB;
+        let fits = peak <= capacity;
+        Ok(GpuEstimate {
+            name: gpu.name.clone(),
+            label: gpu.label.clone(),
+            memory_gib: gpu.memory_gib,
+            peak_memory_gb: peak / 1e9,
+            peak_memory_gib: peak / GIB,
+            fits,
+            sustained_tflops: sustained / 1e12,
+            seconds_per_step,
+            total_hours,
+            usd_per_hour: gpu.usd_per_hour,
+            cost_usd: total_hours * gpu.usd_per_hour,
+            download_hours: self.download_hours,
+            changes: if fits {
+                Vec::new()
+            } else {
+                self.changes(capacity)?
+            },
+        })
+    }
+
+    /// Single changes that make the run fit in `capacity` bytes; when none does, the
+    /// changes applied one after another until it fits (or all of them).
+    fn changes(&self, capacity: f64) -> Result<Vec<Change>> {
+        let candidates = candidates(self.cfg);
+        let mut fitting = Vec::new();
+        for c in &candidates {
+            let peak = self.peak_with(&[c])?;
+            if peak <= capacity {
+                fitting.push(change(c.label.clone(), peak, capacity));
+            }
+        }
+        if !fitting.is_empty() {
+            return Ok(fitting);
+        }
+        let mut applied: Vec<&Candidate> = Vec::new();
+        let mut peak = f64::INFINITY;
+        for c in &candidates {
+            applied.push(c);
+            peak = self.peak_with(&applied)?;
+            if peak <= capacity {
+                break;
+            }
+        }
+        let label = applied
+            .iter()
+            .map(|c| c.label.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ");
+        Ok(vec![change(label, peak, capacity)])
+    }
+
+    /// The GPU peak with `changes` applied to the configuration.
+    fn peak_with(&self, changes: &[&Candidate]) -> Result<f64> {
+        let mut cfg = self.cfg.clone();
+        let mut base_bytes = None;
+        for c in changes {
+            (c.apply)(&mut cfg);
+            base_bytes = c.base_bytes.or(base_bytes);
+        }
+        let mut work = workload(&cfg, self.run.dims, self.opts.caption_tokens)?;
+        if let Some(b) = base_bytes {
+            work.base_bytes = b;
+        }
+        let lora = self.run.dims.lora(&cfg.lora);
+        let run = Run {
+            lora: &lora,
+            ..*self.run
+        };
+        Ok(peak_of(&memory::estimate(&run, &work, self.profile)).1)
+    }
+}
+
+fn change(label: String, peak: f64, capacity: f64) -> Change {
+    Change {
+        change: label,
+        peak_memory_gib: peak / GIB,
+        fits: peak <= capacity,
+    }
+}
+
+/// One way to lower memory.
+struct Candidate {
+    label: String,
+    apply: Box<dyn Fn(&mut TrainConfig)>,
+    /// An 8-bit base is no configuration key yet: it only changes the weights' bytes.
+    base_bytes: Option<f64>,
+}
+
+/// The changes worth trying, cheapest in quality first.
+fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let t = &cfg.train;
+    if !t.gradient_checkpointing {
+        out.push(candidate("gradient_checkpointing = true", |c| {
+            c.train.gradient_checkpointing = true
+        }));
+    }
+    if t.batch_size > 1 {
+        let (b, acc) = (t.batch_size, t.gradient_accumulation);
+        out.push(candidate(
+            &format!("batch_size = 1, gradient_accumulation = {}", b * acc),
+            move |c| {
+                c.train.batch_size = 1;
+                c.train.gradient_accumulation = b * acc;
+            },
+        ));
+    }
+    if cfg.model.base_dtype == "f32" {
+        out.push(candidate("base_dtype = \"bf16\"", |c| {
+            c.model.base_dtype = "bf16".into()
+        }));
+    }
+    for res in [768, 512] {
+        if cfg.dataset.resolution > res {
+            out.push(candidate(&format!("resolution = {res}"), move |c| {
+                c.dataset.resolution = res
+            }));
+        }
+    }
+    out.push(Candidate {
+        label: "an 8-bit (fp8/int8) base, as ai-toolkit and musubi offer (not in zlora yet)".into(),
+        apply: Box::new(|_| ()),
+        base_bytes: Some(1.0),
+    });
+    out
+}
+
+fn candidate(label: &str, apply: impl Fn(&mut TrainConfig) + 'static) -> Candidate {
+    Candidate {
+        label: label.to_string(),
+        apply: Box::new(apply),
+        base_bytes: None,
+    }
+}
+
+/// The files training needs, with sizes, and which are already here.
+fn downloads(cfg: &TrainConfig, dims: &ModelDims, opts: &PlanOptions) -> Result<Downloads> {
+    let mut parts: Vec<DownloadPart> = match &dims.source {
+        Source::Local { root, bytes } => vec![DownloadPart {
+            what: "model (transformer, text encoder, VAE)".into(),
+            repo: root.display().to_string(),
+            bytes: *bytes,
+            basis: "the local folder's weight files".into(),
+            present: true,
+        }],
+        Source::BuiltIn => known::variant_parts(cfg.model.variant)
+            .into_iter()
+            .map(|p| part(p, false))
+            .collect(),
+    };
+    if let Some(path) = &cfg.model.training_adapter {
+        parts.push(match std::fs::metadata(path) {
+            Ok(meta) => DownloadPart {
+                what: "training adapter".into(),
+                repo: path.display().to_string(),
+                bytes: meta.len(),
+                basis: "the local file".into(),
+                present: true,
+            },
+            Err(_) => part(known::adapter_part(), false),
+        });
+    }
+    if cfg.mode() == Mode::TurboDirect {
+        parts.push(part(known::distill_patch_part(), false));
+    }
+    let total: u64 = parts.iter().map(|p| p.bytes).sum();
+    let missing: u64 = parts.iter().filter(|p| !p.present).map(|p| p.bytes).sum();
+    let storage = &opts.table.storage;
+    Ok(Downloads {
+        total_gb: total as f64 / 1e9,
+        bandwidth_mb_s: opts.bandwidth_mb_s,
+        transfer_hours: missing as f64 / (opts.bandwidth_mb_s * 1e6) / 3600.0,
+        storage_days: opts.storage_days,
+        storage_usd: total as f64 / 1e9 * storage.usd_per_gb_month * opts.storage_days / 30.0,
+        storage_source: storage.source.clone(),
+        parts,
+    })
+}
+
+fn part(p: known::Part, present: bool) -> DownloadPart {
+    DownloadPart {
+        what: p.what.into(),
+        repo: p.repo.into(),
+        bytes: p.bytes,
+        basis: p.basis.into(),
+        present,
+    }
+}
+
+fn describe(dims: &ModelDims, cfg: &TrainConfig) -> String {
+    let t = &dims.transformer;
+    let origin = match &dims.source {
+        Source::Local { root, .. } => format!("local folder {}", root.display()),
+        Source::BuiltIn => format!(
+            "built-in Z-Image ({:?}; {} is not on this machine)",
+            cfg.model.variant, cfg.model.path
+        ),
+    };
+    format!(
+        "{origin}: dim {}, {} refiner + {} main blocks, {:.3} B transformer parameters",
+        t.dim,
+        t.n_refiner_layers * 2,
+        t.n_layers,
+        dims.transformer_params as f64 / 1e9
+    )
+}
+
+fn notes(dims: &ModelDims, work: &Workload) -> Vec<String> {
+    let encoders = (dims.text_params + dims.vae_params) as f64 * 2.0 / GIB;
+    vec![
+        format!(
+            "Image tokens are the largest bucket's at the configured resolution ({} per item); \
+             caption tokens are {} per item (the worst case unless --caption-tokens says \
+             otherwise), padded to a multiple of 32.",
+            work.image_tokens, work.caption_tokens
+        ),
+        format!(
+            "zlora always caches: the text encoder and VAE run before the transformer is \
+             loaded and are dropped, so they never share memory with training (together \
+             they would add {encoders:.1} GiB in bf16)."
+        ),
+        "GPU memory assumes a CUDA trainer that keeps what PyTorch keeps (fused attention, \
+         bf16 activations, no gradients for frozen weights); no GPU run has checked it yet. \
+         The CPU figure is zlora's own path, checked against measured runs (docs/benchmarks.md)."
+            .into(),
+        "Seconds per step = FLOPs per step / (peak × efficiency) from the GPU table: an \
+         estimate; small steps use a GPU less well than large ones."
+            .into(),
+    ]
+}
