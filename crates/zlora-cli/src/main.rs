@@ -1,6 +1,7 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod fetch;
 mod generate;
 mod lora;
 mod plan;
@@ -33,6 +34,8 @@ enum Command {
     TinyDataset(tiny::DatasetArgs),
     /// Train a LoRA (base, turbo with a training adapter, or direct turbo) from a TOML config.
     Train(train::Args),
+    /// Download a model or adapter into the Hugging Face cache (resumable, verified).
+    Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
     Plan(plan::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };

@@ -20,3 +20,16 @@ pub fn steps_bar(total: u64, label: String) -> ProgressBar {
 pub fn count_bar(total: u64, label: String) -> ProgressBar {
     bar(total, label, "items")
 }
+
+/// A bar counting bytes (downloads).
+pub fn bytes_bar(total: u64, label: String) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(label);
+    bar
+}
