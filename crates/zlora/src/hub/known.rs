@@ -58,6 +58,13 @@ pub const KNOWN: [KnownRepo; 4] = [
     },
 ];
 
+/// A file of `repo` in the local Hugging Face cache (at its `main` ref), if it is there.
+pub fn cached(repo: &str, file: &str) -> Option<std::path::PathBuf> {
+    crate::model::folder::hf_cache()
+        .model(repo.to_string())
+        .get(file)
+}
+
 /// The repository and file selection for a command-line name: an alias or an `org/name` id.
 pub fn resolve(name: &str) -> Option<(String, Needed)> {
     if let Some(known) = KNOWN.iter().find(|k| k.alias == name || k.repo == name) {
@@ -113,6 +120,8 @@ fn pipeline_file(path: &str) -> bool {
 pub struct Part {
     pub what: &'static str,
     pub repo: &'static str,
+    /// The one file of a single-file part (adapters), which the local cache may hold.
+    pub file: Option<&'static str>,
     pub bytes: u64,
     /// Why this is the size (a computation or the Hub's file page).
     pub basis: &'static str,
@@ -136,18 +145,21 @@ fn pipeline_rest(repo: &'static str) -> [Part; 3] {
         Part {
             what: "text encoder (Qwen3-4B, bf16)",
             repo,
+            file: None,
             bytes: TEXT_ENCODER_PARAMS * 2,
             basis: "computed: 4,022,468,096 parameters × 2 bytes (the Hub shows ~8.05 GB)",
         },
         Part {
             what: "VAE (bf16)",
             repo,
+            file: None,
             bytes: 167_700_000,
             basis: "the Hub's file page (168 MB)",
         },
         Part {
             what: "tokenizer and configs",
             repo,
+            file: None,
             bytes: 11_500_000,
             basis: "tokenizer.json 11.4 MB (Qwen3) plus a few KB of JSON",
         },
@@ -162,6 +174,7 @@ pub fn variant_parts(variant: crate::train::config::Variant) -> Vec<Part> {
             Part {
                 what: "transformer (f32)",
                 repo: TURBO_REPO,
+                file: None,
                 bytes: TRANSFORMER_PARAMS * 4,
                 basis: TRANSFORMER_F32,
             },
@@ -171,6 +184,7 @@ pub fn variant_parts(variant: crate::train::config::Variant) -> Vec<Part> {
             Part {
                 what: "transformer (bf16)",
                 repo: BASE_REPO,
+                file: None,
                 bytes: TRANSFORMER_PARAMS * 2,
                 basis: TRANSFORMER_BF16,
             },
@@ -180,6 +194,7 @@ pub fn variant_parts(variant: crate::train::config::Variant) -> Vec<Part> {
             Part {
                 what: "transformer (De-Turbo, bf16 single file)",
                 repo: DE_TURBO_REPO,
+                file: None,
                 bytes: TRANSFORMER_PARAMS * 2,
                 basis: TRANSFORMER_BF16,
             },
@@ -195,6 +210,7 @@ pub fn adapter_part() -> Part {
     Part {
         what: "training adapter v2",
         repo: ADAPTER_REPO,
+        file: Some(ADAPTER_FILE),
         bytes: 340_194_488,
         basis: "the Hub's file page (340,194,488 bytes)",
     }
@@ -204,6 +220,7 @@ pub fn distill_patch_part() -> Part {
     Part {
         what: "DistillPatch (for sampling a direct Turbo LoRA at 8 steps)",
         repo: DISTILL_PATCH_REPO,
+        file: Some(DISTILL_PATCH_FILE),
         bytes: 318_000_000,
         basis: "the Hub's file page (318 MB)",
     }

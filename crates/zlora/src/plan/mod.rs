@@ -446,7 +446,7 @@ fn downloads(cfg: &TrainConfig, dims: &ModelDims, opts: &PlanOptions) -> Result<
         }],
         Source::BuiltIn => known::variant_parts(cfg.model.variant)
             .into_iter()
-            .map(|p| part(p, false))
+            .map(part)
             .collect(),
     };
     if let Some(path) = &cfg.model.training_adapter {
@@ -458,11 +458,11 @@ fn downloads(cfg: &TrainConfig, dims: &ModelDims, opts: &PlanOptions) -> Result<
                 basis: "the local file".into(),
                 present: true,
             },
-            Err(_) => part(known::adapter_part(), false),
+            Err(_) => part(known::adapter_part()),
         });
     }
     if cfg.mode() == Mode::TurboDirect {
-        parts.push(part(known::distill_patch_part(), false));
+        parts.push(part(known::distill_patch_part()));
     }
     let total: u64 = parts.iter().map(|p| p.bytes).sum();
     let missing: u64 = parts.iter().filter(|p| !p.present).map(|p| p.bytes).sum();
@@ -478,13 +478,18 @@ fn downloads(cfg: &TrainConfig, dims: &ModelDims, opts: &PlanOptions) -> Result<
     })
 }
 
-fn part(p: known::Part, present: bool) -> DownloadPart {
+/// A part to download, present when the local Hugging Face cache already holds it.
+fn part(p: known::Part) -> DownloadPart {
+    let cached = p.file.and_then(|f| known::cached(p.repo, f));
     DownloadPart {
         what: p.what.into(),
         repo: p.repo.into(),
         bytes: p.bytes,
-        basis: p.basis.into(),
-        present,
+        basis: match &cached {
+            Some(path) => format!("in the Hugging Face cache: {}", path.display()),
+            None => p.basis.into(),
+        },
+        present: cached.is_some(),
     }
 }
 

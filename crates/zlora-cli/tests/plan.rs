@@ -1,0 +1,367 @@
+//! `zlora plan`: the --json contract, advice when a run does not fit, the GPU table override,
+//! and the calibration of the CPU memory model against real tiny training runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use zlora::model::text::PromptTokenizer;
+
+fn zlora(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .args(args)
+        // An empty HF cache: the examples' repo ids are never found locally.
+        .env("HF_HUB_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "zlora failed:\n{err}");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The example config with some `key = value` lines replaced.
+fn variant_of(example_name: &str, dir: &Path, edits: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(example(example_name)).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from}");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(format!("edited-{}", edits.len()));
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn json_has_the_contract_fields_for_the_requested_gpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = zlora(
+        &[
+            "plan",
+            &example("turbo-adapter.toml"),
+            "--gpu",
+            "4090,a5000,l40s,a100,h100",
+            "--json",
+        ],
+        dir.path(),
+    );
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let flops = plan["flops_per_step"].as_f64().unwrap();
+    // 6.15 B parameters × ~4,600 tokens × (2 forward + 4 backward + 2 recompute) ≈ 2.3e14.
+    assert!((1.5e14..3.5e14).contains(&flops), "{flops}");
+    // Turbo (f32 transformer 24.6 GB, text encoder 8.0 GB, ...) and the adapter.
+    let gb = plan["download_gb"].as_f64().unwrap();
+    assert!((32.0..34.0).contains(&gb), "{gb}");
+    let gpus = plan["gpus"].as_array().unwrap();
+    let names: Vec<&str> = gpus.iter().map(|g| g["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["4090", "a5000", "l40s", "a100", "h100"]);
+    for g in gpus {
+        for key in [
+            "peak_memory_gb",
+            "seconds_per_step",
+            "total_hours",
+            "cost_usd",
+        ] {
+            let v = g[key].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0, "{key} = {}", g[key]);
+        }
+        assert!(g["fits"].is_boolean());
+    }
+    // bf16 weights (12.3 GB) with checkpointing at 1024² fit 24 GB cards.
+    assert_eq!(gpus[0]["fits"], true);
+    let h100 = gpus[4]["seconds_per_step"].as_f64().unwrap();
+    let a5000 = gpus[1]["seconds_per_step"].as_f64().unwrap();
+    assert!(h100 < a5000 / 5.0, "{h100} vs {a5000}");
+}
+
+#[test]
+fn a_run_that_does_not_fit_gets_the_changes_that_would_make_it_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = variant_of(
+        "turbo-direct.toml",
+        dir.path(),
+        &[
+            ("[model]\n", "[model]\nbase_dtype = \"f32\"\n"),
+            ("[train]\n", "[train]\ngradient_checkpointing = false\n"),
+        ],
+    );
+    let text = stdout(&zlora(&["plan", &config, "--gpu", "4090,h200"], dir.path()));
+    assert!(text.contains("4090 (24 GiB) does not fit"), "{text}");
+    assert!(text.contains("gradient_checkpointing = true"), "{text}");
+    assert!(text.contains("base_dtype = \"bf16\""), "{text}");
+    assert!(!text.contains("h200 (141 GiB) does not fit"), "{text}");
+    // Every figure that is an estimate says so, and the download set is listed with sizes.
+    assert!(text.contains("estimate"), "{text}");
+    assert!(text.contains("DistillPatch"), "{text}");
+
+    let json = stdout(&zlora(
+        &["plan", &config, "--gpu", "4090", "--json"],
+        dir.path(),
+    ));
+    let plan: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let changes = plan["gpus"][0]["changes"].as_array().unwrap();
+    assert!(changes.iter().any(|c| c["fits"] == true), "{json}");
+}
+
+#[test]
+fn a_gpu_table_file_replaces_the_built_in_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../zlora/src/plan/gpus.toml"),
+    )
+    .unwrap();
+    let start = table.find("[[gpu]]").unwrap();
+    let mine = format!(
+        "{}[[gpu]]\nname = \"mine\"\nlabel = \"My card\"\nmemory_gib = 16\npeak_tflops = 100.0\n\
+         tflops_source = \"test\"\nusd_per_hour = 1.0\n",
+        &table[..start]
+    );
+    let path = dir.path().join("gpus.toml");
+    std::fs::write(&path, mine).unwrap();
+    let args = [
+        "plan",
+        &example("base.toml"),
+        "--gpu-table",
+        path.to_str().unwrap(),
+    ];
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&zlora(
+        &[&args[..], &["--json"]].concat(),
+        dir.path(),
+    )))
+    .unwrap();
+    assert_eq!(plan["gpus"].as_array().unwrap().len(), 1);
+    assert_eq!(plan["gpus"][0]["name"], "mine");
+
+    let base = example("base.toml");
+    for bad in [
+        ["plan", &base, "--gpu", "tpu"],
+        ["plan", &base, "--bandwidth", "0"],
+    ] {
+        let out = zlora(&bad, dir.path());
+        assert!(!out.status.success(), "{bad:?}");
+    }
+}
+
+/// One calibration run: a tiny model and training settings.
+struct Calibration {
+    dim: usize,
+    layers: usize,
+    heads: usize,
+    resolution: u32,
+    batch: usize,
+    checkpointing: bool,
+    dtype: &'static str,
+}
+
+const CALIBRATION: [Calibration; 4] = [
+    Calibration {
+        dim: 64,
+        layers: 2,
+        heads: 2,
+        resolution: 128,
+        batch: 1,
+        checkpointing: false,
+        dtype: "f32",
+    },
+    Calibration {
+        dim: 128,
+        layers: 2,
+        heads: 2,
+        resolution: 128,
+        batch: 2,
+        checkpointing: true,
+        dtype: "f32",
+    },
+    Calibration {
+        dim: 128,
+        layers: 4,
+        heads: 2,
+        resolution: 128,
+        batch: 1,
+        checkpointing: false,
+        dtype: "f32",
+    },
+    Calibration {
+        dim: 128,
+        layers: 2,
+        heads: 4,
+        resolution: 128,
+        batch: 1,
+        checkpointing: true,
+        dtype: "bf16",
+    },
+];
+
+impl Calibration {
+    fn name(&self) -> String {
+        format!(
+            "d{}-l{}-h{}-r{}-b{}-{}-{}",
+            self.dim,
+            self.layers,
+            self.heads,
+            self.resolution,
+            self.batch,
+            if self.checkpointing { "ckpt" } else { "full" },
+            self.dtype
+        )
+    }
+
+    fn config(&self, dir: &Path, model: &Path, data: &Path) -> PathBuf {
+        let text = format!(
+            "[model]\npath = \"{}\"\nvariant = \"turbo\"\nbase_dtype = \"{}\"\n\
+             [dataset]\npath = \"{}\"\nresolution = {}\n[lora]\nrank = 4\nalpha = 4\n\
+             [train]\nsteps = 2\nlearning_rate = 1e-3\nbatch_size = {}\nsave_every = 100\n\
+             output = \"{}\"\ngradient_checkpointing = {}\n",
+            model.display(),
+            self.dtype,
+            data.display(),
+            self.resolution,
+            self.batch,
+            dir.join(format!("run-{}", self.name())).display(),
+            self.checkpointing
+        );
+        let path = dir.join(format!("{}.toml", self.name()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// The longest caption of the dataset in tokens, chat template included.
+fn caption_tokens(model: &Path, data: &Path) -> usize {
+    let tokenizer = PromptTokenizer::from_file(&model.join("tokenizer/tokenizer.json")).unwrap();
+    std::fs::read_dir(data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .map(|p| {
+            tokenizer
+                .ids(&std::fs::read_to_string(p).unwrap())
+                .unwrap()
+                .len()
+        })
+        .max()
+        .unwrap()
+}
+
+/// The last log line's peak memory (VmHWM is a high-water mark) and the mean step time.
+fn measured(run: &Path) -> (f64, f64) {
+    let text = std::fs::read_to_string(run.join("log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let peak = lines.last().unwrap()["peak_memory_mib"].as_f64().unwrap();
+    let seconds = lines
+        .iter()
+        .map(|l| l["step_seconds"].as_f64().unwrap())
+        .sum::<f64>()
+        / lines.len() as f64;
+    (peak, seconds)
+}
+
+/// The CPU model's peak over the phases a run with a ready cache goes through.
+fn predicted(plan: &serde_json::Value) -> f64 {
+    plan["cpu"]["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "loading" || p["name"] == "training")
+        .map(|p| {
+            p["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["bytes"].as_f64().unwrap())
+                .sum::<f64>()
+        })
+        .fold(0.0, f64::max)
+        / (1024.0 * 1024.0)
+}
+
+/// Trains each tiny configuration twice — the first run builds the latent and caption cache,
+/// the second is measured without the encoders — and holds the model's peak to 25 % of the
+/// measured one. Prints the calibration table of docs/benchmarks.md (--nocapture).
+#[test]
+fn the_cpu_memory_model_is_within_25_percent_of_measured_training_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    stdout(&zlora(
+        &[
+            "tiny-dataset",
+            "--out",
+            &path(&data),
+            "--count",
+            "2",
+            "--size",
+            "128",
+        ],
+        dir.path(),
+    ));
+    println!("| config | predicted MiB | measured MiB | error | FLOPs/step | s/step | GFLOP/s |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut worst: f64 = 0.0;
+    for c in &CALIBRATION {
+        let model = dir
+            .path()
+            .join(format!("model-{}-{}-{}", c.dim, c.layers, c.heads));
+        if !model.exists() {
+            stdout(&zlora(
+                &[
+                    "tiny-model",
+                    "--out",
+                    &path(&model),
+                    "--dim",
+                    &c.dim.to_string(),
+                    "--layers",
+                    &c.layers.to_string(),
+                    "--heads",
+                    &c.heads.to_string(),
+                ],
+                dir.path(),
+            ));
+        }
+        let config = path(&c.config(dir.path(), &model, &data));
+        let warm = path(&dir.path().join("warm"));
+        stdout(&zlora(
+            &[
+                "train", &config, "--steps", "1", "--output", &warm, "--force",
+            ],
+            dir.path(),
+        ));
+        stdout(&zlora(&["train", &config], dir.path()));
+        let (peak, seconds) = measured(&dir.path().join(format!("run-{}", c.name())));
+        let tokens = caption_tokens(&model, &data).to_string();
+        let plan: serde_json::Value = serde_json::from_str(&stdout(&zlora(
+            &["plan", &config, "--json", "--caption-tokens", &tokens],
+            dir.path(),
+        )))
+        .unwrap();
+        let model_peak = predicted(&plan);
+        let flops = plan["flops_per_step"].as_f64().unwrap();
+        let error = model_peak / peak - 1.0;
+        worst = worst.max(error.abs());
+        println!(
+            "| {} | {model_peak:.1} | {peak:.1} | {:+.0} % | {flops:.3e} | {seconds:.3} | {:.1} |",
+            c.name(),
+            100.0 * error,
+            flops / seconds / 1e9
+        );
+        assert!(
+            error.abs() <= 0.25,
+            "{}: model {model_peak:.1} MiB, measured {peak:.1} MiB",
+            c.name()
+        );
+    }
+    println!("worst error {:.0} %", 100.0 * worst);
+}
