@@ -8,6 +8,7 @@
 
 pub mod bake;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod linalg;

@@ -217,7 +217,7 @@ impl TrainableLora {
                     var.dims()
                 )));
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
         }
         Ok(())
     }
