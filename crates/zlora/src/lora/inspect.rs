@@ -299,6 +299,7 @@ fn module_info(path: &str, m: &LoraModule) -> Option<ModuleInfo> {
     })
 }
 
+/// Stacks in the order a report lists them (main layers first).
 const STACKS: [&str; 3] = ["layers", "noise_refiner", "context_refiner"];
 
 /// Block modules grouped by stack and by the set of modules each block has.
