@@ -385,7 +385,7 @@ fn rank_groups(modules: &[ModuleInfo]) -> Vec<RankGroup> {
             }),
         }
     }
-    groups.sort_by(|a, b| b.count.cmp(&a.count));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
     groups
 }
 
