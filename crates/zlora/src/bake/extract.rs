@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 
-use crate::linalg::randomized_svd;
+use crate::linalg::{randomized_svd, seed_for};
 use crate::lora::{listing, LoraModule};
 use crate::model::weights::TransformerCheckpoint;
 use crate::nn::AdapterWeights;
@@ -137,7 +137,7 @@ fn extract_module(
 ) -> Result<(LoraModule, ExtractedModule)> {
     let (out, inp) = diff.dims2()?;
     let rank = opts.rank.min(out).min(inp);
-    let seed = crate::lora::combine::seed(path);
+    let seed = seed_for(path);
     let svd = randomized_svd(diff, rank, opts.oversample, opts.power_iters, seed)?;
     let (up, down) = svd.truncate(rank);
     let module = LoraModule {
