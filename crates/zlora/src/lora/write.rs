@@ -132,6 +132,10 @@ pub fn tensors(
     layout: Layout,
     dtype: DType,
 ) -> Result<BTreeMap<String, Tensor>> {
+    for (path, m) in modules {
+        m.shape()
+            .map_err(|e| Error::Invalid(format!("{path}: {e}")))?;
+    }
     let mut out = BTreeMap::new();
     let fused = match layout {
         Layout::ComfyFused => fusable_blocks(modules),
@@ -303,7 +307,10 @@ fn fuse_qkv(parts: &[Option<&LoraModule>; 3]) -> Result<(Tensor, Tensor)> {
         .ok_or_else(|| Error::Invalid("no q/k/v module to fuse".into()))?
         .1
         .dims2()?;
-    let total_rank: usize = lora.iter().map(|(d, _)| d.dims()[0]).sum();
+    let total_rank = lora
+        .iter()
+        .map(|(d, _)| Ok(d.dims2()?.0))
+        .sum::<Result<usize>>()?;
     let down = Tensor::cat(&lora.iter().map(|(d, _)| *d).collect::<Vec<_>>(), 0)?;
     let mut ups = lora.iter().map(|(_, u)| u);
     let mut offset = 0;
