@@ -1,4 +1,6 @@
-//! Reading Z-Image LoRA files into one canonical form and attaching them to a model.
+//! Reading Z-Image LoRA files into one canonical form and attaching them to a model; the
+//! submodules write that form in any layout ([`write`]), describe files ([`inspect`],
+//! [`identify()`]) and combine several ([`combine`]). docs/lora-files.md is the user's view.
 //!
 //! # Canonical form
 //!
