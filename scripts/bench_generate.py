@@ -11,10 +11,11 @@ It builds (in a temporary folder, or --workdir) a random-weight Z-Image model wi
 diffusers / transformers classes, in the diffusers layout both programs read:
 
     transformer   dim 256, 4 main + 2 refiner layers, 4 heads of 64 (axes_dims 16/24/24),
-                  caption features 128                              (~10 M parameters)
-    text encoder  Qwen3, hidden 128, 4 layers, 4 heads / 2 KV heads of 32, MLP 384
+                  caption features 128                                (8.5 M parameters)
+    text encoder  Qwen3, hidden 128, 4 layers, 4 heads / 2 KV heads of 32, MLP 384 (0.8 M)
     VAE           AutoencoderKL, block_out_channels 16/32/32/32 (8x), 2 resnets per
                   encoder block (3 per decoder block), 8 groups, mid-block attention
+                                                                (decoder: 0.26 M parameters)
     tokenizer     byte-level BPE with the chat template of scripts/make_fixtures.py
 
 and one initial-latents file (1, 16, 32, 32). Then, interleaved over --reps repetitions,
@@ -22,14 +23,15 @@ each in a fresh process with the same thread count (candle: RAYON_NUM_THREADS; t
 torch.set_num_threads and OMP/MKL_NUM_THREADS), it times a 256x256 image at guidance 0
 from those latents:
 
-    zlora      the CLI, wall time of the whole process (load + prompt + denoise + VAE + PNG)
+    zlora      the CLI: the whole process (load + prompt + denoise + VAE decode + PNG)
     diffusers  ZImagePipeline.from_pretrained (float32, CPU) + pipe(...) + PNG save, timed
                inside the worker process (the Python/torch import time is reported apart)
 
-once with 8 steps and once with 1 step; denoising alone is estimated as
-(median(8 steps) - median(1 step)) * 8/7. Both 8-step runs write their final latents (before
-VAE decoding); their max abs difference shows that the work compared is the same. Prints a
-table of medians and the ratios zlora / diffusers (below 1 means zlora is faster).
+once with 8 steps and once with 1 step, as wall time and as CPU time (user + system, all
+threads). Denoising alone is estimated as (median(8 steps) - median(1 step)) * 8/7. Both 8-step
+runs write their final latents (before VAE decoding); their max abs difference shows that the
+work compared is the same. Prints a table of medians and the ratios zlora / diffusers (below 1
+means zlora is faster), and the load average: on a shared machine the wall times depend on it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -161,7 +164,7 @@ def diffusers_worker(a: argparse.Namespace) -> None:
     t_import = time.perf_counter() - t0
     latents = load_file(a.latents)["latents"]
 
-    t1 = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     pipe = ZImagePipeline.from_pretrained(a.model, torch_dtype=torch.float32).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     final = {}
@@ -181,24 +184,29 @@ def diffusers_worker(a: argparse.Namespace) -> None:
         callback_on_step_end=keep_last,
     ).images[0]
     image.save(a.out)
-    total = time.perf_counter() - t1
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if a.save_latents:
         save_file({"latents": final["latents"].float().contiguous()}, a.save_latents)
-    print(json.dumps({"total": total, "import": t_import, "threads": torch.get_num_threads()}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "import": t_import, "threads": torch.get_num_threads()}))
 
 
 # --------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------
-def run_zlora(a, model: Path, latents: Path, steps: int, out: Path, save: Path | None) -> float:
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_zlora(a, model: Path, latents: Path, steps: int, out: Path, save: Path | None) -> dict:
     cmd = [a.zlora, "generate", "--model", str(model), "--prompt", PROMPT, "--width", str(SIZE),
            "--height", str(SIZE), "--steps", str(steps), "--guidance", "0", "--latents", str(latents),
            "--out", str(out), "--force"]
     if save:
         cmd += ["--save-latents", str(save)]
-    t0 = time.perf_counter()
+    wall, cpu = time.perf_counter(), children_cpu()
     subprocess.run(cmd, check=True, env=run_env(a.threads), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    return {"wall": time.perf_counter() - wall, "cpu": children_cpu() - cpu}
 
 
 def run_diffusers(a, model: Path, latents: Path, steps: int, out: Path, save: Path | None) -> dict:
@@ -207,7 +215,9 @@ def run_diffusers(a, model: Path, latents: Path, steps: int, out: Path, save: Pa
     if save:
         cmd += ["--save-latents", str(save)]
     res = subprocess.run(cmd, check=True, env=run_env(a.threads), capture_output=True, text=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    assert d["threads"] == a.threads, d
+    return d
 
 
 def max_abs_diff(p: Path, q: Path) -> float:
@@ -222,36 +232,37 @@ def bench(a: argparse.Namespace, work: Path) -> None:
     model, latents = work / "model", work / "latents.safetensors"
     sizes = build_model(model, latents)
     print(f"model in {model}; parameters: {sizes}")
-    print(f"threads: {a.threads} (candle RAYON_NUM_THREADS, torch.set_num_threads); reps: {a.reps}")
-    times: dict[str, list[float]] = {k: [] for k in ["z8", "z1", "d8", "d1", "import"]}
+    print(f"threads: {a.threads} (candle: RAYON_NUM_THREADS; torch: set_num_threads); reps: {a.reps}")
+    print(f"load average before: {Path('/proc/loadavg').read_text().strip()}")
+    runs: dict[str, list[dict]] = {k: [] for k in ["z8", "d8", "z1", "d1"]}
     for rep in range(a.reps):
         for steps in (8, 1):
             zsave, dsave = (work / f"{who}_{rep}.safetensors" if steps == 8 else None for who in "zd")
-            times[f"z{steps}"].append(run_zlora(a, model, latents, steps, work / "z.png", zsave))
-            d = run_diffusers(a, model, latents, steps, work / "d.png", dsave)
-            assert d["threads"] == a.threads, d
-            times[f"d{steps}"].append(d["total"])
-            times["import"].append(d["import"])
-        print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    diffs = [max_abs_diff(work / f"z_{r}.safetensors", work / f"d_{r}.safetensors") for r in range(a.reps)]
-    report(times, max(diffs))
+            runs[f"z{steps}"].append(run_zlora(a, model, latents, steps, work / "z.png", zsave))
+            runs[f"d{steps}"].append(run_diffusers(a, model, latents, steps, work / "d.png", dsave))
+        print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['wall']:.3f}s" for k, v in runs.items()), flush=True)
+    print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
+    diff = max(max_abs_diff(work / f"z_{r}.safetensors", work / f"d_{r}.safetensors") for r in range(a.reps))
+    report(runs, diff)
 
 
-def report(times: dict[str, list[float]], diff: float) -> None:
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = [
-        ("end to end, 8 steps", med["z8"], med["d8"]),
-        ("end to end, 1 step", med["z1"], med["d1"]),
-        ("denoise, 8 steps (est.)", (med["z8"] - med["z1"]) * 8 / 7, (med["d8"] - med["d1"]) * 8 / 7),
-    ]
+def report(runs: dict[str, list[dict]], diff: float) -> None:
+    med = {(k, m): statistics.median(r[m] for r in v) for k, v in runs.items() for m in ("wall", "cpu")}
     print()
-    print("| measurement (median) | zlora [s] | diffusers [s] | zlora / diffusers |")
+    print("| median of the runs | zlora [s] | diffusers [s] | zlora / diffusers |")
     print("|---|---:|---:|---:|")
-    for name, z, d in rows:
-        print(f"| {name} | {z:.3f} | {d:.3f} | {z / d:.2f} |")
+    for m in ("wall", "cpu"):
+        denoise = [(med[(f"{w}8", m)] - med[(f"{w}1", m)]) * 8 / 7 for w in "zd"]
+        for name, (z, d) in [
+            ("end to end, 8 steps", (med[("z8", m)], med[("d8", m)])),
+            ("end to end, 1 step", (med[("z1", m)], med[("d1", m)])),
+            ("denoising, 8 steps (from 8 − 1 steps)", denoise),
+        ]:
+            print(f"| {name}, {m} time | {z:.3f} | {d:.3f} | {z / d:.2f} |")
+    imports = statistics.median(r["import"] for k in ("d8", "d1") for r in runs[k])
     print()
-    print(f"diffusers import time (not included above): {med['import']:.2f}s")
-    print(f"final latents max abs diff zlora vs diffusers: {diff:.2e}")
+    print(f"diffusers worker import time (not included above): {imports:.2f}s")
+    print(f"final latents, max abs diff zlora vs diffusers: {diff:.2e}")
 
 
 def main() -> None:
