@@ -448,9 +448,7 @@ impl Encoder {
             h = block.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        Ok(self
-            .conv_out
-            .forward(&norm_silu(&self.conv_norm_out, &h)?)?)
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
     }
 }
 
@@ -493,9 +491,7 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        Ok(self
-            .conv_out
-            .forward(&norm_silu(&self.conv_norm_out, &h)?)?)
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
     }
 }
 
