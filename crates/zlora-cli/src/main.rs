@@ -1,8 +1,8 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
-mod allocator;
 mod generate;
+mod process;
 mod progress;
 mod tiny;
 
@@ -30,7 +30,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    allocator::keep_freed_memory();
+    process::keep_freed_memory();
+    process::park_idle_workers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
