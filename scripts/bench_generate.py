@@ -5,7 +5,7 @@ A benchmark, not a test (CI does not run it). Run from the repository root after
 `cargo build --release`:
 
     /work/venv/bin/python scripts/bench_generate.py [--zlora target/release/zlora]
-        [--workdir DIR] [--reps 3] [--threads 2]
+        [--baseline OTHER_ZLORA] [--workdir DIR] [--reps 3] [--threads 2]
 
 It builds (in a temporary folder, or --workdir) a random-weight Z-Image model with the real
 diffusers / transformers classes, in the diffusers layout both programs read:
@@ -23,7 +23,8 @@ each in a fresh process with the same thread count (candle: RAYON_NUM_THREADS; t
 torch.set_num_threads and OMP/MKL_NUM_THREADS), it times a 256x256 image at guidance 0
 from those latents:
 
-    zlora      the CLI: the whole process (load + prompt + denoise + VAE decode + PNG)
+    zlora      the CLI: the whole process (load + prompt + denoise + VAE decode + PNG);
+               --baseline adds a second zlora binary (before/after comparisons)
     diffusers  ZImagePipeline.from_pretrained (float32, CPU) + pipe(...) + PNG save, timed
                inside the worker process (the Python/torch import time is reported apart)
 
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,8 +200,8 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_zlora(a, model: Path, latents: Path, steps: int, out: Path, save: Path | None) -> dict:
-    cmd = [a.zlora, "generate", "--model", str(model), "--prompt", PROMPT, "--width", str(SIZE),
+def run_zlora(binary: str, a, model: Path, latents: Path, steps: int, out: Path, save: Path | None) -> dict:
+    cmd = [binary, "generate", "--model", str(model), "--prompt", PROMPT, "--width", str(SIZE),
            "--height", str(SIZE), "--steps", str(steps), "--guidance", "0", "--latents", str(latents),
            "--out", str(out), "--force"]
     if save:
@@ -234,40 +236,52 @@ def bench(a: argparse.Namespace, work: Path) -> None:
     print(f"model in {model}; parameters: {sizes}")
     print(f"threads: {a.threads} (candle: RAYON_NUM_THREADS; torch: set_num_threads); reps: {a.reps}")
     print(f"load average before: {Path('/proc/loadavg').read_text().strip()}")
-    runs: dict[str, list[dict]] = {k: [] for k in ["z8", "d8", "z1", "d1"]}
+    runners = {"zlora": partial(run_zlora, a.zlora)}
+    if a.baseline:
+        runners["baseline"] = partial(run_zlora, a.baseline)
+    runners["diffusers"] = run_diffusers
+    runs: dict[tuple[str, int], list[dict]] = {(n, s): [] for n in runners for s in (8, 1)}
     for rep in range(a.reps):
         for steps in (8, 1):
-            zsave, dsave = (work / f"{who}_{rep}.safetensors" if steps == 8 else None for who in "zd")
-            runs[f"z{steps}"].append(run_zlora(a, model, latents, steps, work / "z.png", zsave))
-            runs[f"d{steps}"].append(run_diffusers(a, model, latents, steps, work / "d.png", dsave))
-        print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['wall']:.3f}s" for k, v in runs.items()), flush=True)
+            for name, run in runners.items():
+                save = work / f"{name}_{rep}.safetensors" if steps == 8 else None
+                runs[(name, steps)].append(run(a, model, latents, steps, work / f"{name}.png", save))
+        print(f"rep {rep + 1}: " + ", ".join(f"{n} {s} steps {v[-1]['wall']:.3f}s" for (n, s), v in runs.items()),
+              flush=True)
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
-    diff = max(max_abs_diff(work / f"z_{r}.safetensors", work / f"d_{r}.safetensors") for r in range(a.reps))
-    report(runs, diff)
+    report(runs, list(runners))
+    for name in runners:
+        if name != "diffusers":
+            diff = max(max_abs_diff(work / f"{name}_{r}.safetensors", work / f"diffusers_{r}.safetensors")
+                       for r in range(a.reps))
+            print(f"final latents, max abs diff {name} vs diffusers: {diff:.2e}")
 
 
-def report(runs: dict[str, list[dict]], diff: float) -> None:
-    med = {(k, m): statistics.median(r[m] for r in v) for k, v in runs.items() for m in ("wall", "cpu")}
+def report(runs: dict[tuple[str, int], list[dict]], names: list[str]) -> None:
+    med = {(n, s, m): statistics.median(r[m] for r in v) for (n, s), v in runs.items() for m in ("wall", "cpu")}
+    ratios = [("zlora", "diffusers")] + ([("zlora", "baseline")] if "baseline" in names else [])
     print()
-    print("| median of the runs | zlora [s] | diffusers [s] | zlora / diffusers |")
-    print("|---|---:|---:|---:|")
+    print("| median of the runs | " + " | ".join(f"{n} [s]" for n in names) + " | "
+          + " | ".join(f"{x} / {y}" for x, y in ratios) + " |")
+    print("|---|" + "---:|" * (len(names) + len(ratios)))
     for m in ("wall", "cpu"):
-        denoise = [(med[(f"{w}8", m)] - med[(f"{w}1", m)]) * 8 / 7 for w in "zd"]
-        for name, (z, d) in [
-            ("end to end, 8 steps", (med[("z8", m)], med[("d8", m)])),
-            ("end to end, 1 step", (med[("z1", m)], med[("d1", m)])),
-            ("denoising, 8 steps (from 8 − 1 steps)", denoise),
-        ]:
-            print(f"| {name}, {m} time | {z:.3f} | {d:.3f} | {z / d:.2f} |")
-    imports = statistics.median(r["import"] for k in ("d8", "d1") for r in runs[k])
+        rows = {
+            "end to end, 8 steps": {n: med[(n, 8, m)] for n in names},
+            "end to end, 1 step": {n: med[(n, 1, m)] for n in names},
+            "denoising, 8 steps (from 8 − 1 steps)": {n: (med[(n, 8, m)] - med[(n, 1, m)]) * 8 / 7 for n in names},
+        }
+        for row, t in rows.items():
+            cells = [f"{t[n]:.3f}" for n in names] + [f"{t[x] / t[y]:.2f}" for x, y in ratios]
+            print(f"| {row}, {m} time | " + " | ".join(cells) + " |")
+    imports = statistics.median(r["import"] for s in (8, 1) for r in runs[("diffusers", s)])
     print()
     print(f"diffusers worker import time (not included above): {imports:.2f}s")
-    print(f"final latents, max abs diff zlora vs diffusers: {diff:.2e}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--zlora", default=str(ROOT / "target/release/zlora"))
+    p.add_argument("--baseline", help="a second zlora binary (say, an older build) timed in the same runs")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
