@@ -43,3 +43,38 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
         .to_dtype(v.dtype())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn inputs() -> Result<[Var; 3]> {
+        let dev = Device::Cpu;
+        let t = || Var::randn(0f32, 1., (2, 3, 5, 8), &dev);
+        Ok([t()?, t()?, t()?])
+    }
+
+    #[test]
+    fn equals_softmax_then_matmul() -> Result<()> {
+        let [q, k, v] = inputs()?;
+        let mask = key_padding_mask(&[5, 3], 5, &Device::Cpu)?;
+        let got = attention(&q, &k, &v, mask.as_ref())?;
+        let scores = (q.matmul(&k.t()?)? / 8f64.sqrt())?.broadcast_add(mask.as_ref().unwrap())?;
+        let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-6, "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn has_a_gradient_for_q_k_and_v() -> Result<()> {
+        let [q, k, v] = inputs()?;
+        let grads = attention(&q, &k, &v, None)?.sqr()?.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            let g = grads.get(x).expect("a gradient");
+            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+        Ok(())
+    }
+}
