@@ -104,3 +104,37 @@ fn pair_swap(d: usize, device: &Device) -> Result<Tensor> {
         .collect();
     Tensor::from_vec(p, (d, d), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn rotates_each_pair_and_has_a_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = RopeEmbedder::new(256.0, &[2, 2, 4], &[16, 16, 16]);
+        let rot = Rotation::stack(&[rope.rotation(&[[1, 2, 3], [4, 0, 5]], &dev)?])?;
+        let x = Var::randn(0f32, 1., (1, 2, 3, 8), &dev)?;
+        let got = rot.apply(&x)?;
+        let (xs, ys) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            got.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let (cos, sin) = (
+            rot.cos.flatten_all()?.to_vec1::<f32>()?,
+            rot.sin.flatten_all()?,
+        );
+        let sin = sin.to_vec1::<f32>()?;
+        for (i, pair) in xs.chunks(2).enumerate() {
+            // Pair i belongs to token i / 12 (3 heads of 4 pairs) and is pair i % 4 of a head.
+            let r = (i / 12) * 8 + (i % 4) * 2;
+            let (c, s) = (cos[r], sin[r + 1]);
+            assert_eq!(ys[2 * i], pair[0] * c - pair[1] * s);
+            assert_eq!(ys[2 * i + 1], pair[1] * c + pair[0] * s);
+        }
+        let grads = got.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_some());
+        Ok(())
+    }
+}
