@@ -146,8 +146,8 @@ def build_model(model_dir: Path, latents_file: Path) -> dict[str, int]:
     pipe.save_pretrained(model_dir, safe_serialization=True)
     noise = torch.randn(1, 16, LATENT, LATENT, generator=torch.Generator().manual_seed(LATENTS_SEED))
     save_file({"latents": noise.contiguous()}, str(latents_file))
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return {"transformer": count(dit), "text_encoder": count(te), "vae_decoder": count(vae.decoder)}
+    sizes = {"transformer": dit, "text_encoder": te, "vae_decoder": vae.decoder}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in sizes.items()}
 
 
 # --------------------------------------------------------------------------------------
