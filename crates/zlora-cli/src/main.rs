@@ -3,6 +3,7 @@
 
 mod generate;
 mod lora;
+mod process;
 mod progress;
 mod tiny;
 mod train;
@@ -38,6 +39,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    process::keep_freed_memory();
+    process::park_idle_workers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
