@@ -7,7 +7,7 @@
 //! (x₀, x₁) → (x₀·cos − x₁·sin, x₁·cos + x₀·sin), computed as x·C + swap(x)·S with
 //! C = (cos, cos) and S = (−sin, sin) per pair and swap(x) = (x₁, x₀) per pair.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 /// One token's position on the three axes.
 pub type Position = [usize; 3];
@@ -81,8 +81,26 @@ impl Rotation {
         })
     }
 
-    /// Rotates x of shape (B, S, H, D) with cos/sin of shape (B, S, D).
+    /// cos θ and sin θ once per pair, (B, S, D/2): the form candle's fused RoPE takes.
+    pub fn half_angles(&self) -> Result<(Tensor, Tensor)> {
+        let half = |t: &Tensor, at: usize| -> Result<Tensor> {
+            let d = t.dim(D::Minus1)?;
+            let mut shape = t.dims()[..t.rank() - 1].to_vec();
+            shape.extend([d / 2, 2]);
+            t.reshape(shape)?.narrow(D::Minus1, at, 1)?.squeeze(D::Minus1)?.contiguous()
+        };
+        Ok((half(&self.cos, 0)?, half(&self.sin, 1)?))
+    }
+
+    /// Rotates x of shape (B, S, H, D) with cos/sin of shape (B, S, D). On a GPU candle's
+    /// fused kernel does it (with our backward); on the CPU the composed form below.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.device().is_cpu() {
+            let (cos, sin) = self.half_angles()?;
+            let heads_first = x.to_dtype(DType::F32)?.transpose(1, 2)?;
+            let out = crate::nn::fused::rope_interleaved(&heads_first, &cos, &sin)?;
+            return out.transpose(1, 2)?.to_dtype(x.dtype());
+        }
         let (b, s, h, d) = x.dims4()?;
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;

@@ -35,6 +35,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
+    if !q.device().is_cpu() {
+        // On a GPU the fused softmax kernel (with our backward) beats the composed passes.
+        let probs = super::fused::softmax_last_dim(&scores)?;
+        return probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?);
+    }
     let e = scores
         .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
         .exp()?;
