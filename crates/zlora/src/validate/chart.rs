@@ -70,8 +70,8 @@ pub fn line_chart(
         } else {
             (lo - 1.0, hi + 1.0)
         },
-        // Round the top up to a quarter so the tick labels are short.
-        y_max: (y_top * 4.0).ceil() / 4.0,
+        // Headroom for the marker's label, rounded up to a quarter for short tick labels.
+        y_max: (y_top * 1.15 * 4.0).ceil() / 4.0,
     };
     let mut c = Canvas::new(WIDTH, HEIGHT);
     c.text(title, LEFT, (TOP - GLYPH) / 2, WIDTH - LEFT - RIGHT);
@@ -92,6 +92,7 @@ pub fn line_chart(
             y += 10.0;
         }
         let lx = (px as usize + 6).min(WIDTH.saturating_sub(text_width(label) + RIGHT));
+        c.fill_rect(lx - 2, TOP + 2, text_width(label) + 4, GLYPH + 4, [255; 3]);
         c.text(label, lx, TOP + 4, WIDTH - lx);
     }
     for s in series {
@@ -142,7 +143,9 @@ fn axes(c: &mut Canvas, f: &Frame, xs: &[f64]) {
         let label = format!("{x}");
         let px = f.px(*x);
         c.line((px, f.py(0.0)), (px, f.py(0.0) + 6.0), 1, AXIS);
-        let lx = (px as usize).saturating_sub(text_width(&label) / 2);
+        let lx = (px as usize)
+            .saturating_sub(text_width(&label) / 2)
+            .min(WIDTH - text_width(&label));
         c.text(&label, lx, HEIGHT - BOTTOM + 8, WIDTH - lx);
     }
 }
@@ -190,7 +193,7 @@ mod tests {
         // The point (20, 0.4) is on the red line.
         let f = Frame {
             x: (10.0, 30.0),
-            y_max: 1.0,
+            y_max: 1.25,
         };
         let (x, y) = (f.px(20.0) as usize, f.py(0.4) as usize);
         assert_eq!(

@@ -12,14 +12,14 @@
 //! parameters in their PNG; reports are single self-contained HTML files.
 
 pub mod chart;
-//pub mod experiment;
+pub mod experiment;
 pub mod findings;
 pub mod html;
 pub mod metrics;
 pub mod plan;
 pub mod render;
 pub mod run;
-//pub mod sweep;
+pub mod sweep;
 pub mod verdicts;
 
 use std::path::{Path, PathBuf};
