@@ -119,11 +119,14 @@ fn apply_overrides(a: &Args, r: &mut RenderSettings) {
     }
     r.width = a.width.unwrap_or(r.width);
     r.height = a.height.unwrap_or(r.height);
-    match a.dtype {
-        Some(DtypeArg::F32) => r.dtype = Precision::F32,
-        Some(DtypeArg::Bf16) => r.dtype = Precision::Bf16,
-        None => {}
-    }
+    r.dtype = precision(a.dtype).unwrap_or(r.dtype);
+}
+
+fn precision(d: Option<DtypeArg>) -> Option<Precision> {
+    d.map(|d| match d {
+        DtypeArg::F32 => Precision::F32,
+        DtypeArg::Bf16 => Precision::Bf16,
+    })
 }
 
 fn run_sweep(a: Args, run_dir: PathBuf) -> anyhow::Result<()> {
@@ -134,6 +137,7 @@ fn run_sweep(a: Args, run_dir: PathBuf) -> anyhow::Result<()> {
         seeds: a.seed,
         width: a.width,
         height: a.height,
+        dtype: precision(a.dtype).unwrap_or_default(),
         overwrite: a.force,
     };
     let mut bar = None;

@@ -93,6 +93,14 @@ impl Outputs {
         Ok(())
     }
 
+    /// Writes the report, then the record (last: it marks the work finished).
+    fn finish(&self, html: &str, record: &impl serde::Serialize, overwrite: bool) -> Result<()> {
+        write_atomic(&self.report(), html.as_bytes(), overwrite)?;
+        let json =
+            serde_json::to_string_pretty(record).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_atomic(&self.record(), json.as_bytes(), overwrite)
+    }
+
     /// One contact sheet per prompt (rows: the labelled variants, columns: seeds), written
     /// to `sheet-p{P}.png`; returns each sheet's title and PNG bytes for the report.
     fn write_sheets(

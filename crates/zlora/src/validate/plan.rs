@@ -74,6 +74,14 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// As written in plans and image parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
     pub fn dtype(self) -> DType {
         match self {
             Precision::F32 => DType::F32,
@@ -233,6 +241,14 @@ impl ValidationPlan {
             }
         }
         Ok(())
+    }
+
+    /// The model folder or repo id of a checkpoint.
+    pub fn model(&self, checkpoint: Checkpoint) -> &str {
+        match checkpoint {
+            Checkpoint::Base => &self.base,
+            Checkpoint::Turbo => &self.turbo,
+        }
     }
 
     /// The default plan's variants; the DistillPatch one only when a patch is given.

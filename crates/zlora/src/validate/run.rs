@@ -13,7 +13,6 @@ use super::plan::{trigger_word, Checkpoint, ValidationPlan, Variant, VariantId};
 use super::render::{Event, Progress, Session};
 use super::verdicts::Verdicts;
 use super::{file_hash, Outputs};
-use crate::fsutil::write_atomic;
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
 use crate::sample::image::Rgb8;
@@ -86,18 +85,19 @@ pub fn validate(
             .filter(|v| v.checkpoint == checkpoint)
             .copied()
             .collect();
-        let shift = render_group(
+        let (rendered, shift) = render_group(
             plan,
+            checkpoint,
             &group,
             &lora,
             patch.as_ref(),
             &prompts,
             &mut progress,
-            &mut images,
         )?;
-        for v in &group {
+        for (v, imgs) in group.iter().zip(rendered) {
             let params = parameters(plan, v, shift);
-            out.save_images(v.id.key(), &params, &prompts, seeds, &images[&v.id])?;
+            out.save_images(v.id.key(), &params, &prompts, seeds, &imgs)?;
+            images.insert(v.id, imgs);
         }
     }
     progress.stage("measuring");
@@ -115,9 +115,7 @@ pub fn validate(
         verdicts,
     };
     let html = report(plan, &lora, &variants, &record, &sheets);
-    write_atomic(&out.report(), html.as_bytes(), overwrite)?;
-    let json = serde_json::to_string_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&out.record(), json.as_bytes(), overwrite)?;
+    out.finish(&html, &record, overwrite)?;
     Ok(Outcome {
         report: out.report(),
         sheets: (0..record.prompts.len()).map(|p| out.sheet(p)).collect(),
@@ -125,24 +123,18 @@ pub fn validate(
     })
 }
 
-/// Renders the variants of one model (all on the same checkpoint) with one load; returns
-/// the model's scheduler shift (for the images' parameters).
+/// Renders the variants of one checkpoint with one load; returns their images (in `group`
+/// order) and the model's scheduler shift (for the images' parameters).
 fn render_group(
     plan: &ValidationPlan,
+    checkpoint: Checkpoint,
     group: &[Variant],
     lora: &LoraFile,
     patch: Option<&LoraFile>,
     prompts: &[String],
     progress: &mut Progress,
-    images: &mut BTreeMap<VariantId, Vec<Rgb8>>,
-) -> Result<f64> {
-    let Some(first) = group.first() else {
-        return Ok(0.0);
-    };
-    let model = match first.checkpoint {
-        Checkpoint::Base => &plan.base,
-        Checkpoint::Turbo => &plan.turbo,
-    };
+) -> Result<(Vec<Vec<Rgb8>>, f64)> {
+    let model = plan.model(checkpoint);
     let cfg = group.iter().any(|v| v.sampling.guidance > 0.0);
     let mut session = Session::open(model, &plan.render, prompts, cfg, progress)?;
     session.attach(lora, LORA, plan.lora_strength)?;
@@ -158,18 +150,12 @@ fn render_group(
     }
     let shift = session.shift();
     progress.stage(&format!("{model}: decoding"));
-    for (v, imgs) in group.iter().zip(session.decode(latents)?) {
-        images.insert(v.id, imgs);
-    }
-    Ok(shift)
+    Ok((session.decode(latents)?, shift))
 }
 
 /// The parameters every image of variant `v` shares (prompt and seed are added per image).
 fn parameters(plan: &ValidationPlan, v: &Variant, shift: f64) -> serde_json::Value {
-    let model = match v.checkpoint {
-        Checkpoint::Base => &plan.base,
-        Checkpoint::Turbo => &plan.turbo,
-    };
+    let model = plan.model(v.checkpoint);
     let mut loras = Vec::new();
     if v.lora {
         loras
@@ -190,7 +176,7 @@ fn parameters(plan: &ValidationPlan, v: &Variant, shift: f64) -> serde_json::Val
         "guidance": v.sampling.guidance,
         "shift": shift,
         "loras": loras,
-        "dtype": format!("{:?}", r.dtype).to_lowercase(),
+        "dtype": r.dtype.name(),
     })
 }
 

@@ -37,6 +37,7 @@ pub struct SweepRequest {
     /// The image size (default: the run's sample size, else its dataset resolution).
     pub width: Option<usize>,
     pub height: Option<usize>,
+    pub dtype: Precision,
     pub overwrite: bool,
 }
 
@@ -162,7 +163,7 @@ fn render_settings(req: &SweepRequest, cfg: &TrainConfig, trigger: Option<&str>)
         negative_prompt: s.negative_prompt.clone(),
         width: req.width.or(s.width).unwrap_or(resolution),
         height: req.height.or(s.height).unwrap_or(resolution),
-        dtype: Precision::F32,
+        dtype: req.dtype,
     }
 }
 
@@ -172,8 +173,7 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
     let (cfg, trigger) = run_config(newest)?;
     let render = render_settings(req, &cfg, trigger.as_deref());
     render.check()?;
-    let mode = cfg.mode();
-    let (steps, guidance) = mode.sampling();
+    let (steps, guidance) = cfg.mode().sampling();
     let sampling = StepsGuidance {
         steps: cfg.sample.steps.unwrap_or(steps),
         guidance: cfg.sample.guidance.unwrap_or(guidance),
@@ -182,7 +182,7 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
         dir: req.output.clone(),
     };
     let keys: Vec<String> = std::iter::once(REFERENCE.to_string())
-        .chain(ckpts.iter().map(|(s, _)| step_key(*s)))
+        .chain(ckpts.iter().map(|(s, _)| format!("step-{s:06}")))
         .collect();
     if !req.overwrite {
         out.refuse_existing(render.prompts.len(), &keys, &render.seeds)?;
@@ -194,33 +194,17 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
         events,
     };
     let model = &cfg.model.path;
-    let mut session = Session::open(
-        model,
-        &render,
-        &render.prompts,
-        sampling.guidance > 0.0,
-        &mut progress,
-    )?;
-    progress.stage("rendering without LoRA");
-    let mut latents = vec![session.denoise_all(sampling, &mut progress)?];
-    for (step, path) in &ckpts {
-        let lora = LoraFile::read_for_dim(path, session.dim())?;
-        session.attach(&lora, CHECKPOINT, 1.0)?;
-        progress.stage(&format!("rendering step {step}"));
-        latents.push(session.denoise_all(sampling, &mut progress)?);
-        session.detach(CHECKPOINT);
-    }
-    let shift = session.shift();
-    progress.stage("decoding");
-    let images = session.decode(latents)?;
+    let (images, shift) = render_checkpoints(model, &render, sampling, &ckpts, &mut progress)?;
     for (i, (key, imgs)) in keys.iter().zip(&images).enumerate() {
-        let lora = (i > 0)
-            .then(|| json!([{"file": ckpts[i - 1].1.display().to_string(), "strength": 1.0}]));
+        let loras = match i.checked_sub(1) {
+            Some(c) => json!([{"file": ckpts[c].1.display().to_string(), "strength": 1.0}]),
+            None => json!([]),
+        };
         let params = json!({
             "software": "zlora", "model": model, "width": render.width, "height": render.height,
             "negative_prompt": (sampling.guidance > 0.0).then_some(&render.negative_prompt),
             "steps": sampling.steps, "guidance": sampling.guidance, "shift": shift,
-            "loras": lora.unwrap_or_else(|| json!([])), "dtype": "f32",
+            "loras": loras, "dtype": render.dtype.name(),
         });
         out.save_images(key, &params, &render.prompts, &render.seeds, imgs)?;
     }
@@ -228,7 +212,7 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
     let metrics = measure(&ckpts, &images)?;
     let record = SweepRecord {
         run: req.run.clone(),
-        mode: mode.name().into(),
+        mode: cfg.mode().name().into(),
         model: model.clone(),
         sampling,
         prompts: render.prompts.clone(),
@@ -236,20 +220,14 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
         best_step: best_step(&metrics),
         checkpoints: metrics,
     };
-    let labels: Vec<String> = std::iter::once("no LoRA".to_string())
-        .chain(ckpts.iter().map(|(s, _)| format!("step {s}")))
-        .collect();
-    let rows: Vec<(String, &[Rgb8])> = labels
-        .into_iter()
-        .zip(images.iter().map(Vec::as_slice))
-        .collect();
+    let labels = std::iter::once("no LoRA".to_string())
+        .chain(ckpts.iter().map(|(s, _)| format!("step {s}")));
+    let rows: Vec<(String, &[Rgb8])> = labels.zip(images.iter().map(Vec::as_slice)).collect();
     let sheets = out.write_sheets(&render.prompts, &render.seeds, &rows, req.overwrite)?;
     let chart = encode_png(&chart(&record)?, &[])?;
     write_atomic(&chart_path(&out), &chart, req.overwrite)?;
     let html = report(&record, &chart, &sheets, &cfg, newest)?;
-    write_atomic(&out.report(), html.as_bytes(), req.overwrite)?;
-    let json = serde_json::to_string_pretty(&record).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&out.record(), json.as_bytes(), req.overwrite)?;
+    out.finish(&html, &record, req.overwrite)?;
     Ok(SweepOutcome {
         report: out.report(),
         chart: chart_path(&out),
@@ -257,8 +235,29 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
     })
 }
 
-fn step_key(step: u64) -> String {
-    format!("step-{step:06}")
+/// The model without LoRA, then each checkpoint attached in turn, on one load; returns the
+/// images (one group per row of the sheets) and the model's scheduler shift.
+fn render_checkpoints(
+    model: &str,
+    render: &RenderSettings,
+    sampling: StepsGuidance,
+    ckpts: &[(u64, PathBuf)],
+    progress: &mut Progress,
+) -> Result<(Vec<Vec<Rgb8>>, f64)> {
+    let cfg = sampling.guidance > 0.0;
+    let mut session = Session::open(model, render, &render.prompts, cfg, progress)?;
+    progress.stage("rendering without LoRA");
+    let mut latents = vec![session.denoise_all(sampling, progress)?];
+    for (step, path) in ckpts {
+        let lora = LoraFile::read_for_dim(path, session.dim())?;
+        session.attach(&lora, CHECKPOINT, 1.0)?;
+        progress.stage(&format!("rendering step {step}"));
+        latents.push(session.denoise_all(sampling, progress)?);
+        session.detach(CHECKPOINT);
+    }
+    let shift = session.shift();
+    progress.stage("decoding");
+    Ok((session.decode(latents)?, shift))
 }
 
 fn chart_path(out: &Outputs) -> PathBuf {
