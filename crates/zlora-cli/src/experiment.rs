@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use zlora::train::trainer::Event as TrainEvent;
 use zlora::validate::experiment::{experiment, Event, ExperimentPlan};
 
+use crate::train::TrainDisplay;
 use crate::validate::show;
 
 #[derive(clap::Args)]
@@ -22,14 +22,26 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.plan)
         .with_context(|| format!("{}: cannot read", a.plan.display()))?;
     let mut bar = None;
+    let mut training: Option<TrainDisplay> = None;
     let outcome = experiment(&plan, &text, a.force, &mut |e| match e {
         Event::Message(m) => eprintln!("{m}"),
-        Event::Train(TrainEvent::Message(m)) => eprintln!("  {m}"),
-        Event::Train(TrainEvent::Checkpoint(dir)) => eprintln!("  checkpoint {}", dir.display()),
-        Event::Train(_) => {}
+        Event::Training { way, steps } => {
+            eprintln!("{}: training", way.name());
+            if let Some(done) = training.replace(TrainDisplay::new(steps)) {
+                done.finish();
+            }
+        }
+        Event::Train(e) => {
+            if let Some(t) = training.as_mut() {
+                t.show(e);
+            }
+        }
         Event::Validate(e) => show(e, &mut bar),
     })
     .context("experiment failed")?;
+    if let Some(t) = training {
+        t.finish();
+    }
     if let Some(b) = bar {
         b.finish();
     }

@@ -164,7 +164,7 @@ fn run_sweep(a: Args, run_dir: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Stage lines on stderr and one bar over all images.
+/// Stage lines on stderr and a bar over the images of each validation.
 pub fn show(e: Event, bar: &mut Option<ProgressBar>) {
     match e {
         Event::Stage(msg) => match bar {
@@ -172,8 +172,14 @@ pub fn show(e: Event, bar: &mut Option<ProgressBar>) {
             None => eprintln!("{msg}"),
         },
         Event::Image { done, total } => {
-            let b = bar.get_or_insert_with(|| count_bar(total as u64, "rendering".into()));
-            b.set_position(done as u64);
+            if done == 1 {
+                if let Some(old) = bar.replace(count_bar(total as u64, "rendering".into())) {
+                    old.finish();
+                }
+            }
+            if let Some(b) = bar {
+                b.set_position(done as u64);
+            }
         }
     }
 }

@@ -66,6 +66,11 @@ fn bf16() -> String {
 /// What the experiment reports while it works.
 pub enum Event<'a> {
     Message(String),
+    /// A training run starts or continues: its events follow as [`Event::Train`].
+    Training {
+        way: Mode,
+        steps: u64,
+    },
     Train(trainer::Event<'a>),
     Validate(render::Event<'a>),
 }
@@ -245,11 +250,10 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         return Ok(false);
     }
     let resume = crate::train::state::latest(&dir)?.is_some();
-    events(Event::Message(format!(
-        "{}: {} training",
-        way.name(),
-        if resume { "continuing" } else { "starting" }
-    )));
+    events(Event::Training {
+        way,
+        steps: cfg.train.steps,
+    });
     let opts = TrainOptions {
         resume,
         force: !resume,
