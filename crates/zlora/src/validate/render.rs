@@ -31,12 +31,21 @@ pub enum Event<'a> {
 
 /// Counts denoised images across sessions for [`Event::Image`].
 pub struct Progress<'a> {
-    pub done: usize,
-    pub total: usize,
-    pub events: &'a mut dyn FnMut(Event),
+    done: usize,
+    total: usize,
+    events: &'a mut dyn FnMut(Event),
 }
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    /// A validation that will denoise `total` images.
+    pub fn new(total: usize, events: &'a mut dyn FnMut(Event)) -> Self {
+        Self {
+            done: 0,
+            total,
+            events,
+        }
+    }
+
     pub fn stage(&mut self, msg: &str) {
         (self.events)(Event::Stage(msg));
     }

@@ -73,11 +73,7 @@ pub fn validate(
         let keys: Vec<String> = variants.iter().map(|v| v.id.key().to_string()).collect();
         out.refuse_existing(prompts.len(), &keys, seeds)?;
     }
-    let mut progress = Progress {
-        done: 0,
-        total: variants.len() * prompts.len() * seeds.len(),
-        events,
-    };
+    let mut progress = Progress::new(variants.len() * prompts.len() * seeds.len(), events);
     let mut images = BTreeMap::new();
     for checkpoint in [Checkpoint::Base, Checkpoint::Turbo] {
         let group: Vec<Variant> = variants

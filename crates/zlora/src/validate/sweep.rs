@@ -188,11 +188,10 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
         out.refuse_existing(render.prompts.len(), &keys, &render.seeds)?;
         super::refuse_existing(&[chart_path(&out)])?;
     }
-    let mut progress = Progress {
-        done: 0,
-        total: keys.len() * render.prompts.len() * render.seeds.len(),
+    let mut progress = Progress::new(
+        keys.len() * render.prompts.len() * render.seeds.len(),
         events,
-    };
+    );
     let model = &cfg.model.path;
     let (images, shift) = render_checkpoints(model, &render, sampling, &ckpts, &mut progress)?;
     for (i, (key, imgs)) in keys.iter().zip(&images).enumerate() {
