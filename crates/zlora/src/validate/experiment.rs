@@ -79,8 +79,6 @@ pub struct ExperimentOutcome {
     pub report: PathBuf,
     /// Each way with its validation record.
     pub results: Vec<(Mode, Record)>,
-    /// The runs trained (or continued) by this invocation; the others were finished before.
-    pub trained: Vec<Mode>,
 }
 
 impl ExperimentPlan {
@@ -185,11 +183,8 @@ pub fn experiment(
 ) -> Result<ExperimentOutcome> {
     prepare_output(&plan.output, force)?;
     write_atomic(&plan.output.join(PLAN_COPY), plan_text.as_bytes(), true)?;
-    let mut trained = Vec::new();
     for way in WAYS {
-        if train_way(plan, way, events)? {
-            trained.push(way);
-        }
+        train_way(plan, way, events)?;
     }
     let mut results = Vec::new();
     for way in WAYS {
@@ -201,7 +196,6 @@ pub fn experiment(
     Ok(ExperimentOutcome {
         report: path,
         results,
-        trained,
     })
 }
 
@@ -227,8 +221,8 @@ fn prepare_output(out: &Path, force: bool) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
 }
 
-/// Trains one way unless it finished earlier with the same config; returns whether it ran.
-fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) -> Result<bool> {
+/// Trains one way unless it finished earlier with the same config.
+fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) -> Result<()> {
     let cfg = plan.train_config(way)?;
     let dir = plan.run_dir(way);
     let lora = dir.join("lora.safetensors");
@@ -247,7 +241,7 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
             "{}: finished earlier, not repeated",
             way.name()
         )));
-        return Ok(false);
+        return Ok(());
     }
     let resume = crate::train::state::latest(&dir)?.is_some();
     events(Event::Training {
@@ -264,8 +258,7 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         lora_blake3: file_hash(&lora)?,
     };
     let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&marker, json.as_bytes(), true)?;
-    Ok(true)
+    write_atomic(&marker, json.as_bytes(), true)
 }
 
 /// Validates one way's LoRA unless a finished validation of this very file and plan exists.

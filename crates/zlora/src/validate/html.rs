@@ -7,18 +7,16 @@ use std::collections::BTreeMap;
 /// test looks for in a screenshot, so they are solid and unique on the page.
 pub const HEADER: [u8; 3] = [0x1f, 0x3a, 0x5f];
 pub const GOOD: [u8; 3] = [0x1a, 0x7f, 0x37];
-pub const WARN: [u8; 3] = [0xb3, 0x6b, 0x00];
 pub const BAD: [u8; 3] = [0xc0, 0x1c, 0x28];
 
 fn hex(c: [u8; 3]) -> String {
     format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
 }
 
-/// How a finding reads: fine, worth a look, or a problem.
+/// How a finding reads: fine or a problem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Good,
-    Warn,
     Bad,
 }
 
@@ -156,7 +154,6 @@ impl Page {
 fn class(s: State) -> &'static str {
     match s {
         State::Good => "good",
-        State::Warn => "warn",
         State::Bad => "bad",
     }
 }
@@ -168,12 +165,11 @@ fn style() -> String {
          th{{background:{h};color:#fff;padding:6px 10px;text-align:left}}\
          td{{border:1px solid #ccc;padding:4px 10px;vertical-align:top;white-space:pre-wrap}}\
          td span{{display:inline-block;padding:2px 8px;color:#fff;border-radius:3px}}\
-         .good{{background:{g}}}.warn{{background:{w}}}.bad{{background:{b}}}\
+         .good{{background:{g}}}.bad{{background:{b}}}\
          figure{{margin:8px 0 20px}}img{{image-rendering:pixelated;max-width:100%}}\
          pre{{background:#f4f4f4;padding:8px;overflow:auto}}",
         h = hex(HEADER),
         g = hex(GOOD),
-        w = hex(WARN),
         b = hex(BAD)
     )
 }
