@@ -1,12 +1,14 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod experiment;
 mod generate;
 mod lora;
 mod process;
 mod progress;
 mod tiny;
 mod train;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -33,6 +35,10 @@ enum Command {
     TinyDataset(tiny::DatasetArgs),
     /// Train a LoRA (base, turbo with a training adapter, or direct turbo) from a TOML config.
     Train(train::Args),
+    /// Validate a LoRA on Base and Turbo (or every checkpoint of a run): sheets, verdicts, report.
+    Validate(Box<validate::Args>),
+    /// Train Base, Turbo + training adapter and direct Turbo on one dataset, validate, compare.
+    Experiment(experiment::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -47,6 +53,8 @@ fn main() -> ExitCode {
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

@@ -17,5 +17,6 @@ pub mod model;
 pub mod nn;
 pub mod sample;
 pub mod train;
+pub mod validate;
 
 pub use error::{Error, Result};

@@ -218,12 +218,24 @@ impl TrainableLora {
 
 /// Switches every adapter with this name on or off (e.g. the training adapter for samples).
 pub fn set_enabled(model: &mut impl LinearTargets, name: &str, enabled: bool) {
+    for_each_stack(model, |stack| {
+        for a in stack.iter_mut().filter(|a| a.name == name) {
+            a.enabled = enabled;
+        }
+    });
+}
+
+/// Removes every adapter with this name (e.g. one checkpoint's LoRA before the next one's).
+pub fn detach(model: &mut impl LinearTargets, name: &str) {
+    for_each_stack(model, |stack| stack.retain(|a| a.name != name));
+}
+
+/// Calls `f` on the adapter stack of every Linear of `model`.
+fn for_each_stack(model: &mut impl LinearTargets, mut f: impl FnMut(&mut Vec<Adapter>)) {
     let paths: Vec<String> = model.linear_shapes().into_iter().map(|(p, _)| p).collect();
     for p in paths {
         if let Some(l) = model.linear_mut(&p) {
-            for a in l.adapters_mut().iter_mut().filter(|a| a.name == name) {
-                a.enabled = enabled;
-            }
+            f(l.adapters_mut());
         }
     }
 }
