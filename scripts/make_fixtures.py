@@ -17,6 +17,7 @@ Every file and tensor name is documented in `fixtures/README.md`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from diffusers import (
     ZImageTransformer2DModel,
 )
 from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+from lycoris import LycorisNetwork, create_lycoris
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -129,6 +131,11 @@ LORA_ALPHA = 8
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3"]
 LORA_STRENGTH = 0.7
 LORA_ADAPTER = "zlora_test"
+# LyCORIS fixtures: (algo, file, rank, alpha). LoKr rank 4 with factor -1 gives full factors on
+# the 32-wide attention (scale 1 whatever alpha) and a decomposed w2 on the FFN and adaLN
+# (scale alpha / rank = 0.5); LoHa rank 2, alpha 1 (scale 0.5).
+LYCORIS_ALGOS = [("lokr", "lora_lokr.safetensors", 4, 2.0), ("loha", "lora_loha.safetensors", 2, 1.0)]
+LYCORIS_TARGET = r".*(attention\.to_[qkv]|attention\.to_out\.0|feed_forward\.w[123]|adaLN_modulation\.0)$"
 
 HEIGHT, WIDTH = 48, 80  # -> latent 12 x 20 (vae factor 4), 6 x 10 = 60 image tokens -> padded to 64
 
@@ -631,6 +638,9 @@ def main() -> None:
     with safe_open(str(OUT / "reference.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["params"]) == json.loads(json.dumps(meta))
 
+    # ---------------- 10. LyCORIS LoKr / LoHa (separate files: the ones above stay as they are)
+    lycoris_fixtures(dx, dt, dcap, dit_sd)
+
     # ---------------- canonical headers (byte-identical reruns) ---------------------------
     for p in sorted(OUT.rglob("*.safetensors")):
         before = load_file(str(p))
@@ -652,6 +662,63 @@ def main() -> None:
     assert total < 3_500_000, total
     for k, v in sorted(ref.items()):
         print(f"  {k:32s} {str(v.dtype):14s} {tuple(v.shape)}  absmax={float(v.float().abs().max()):.4g}")
+
+
+def lycoris_delta(sd: dict[str, torch.Tensor], stem: str) -> torch.Tensor:
+    """The weight delta of one saved LyCORIS module by the formulas zlora implements
+    (lora-formats.md §4.1): kron(w1, w2) or (w1a w1b) * (w2a w2b), times alpha / rank, where a
+    LoKr with two full factors has scale 1."""
+    get = lambda k: sd.get(f"{stem}.{k}")
+    alpha = get("alpha")
+    if get("hada_w1_a") is not None:
+        w1 = get("hada_w1_a") @ get("hada_w1_b")
+        w2 = get("hada_w2_a") @ get("hada_w2_b")
+        return (w1 * w2) * (float(alpha) / get("hada_w1_b").shape[0])
+    w1 = get("lokr_w1") if get("lokr_w1") is not None else get("lokr_w1_a") @ get("lokr_w1_b")
+    w2 = get("lokr_w2") if get("lokr_w2") is not None else get("lokr_w2_a") @ get("lokr_w2_b")
+    rank = get("lokr_w2_b").shape[0] if get("lokr_w2_b") is not None else (
+        get("lokr_w1_b").shape[0] if get("lokr_w1_b") is not None else None)
+    scale = float(alpha) / rank if rank is not None else 1.0
+    return torch.kron(w1, w2) * scale
+
+
+def lycoris_fixtures(dx, dt, dcap, dit_sd: dict[str, torch.Tensor]) -> None:
+    """LoKr and LoHa files written by the real LyCORIS classes, with the transformer output
+    (dit item 0) while each is active at LORA_STRENGTH, and a check that the formulas in
+    `lycoris_delta` reproduce LyCORIS' own forward."""
+    LycorisNetwork.apply_preset({"target_module": [], "target_name": [LYCORIS_TARGET]})
+    ref: dict[str, torch.Tensor] = {}
+    params: dict = dict(lycoris=importlib.metadata.version("lycoris-lora"),
+                        strength=LORA_STRENGTH, target=LYCORIS_TARGET, algos={})
+    for i, (algo, fname, rank, alpha) in enumerate(LYCORIS_ALGOS):
+        dit = ZImageTransformer2DModel.from_pretrained(MODEL_DIR, subfolder="transformer", torch_dtype=DTYPE).eval()
+        net = create_lycoris(dit, LORA_STRENGTH, linear_dim=rank, linear_alpha=alpha, algo=algo, factor=-1)
+        net.apply_to()
+        g = gen(10 + i)
+        for _, p in sorted(net.named_parameters()):
+            p.data.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+        with torch.no_grad():
+            out = dit(dx[:1], dt[:1], dcap[:1], return_dict=False)[0][0]
+        ref[f"dit_{algo}.out.0"] = f32(out)
+        net.save_weights(str(OUT / fname), torch.float32, {"ss_network_module": f"lycoris.kohya:{algo}"})
+        # The same output from merged weights computed with zlora's formulas.
+        sd = load_file(str(OUT / fname))
+        stems = sorted({k.rsplit(".", 1)[0] for k in sd})
+        merged = {k: v.clone() for k, v in dit_sd.items()}
+        for stem in stems:
+            module = next(n for n, _ in dit.named_modules() if f"lycoris_{n}".replace(".", "_") == stem)
+            merged[module + ".weight"] += LORA_STRENGTH * lycoris_delta(sd, stem)
+        net.restore()
+        plain = ZImageTransformer2DModel.from_pretrained(MODEL_DIR, subfolder="transformer", torch_dtype=DTYPE).eval()
+        plain.load_state_dict(merged)
+        with torch.no_grad():
+            o = plain(dx[:1], dt[:1], dcap[:1], return_dict=False)[0][0]
+        err = float((o - out).abs().max())
+        assert err < 1e-4, (algo, err)
+        params["algos"][algo] = dict(file=fname, rank=rank, alpha=alpha, modules=len(stems),
+                                     formula_merge_max_abs_err=err)
+    save_file(dict(sorted(ref.items())), str(OUT / "lycoris_reference.safetensors"),
+              metadata={"format": "pt", "params": json.dumps(params, sort_keys=True)})
 
 
 if __name__ == "__main__":

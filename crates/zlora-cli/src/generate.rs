@@ -69,9 +69,9 @@ pub struct Args {
     /// Write the final latents (before VAE decoding) as safetensors tensor `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
-    /// Compute dtype (default f32 on CPU).
-    #[arg(long, value_enum, default_value = "f32")]
-    dtype: DtypeArg,
+    /// Compute dtype (default: bf16 on a GPU, f32 on the CPU).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
     #[arg(long)]
     out: PathBuf,
     /// Overwrite existing output files.
@@ -102,10 +102,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         latents: a.latents,
         loras: a.lora.iter().map(|s| LoraSpec::parse(s)).collect(),
         save_latents: a.save_latents,
-        dtype: match a.dtype {
+        dtype: a.dtype.map(|d| match d {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
-        },
+        }),
         out: a.out,
         overwrite: a.force,
     };

@@ -1,13 +1,16 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod experiment;
 mod fetch;
 mod generate;
 mod lora;
 mod plan;
+mod process;
 mod progress;
 mod tiny;
 mod train;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -34,6 +37,10 @@ enum Command {
     TinyDataset(tiny::DatasetArgs),
     /// Train a LoRA (base, turbo with a training adapter, or direct turbo) from a TOML config.
     Train(train::Args),
+    /// Validate a LoRA on Base and Turbo (or every checkpoint of a run): sheets, verdicts, report.
+    Validate(Box<validate::Args>),
+    /// Train Base, Turbo + training adapter and direct Turbo on one dataset, validate, compare.
+    Experiment(experiment::Args),
     /// Download a model or adapter into the Hugging Face cache (resumable, verified).
     Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
@@ -44,12 +51,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    process::keep_freed_memory();
+    process::park_idle_workers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),

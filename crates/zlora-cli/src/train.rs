@@ -40,35 +40,64 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         resume: a.resume,
         force: a.force,
     };
-    let total = cfg.train.steps;
-    let mut bar: Option<ProgressBar> = None;
-    let mut cache_bar: Option<ProgressBar> = None;
-    let outcome = train(&cfg, &opts, &mut |event| match event {
-        Event::Message(m) => eprintln!("{m}"),
-        Event::Cache { stage, done, total } => {
-            let b = cache_bar
-                .get_or_insert_with(|| count_bar(total as u64, format!("caching {stage:?}")));
-            if done == 1 {
-                *b = count_bar(total as u64, format!("caching {stage:?}"));
-            }
-            b.set_position(done as u64);
-        }
-        Event::Step(log) => {
-            let b = bar.get_or_insert_with(|| steps_bar(total, "training".into()));
-            if b.position() == 0 {
-                b.set_position(log.step - 1);
-                b.reset_eta();
-            }
-            b.set_position(log.step);
-            b.set_message(format!("loss {:.4}", log.loss_smoothed));
-        }
-        Event::Checkpoint(dir) => eprintln!("checkpoint {}", dir.display()),
-        Event::Samples(png) => eprintln!("samples {}", png.display()),
-    })
-    .context("training failed")?;
-    if let Some(b) = bar {
-        b.finish();
-    }
+    let mut display = TrainDisplay::new(cfg.train.steps);
+    let outcome =
+        train(&cfg, &opts, &mut |event| display.show(event)).context("training failed")?;
+    display.finish();
     println!("{}", outcome.lora.display());
     Ok(())
+}
+
+/// A training run on stderr: a bar per cache stage, a step bar with the smoothed loss, and
+/// lines for messages, checkpoints and samples.
+pub struct TrainDisplay {
+    total: u64,
+    bar: Option<ProgressBar>,
+    cache_bar: Option<ProgressBar>,
+}
+
+impl TrainDisplay {
+    pub fn new(total: u64) -> Self {
+        Self {
+            total,
+            bar: None,
+            cache_bar: None,
+        }
+    }
+
+    pub fn show(&mut self, event: Event) {
+        match event {
+            Event::Message(m) => eprintln!("{m}"),
+            Event::Cache { stage, done, total } => {
+                let label = || format!("caching {stage:?}");
+                let b = self
+                    .cache_bar
+                    .get_or_insert_with(|| count_bar(total as u64, label()));
+                if done == 1 {
+                    *b = count_bar(total as u64, label());
+                }
+                b.set_position(done as u64);
+            }
+            Event::Step(log) => {
+                let total = self.total;
+                let b = self
+                    .bar
+                    .get_or_insert_with(|| steps_bar(total, "training".into()));
+                if b.position() == 0 {
+                    b.set_position(log.step - 1);
+                    b.reset_eta();
+                }
+                b.set_position(log.step);
+                b.set_message(format!("loss {:.4}", log.loss_smoothed));
+            }
+            Event::Checkpoint(dir) => eprintln!("checkpoint {}", dir.display()),
+            Event::Samples(png) => eprintln!("samples {}", png.display()),
+        }
+    }
+
+    pub fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish();
+        }
+    }
 }

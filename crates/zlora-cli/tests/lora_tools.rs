@@ -463,6 +463,16 @@ fn inspect_describes_every_layout_and_matches_a_model() {
         assert_eq!(json["model_match"]["applies"], 28);
         assert_eq!(json["metadata"]["modelspec.architecture"], "Z-Image/lora");
     }
+    for (algo, needle) in [
+        ("lokr", "LoKr (LyCORIS) (77 keys)"),
+        ("loha", "LoHa (LyCORIS) (124 keys)"),
+    ] {
+        let file = fixtures().join(format!("lora_{algo}.safetensors"));
+        let (code, stdout, _) = inspect(&file, &["--model", s(&model)]);
+        assert_eq!(code, 0, "{algo}: {stdout}");
+        assert!(stdout.contains(needle), "{stdout}");
+        assert!(stdout.contains("31 modules apply"), "{stdout}");
+    }
     // A LoRA for a wider model: every module mismatches the tiny model.
     let wide = synthetic(
         dir.path(),

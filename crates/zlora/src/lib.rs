@@ -8,6 +8,7 @@
 
 pub mod bake;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
@@ -18,5 +19,6 @@ pub mod nn;
 pub mod plan;
 pub mod sample;
 pub mod train;
+pub mod validate;
 
 pub use error::{Error, Result};

@@ -345,6 +345,14 @@ pub fn randomized_svd(
     Ok(svd_of_product(&q, &b))
 }
 
+/// A seed for [`randomized_svd`] derived from a name (FNV-1a), so a module's result does not
+/// depend on the order modules are processed in.
+pub fn seed_for(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 fn orthonormal(t: &Tensor) -> Result<Mat> {
     Ok(qr(&Mat::from_tensor(t)?).0)
 }

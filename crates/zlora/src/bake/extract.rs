@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 
-use crate::linalg::randomized_svd;
+use crate::linalg::{randomized_svd, seed_for};
 use crate::lora::{listing, LoraModule};
 use crate::model::weights::TransformerCheckpoint;
 use crate::nn::AdapterWeights;
@@ -68,8 +68,8 @@ pub fn extract(
     let mut modules = BTreeMap::new();
     let mut report = ExtractReport::default();
     for (i, (name, shape)) in shapes.iter().enumerate() {
-        let diff = (tuned.tensor(name)?.to_dtype(DType::F64)?
-            - base.tensor(name)?.to_dtype(DType::F64)?)?;
+        let w_base = base.tensor(name)?.to_dtype(DType::F64)?;
+        let diff = (tuned.tensor(name)?.to_dtype(DType::F64)? - &w_base)?;
         let energy = diff.sqr()?.sum_all()?.to_scalar::<f64>()?;
         let linear = name
             .strip_suffix(".weight")
@@ -79,8 +79,8 @@ pub fn extract(
             (false, None) => {}
             (true, None) => report.not_representable.push(name.clone()),
             (true, Some(path)) => {
-                let base_energy = base.tensor(name)?.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-                let relative_change = (energy / base_energy.to_scalar::<f64>()?).sqrt();
+                let base_energy = w_base.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                let relative_change = (energy / base_energy).sqrt();
                 let (module, m) = extract_module(path, &diff, energy, opts)?;
                 modules.insert(path.to_string(), module);
                 report.modules.push(ExtractedModule {
@@ -137,7 +137,7 @@ fn extract_module(
 ) -> Result<(LoraModule, ExtractedModule)> {
     let (out, inp) = diff.dims2()?;
     let rank = opts.rank.min(out).min(inp);
-    let seed = crate::lora::combine::seed(path);
+    let seed = seed_for(path);
     let svd = randomized_svd(diff, rank, opts.oversample, opts.power_iters, seed)?;
     let (up, down) = svd.truncate(rank);
     let module = LoraModule {

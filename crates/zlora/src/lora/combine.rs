@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Tensor};
 
 use super::{LoraFile, LoraModule};
-use crate::linalg::{randomized_svd, svd_of_product, Mat, Svd};
+use crate::linalg::{randomized_svd, seed_for, svd_of_product, Mat, Svd};
 use crate::nn::AdapterWeights;
 use crate::{Error, Result};
 
@@ -153,7 +153,7 @@ fn dense(
         .sqr()?
         .sum_all()?
         .to_scalar::<f64>()?;
-    let svd = randomized_svd(&sum, cap, OVERSAMPLE, POWER_ITERS, seed(path))?;
+    let svd = randomized_svd(&sum, cap, OVERSAMPLE, POWER_ITERS, seed_for(path))?;
     let (report, (u, d)) = truncated(path, out.min(inp), &svd, total, cap)?;
     let module = LoraModule {
         weights: AdapterWeights::LowRank { down: d, up: u },
@@ -186,11 +186,4 @@ fn truncated(
         rel_error,
     };
     Ok((report, (up.to_tensor()?, down.to_tensor()?)))
-}
-
-/// A per-module seed, so results do not depend on the order modules are processed in.
-pub(crate) fn seed(path: &str) -> u64 {
-    path.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
 }

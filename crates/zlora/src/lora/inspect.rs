@@ -17,10 +17,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::identify::{
-    algorithms, identify, text_encoder_keys, unsupported_algorithm, Algorithm, Architecture,
-};
-use super::{listing, peft, LoraFile, LoraHeader, LoraModule};
+use super::identify::{algorithms, identify, Architecture, Identification};
+use super::{listing, refusal, LoraFile, LoraHeader, LoraModule, Refusal};
 
 /// Why a file does or does not apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -137,8 +135,9 @@ pub fn inspect(path: &Path, model: Option<&ModelLinears>) -> Report {
         Ok(h) => h,
         Err(e) => return unreadable(path, bytes.len(), without_path(path, &e)),
     };
-    let mut report = describe_header(path, bytes.len(), &header, width);
-    if let Some((verdict, reason)) = refusal(&header, width) {
+    let id = identify(&header.shapes, &header.metadata, width);
+    let mut report = describe_header(path, bytes.len(), &header, &id);
+    if let Some((verdict, reason)) = header_verdict(&header, &id) {
         return report.finish(verdict, reason);
     }
     let file = match LoraFile::from_bytes(path, &bytes, width) {
@@ -201,7 +200,12 @@ fn without_path(path: &Path, e: &crate::Error) -> String {
 }
 
 fn unreadable(path: &Path, bytes: usize, reason: String) -> Report {
-    let empty = Report {
+    blank(path, bytes).finish(Verdict::Unreadable, reason)
+}
+
+/// A report with nothing known yet (the verdict is set by [`Report::finish`]).
+fn blank(path: &Path, bytes: usize) -> Report {
+    Report {
         file: path.display().to_string(),
         bytes,
         tensors: 0,
@@ -218,22 +222,20 @@ fn unreadable(path: &Path, bytes: usize, reason: String) -> Report {
         verdict: Verdict::Unreadable,
         code: 0,
         reason: String::new(),
-    };
-    empty.finish(Verdict::Unreadable, reason)
+    }
 }
 
-fn describe_header(path: &Path, bytes: usize, h: &LoraHeader, width: usize) -> Report {
+fn describe_header(path: &Path, bytes: usize, h: &LoraHeader, id: &Identification) -> Report {
     let mut dtypes = BTreeMap::new();
     for d in h.dtypes.values() {
         *dtypes.entry(format!("{d:?}").to_uppercase()).or_insert(0) += 1;
     }
-    let id = identify(&h.shapes, &h.metadata, width);
-    let mut report = unreadable(path, bytes, String::new());
+    let mut report = blank(path, bytes);
     report.tensors = h.shapes.len();
     report.dtypes = dtypes;
     report.metadata = h.metadata.clone();
     report.architecture = id.architecture.to_string();
-    report.evidence = id.evidence;
+    report.evidence = id.evidence.clone();
     report.algorithms = algorithms(h.shapes.keys())
         .into_iter()
         .map(|(a, n)| (a.to_string(), n))
@@ -241,48 +243,21 @@ fn describe_header(path: &Path, bytes: usize, h: &LoraHeader, width: usize) -> R
     report
 }
 
-/// Reasons decided by the header alone, in the order a user needs them: wrong model family
-/// first, then an algorithm zlora cannot apply.
-fn refusal(h: &LoraHeader, width: usize) -> Option<(Verdict, String)> {
-    if h.shapes.is_empty() {
-        return Some((Verdict::Foreign, "contains no tensors".into()));
+/// The reader's header checks as a verdict, plus one of inspect's own: a file in which no
+/// key names a Z-Image module and no metadata names a family is not a Z-Image LoRA.
+fn header_verdict(h: &LoraHeader, id: &Identification) -> Option<(Verdict, String)> {
+    if let Some(r) = refusal(&h.shapes, &h.metadata, id) {
+        let verdict = match r {
+            Refusal::NotZImage(_) => Verdict::Foreign,
+            Refusal::Unsupported(_) => Verdict::Unsupported,
+            Refusal::Content(_) => Verdict::Mismatch,
+        };
+        return Some((verdict, r.message().to_string()));
     }
-    let id = identify(&h.shapes, &h.metadata, width);
-    if !matches!(
-        id.architecture,
-        Architecture::ZImage | Architecture::Unknown
-    ) {
-        let reason = format!(
-            "a {} LoRA, not a Z-Image LoRA (evidence: {})",
-            id.architecture, id.evidence
-        );
-        return Some((Verdict::Foreign, reason));
-    }
-    let te = text_encoder_keys(h.shapes.keys());
-    if te.len() == h.shapes.len() {
-        let reason = format!(
-            "a text-encoder LoRA ({} keys), not for the transformer",
-            te.len()
-        );
-        return Some((Verdict::Foreign, reason));
-    }
-    if let Some((algorithm, keys)) = unsupported_algorithm(h.shapes.keys()) {
-        let keys = keys.into_iter().map(String::from).collect();
-        let reason = format!("{algorithm} is not supported: {}", listing(keys));
-        return Some((Verdict::Unsupported, reason));
-    }
-    if peft::declares_dora(&h.metadata) {
-        let reason = format!(
-            "{} is not supported (header lora_adapter_metadata has use_dora = true)",
-            Algorithm::DoRA
-        );
-        return Some((Verdict::Unsupported, reason));
-    }
-    if id.architecture == Architecture::Unknown {
+    (id.architecture == Architecture::Unknown).then(|| {
         let reason = "no key names a Z-Image module and the header names no model family";
-        return Some((Verdict::Foreign, format!("unknown architecture: {reason}")));
-    }
-    None
+        (Verdict::Foreign, format!("unknown architecture: {reason}"))
+    })
 }
 
 fn module_info(path: &str, m: &LoraModule) -> Option<ModuleInfo> {
@@ -299,6 +274,7 @@ fn module_info(path: &str, m: &LoraModule) -> Option<ModuleInfo> {
     })
 }
 
+/// Stacks in the order a report lists them (main layers first).
 const STACKS: [&str; 3] = ["layers", "noise_refiner", "context_refiner"];
 
 /// Block modules grouped by stack and by the set of modules each block has.

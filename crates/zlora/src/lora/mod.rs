@@ -1,4 +1,6 @@
-//! Reading Z-Image LoRA files into one canonical form and attaching them to a model.
+//! Reading Z-Image LoRA files into one canonical form and attaching them to a model; the
+//! submodules write that form in any layout ([`write`]), describe files ([`inspect`],
+//! [`identify()`]) and combine several ([`combine`]). docs/lora-files.md is the user's view.
 //!
 //! # Canonical form
 //!
@@ -57,7 +59,9 @@ use candle_core::{IndexOp, Tensor};
 use crate::nn::{Adapter, AdapterWeights, Factor, LinearTargets};
 use crate::{Error, Result};
 use container::Header;
-use identify::{identify, text_encoder_keys, unsupported_algorithm, Architecture, ZIMAGE_DIM};
+use identify::{
+    identify, text_encoder_keys, unsupported_algorithm, Architecture, Identification, ZIMAGE_DIM,
+};
 use layout::Group;
 pub use layout::Layout;
 use names::{Role, Target, QKV_PARTS};
@@ -171,7 +175,10 @@ impl LoraFile {
         let header = container::parse(path, bytes)?;
         let shapes = header.shapes();
         let refuse = |msg: String| Error::lora(path, msg);
-        check_content(&shapes, &header.metadata, dim).map_err(refuse)?;
+        let id = identify(&shapes, &header.metadata, dim);
+        if let Some(r) = refusal(&shapes, &header.metadata, &id) {
+            return Err(refuse(r.message().to_string()));
+        }
         let peft = PeftConfig::from_metadata(&header.metadata).map_err(refuse)?;
         let (layout, groups) = layout::plan(&shapes).map_err(refuse)?;
         let source = Source {
@@ -274,49 +281,79 @@ fn misfit(path: &str, m: &LoraModule, linear: Option<(usize, usize)>) -> Option<
     }
 }
 
+/// Why a file cannot be applied, as far as its header alone tells.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Refusal {
+    /// Another model family, a text-encoder LoRA, or no tensors at all.
+    NotZImage(String),
+    /// An algorithm zlora cannot apply (DoRA).
+    Unsupported(String),
+    /// Transformer adapters mixed with content zlora cannot apply.
+    Content(String),
+}
+
+impl Refusal {
+    pub(crate) fn message(&self) -> &str {
+        match self {
+            Refusal::NotZImage(m) | Refusal::Unsupported(m) | Refusal::Content(m) => m,
+        }
+    }
+}
+
 /// Refuses files that are not plain Z-Image transformer LoRAs, before any data is decoded.
-fn check_content(
+pub(crate) fn refusal(
     shapes: &BTreeMap<String, Vec<usize>>,
     metadata: &BTreeMap<String, String>,
-    dim: usize,
-) -> std::result::Result<(), String> {
+    id: &Identification,
+) -> Option<Refusal> {
     if shapes.is_empty() {
-        return Err("contains no tensors".into());
+        return Some(Refusal::NotZImage("contains no tensors".into()));
     }
-    let id = identify(shapes, metadata, dim);
     if !matches!(
         id.architecture,
         Architecture::ZImage | Architecture::Unknown
     ) {
-        return Err(format!(
+        return Some(Refusal::NotZImage(format!(
             "this is a {} LoRA, not a Z-Image LoRA (evidence: {})",
             id.architecture, id.evidence
-        ));
-    }
-    if let Some((algorithm, keys)) = unsupported_algorithm(shapes.keys()) {
-        let keys = keys.into_iter().map(String::from).collect();
-        return Err(format!(
-            "{algorithm} adapters are not supported yet: {}",
-            listing(keys)
-        ));
+        )));
     }
     let te: Vec<String> = text_encoder_keys(shapes.keys())
         .into_iter()
         .map(String::from)
         .collect();
     if !te.is_empty() {
-        let what = if te.len() == shapes.len() {
-            "is a text-encoder LoRA"
-        } else {
-            "mixes text-encoder and transformer adapters"
-        };
-        return Err(format!(
-            "{what}; only Z-Image transformer LoRAs are supported (text-encoder keys ({}): {})",
+        let all = te.len() == shapes.len();
+        let msg = format!(
+            "{}; only Z-Image transformer LoRAs are supported (text-encoder keys ({}): {})",
+            if all {
+                "is a text-encoder LoRA"
+            } else {
+                "mixes text-encoder and transformer adapters"
+            },
             te.len(),
             listing(te)
-        ));
+        );
+        return Some(if all {
+            Refusal::NotZImage(msg)
+        } else {
+            Refusal::Content(msg)
+        });
     }
-    Ok(())
+    if let Some((algorithm, keys)) = unsupported_algorithm(shapes.keys()) {
+        let keys = keys.into_iter().map(String::from).collect();
+        return Some(Refusal::Unsupported(format!(
+            "{algorithm} adapters are not supported yet: {}",
+            listing(keys)
+        )));
+    }
+    peft::declares_dora(metadata).then(|| {
+        Refusal::Unsupported(
+            "DoRA (weight-decomposed LoRA) adapters are not supported yet (header \
+             lora_adapter_metadata has use_dora = true)"
+                .into(),
+        )
+    })
 }
 
 /// The decoded file while its modules are built.

@@ -5,20 +5,7 @@
 //! `adaLN_modulation`, `to_out_0`, `noise_refiner`, `context_refiner` and `all_final_layer`
 //! all contain underscores of their own.
 
-/// Block stacks; each block is addressed as `<stack>.<index>.<module>`.
-const STACKS: [&str; 3] = ["layers", "noise_refiner", "context_refiner"];
-
-/// Linear modules inside a block, in diffusers naming (also the canonical names).
-const BLOCK_MODULES: [&str; 8] = [
-    "attention.to_q",
-    "attention.to_k",
-    "attention.to_v",
-    "attention.to_out.0",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "adaLN_modulation.0",
-];
+use crate::model::dit::{BLOCK_LINEARS as BLOCK_MODULES, STACKS};
 
 /// Linear modules outside the blocks, in diffusers naming.
 const GLOBAL_MODULES: [&str; 6] = [

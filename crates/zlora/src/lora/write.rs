@@ -132,6 +132,10 @@ pub fn tensors(
     layout: Layout,
     dtype: DType,
 ) -> Result<BTreeMap<String, Tensor>> {
+    for (path, m) in modules {
+        m.shape()
+            .map_err(|e| Error::Invalid(format!("{path}: {e}")))?;
+    }
     let mut out = BTreeMap::new();
     let fused = match layout {
         Layout::ComfyFused => fusable_blocks(modules),
@@ -185,21 +189,37 @@ fn module_tensors(
             )))
         }
         AdapterWeights::Kronecker { w1, w2 } => {
-            let w1 = w1.scaled(m.scale)?;
-            let roles = |full, a, b| (Some(full), a, b);
-            let w1_roles = roles(Role::LokrW1, Role::LokrW1A, Role::LokrW1B);
-            let w2_roles = roles(Role::LokrW2, Role::LokrW2A, Role::LokrW2B);
-            lycoris_factor(out, &stem, &w1, w1_roles, dtype)?;
-            lycoris_factor(out, &stem, w2, w2_roles, dtype)?;
-            unit_alpha(out, &stem, &m.weights)
+            lycoris_tensors(out, &stem, [w1, w2], LOKR_ROLES, m, dtype)
         }
         AdapterWeights::Hadamard { w1, w2 } => {
-            let w1 = w1.scaled(m.scale)?;
-            lycoris_factor(out, &stem, &w1, (None, Role::HadaW1A, Role::HadaW1B), dtype)?;
-            lycoris_factor(out, &stem, w2, (None, Role::HadaW2A, Role::HadaW2B), dtype)?;
-            unit_alpha(out, &stem, &m.weights)
+            lycoris_tensors(out, &stem, [w1, w2], LOHA_ROLES, m, dtype)
         }
     }
+}
+
+/// LyCORIS tensor roles (full, a, b) of w1 and w2; LoHa factors are always products.
+type FactorRoles = [(Option<Role>, Role, Role); 2];
+const LOKR_ROLES: FactorRoles = [
+    (Some(Role::LokrW1), Role::LokrW1A, Role::LokrW1B),
+    (Some(Role::LokrW2), Role::LokrW2A, Role::LokrW2B),
+];
+const LOHA_ROLES: FactorRoles = [
+    (None, Role::HadaW1A, Role::HadaW1B),
+    (None, Role::HadaW2A, Role::HadaW2B),
+];
+
+/// A LoKr or LoHa module: scale folded into w1, alpha such that every loader's scale is 1.
+fn lycoris_tensors(
+    out: &mut BTreeMap<String, Tensor>,
+    stem: &str,
+    [w1, w2]: [&Factor; 2],
+    roles: FactorRoles,
+    m: &LoraModule,
+    dtype: DType,
+) -> Result<()> {
+    lycoris_factor(out, stem, &w1.scaled(m.scale)?, roles[0], dtype)?;
+    lycoris_factor(out, stem, w2, roles[1], dtype)?;
+    unit_alpha(out, stem, &m.weights)
 }
 
 /// A LoRA pair; `scale` is folded into B, except for kohya where it becomes `.alpha`.
@@ -303,7 +323,10 @@ fn fuse_qkv(parts: &[Option<&LoraModule>; 3]) -> Result<(Tensor, Tensor)> {
         .ok_or_else(|| Error::Invalid("no q/k/v module to fuse".into()))?
         .1
         .dims2()?;
-    let total_rank: usize = lora.iter().map(|(d, _)| d.dims()[0]).sum();
+    let total_rank = lora
+        .iter()
+        .map(|(d, _)| Ok(d.dims2()?.0))
+        .sum::<Result<usize>>()?;
     let down = Tensor::cat(&lora.iter().map(|(d, _)| *d).collect::<Vec<_>>(), 0)?;
     let mut ups = lora.iter().map(|(_, u)| u);
     let mut offset = 0;

@@ -22,6 +22,21 @@ fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear>
     Ok(Linear::new(w, b))
 }
 
+/// The block stacks, in the order they run; a block is `<stack>.<index>`.
+pub const STACKS: [&str; 3] = ["noise_refiner", "context_refiner", "layers"];
+
+/// The Linears inside a block, by diffusers path (the context refiner has no adaLN).
+pub const BLOCK_LINEARS: [&str; 8] = [
+    "attention.to_q",
+    "attention.to_k",
+    "attention.to_v",
+    "attention.to_out.0",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+    "adaLN_modulation.0",
+];
+
 fn round_up(n: usize) -> usize {
     n.div_ceil(SEQ_MULTI_OF) * SEQ_MULTI_OF
 }

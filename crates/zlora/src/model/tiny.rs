@@ -5,12 +5,9 @@
 //! that creates a seeded random tensor for every name it is asked for, and those tensors are
 //! saved. So the tiny model has exactly the names and shapes the loader expects.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -19,6 +16,7 @@ use serde_json::json;
 
 use super::text::{Qwen3TextEncoder, TextEncoderConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
+use super::weights::OnDemand;
 use super::{TransformerConfig, ZImageTransformer};
 use crate::fsutil::{save_safetensors, write_atomic};
 use crate::{Error, Result};
@@ -46,73 +44,16 @@ impl Default for TinySpec {
     }
 }
 
-/// Creates random tensors on demand and remembers them by name.
-#[derive(Clone)]
-struct RandomInit {
-    rng: Arc<Mutex<ChaCha8Rng>>,
-    made: Arc<Mutex<BTreeMap<String, Tensor>>>,
-}
-
-impl RandomInit {
-    fn new(seed: u64) -> Self {
-        Self {
-            rng: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))),
-            made: Arc::default(),
-        }
-    }
-
-    /// Norm weights near 1, biases and pad tokens small, matrices scaled by 1/√fan_in.
-    fn value(name: &str, shape: &Shape, z: f32) -> f32 {
-        let dims = shape.dims();
-        if name.contains("norm") && dims.len() == 1 {
-            1.0 + 0.1 * z
-        } else if name.ends_with("bias") || name.ends_with("pad_token") {
-            0.05 * z
-        } else {
-            let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            z / (fan_in as f32).sqrt()
-        }
-    }
-
-    fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.made.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-}
-
-impl SimpleBackend for RandomInit {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut made = self
-            .made
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        if let Some(t) = made.get(name) {
-            return Ok(t.clone());
-        }
-        let mut rng = self
-            .rng
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let data: Vec<f32> = (0..s.elem_count())
-            .map(|_| Self::value(name, &s, StandardNormal.sample(&mut *rng)))
-            .collect();
-        let t = Tensor::from_vec(data, s, dev)?.to_dtype(dtype)?;
-        made.insert(name.to_string(), t.clone());
-        Ok(t)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("{name}: shape needed")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+/// Norm weights near 1, biases and pad tokens small, matrices scaled by 1/√fan_in.
+fn init_value(name: &str, shape: &Shape, z: f32) -> f32 {
+    let dims = shape.dims();
+    if name.contains("norm") && dims.len() == 1 {
+        1.0 + 0.1 * z
+    } else if name.ends_with("bias") || name.ends_with("pad_token") {
+        0.05 * z
+    } else {
+        let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+        z / (fan_in as f32).sqrt()
     }
 }
 
@@ -121,18 +62,26 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes(), true)
 }
 
-/// Builds one component over a fresh random backend and saves its weights.
+/// Builds one component over a backend of seeded random tensors and saves its weights.
 fn save_random<F>(dir: &Path, file: &str, seed: u64, build: F) -> Result<()>
 where
     F: FnOnce(VarBuilder) -> Result<()>,
 {
-    let init = RandomInit::new(seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let random = move |name: &str, s: &Shape, dtype, dev: &Device| {
+        let data: Vec<f32> = (0..s.elem_count())
+            .map(|_| init_value(name, s, StandardNormal.sample(&mut rng)))
+            .collect();
+        Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
+    };
+    let (backend, made) = OnDemand::new(random);
     build(VarBuilder::from_backend(
-        Box::new(init.clone()),
+        Box::new(backend),
         DType::F32,
         Device::Cpu,
     ))?;
-    save_safetensors(&dir.join(file), &init.tensors(), None, true)
+    let tensors = made.lock().map(|m| m.clone()).unwrap_or_default();
+    save_safetensors(&dir.join(file), &tensors, None, true)
 }
 
 /// Writes the tiny model into `root` (which must not exist unless `overwrite`).

@@ -23,7 +23,11 @@ const NORM_EPS: f64 = 1e-6;
 
 /// At most this many attention scores (per batch item) exist at once; the mid-block attention
 /// is chunked over query rows so that large images do not need an (H·W)² matrix.
-const MAX_SCORES: usize = 1 << 24;
+pub(crate) const MAX_SCORES: usize = 1 << 24;
+
+/// At most this many im2col elements (per batch item) exist at once in a 3×3 convolution;
+/// bands of about 4 MB stay in the cache and were fastest.
+const MAX_COLUMNS: usize = 1 << 20;
 
 /// `AutoencoderKL` hyper-parameters from the VAE's `config.json` (unknown keys are ignored).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -121,8 +125,9 @@ impl VaeConfig {
     }
 }
 
-fn conv(in_c: usize, out_c: usize, kernel: usize, vb: VarBuilder) -> Result<Conv2d> {
-    conv_strided(in_c, out_c, kernel, 1, kernel / 2, vb)
+/// A 1×1 convolution (candle's conv2d runs these as one matmul).
+fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv2d> {
+    conv_strided(in_c, out_c, 1, 1, 0, vb)
 }
 
 fn conv_strided(
@@ -141,6 +146,60 @@ fn conv_strided(
     Ok(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?)
 }
 
+/// A 3×3 convolution with stride 1 and zero padding 1: im2col + matmul from composed ops.
+///
+/// candle's CPU conv2d fills its im2col tiles one element at a time, which made it most of the
+/// VAE's run time. Here the padded image is flattened row-major with rows of W + 2, so the
+/// input under kernel tap (kh, kw) for a band of output rows is one contiguous range of the
+/// flat image; the nine ranges stacked along the channels are the band's column matrix, in
+/// the (kh, kw, in) order of the weight matrix. Every output row gets two junk columns (from
+/// the right padding) that are cropped at the end. The sums run in candle's order: results
+/// equal its conv2d bit for bit.
+struct Conv3x3 {
+    /// (out, 9·in), columns ordered (kh, kw, in).
+    weight: Tensor,
+    /// (1, out, 1, 1).
+    bias: Tensor,
+}
+
+impl Conv3x3 {
+    fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get((out_c, in_c, 3, 3), "weight")?;
+        Ok(Self {
+            weight: weight.permute((0, 2, 3, 1))?.reshape((out_c, 9 * in_c))?,
+            bias: vb.get(out_c, "bias")?.reshape((1, out_c, 1, 1))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let wp = w + 2;
+        // One extra bottom row keeps the last tap's range of the last row inside the image.
+        let flat = x
+            .pad_with_zeros(3, 1, 1)?
+            .pad_with_zeros(2, 1, 2)?
+            .reshape((b, c, (h + 3) * wp))?;
+        let rows = (MAX_COLUMNS / (9 * c * wp)).clamp(1, h);
+        let bands = (0..h)
+            .step_by(rows)
+            .map(|r0| self.band(&flat, r0 * wp, rows.min(h - r0) * wp, wp))
+            .collect::<Result<Vec<_>>>()?;
+        let out_c = self.weight.dim(0)?;
+        Ok(Tensor::cat(&bands, 2)?
+            .reshape((b, out_c, h, wp))?
+            .narrow(3, 0, w)?
+            .broadcast_add(&self.bias)?)
+    }
+
+    /// The `n` flat outputs from flat position `start` on (whole rows of width `wp`).
+    fn band(&self, flat: &Tensor, start: usize, n: usize, wp: usize) -> Result<Tensor> {
+        let taps = (0..9)
+            .map(|t| flat.narrow(2, start + (t / 3) * wp + t % 3, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(self.weight.broadcast_matmul(&Tensor::cat(&taps, 1)?)?)
+    }
+}
+
 fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
     Ok(candle_nn::group_norm(groups, channels, NORM_EPS, vb)?)
 }
@@ -154,9 +213,9 @@ fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
 /// projected by a 1×1 `conv_shortcut` when the channel count changes.
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     conv_shortcut: Option<Conv2d>,
 }
 
@@ -165,13 +224,13 @@ impl ResnetBlock {
         let conv_shortcut = if in_c == out_c {
             None
         } else {
-            Some(conv(in_c, out_c, 1, vb.pp("conv_shortcut"))?)
+            Some(conv1x1(in_c, out_c, vb.pp("conv_shortcut"))?)
         };
         Ok(Self {
             norm1: group_norm(groups, in_c, vb.pp("norm1"))?,
-            conv1: conv(in_c, out_c, 3, vb.pp("conv1"))?,
+            conv1: Conv3x3::new(in_c, out_c, vb.pp("conv1"))?,
             norm2: group_norm(groups, out_c, vb.pp("norm2"))?,
-            conv2: conv(out_c, out_c, 3, vb.pp("conv2"))?,
+            conv2: Conv3x3::new(out_c, out_c, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
@@ -320,7 +379,7 @@ enum Resample {
     /// `Downsample2D` with `padding=0`).
     Down(Conv2d),
     /// Nearest-neighbour 2× upscaling, then a 3×3 conv.
-    Up(Conv2d),
+    Up(Conv3x3),
 }
 
 impl Resample {
@@ -330,12 +389,8 @@ impl Resample {
     }
 
     fn up(channels: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self::Up(conv(
-            channels,
-            channels,
-            3,
-            vb.pp("upsamplers.0.conv"),
-        )?))
+        let conv = Conv3x3::new(channels, channels, vb.pp("upsamplers.0.conv"))?;
+        Ok(Self::Up(conv))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -355,11 +410,11 @@ impl Resample {
 }
 
 struct Encoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     down_blocks: Vec<Block>,
     mid_block: MidBlock,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Encoder {
@@ -378,12 +433,12 @@ impl Encoder {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            conv_in: conv(cfg.in_channels, chans[0], 3, vb.pp("conv_in"))?,
+            conv_in: Conv3x3::new(cfg.in_channels, chans[0], vb.pp("conv_in"))?,
             down_blocks,
             mid_block: MidBlock::new(chans[last], cfg, vb.pp("mid_block"))?,
             conv_norm_out: group_norm(groups, chans[last], vb.pp("conv_norm_out"))?,
             // Mean and log-variance.
-            conv_out: conv(chans[last], 2 * cfg.latent_channels, 3, vb.pp("conv_out"))?,
+            conv_out: Conv3x3::new(chans[last], 2 * cfg.latent_channels, vb.pp("conv_out"))?,
         })
     }
 
@@ -393,18 +448,16 @@ impl Encoder {
             h = block.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        Ok(self
-            .conv_out
-            .forward(&norm_silu(&self.conv_norm_out, &h)?)?)
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
     }
 }
 
 struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     mid_block: MidBlock,
     up_blocks: Vec<Block>,
     conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {
@@ -424,11 +477,11 @@ impl Decoder {
             })
             .collect::<Result<_>>()?;
         Ok(Self {
-            conv_in: conv(cfg.latent_channels, chans[0], 3, vb.pp("conv_in"))?,
+            conv_in: Conv3x3::new(cfg.latent_channels, chans[0], vb.pp("conv_in"))?,
             mid_block: MidBlock::new(chans[0], cfg, vb.pp("mid_block"))?,
             up_blocks,
             conv_norm_out: group_norm(groups, chans[last], vb.pp("conv_norm_out"))?,
-            conv_out: conv(chans[last], cfg.out_channels, 3, vb.pp("conv_out"))?,
+            conv_out: Conv3x3::new(chans[last], cfg.out_channels, vb.pp("conv_out"))?,
         })
     }
 
@@ -438,9 +491,7 @@ impl Decoder {
         for block in &self.up_blocks {
             h = block.forward(&h)?;
         }
-        Ok(self
-            .conv_out
-            .forward(&norm_silu(&self.conv_norm_out, &h)?)?)
+        self.conv_out.forward(&norm_silu(&self.conv_norm_out, &h)?)
     }
 }
 
@@ -466,11 +517,11 @@ impl AutoencoderKL {
         let latent = cfg.latent_channels;
         let quant_conv = cfg
             .use_quant_conv
-            .then(|| conv(moments, moments, 1, vb.pp("quant_conv")))
+            .then(|| conv1x1(moments, moments, vb.pp("quant_conv")))
             .transpose()?;
         let post_quant_conv = cfg
             .use_post_quant_conv
-            .then(|| conv(latent, latent, 1, vb.pp("post_quant_conv")))
+            .then(|| conv1x1(latent, latent, vb.pp("post_quant_conv")))
             .transpose()?;
         Ok(Self {
             encoder: Encoder::new(cfg, vb.pp("encoder"))?,

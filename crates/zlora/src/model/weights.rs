@@ -381,11 +381,31 @@ pub fn comfy_tensor_name(canonical: &str) -> (String, Option<usize>) {
     (name, None)
 }
 
-/// Records every (name, shape) a model asks for; hands back zero-stride zeros.
-#[derive(Default, Clone)]
-struct Recorder(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
+/// A backend that invents every tensor a model asks for (by name and shape) and keeps it, so
+/// the model code itself enumerates its parameters: for the expected-tensor list and for the
+/// tiny random model.
+pub(crate) struct OnDemand<F> {
+    make: Mutex<F>,
+    made: Arc<Mutex<BTreeMap<String, Tensor>>>,
+}
 
-impl SimpleBackend for Recorder {
+impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Send> OnDemand<F> {
+    /// The backend and a handle on what it will have made.
+    pub(crate) fn new(make: F) -> (Self, Arc<Mutex<BTreeMap<String, Tensor>>>) {
+        let made = Arc::new(Mutex::new(BTreeMap::new()));
+        (
+            Self {
+                make: Mutex::new(make),
+                made: made.clone(),
+            },
+            made,
+        )
+    }
+}
+
+impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Send> SimpleBackend
+    for OnDemand<F>
+{
     fn get(
         &self,
         s: Shape,
@@ -394,10 +414,14 @@ impl SimpleBackend for Recorder {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(name.to_string(), s.dims().to_vec());
+        let poisoned = || candle_core::Error::Msg("tensor maker poisoned".into());
+        let mut made = self.made.lock().map_err(|_| poisoned())?;
+        if let Some(t) = made.get(name) {
+            return Ok(t.clone());
         }
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        let t = (self.make.lock().map_err(|_| poisoned())?)(name, &s, dtype, dev)?;
+        made.insert(name.to_string(), t.clone());
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -419,19 +443,24 @@ pub fn expected_tensors(cfg: &TransformerConfig) -> Result<BTreeMap<String, Vec<
 }
 
 /// Every tensor (name → shape) that `build` asks its VarBuilder for, without allocating the
-/// weights: a model's parameter list comes from its own construction code.
+/// weights (zero-stride zeros): a model's parameter list comes from its own construction code.
 pub fn recorded_tensors<F>(build: F) -> Result<BTreeMap<String, Vec<usize>>>
 where
     F: FnOnce(VarBuilder) -> Result<()>,
 {
-    let recorder = Recorder::default();
+    let (backend, made) = OnDemand::new(|_: &str, s: &Shape, dtype, dev: &Device| {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    });
     build(VarBuilder::from_backend(
-        Box::new(recorder.clone()),
+        Box::new(backend),
         DType::F32,
         Device::Cpu,
     ))?;
-    let names = recorder.0.lock().map(|m| m.clone()).unwrap_or_default();
-    Ok(names)
+    let made = made.lock().map(|m| m.clone()).unwrap_or_default();
+    Ok(made
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect())
 }
 
 /// The weight files of one diffusers component folder: the shards named by

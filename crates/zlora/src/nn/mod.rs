@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod fused;
 pub mod linear;
 pub mod norm;
 

@@ -4,8 +4,12 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight.
+/// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight. On a GPU candle's
+/// fused kernel computes it (with our backward, see `nn::fused`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return super::fused::rms_norm(x, weight, eps);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::hub::known;
 use crate::lora::LoraFile;
+pub use crate::model::dit::STACKS;
 use crate::model::folder::ModelFolder;
 use crate::model::text::{Qwen3TextEncoder, TextEncoderConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
@@ -39,9 +40,6 @@ impl Linear {
         self.path.splitn(3, '.').nth(2).unwrap_or("")
     }
 }
-
-/// The block stacks in the order the forward pass runs them.
-pub const STACKS: [&str; 3] = ["noise_refiner", "context_refiner", "layers"];
 
 /// The stack of a block module path (`layers.3.attention.to_q` → "layers"), None outside blocks.
 pub fn stack_of(path: &str) -> Option<&'static str> {

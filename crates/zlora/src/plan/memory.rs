@@ -75,8 +75,10 @@ pub struct Profile {
     pub adapter_bytes: f64,
     /// Weight files stay mapped (resident) while they are copied in.
     pub maps_files: bool,
-    /// 3×3 convolutions unfold their input (im2col), 9× its size.
-    pub conv_unfold: bool,
+    /// Tensors of the VAE's widest stage alive at once at full resolution.
+    pub vae_tensors: f64,
+    /// Bytes per score of the VAE mid-block attention (0 for fused attention).
+    pub vae_score_bytes: f64,
     /// Fixed cost: the CUDA context, or the process's own RSS.
     pub overhead_bytes: f64,
     /// Allocator slack, as a share of everything else.
@@ -85,22 +87,27 @@ pub struct Profile {
 
 impl Profile {
     /// zlora on the CPU: the activation counts of model/dit.rs and nn/ under candle's graph.
-    /// The backward working set, the allocator slack (glibc keeps freed chunks) and the
-    /// process baseline are fitted to measured runs (docs/benchmarks.md).
+    /// Fitted to 17 measured runs (docs/benchmarks.md): the backward working set (0.3 of a
+    /// block plus 3.2 f32 score-sized tensors), the allocator slack (the CLI keeps freed
+    /// buffers in glibc's heap) and the process baseline.
     pub fn cpu() -> Self {
         Self {
             name: "cpu",
             activation_bytes: None,
             keeps: candle_keeps,
             constant_grads: true,
-            backward_blocks: 0.4,
-            backward_scores: 12.0,
+            backward_blocks: 0.3,
+            backward_scores: 12.8,
             encoder_bytes: 4.0,
             adapter_bytes: 4.0,
             maps_files: true,
-            conv_unfold: true,
-            overhead_bytes: 13.0 * MIB,
-            slack: 0.25,
+            // A resnet block's input (kept for the skip), its normalised copy, the padded
+            // input of the banded 3×3 convolution, the bands and their concatenation.
+            vae_tensors: 5.0,
+            // The f32 scores and probabilities of one chunk of query rows.
+            vae_score_bytes: 8.0,
+            overhead_bytes: 14.5 * MIB,
+            slack: 0.30,
         }
     }
 
@@ -117,7 +124,8 @@ impl Profile {
             encoder_bytes: 2.0,
             adapter_bytes: 4.0,
             maps_files: false,
-            conv_unfold: false,
+            vae_tensors: 4.0,
+            vae_score_bytes: 0.0,
             overhead_bytes: 0.8 * GIB,
             slack: 0.10,
         }
@@ -127,23 +135,26 @@ impl Profile {
 pub const MIB: f64 = 1024.0 * 1024.0;
 pub const GIB: f64 = 1024.0 * MIB;
 
-/// zlora's graph, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32 tensors (plus an
-/// f32 copy of its input and a cast back when activations are bf16), every rope 4 f32 tensors
-/// (plus the same casts), the attention 5 copies and products of width dim, every low-rank
-/// module its f32 product, scaled product and sum (plus an f32 copy of its input for bf16),
-/// and the composed softmax 5 score-sized tensors.
+/// zlora's graph on the CPU, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32
+/// tensors and every rope 4 (each plus an f32 copy of its input and a cast back when
+/// activations are bf16); the attention its scaled q, contiguous k and v, the output, its f32
+/// normalised copy and the merged heads; the Linears their outputs; every low-rank module its
+/// f32 product, scaled product and sum (plus an f32 copy of its input for bf16); the composed
+/// softmax the scores, shifted scores and exponentials.
 fn candle_keeps(a: f64) -> Keeps {
     let casts = if a < 4.0 { 4.0 + a } else { 0.0 };
     let norm = 12.0 + casts;
     let rope = 16.0 + casts;
+    let attention = 5.0 * a + 4.0 + casts;
     Keeps {
-        per_dim: 6.0 * norm + 2.0 * rope + 12.0 * a,
+        // + the five Linear outputs and the two residual sums.
+        per_dim: 6.0 * norm + 2.0 * rope + attention + 7.0 * a,
         modulation: 4.0 * a,
         per_ffn: 4.0 * a,
         lowrank_in: if a < 4.0 { 4.0 } else { 0.0 },
         lowrank_out: 8.0 + if a < 4.0 { a } else { 0.0 } + a,
         lowrank_rank: 4.0,
-        scores: 2.0 * a + 12.0 + casts,
+        scores: a + 8.0 + casts,
     }
 }
 
@@ -289,12 +300,21 @@ fn image_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase {
     phase
 }
 
-/// The widest VAE stage runs at full resolution: about four tensors of its width alive at
-/// once, plus the unfolded input of a 3×3 convolution where convolutions unfold.
+/// The larger of the VAE's two peaks: the widest stage at full resolution with a few tensors
+/// of its width alive, and the mid-block attention over every latent position (its scores
+/// computed in chunks of at most `MAX_SCORES`).
 fn vae_transient(dims: &ModelDims, pixels: usize, profile: &Profile) -> f64 {
     let channels = dims.vae.block_out_channels.first().copied().unwrap_or(0) as f64;
-    let unfold = if profile.conv_unfold { 9.0 } else { 0.0 };
-    (4.0 + unfold) * channels * pixels as f64 * profile.encoder_bytes
+    let convolutions = profile.vae_tensors * channels * pixels as f64 * profile.encoder_bytes;
+    let factor = dims.vae_factor() as f64;
+    let positions = pixels as f64 / (factor * factor);
+    let scores = (positions * positions).min(crate::model::vae::MAX_SCORES as f64);
+    let attention = if dims.vae.mid_block_add_attention {
+        profile.vae_score_bytes * scores
+    } else {
+        0.0
+    };
+    convolutions.max(attention)
 }
 
 fn weights_item(phase: &mut Phase, run: &Run, work: &Workload) {

@@ -83,7 +83,8 @@ pub struct GenerateRequest {
     pub latents: Option<PathBuf>,
     pub loras: Vec<LoraSpec>,
     pub save_latents: Option<PathBuf>,
-    pub dtype: DType,
+    /// Compute dtype; None = bf16 on a GPU, f32 on the CPU.
+    pub dtype: Option<DType>,
     pub out: PathBuf,
     pub overwrite: bool,
 }
@@ -108,7 +109,10 @@ pub enum Event<'a> {
 }
 
 pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<Vec<Generated>> {
-    let device = Device::Cpu;
+    let device = crate::device::select()?;
+    let dtype = req
+        .dtype
+        .unwrap_or_else(|| crate::device::default_dtype(&device));
     let folder = ModelFolder::open(&req.model)?;
     let factor = latent_factor(&folder)?;
     let (h, w) = latent_size(req.height, req.width, factor)?;
@@ -117,10 +121,10 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     let starts = initial_latents(req, &seeds, h, w, &device)?;
 
     events(Event::Stage("encoding the prompt"));
-    let cond = encode_prompts(&folder, req, &device)?;
+    let cond = encode_prompts(&folder, req, dtype, &device)?;
 
     events(Event::Stage("loading the transformer"));
-    let model = load_transformer(&folder, req, &device, events)?;
+    let model = load_transformer(&folder, req, dtype, &device, events)?;
     let settings = DenoiseSettings {
         steps: req.steps,
         shift: match req.shift {
@@ -145,7 +149,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     drop(model);
 
     events(Event::Stage("decoding"));
-    let vae = folder.load_vae(req.dtype, &device)?;
+    let vae = folder.load_vae(dtype, &device)?;
     let mut out = Vec::new();
     for (seed, latents) in finals {
         let raw = vae.from_transformer_space(&latents)?;
@@ -154,7 +158,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
         save_png(
             &png,
             &rgb,
-            &[("parameters", parameters(req, &settings, seed))],
+            &[("parameters", parameters(req, &settings, seed, dtype))],
             req.overwrite,
         )?;
         if let Some(path) = &req.save_latents {
@@ -252,9 +256,10 @@ fn check_outputs(req: &GenerateRequest, seeds: &[Option<u64>]) -> Result<()> {
 fn encode_prompts(
     folder: &ModelFolder,
     req: &GenerateRequest,
+    dtype: DType,
     device: &Device,
 ) -> Result<Conditioning> {
-    let encoder = folder.load_prompt_encoder(req.dtype, device)?;
+    let encoder = folder.load_prompt_encoder(dtype, device)?;
     let cfg = req.guidance.scale > 0.0;
     let prompts: Vec<&str> = if cfg {
         vec![&req.prompt, &req.negative_prompt]
@@ -274,10 +279,11 @@ fn encode_prompts(
 fn load_transformer(
     folder: &ModelFolder,
     req: &GenerateRequest,
+    dtype: DType,
     device: &Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<ZImageTransformer> {
-    let mut model = folder.load_transformer(req.transformer_file.as_deref(), req.dtype, device)?;
+    let mut model = folder.load_transformer(req.transformer_file.as_deref(), dtype, device)?;
     for spec in &req.loras {
         let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
         let n = file.attach(spec.strength, &mut model)?;
@@ -304,7 +310,12 @@ fn output_path(base: &Path, seed: Option<u64>, images: usize) -> PathBuf {
 }
 
 /// The generation parameters stored in the PNG (JSON in an iTXt chunk named "parameters").
-fn parameters(req: &GenerateRequest, settings: &DenoiseSettings, seed: Option<u64>) -> String {
+fn parameters(
+    req: &GenerateRequest,
+    settings: &DenoiseSettings,
+    seed: Option<u64>,
+    dtype: DType,
+) -> String {
     let loras: Vec<_> = req
         .loras
         .iter()
@@ -325,7 +336,7 @@ fn parameters(req: &GenerateRequest, settings: &DenoiseSettings, seed: Option<u6
         "cfg_normalization": settings.guidance.normalization,
         "shift": settings.shift,
         "loras": loras,
-        "dtype": format!("{:?}", req.dtype).to_lowercase(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
     })
     .to_string()
 }

@@ -1,6 +1,7 @@
 //! Sampling: the sigma schedule, classifier-free guidance, the denoising loop, the generate
 //! command's orchestration and PNG output.
 
+pub mod canvas;
 pub mod generate;
 pub mod guidance;
 pub mod image;

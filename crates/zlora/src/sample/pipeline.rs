@@ -9,6 +9,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::guidance::Guidance;
 use super::schedule::{model_time, sigmas};
+use crate::model::folder::ModelFolder;
 use crate::model::ZImageTransformer;
 
 /// Caption features of one prompt and, when CFG may run, of its negative prompt.
@@ -23,6 +24,32 @@ pub struct DenoiseSettings {
     pub steps: usize,
     pub shift: f64,
     pub guidance: Guidance,
+}
+
+/// Encodes `prompts` with the folder's text encoder, which is dropped on return (before any
+/// transformer is loaded), and pairs each with the `negative` prompt's features when CFG may
+/// run (the negative is encoded once and shared).
+pub fn encode_conditions(
+    folder: &ModelFolder,
+    prompts: &[String],
+    negative: Option<&str>,
+    dtype: DType,
+    device: &Device,
+) -> crate::Result<Vec<Conditioning>> {
+    let encoder = folder.load_prompt_encoder(dtype, device)?;
+    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let positives = encoder.encode(&refs)?;
+    let negative = match negative {
+        Some(n) => encoder.encode(&[n])?.into_iter().next(),
+        None => None,
+    };
+    Ok(positives
+        .into_iter()
+        .map(|positive| Conditioning {
+            positive,
+            negative: negative.clone(),
+        })
+        .collect())
 }
 
 /// Standard normal noise of `shape` from a seeded ChaCha8 stream (f32, row-major). The same

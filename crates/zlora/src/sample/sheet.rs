@@ -1,80 +1,13 @@
 //! Labelled contact sheets: a grid of equally sized images with a caption above each column
 //! and at the left of each row, drawn with an 8×8 bitmap font (no font files needed).
 
-use font8x8::UnicodeFonts;
-
+use super::canvas::{Canvas, GLYPH};
 use super::image::Rgb8;
 use crate::{Error, Result};
 
-/// Glyphs are drawn at this many pixels per font pixel.
-const SCALE: usize = 2;
-const GLYPH: usize = 8 * SCALE;
 const PAD: usize = 6;
-const BACKGROUND: u8 = 255;
 /// Longer labels are cut (with "..") so one long prompt cannot make the sheet huge.
 const MAX_LABEL_CHARS: usize = 40;
-
-/// A canvas for the sheet.
-struct Canvas {
-    img: Rgb8,
-}
-
-impl Canvas {
-    fn new(width: usize, height: usize) -> Self {
-        Self {
-            img: Rgb8 {
-                width,
-                height,
-                pixels: vec![BACKGROUND; width * height * 3],
-            },
-        }
-    }
-
-    fn blit(&mut self, src: &Rgb8, x0: usize, y0: usize) {
-        for y in 0..src.height.min(self.img.height.saturating_sub(y0)) {
-            let from = y * src.width * 3;
-            let to = ((y0 + y) * self.img.width + x0) * 3;
-            let n = src.width.min(self.img.width.saturating_sub(x0)) * 3;
-            self.img.pixels[to..to + n].copy_from_slice(&src.pixels[from..from + n]);
-        }
-    }
-
-    /// Draws `text` in black from (x0, y0), cut to `max_width` pixels (with "…" → "..").
-    fn text(&mut self, text: &str, x0: usize, y0: usize, max_width: usize) {
-        let fits = max_width / GLYPH;
-        let mut chars: Vec<char> = text.chars().collect();
-        if chars.len() > fits && fits >= 2 {
-            chars.truncate(fits - 2);
-            chars.extend(['.', '.']);
-        }
-        for (i, ch) in chars.into_iter().take(fits).enumerate() {
-            let glyph = font8x8::BASIC_FONTS
-                .get(ch)
-                .or_else(|| font8x8::LATIN_FONTS.get(ch))
-                .unwrap_or([0; 8]);
-            self.glyph(&glyph, x0 + i * GLYPH, y0);
-        }
-    }
-
-    fn glyph(&mut self, rows: &[u8; 8], x0: usize, y0: usize) {
-        for (gy, bits) in rows.iter().enumerate() {
-            for gx in 0..8 {
-                if bits & (1 << gx) == 0 {
-                    continue;
-                }
-                for dy in 0..SCALE {
-                    for dx in 0..SCALE {
-                        let (x, y) = (x0 + gx * SCALE + dx, y0 + gy * SCALE + dy);
-                        if x < self.img.width && y < self.img.height {
-                            let i = (y * self.img.width + x) * 3;
-                            self.img.pixels[i..i + 3].fill(0);
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// `cells[row][col]` under `col_labels`, beside `row_labels`, with a title line on top.
 pub fn contact_sheet(
@@ -130,7 +63,7 @@ pub fn contact_sheet(
             c.blit(img, label_w + j * (col_w + PAD), y);
         }
     }
-    Ok(c.img)
+    Ok(c.into_image())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::lora::LoraModule;
+use crate::model::dit::{BLOCK_LINEARS, STACKS};
 use crate::nn::{Adapter, AdapterWeights, LinearTargets};
 use crate::{Error, Result};
 
@@ -33,32 +34,15 @@ fn default_stacks() -> Vec<String> {
     vec!["layers".into()]
 }
 
-/// ai-toolkit's and musubi's common core: attention q/k/v/out and the SwiGLU FFN.
+/// ai-toolkit's and musubi's common core: attention q/k/v/out and the SwiGLU FFN (every block
+/// Linear but the adaLN modulation).
 fn default_modules() -> Vec<String> {
-    [
-        "attention.to_q",
-        "attention.to_k",
-        "attention.to_v",
-        "attention.to_out.0",
-        "feed_forward.w1",
-        "feed_forward.w2",
-        "feed_forward.w3",
-    ]
-    .map(String::from)
-    .to_vec()
+    BLOCK_LINEARS
+        .iter()
+        .filter(|m| !m.starts_with("adaLN"))
+        .map(|m| m.to_string())
+        .collect()
 }
-
-const STACKS: [&str; 3] = ["layers", "noise_refiner", "context_refiner"];
-const MODULES: [&str; 8] = [
-    "attention.to_q",
-    "attention.to_k",
-    "attention.to_v",
-    "attention.to_out.0",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-    "adaLN_modulation.0",
-];
 
 impl LoraConfig {
     /// Rejects unknown stack or module names (a typo must not silently train nothing).
@@ -74,9 +58,9 @@ impl LoraConfig {
             }
         }
         for m in &self.modules {
-            if !MODULES.contains(&m.as_str()) {
+            if !BLOCK_LINEARS.contains(&m.as_str()) {
                 return Err(Error::Invalid(format!(
-                    "[lora] unknown module {m:?}; known: {MODULES:?}"
+                    "[lora] unknown module {m:?}; known: {BLOCK_LINEARS:?}"
                 )));
             }
         }
@@ -217,7 +201,7 @@ impl TrainableLora {
                     var.dims()
                 )));
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
         }
         Ok(())
     }
@@ -234,12 +218,24 @@ impl TrainableLora {
 
 /// Switches every adapter with this name on or off (e.g. the training adapter for samples).
 pub fn set_enabled(model: &mut impl LinearTargets, name: &str, enabled: bool) {
+    for_each_stack(model, |stack| {
+        for a in stack.iter_mut().filter(|a| a.name == name) {
+            a.enabled = enabled;
+        }
+    });
+}
+
+/// Removes every adapter with this name (e.g. one checkpoint's LoRA before the next one's).
+pub fn detach(model: &mut impl LinearTargets, name: &str) {
+    for_each_stack(model, |stack| stack.retain(|a| a.name != name));
+}
+
+/// Calls `f` on the adapter stack of every Linear of `model`.
+fn for_each_stack(model: &mut impl LinearTargets, mut f: impl FnMut(&mut Vec<Adapter>)) {
     let paths: Vec<String> = model.linear_shapes().into_iter().map(|(p, _)| p).collect();
     for p in paths {
         if let Some(l) = model.linear_mut(&p) {
-            for a in l.adapters_mut().iter_mut().filter(|a| a.name == name) {
-                a.enabled = enabled;
-            }
+            f(l.adapters_mut());
         }
     }
 }

@@ -87,11 +87,12 @@ impl AdamW {
         step: u64,
     ) -> Result<()> {
         for (i, n) in names.iter().enumerate() {
-            let get = |suffix: &str| {
-                tensors
+            let device = self.m[i].device().clone();
+            let get = |suffix: &str| -> Result<Tensor> {
+                let t = tensors
                     .get(&format!("{n}.{suffix}"))
-                    .cloned()
-                    .ok_or_else(|| Error::Invalid(format!("optimizer state lacks {n}.{suffix}")))
+                    .ok_or_else(|| Error::Invalid(format!("optimizer state lacks {n}.{suffix}")))?;
+                Ok(t.to_device(&device)?)
             };
             self.m[i] = get("exp_avg")?;
             self.v[i] = get("exp_avg_sq")?;

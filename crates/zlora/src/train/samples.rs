@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::config::{Mode, TrainConfig};
 use crate::model::folder::ModelFolder;
@@ -11,7 +11,9 @@ use crate::model::vae::AutoencoderKL;
 use crate::model::ZImageTransformer;
 use crate::sample::generate::latent_size;
 use crate::sample::image::{save_png, to_rgb8, Rgb8};
-use crate::sample::pipeline::{denoise, seeded_noise, Conditioning, DenoiseSettings};
+use crate::sample::pipeline::{
+    denoise, encode_conditions, seeded_noise, Conditioning, DenoiseSettings,
+};
 use crate::sample::sheet::contact_sheet;
 use crate::sample::Guidance;
 use crate::Result;
@@ -36,7 +38,8 @@ impl Sampler {
         let (steps, guidance) = mode.sampling();
         let guidance = s.guidance.unwrap_or(guidance);
         let conds = if s.every > 0 {
-            encode(folder, &s.prompts, &s.negative_prompt, guidance, device)?
+            let negative = (guidance > 0.0).then_some(s.negative_prompt.as_str());
+            encode_conditions(folder, &s.prompts, negative, DType::F32, device)?
         } else {
             Vec::new()
         };
@@ -103,28 +106,4 @@ impl Sampler {
         let image = vae.decode(&vae.from_transformer_space(&latents)?)?;
         to_rgb8(&image.get(0)?)
     }
-}
-
-fn encode(
-    folder: &ModelFolder,
-    prompts: &[String],
-    negative: &str,
-    guidance: f64,
-    device: &Device,
-) -> Result<Vec<Conditioning>> {
-    let encoder = folder.load_prompt_encoder(DType::F32, device)?;
-    let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let positives = encoder.encode(&refs)?;
-    let negative: Option<Tensor> = if guidance > 0.0 {
-        encoder.encode(&[negative])?.into_iter().next()
-    } else {
-        None
-    };
-    Ok(positives
-        .into_iter()
-        .map(|positive| Conditioning {
-            positive,
-            negative: negative.clone(),
-        })
-        .collect())
 }

@@ -63,7 +63,7 @@ pub fn train(
     opts: &TrainOptions,
     events: &mut dyn FnMut(Event),
 ) -> Result<Outcome> {
-    let device = Device::Cpu;
+    let device = crate::device::select()?;
     let out = &cfg.train.output;
     let resume_from = prepare_output(out, opts)?;
     let folder = ModelFolder::open(&cfg.model.path)?;
