@@ -108,9 +108,14 @@ fn phases(out: &mut String, phases: &[Phase], peak: &str) {
 fn memory_section(out: &mut String, p: &Plan) {
     let _ = writeln!(
         out,
-        "\nGPU memory by phase (estimate, GiB; a CUDA trainer, see notes):"
+        "\nGPU memory by phase (estimate, GiB; zlora on CUDA, see notes):"
     );
     phases(out, &p.memory, p.peak_phase);
+    let _ = writeln!(
+        out,
+        "  for comparison, a PyTorch-class trainer (flash attention): {:.1} GiB in phase {:?}",
+        p.pytorch_reference.peak_memory_gib, p.pytorch_reference.peak_phase
+    );
     let _ = writeln!(
         out,
         "\nzlora on this CPU: peak resident memory {:.0} MiB in phase {:?} (measured basis: \

@@ -53,6 +53,9 @@ pub struct Keeps {
     pub lowrank_rank: f64,
     /// × heads · tokens², the attention probabilities and their intermediates.
     pub scores: f64,
+    /// × dim: full-size gradients candle's backward keeps for frozen inputs of tracked ops
+    /// (norm weights and rope tables broadcast over the tokens) until the backward ends.
+    pub frozen_grads: f64,
 }
 
 /// What the code that runs the step keeps, beyond the shared formulas.
@@ -62,9 +65,9 @@ pub struct Profile {
     /// Activation bytes: None = the frozen weights' dtype (zlora computes in it).
     pub activation_bytes: Option<f64>,
     pub keeps: fn(f64) -> Keeps,
-    /// candle's backward computes and keeps a gradient for every frozen input of a tracked op
-    /// (weights, norm weights, rope tables, modulation vectors) until the backward ends.
-    pub constant_grads: bool,
+    /// candle's backward computes a gradient for both operands of every product: frozen
+    /// weights and the modulation vectors get full-size gradients, kept until it ends.
+    pub candle_backward: bool,
     /// The backward's own working set: a share of one block's kept activations, plus bytes
     /// per attention score (the softmax backward's score-sized gradients).
     pub backward_blocks: f64,
@@ -94,8 +97,8 @@ impl Profile {
         Self {
             name: "cpu",
             activation_bytes: None,
-            keeps: candle_keeps,
-            constant_grads: true,
+            keeps: candle_cpu_keeps,
+            candle_backward: true,
             backward_blocks: 0.3,
             backward_scores: 12.8,
             encoder_bytes: 4.0,
@@ -111,23 +114,34 @@ impl Profile {
         }
     }
 
-    /// A CUDA trainer: bf16 activations, fused attention, no gradients for frozen tensors.
-    /// Context and slack are estimates (docs/plan.md).
-    pub fn gpu() -> Self {
+    /// zlora on a CUDA GPU: the same candle graph with the fused RMSNorm, RoPE and softmax
+    /// of nn/fused.rs; the working set as measured on the CPU. No GPU run has checked it:
+    /// the CUDA context and allocator slack are estimates from the GPU table.
+    pub fn cuda(context_bytes: f64, slack: f64) -> Self {
         Self {
-            name: "gpu",
+            name: "cuda",
+            keeps: candle_cuda_keeps,
+            maps_files: false,
+            overhead_bytes: context_bytes,
+            slack,
+            ..Self::cpu()
+        }
+    }
+
+    /// A PyTorch-class trainer (ai-toolkit, musubi, SimpleTuner) for comparison: bf16
+    /// activations, fused (flash) attention, no gradients for frozen tensors, bf16 encoders.
+    pub fn torch(context_bytes: f64, slack: f64) -> Self {
+        Self {
+            name: "pytorch",
             activation_bytes: Some(2.0),
             keeps: torch_keeps,
-            constant_grads: false,
+            candle_backward: false,
             backward_blocks: 0.5,
             backward_scores: 0.0,
             encoder_bytes: 2.0,
-            adapter_bytes: 4.0,
-            maps_files: false,
             vae_tensors: 4.0,
             vae_score_bytes: 0.0,
-            overhead_bytes: 0.8 * GIB,
-            slack: 0.10,
+            ..Self::cuda(context_bytes, slack)
         }
     }
 }
@@ -135,26 +149,61 @@ impl Profile {
 pub const MIB: f64 = 1024.0 * 1024.0;
 pub const GIB: f64 = 1024.0 * MIB;
 
-/// zlora's graph on the CPU, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32
-/// tensors and every rope 4 (each plus an f32 copy of its input and a cast back when
-/// activations are bf16); the attention its scaled q, contiguous k and v, the output, its f32
-/// normalised copy and the merged heads; the Linears their outputs; every low-rank module its
-/// f32 product, scaled product and sum (plus an f32 copy of its input for bf16); the composed
-/// softmax the scores, shifted scores and exponentials.
-fn candle_keeps(a: f64) -> Keeps {
-    let casts = if a < 4.0 { 4.0 + a } else { 0.0 };
-    let norm = 12.0 + casts;
-    let rope = 16.0 + casts;
-    let attention = 5.0 * a + 4.0 + casts;
+/// f32 copies made around bf16 activations: a copy in and a cast back.
+fn casts(a: f64) -> f64 {
+    if a < 4.0 {
+        4.0 + a
+    } else {
+        0.0
+    }
+}
+
+/// The Linears' outputs (5 of width dim), the two residual sums, and the low-rank modules,
+/// which are the same on every device: each keeps its f32 product, scaled product and sum
+/// (plus an f32 copy of its input for bf16).
+fn shared_keeps(a: f64) -> Keeps {
     Keeps {
-        // + the five Linear outputs and the two residual sums.
-        per_dim: 6.0 * norm + 2.0 * rope + attention + 7.0 * a,
+        per_dim: 7.0 * a,
         modulation: 4.0 * a,
         per_ffn: 4.0 * a,
         lowrank_in: if a < 4.0 { 4.0 } else { 0.0 },
         lowrank_out: 8.0 + if a < 4.0 { a } else { 0.0 } + a,
         lowrank_rank: 4.0,
-        scores: a + 8.0 + casts,
+        scores: 0.0,
+        frozen_grads: 0.0,
+    }
+}
+
+/// zlora's graph on the CPU, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32
+/// tensors and every rope 4 (plus the casts); the attention its scaled q, contiguous k and v,
+/// the output, its f32 normalised copy and the merged heads (plus the casts); the composed
+/// softmax the scores, shifted scores and exponentials. Backward keeps the gradients of the
+/// six norm weights and the rope tables at full size.
+fn candle_cpu_keeps(a: f64) -> Keeps {
+    let norm = 12.0 + casts(a);
+    let rope = 16.0 + casts(a);
+    let attention = 5.0 * a + 4.0 + casts(a);
+    let shared = shared_keeps(a);
+    Keeps {
+        per_dim: 6.0 * norm + 2.0 * rope + attention + shared.per_dim,
+        scores: a + 8.0 + casts(a),
+        frozen_grads: 6.0 * 4.0 + 2.0 * 2.0 * 4.0,
+        ..shared
+    }
+}
+
+/// zlora's graph on a GPU (nn/fused.rs): a fused RMSNorm keeps its result and the op's copy
+/// of it; a fused rope its f32 input, the contiguous heads-first copy, the result and its copy
+/// (plus the casts); the attention its scaled q, contiguous k and v, the output and the
+/// merged heads; the fused softmax the scores (plus an f32 copy for bf16), its result and the
+/// op's copy, and the probabilities cast back. Their backward returns no full-size gradient
+/// for the norm weights or rope tables.
+fn candle_cuda_keeps(a: f64) -> Keeps {
+    let shared = shared_keeps(a);
+    Keeps {
+        per_dim: 6.0 * 2.0 * a + 2.0 * (12.0 + casts(a)) + 5.0 * a + shared.per_dim,
+        scores: a + 8.0 + casts(a),
+        ..shared
     }
 }
 
@@ -172,6 +221,7 @@ fn torch_keeps(a: f64) -> Keeps {
         lowrank_out: 0.0,
         lowrank_rank: a,
         scores: 0.0,
+        frozen_grads: 0.0,
     }
 }
 
@@ -529,11 +579,12 @@ impl<'a> Activations<'a> {
         per_item * dim * self.a * self.work.batch as f64
     }
 
-    /// candle's gradients of frozen inputs: per tracked block the full-size gradients of the
-    /// norm weights, rope tables and modulation vectors, and of each frozen weight its
-    /// input reaches; for the whole backward pass, or one block with checkpointing.
+    /// The gradients candle's backward keeps for frozen inputs: per tracked block the
+    /// full-size gradients of the norm weights and rope tables (where the profile has them)
+    /// and of the modulation vectors, and of each frozen weight its input reaches; for the
+    /// whole backward pass, or one block with checkpointing.
     fn constant_grads(&self, checkpointing: bool) -> f64 {
-        if !self.profile.constant_grads {
+        if !self.profile.candle_backward {
             return 0.0;
         }
         let per_block = |stack: &str| {
@@ -544,7 +595,7 @@ impl<'a> Activations<'a> {
                 4.0 * self.a
             };
             let tokens = self.work.batch as f64 * self.tokens(stack);
-            let vectors = tokens * dim * (6.0 * 4.0 + 4.0 * 4.0 + modulation);
+            let vectors = tokens * dim * (self.keeps.frozen_grads + modulation);
             vectors + self.frozen_weight_grads(stack)
         };
         let stacks = self.tracked();

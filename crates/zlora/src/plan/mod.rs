@@ -47,10 +47,12 @@ pub struct Plan {
     pub mode: &'static str,
     pub workload: Workload,
     pub flops: Flops,
-    /// GPU memory by phase (the GPU profile).
+    /// zlora's GPU memory by phase (on CUDA).
     pub memory: Vec<Phase>,
     pub peak_memory_gib: f64,
     pub peak_phase: &'static str,
+    /// What a PyTorch-class trainer (fused attention) would need, for comparison.
+    pub pytorch_reference: Reference,
     /// zlora on this CPU: peak resident memory by phase.
     pub cpu: CpuEstimate,
     pub sampling: Option<SamplingCost>,
@@ -85,6 +87,12 @@ pub struct Change {
     pub change: String,
     pub peak_memory_gib: f64,
     pub fits: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Reference {
+    pub peak_memory_gib: f64,
+    pub peak_phase: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -140,9 +148,15 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
     };
     let work = workload(cfg, &dims, opts.caption_tokens)?;
     let flops = flops::step(&run, &work);
-    let gpu_profile = gpu_profile(&opts.table);
+    let (context, slack) = (
+        opts.table.defaults.cuda_context_gib * GIB,
+        opts.table.defaults.allocator_slack,
+    );
+    let gpu_profile = Profile::cuda(context, slack);
     let memory = memory::estimate(&run, &work, &gpu_profile);
     let (peak_phase, peak) = peak_of(&memory);
+    let reference = memory::estimate(&run, &work, &Profile::torch(context, slack));
+    let (reference_phase, reference_peak) = peak_of(&reference);
     let cpu_phases = memory::estimate(&run, &work, &Profile::cpu());
     let (cpu_phase, cpu_peak) = peak_of(&cpu_phases);
     let sampling = sampling_cost(cfg, &run, &work);
@@ -180,6 +194,10 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
         memory,
         peak_memory_gib: peak / GIB,
         peak_phase,
+        pytorch_reference: Reference {
+            peak_memory_gib: reference_peak / GIB,
+            peak_phase: reference_phase,
+        },
         cpu: CpuEstimate {
             peak_rss_mib: cpu_peak / MIB,
             peak_phase: cpu_phase,
@@ -188,15 +206,6 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
         sampling,
         downloads,
     })
-}
-
-/// The GPU profile with the table's context and slack.
-fn gpu_profile(table: &GpuTable) -> Profile {
-    Profile {
-        overhead_bytes: table.defaults.cuda_context_gib * GIB,
-        slack: table.defaults.allocator_slack,
-        ..Profile::gpu()
-    }
 }
 
 fn peak_of(phases: &[Phase]) -> (&'static str, f64) {
@@ -336,6 +345,8 @@ impl Context<'_> {
         let mut applied: Vec<&Candidate> = Vec::new();
         let mut peak = f64::INFINITY;
         for c in &candidates {
+            // A smaller resolution replaces a larger one rather than adding to it.
+            applied.retain(|a| a.key != c.key);
             applied.push(c);
             peak = self.peak_with(&applied)?;
             if peak <= capacity {
@@ -381,6 +392,8 @@ fn change(label: String, peak: f64, capacity: f64) -> Change {
 
 /// One way to lower memory.
 struct Candidate {
+    /// What it changes: candidates with the same key are alternatives.
+    key: &'static str,
     label: String,
     apply: Box<dyn Fn(&mut TrainConfig)>,
     /// An 8-bit base is no configuration key yet: it only changes the weights' bytes.
@@ -392,13 +405,16 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
     let mut out = Vec::new();
     let t = &cfg.train;
     if !t.gradient_checkpointing {
-        out.push(candidate("gradient_checkpointing = true", |c| {
-            c.train.gradient_checkpointing = true
-        }));
+        out.push(candidate(
+            "checkpointing",
+            "gradient_checkpointing = true",
+            |c| c.train.gradient_checkpointing = true,
+        ));
     }
     if t.batch_size > 1 {
         let (b, acc) = (t.batch_size, t.gradient_accumulation);
         out.push(candidate(
+            "batch",
             &format!("batch_size = 1, gradient_accumulation = {}", b * acc),
             move |c| {
                 c.train.batch_size = 1;
@@ -407,18 +423,21 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
         ));
     }
     if cfg.model.base_dtype == "f32" {
-        out.push(candidate("base_dtype = \"bf16\"", |c| {
+        out.push(candidate("dtype", "base_dtype = \"bf16\"", |c| {
             c.model.base_dtype = "bf16".into()
         }));
     }
     for res in [768, 512] {
         if cfg.dataset.resolution > res {
-            out.push(candidate(&format!("resolution = {res}"), move |c| {
-                c.dataset.resolution = res
-            }));
+            out.push(candidate(
+                "resolution",
+                &format!("resolution = {res}"),
+                move |c| c.dataset.resolution = res,
+            ));
         }
     }
     out.push(Candidate {
+        key: "dtype",
         label: "an 8-bit (fp8/int8) base, as ai-toolkit and musubi offer (not in zlora yet)".into(),
         apply: Box::new(|_| ()),
         base_bytes: Some(1.0),
@@ -426,8 +445,13 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
     out
 }
 
-fn candidate(label: &str, apply: impl Fn(&mut TrainConfig) + 'static) -> Candidate {
+fn candidate(
+    key: &'static str,
+    label: &str,
+    apply: impl Fn(&mut TrainConfig) + 'static,
+) -> Candidate {
     Candidate {
+        key,
         label: label.to_string(),
         apply: Box::new(apply),
         base_bytes: None,
@@ -516,8 +540,8 @@ fn notes(dims: &ModelDims, work: &Workload) -> Vec<String> {
     vec![
         format!(
             "Image tokens are the largest bucket's at the configured resolution ({} per item); \
-             caption tokens are {} per item (the worst case unless --caption-tokens says \
-             otherwise), padded to a multiple of 32.",
+             caption tokens are {} per item (--caption-tokens, default Z-Image's maximum of \
+             512, the worst case), padded to a multiple of 32.",
             work.image_tokens, work.caption_tokens
         ),
         format!(
@@ -525,9 +549,12 @@ fn notes(dims: &ModelDims, work: &Workload) -> Vec<String> {
              loaded and are dropped, so they never share memory with training (together \
              they would add {encoders:.1} GiB in bf16)."
         ),
-        "GPU memory assumes a CUDA trainer that keeps what PyTorch keeps (fused attention, \
-         bf16 activations, no gradients for frozen weights); no GPU run has checked it yet. \
-         The CPU figure is zlora's own path, checked against measured runs (docs/benchmarks.md)."
+        "GPU memory is zlora's own CUDA path counted from its code (candle's graph with the \
+         fused norm, rope and softmax; attention scores are materialised, and candle keeps \
+         gradients of frozen weights), with the working set measured on the CPU; no GPU run \
+         has checked it yet. The CPU figure is the same model fitted to measured runs \
+         (docs/benchmarks.md). The PyTorch-class reference (flash attention, no frozen \
+         gradients) is what ai-toolkit-like trainers need."
             .into(),
         "Seconds per step = FLOPs per step / (peak × efficiency) from the GPU table: an \
          estimate; small steps use a GPU less well than large ones."
