@@ -87,7 +87,10 @@ impl Rotation {
             let d = t.dim(D::Minus1)?;
             let mut shape = t.dims()[..t.rank() - 1].to_vec();
             shape.extend([d / 2, 2]);
-            t.reshape(shape)?.narrow(D::Minus1, at, 1)?.squeeze(D::Minus1)?.contiguous()
+            t.reshape(shape)?
+                .narrow(D::Minus1, at, 1)?
+                .squeeze(D::Minus1)?
+                .contiguous()
         };
         Ok((half(&self.cos, 0)?, half(&self.sin, 1)?))
     }

@@ -75,7 +75,11 @@ where
         Tensor::from_vec(data, s, dev)?.to_dtype(dtype)
     };
     let (backend, made) = OnDemand::new(random);
-    build(VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu))?;
+    build(VarBuilder::from_backend(
+        Box::new(backend),
+        DType::F32,
+        Device::Cpu,
+    ))?;
     let tensors = made.lock().map(|m| m.clone()).unwrap_or_default();
     save_safetensors(&dir.join(file), &tensors, None, true)
 }

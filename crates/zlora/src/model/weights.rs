@@ -389,17 +389,31 @@ pub(crate) struct OnDemand<F> {
     made: Arc<Mutex<BTreeMap<String, Tensor>>>,
 }
 
-
 impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Send> OnDemand<F> {
     /// The backend and a handle on what it will have made.
     pub(crate) fn new(make: F) -> (Self, Arc<Mutex<BTreeMap<String, Tensor>>>) {
         let made = Arc::new(Mutex::new(BTreeMap::new()));
-        (Self { make: Mutex::new(make), made: made.clone() }, made)
+        (
+            Self {
+                make: Mutex::new(make),
+                made: made.clone(),
+            },
+            made,
+        )
     }
 }
 
-impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Send> SimpleBackend for OnDemand<F> {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Send> SimpleBackend
+    for OnDemand<F>
+{
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let poisoned = || candle_core::Error::Msg("tensor maker poisoned".into());
         let mut made = self.made.lock().map_err(|_| poisoned())?;
         if let Some(t) = made.get(name) {
@@ -422,11 +436,16 @@ impl<F: FnMut(&str, &Shape, DType, &Device) -> candle_core::Result<Tensor> + Sen
 /// Every tensor (canonical name → shape) the transformer with this config reads.
 pub fn expected_tensors(cfg: &TransformerConfig) -> Result<BTreeMap<String, Vec<usize>>> {
     // Zero-stride zeros: the shapes are all that is needed.
-    let (backend, made) = OnDemand::new(|_: &str, s: &Shape, dtype, dev: &Device| Tensor::zeros((), dtype, dev)?.broadcast_as(s));
+    let (backend, made) = OnDemand::new(|_: &str, s: &Shape, dtype, dev: &Device| {
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    });
     let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
     ZImageTransformer::new(cfg, vb)?;
     let made = made.lock().map(|m| m.clone()).unwrap_or_default();
-    Ok(made.into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect())
+    Ok(made
+        .into_iter()
+        .map(|(k, t)| (k, t.dims().to_vec()))
+        .collect())
 }
 
 /// The weight files of one diffusers component folder: the shards named by

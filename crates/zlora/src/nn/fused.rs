@@ -8,7 +8,9 @@
 //! analytic derivative, written with composed ops. When no input needs a gradient (inference)
 //! the fused result is returned as it is.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
 /// A result computed elsewhere, returned as the op's output.
 struct Precomputed<B> {
@@ -22,7 +24,11 @@ impl<B> Precomputed<B> {
         let (_, layout) = value.storage_and_layout();
         let fresh = layout.is_contiguous() && layout.start_offset() == 0;
         let value = if fresh { value.clone() } else { value.copy()? };
-        Ok(Self { name, value, backward })
+        Ok(Self {
+            name,
+            value,
+            backward,
+        })
     }
 
     fn storage(&self) -> Result<Storage> {
@@ -91,7 +97,13 @@ impl CustomOp1 for Precomputed<Backward1> {
 /// Two differentiable inputs (x and a weight).
 impl CustomOp2 for Precomputed<Backward2> {
     precomputed_forwards!(s1: l1, s2: l2);
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (ga, gb) = (self.backward)(a, b, grad)?;
         Ok((Some(ga), Some(gb)))
     }
@@ -100,7 +112,14 @@ impl CustomOp2 for Precomputed<Backward2> {
 /// x and two constants (RoPE's cos and sin): only x gets a gradient.
 impl CustomOp3 for Precomputed<Backward1> {
     precomputed_forwards!(s1: l1, s2: l2, s3: l3);
-    fn bwd(&self, a: &Tensor, _b: &Tensor, _c: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        _b: &Tensor,
+        _c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         Ok((Some((self.backward)(a, grad)?), None, None))
     }
 }
@@ -129,7 +148,10 @@ fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Te
     let mean_ux = (&u * &x)?.mean_keepdim(D::Minus1)?;
     let gx = (u - x.broadcast_mul(&(r.sqr()? * mean_ux)?)?)?.broadcast_mul(&r)?;
     let rows = g.elem_count() / w.elem_count();
-    let gw = (g * x.broadcast_mul(&r)?)?.reshape((rows, w.elem_count()))?.sum(0)?.reshape(w.shape())?;
+    let gw = (g * x.broadcast_mul(&r)?)?
+        .reshape((rows, w.elem_count()))?
+        .sum(0)?
+        .reshape(w.shape())?;
     Ok((gx.to_dtype(xd)?, gw.to_dtype(wd)?))
 }
 
@@ -159,7 +181,8 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     }
     // A rotation's transpose is the rotation by −θ.
     let (c, s) = (cos.clone(), sin.neg()?);
-    let backward: Backward1 = Box::new(move |_x, g| candle_nn::rotary_emb::rope_i(&g.contiguous()?, &c, &s));
+    let backward: Backward1 =
+        Box::new(move |_x, g| candle_nn::rotary_emb::rope_i(&g.contiguous()?, &c, &s));
     x.apply_op3(&cos, &sin, Precomputed::new("zlora-rope", value, backward)?)
 }
 
@@ -172,7 +195,10 @@ mod tests {
 
     fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
-        crate::train::objective::gaussian_like(&Tensor::zeros(shape, DType::F32, &Device::Cpu)?, &mut rng)
+        crate::train::objective::gaussian_like(
+            &Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+            &mut rng,
+        )
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -180,22 +206,42 @@ mod tests {
     }
 
     /// Value and gradients (w.r.t. every var) of Σ f(vars)·probe.
-    fn value_and_grads(f: impl Fn(&[Tensor]) -> Result<Tensor>, vars: &[Var], probe: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    fn value_and_grads(
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        vars: &[Var],
+        probe: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let inputs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&inputs)?;
         let grads = (&y * probe)?.sum_all()?.backward()?;
-        let g = vars.iter().map(|v| grads.get(v.as_tensor()).cloned().expect("gradient")).collect();
+        let g = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned().expect("gradient"))
+            .collect();
         Ok((y, g))
     }
 
-    fn check(fast: impl Fn(&[Tensor]) -> Result<Tensor>, slow: impl Fn(&[Tensor]) -> Result<Tensor>, vars: &[Var], out_shape: &[usize]) -> Result<()> {
+    fn check(
+        fast: impl Fn(&[Tensor]) -> Result<Tensor>,
+        slow: impl Fn(&[Tensor]) -> Result<Tensor>,
+        vars: &[Var],
+        out_shape: &[usize],
+    ) -> Result<()> {
         let probe = randn(out_shape, 99)?;
         let (yf, gf) = value_and_grads(fast, vars, &probe)?;
         let (ys, gs) = value_and_grads(slow, vars, &probe)?;
-        assert!(max_diff(&yf, &ys)? < 1e-5, "values differ by {}", max_diff(&yf, &ys)?);
+        assert!(
+            max_diff(&yf, &ys)? < 1e-5,
+            "values differ by {}",
+            max_diff(&yf, &ys)?
+        );
         for (a, b) in gf.iter().zip(&gs) {
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
-            assert!(max_diff(a, b)? / scale < 1e-5, "gradients differ by {}", max_diff(a, b)?);
+            assert!(
+                max_diff(a, b)? / scale < 1e-5,
+                "gradients differ by {}",
+                max_diff(a, b)?
+            );
         }
         Ok(())
     }
@@ -204,7 +250,12 @@ mod tests {
     fn rms_norm_matches_the_composed_op_and_its_gradients() -> Result<()> {
         let x = Var::from_tensor(&randn(&[2, 5, 16], 1)?)?;
         let w = Var::from_tensor(&(randn(&[16], 2)? + 1.0)?)?;
-        check(|t| rms_norm(&t[0], &t[1], 1e-5), |t| composed_rms_norm(&t[0], &t[1], 1e-5), &[x, w], &[2, 5, 16])
+        check(
+            |t| rms_norm(&t[0], &t[1], 1e-5),
+            |t| composed_rms_norm(&t[0], &t[1], 1e-5),
+            &[x, w],
+            &[2, 5, 16],
+        )
     }
 
     #[test]
@@ -231,7 +282,11 @@ mod tests {
         assert_eq!(cos.dims(), &[2, 5, 4]);
         check(
             |t| rope_interleaved(&t[0], &cos, &sin),
-            |t| rot.apply(&t[0].transpose(1, 2)?)?.transpose(1, 2)?.contiguous(),
+            |t| {
+                rot.apply(&t[0].transpose(1, 2)?)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            },
             &[x],
             &[2, 3, 5, 8],
         )
