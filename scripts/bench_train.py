@@ -30,9 +30,9 @@ each with gradient checkpointing on and off (`[train] gradient_checkpointing`;
 `model.enable_gradient_checkpointing()`), every run a fresh process with the same thread
 count (candle: RAYON_NUM_THREADS; torch: set_num_threads and OMP/MKL_NUM_THREADS), the four
 configurations interleaved over --reps repetitions. Step time: median over the steps after
---warmup of all repetitions. Peak memory: the process's peak RSS (ru_maxrss of that child from
-wait4, for both sides); the reference also reports its RSS after the imports and after the
-model load. A "tiny run" of zlora (64x64, batch 1, 1 step) shows the near-constant part.
+--warmup of all repetitions. Peak memory: the process's peak RSS (VmHWM from
+/proc/self/status, for both sides: zlora's log.jsonl `peak_memory_mib`); the reference also
+reports its VmHWM after the imports and after the model load. A "tiny run" of zlora (64x64, batch 1, 1 step) shows the near-constant part.
 """
 
 from __future__ import annotations
@@ -58,9 +58,10 @@ LR = 1e-4
 # reference worker (a fresh process per run)
 # --------------------------------------------------------------------------------------
 def maxrss_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """VmHWM (peak RSS of this process image): ru_maxrss would also count the parent's peak
+    from before exec, which Linux carries over into the child's rusage."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def reference_worker(a: argparse.Namespace) -> None:
@@ -105,23 +106,17 @@ def reference_worker(a: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"steps": times, "rss_import": rss_import, "rss_model": rss_model,
-                      "lora_params": lora_params, "threads": torch.get_num_threads()}))
+                      "rss": maxrss_mib(), "lora_params": lora_params, "threads": torch.get_num_threads()}))
 
 
 # --------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------
-def run_child(cmd: list[str], env: dict[str, str]) -> tuple[str, float]:
-    """Runs cmd; returns its stdout and its own peak RSS in MiB (wait4's ru_maxrss)."""
-    with tempfile.TemporaryFile() as out:
-        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        err = p.stderr.read().decode()
-        if p.returncode != 0:
-            raise RuntimeError(f"{cmd[:3]} failed ({p.returncode}):\n{err[-3000:]}")
-        out.seek(0)
-        return out.read().decode(), ru.ru_maxrss / 1024
+def run_child(cmd: list[str], env: dict[str, str]) -> str:
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res.stdout
 
 
 def zlora_config(work: Path, name: str, resolution: int, batch: int, rank: int, ckpt: bool, steps: int) -> Path:
@@ -157,9 +152,9 @@ def run_zlora(a, work: Path, ckpt: bool, resolution: int = SIZE, batch: int | No
               name: str | None = None) -> dict:
     name = name or f"zlora_{'ckpt' if ckpt else 'full'}"
     cfg = zlora_config(work, name, resolution, batch or a.batch, a.rank, ckpt, steps or a.steps)
-    _, rss = run_child([a.zlora, "train", str(cfg), "--force"], run_env(a.threads))
+    run_child([a.zlora, "train", str(cfg), "--force"], run_env(a.threads))
     log = [json.loads(line) for line in (work / "runs" / name / "log.jsonl").read_text().splitlines()]
-    return {"steps": [e["step_seconds"] for e in log], "rss": rss, "log_peak": log[-1]["peak_memory_mib"]}
+    return {"steps": [e["step_seconds"] for e in log], "rss": log[-1]["peak_memory_mib"]}
 
 
 def run_reference(a, work: Path, ckpt: bool) -> dict:
@@ -168,10 +163,9 @@ def run_reference(a, work: Path, ckpt: bool) -> dict:
            "--latent", str(a.latent), "--cap-len", str(a.cap_len), "--cap-dim", str(a.cap_dim)]
     if ckpt:
         cmd.append("--checkpointing")
-    out, rss = run_child(cmd, run_env(a.threads))
-    d = json.loads(out.strip().splitlines()[-1])
+    d = json.loads(run_child(cmd, run_env(a.threads)).strip().splitlines()[-1])
     assert d["threads"] == a.threads, d
-    return {**d, "rss": rss}
+    return d
 
 
 def cached_shapes(cache: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -218,8 +212,8 @@ def bench(a: argparse.Namespace, work: Path) -> None:
             runs[name].append(run())
             r = runs[name][-1]
             print(f"rep {rep + 1} {name}: steps {' '.join(f'{s:.3f}' for s in r['steps'])}; peak {r['rss']:.0f} MiB"
-                  + (f" (import {r['rss_import']:.0f}, model {r['rss_model']:.0f})" if "rss_import" in r else
-                     f" (log {r['log_peak']:.0f})"), flush=True)
+                  + (f" (import {r['rss_import']:.0f}, model {r['rss_model']:.0f})" if "rss_import" in r else ""),
+                  flush=True)
     tiny = run_zlora(a, work, True, resolution=64, batch=1, steps=1, name="tiny")
     print(f"load average after: {Path('/proc/loadavg').read_text().strip()}")
     print(f"zlora tiny run (64x64, batch 1, 1 step): peak {tiny['rss']:.1f} MiB")
@@ -232,10 +226,12 @@ def bench(a: argparse.Namespace, work: Path) -> None:
               for n, v in runs.items()}
     peak = {n: max(r["rss"] for r in v) for n, v in runs.items()}
     print()
-    print("| configuration | step time, median [s] | range [s] | peak RSS [MiB] |")
-    print("|---|---:|---:|---:|")
+    print("| configuration | step time, median [s] | range [s] | peak RSS [MiB] | peak − RSS before the model [MiB] |")
+    print("|---|---:|---:|---:|---:|")
     for n in runners:
-        print(f"| {n} | {med[n]:.3f} | {spread[n][0]:.3f}–{spread[n][1]:.3f} | {peak[n]:.0f} |")
+        base = runs[n][0]["rss_import"] if "rss_import" in runs[n][0] else None
+        extra = f"{peak[n] - base:.0f}" if base is not None else "—"
+        print(f"| {n} | {med[n]:.3f} | {spread[n][0]:.3f}–{spread[n][1]:.3f} | {peak[n]:.0f} | {extra} |")
     print()
     print("| zlora / reference | step time | peak RSS |")
     print("|---|---:|---:|")
