@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The operating system refused a read or write.
-    #[error("{}: {source}", path.display())]
+    /// The cause is part of the message, not a `source`: otherwise a chain-printing caller
+    /// (anyhow's `{:#}`) prints it twice.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A file exists but its content is not what we need.
     #[error("{}: {msg}", path.display())]
@@ -28,10 +30,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+    pub fn io(path: impl AsRef<Path>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            cause,
         }
     }
 

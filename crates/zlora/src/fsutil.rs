@@ -140,6 +140,17 @@ pub fn save_safetensors(
     write_atomic(path, &bytes, overwrite)
 }
 
+/// The paths in a folder, sorted (read_dir's order depends on the file system).
+pub fn sorted_entries(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut paths = entries
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io(dir, e))?;
+    paths.sort();
+    Ok(paths)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -319,12 +319,7 @@ impl Keys {
 /// changes its time, so the cache is rebuilt rather than silently reused.
 fn identify_folder(dir: &Path, hasher: &mut blake3::Hasher) -> Result<()> {
     const SMALL: u64 = 1 << 20;
-    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    let mut paths = entries
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| Error::io(dir, e))?;
-    paths.sort();
+    let paths = crate::fsutil::sorted_entries(dir)?;
     for path in paths {
         let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         if !meta.is_file() {

@@ -271,12 +271,7 @@ struct Listing {
 
 impl Listing {
     fn read(dir: &Path, caption_extension: &str) -> Result<Self> {
-        let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-        let mut paths = entries
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| Error::io(dir, e))?;
-        paths.sort();
+        let paths = crate::fsutil::sorted_entries(dir)?;
         let mut listing = Self {
             images: BTreeMap::new(),
             captions: BTreeSet::new(),

@@ -72,27 +72,27 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// The newest complete checkpoint, if any.
-pub fn latest(output: &Path) -> Result<Option<(u64, PathBuf)>> {
+/// Every complete checkpoint folder (`step-NNNNNN` with its state), sorted by step.
+pub fn complete(output: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let dir = checkpoints_dir(output);
     if !dir.is_dir() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best = None;
-    for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-        let path = entry.map_err(|e| Error::io(&dir, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if path.join("state.json").is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
-            best = Some((step, path));
-        }
-    }
-    Ok(best)
+    let mut out: Vec<(u64, PathBuf)> = crate::fsutil::sorted_entries(&dir)?
+        .into_iter()
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?;
+            let step = name.strip_prefix("step-")?.parse::<u64>().ok()?;
+            path.join("state.json").is_file().then_some((step, path))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest(output: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(complete(output)?.pop())
 }
 
 /// Restores LoRA values and optimizer moments from a checkpoint folder.

@@ -103,21 +103,11 @@ pub struct SweepOutcome {
 /// The run's checkpoints with a LoRA file, by step.
 pub fn checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let dir = checkpoints_dir(run);
-    let entries = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-    let mut out = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| Error::io(&dir, e))?.path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("step-"))
-            .and_then(|s| s.parse::<u64>().ok());
-        let lora = path.join("lora.safetensors");
-        if let (Some(step), true) = (step, lora.is_file()) {
-            out.push((step, lora));
-        }
-    }
-    out.sort();
+    let out: Vec<(u64, PathBuf)> = crate::train::state::complete(run)?
+        .into_iter()
+        .map(|(step, path)| (step, path.join("lora.safetensors")))
+        .filter(|(_, lora)| lora.is_file())
+        .collect();
     if out.is_empty() {
         return Err(Error::bad_file(
             &dir,
