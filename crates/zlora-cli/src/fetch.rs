@@ -56,10 +56,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 b.println(format!("{path}: {error}; continuing (attempt {attempt})"));
             }
         }
-        Event::Done { path, downloaded } => match bar.take() {
-            Some(b) if downloaded => b.finish(),
-            _ => eprintln!("{path}: already in the cache"),
-        },
+        Event::Done { path, downloaded } => {
+            if let Some(b) = bar.take() {
+                b.finish();
+            }
+            if !downloaded {
+                eprintln!("{path}: already in the cache");
+            }
+        }
     })
     .with_context(|| format!("fetching {} failed", a.name))?;
     eprintln!(

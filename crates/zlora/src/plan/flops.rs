@@ -129,3 +129,51 @@ pub fn step(run: &Run, work: &Workload) -> Flops {
         per_step: work.accumulation as f64 * (all + backward + recompute),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::dims::ModelDims;
+    use crate::train::config::Variant;
+    use crate::train::lora::LoraConfig;
+
+    fn work(checkpointing: bool, accumulation: usize) -> Workload {
+        Workload {
+            batch: 1,
+            image_tokens: 4096,
+            caption_tokens: 512,
+            image_pixels: 1024 * 1024,
+            checkpointing,
+            accumulation,
+            base_bytes: 2.0,
+            sample: None,
+        }
+    }
+
+    #[test]
+    fn a_1024_step_costs_what_the_textbook_rule_says() {
+        let dims = ModelDims::built_in(Variant::Base).unwrap();
+        let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
+        let lora = dims.lora(&cfg);
+        let run = Run {
+            dims: &dims,
+            lora: &lora,
+            adapter: &[],
+        };
+        let plain = step(&run, &work(false, 1));
+        // The rule 2 · parameters · tokens + 4 · S² · dim per layer, slightly high: adaLN
+        // reads one vector per item and each refiner only its own stream.
+        let s = 4096.0 + 512.0;
+        let rule = 2.0 * 6.155e9 * s + 30.0 * 4.0 * s * s * 3840.0;
+        let ratio = plain.forward / rule;
+        assert!((0.9..1.0).contains(&ratio), "{ratio}");
+        // The backward walks the main layers and the final layer only: just under 2×.
+        let backward = plain.backward / plain.forward;
+        assert!((1.8..2.0).contains(&backward), "{backward}");
+
+        let checkpointed = step(&run, &work(true, 2));
+        assert!(checkpointed.recompute > 0.9 * plain.forward);
+        let per_micro = checkpointed.forward + checkpointed.backward + checkpointed.recompute;
+        assert_eq!(checkpointed.per_step, 2.0 * per_micro);
+    }
+}

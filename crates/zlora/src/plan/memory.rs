@@ -83,6 +83,7 @@ pub struct Profile {
     /// Bytes per score of the VAE mid-block attention (0 for fused attention).
     pub vae_score_bytes: f64,
     /// Fixed cost: the CUDA context, or the process's own RSS.
+    pub overhead_what: &'static str,
     pub overhead_bytes: f64,
     /// Allocator slack, as a share of everything else.
     pub slack: f64,
@@ -109,6 +110,7 @@ impl Profile {
             vae_tensors: 5.0,
             // The f32 scores and probabilities of one chunk of query rows.
             vae_score_bytes: 8.0,
+            overhead_what: "process baseline (binary, libraries, allocator)",
             overhead_bytes: 14.5 * MIB,
             slack: 0.30,
         }
@@ -122,6 +124,7 @@ impl Profile {
             name: "cuda",
             keeps: candle_cuda_keeps,
             maps_files: false,
+            overhead_what: "CUDA context and workspaces",
             overhead_bytes: context_bytes,
             slack,
             ..Self::cpu()
@@ -240,6 +243,13 @@ pub struct Phase {
 }
 
 impl Phase {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            items: Vec::new(),
+        }
+    }
+
     pub fn total(&self) -> f64 {
         self.items.iter().map(|i| i.bytes).sum()
     }
@@ -250,14 +260,7 @@ impl Phase {
             let slack = self.total() * profile.slack;
             self.push("allocator slack", slack);
         }
-        self.push(
-            if profile.name == "cpu" {
-                "process baseline (binary, libraries, allocator)"
-            } else {
-                "CUDA context and workspaces"
-            },
-            profile.overhead_bytes,
-        );
+        self.push(profile.overhead_what, profile.overhead_bytes);
         self
     }
 
@@ -312,10 +315,7 @@ fn caption_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase 
     let l = work.caption_tokens as f64;
     let transient = l * (8.0 * t.hidden_size as f64 + 3.0 * t.intermediate_size as f64) * e
         + 3.0 * t.num_attention_heads as f64 * l * l * 4.0;
-    let mut phase = Phase {
-        name: "caption encoding (cache)",
-        items: Vec::new(),
-    };
+    let mut phase = Phase::new("caption encoding (cache)");
     phase.push(
         format!("text encoder weights ({})", dtype_name(e)),
         dims.text_params as f64 * e,
@@ -332,10 +332,7 @@ fn caption_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase 
 
 /// The VAE encodes one image at a time, without gradients.
 fn image_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase {
-    let mut phase = Phase {
-        name: "image encoding (cache)",
-        items: Vec::new(),
-    };
+    let mut phase = Phase::new("image encoding (cache)");
     phase.push(
         format!("VAE weights ({})", dtype_name(profile.encoder_bytes)),
         dims.vae_params as f64 * profile.encoder_bytes,
@@ -383,10 +380,7 @@ fn adapter_item(phase: &mut Phase, run: &Run, profile: &Profile) {
 
 /// The transformer's files are mapped while their tensors are copied in (CPU only).
 fn loading_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
-    let mut phase = Phase {
-        name: "loading",
-        items: Vec::new(),
-    };
+    let mut phase = Phase::new("loading");
     weights_item(&mut phase, run, work);
     phase.push(
         "transformer files, mapped while loading",
@@ -397,10 +391,7 @@ fn loading_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
 }
 
 fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
-    let mut phase = Phase {
-        name: "training",
-        items: Vec::new(),
-    };
+    let mut phase = Phase::new("training");
     weights_item(&mut phase, run, work);
     adapter_item(&mut phase, run, profile);
     let state_copies = if work.accumulation > 1 { 5.0 } else { 4.0 };
@@ -426,10 +417,7 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
 /// Training state stays; the VAE is loaded (kept after the first grid), and one denoising
 /// forward or the VAE decode runs, whichever is larger.
 fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
-    let mut phase = Phase {
-        name: "sampling",
-        items: Vec::new(),
-    };
+    let mut phase = Phase::new("sampling");
     let Some(sample) = work.sample else {
         return phase;
     };
@@ -635,4 +623,62 @@ fn first_block<'m>(modules: &'m [LowRank], stack: &'m str) -> impl Iterator<Item
     modules
         .iter()
         .filter(move |m| m.stack() == Some(stack) && m.path.split('.').nth(1) == Some("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::dims::ModelDims;
+    use crate::train::config::Variant;
+    use crate::train::lora::LoraConfig;
+
+    fn training_peak(profile: &Profile, checkpointing: bool, base_bytes: f64) -> f64 {
+        let dims = ModelDims::built_in(Variant::Turbo).unwrap();
+        let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
+        let lora = dims.lora(&cfg);
+        let run = Run {
+            dims: &dims,
+            lora: &lora,
+            adapter: &[],
+        };
+        let work = Workload {
+            batch: 1,
+            image_tokens: 4096,
+            caption_tokens: 256,
+            image_pixels: 1024 * 1024,
+            checkpointing,
+            accumulation: 1,
+            base_bytes,
+            sample: None,
+        };
+        let phases = estimate(&run, &work, profile);
+        phases
+            .iter()
+            .find(|p| p.name == "training")
+            .map(Phase::total)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_profiles_order_as_their_code_does() {
+        let cuda = Profile::cuda(0.8 * GIB, 0.1);
+        let torch = Profile::torch(0.8 * GIB, 0.1);
+        for p in [Profile::cpu(), cuda, torch] {
+            assert!(
+                training_peak(&p, true, 2.0) < training_peak(&p, false, 2.0),
+                "{}",
+                p.name
+            );
+            assert!(
+                training_peak(&p, true, 2.0) < training_peak(&p, true, 4.0),
+                "{}",
+                p.name
+            );
+        }
+        // Flash attention and no frozen gradients: the reference needs the least; bf16
+        // weights (11.5 GiB) plus a few GiB of activations fit a 24 GB card.
+        let reference = training_peak(&torch, true, 2.0) / GIB;
+        assert!((13.0..22.0).contains(&reference), "{reference}");
+        assert!(training_peak(&cuda, true, 2.0) > 1.5 * training_peak(&torch, true, 2.0));
+    }
 }

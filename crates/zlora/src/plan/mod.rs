@@ -116,6 +116,8 @@ pub struct Downloads {
     pub parts: Vec<DownloadPart>,
     /// All parts, present or not, GB.
     pub total_gb: f64,
+    /// The parts not on this machine, GB.
+    pub download_gb: f64,
     pub bandwidth_mb_s: f64,
     pub transfer_hours: f64,
     pub storage_days: f64,
@@ -148,43 +150,38 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
     };
     let work = workload(cfg, &dims, opts.caption_tokens)?;
     let flops = flops::step(&run, &work);
-    let (context, slack) = (
-        opts.table.defaults.cuda_context_gib * GIB,
-        opts.table.defaults.allocator_slack,
-    );
-    let gpu_profile = Profile::cuda(context, slack);
+    let defaults = &opts.table.defaults;
+    let (context_bytes, slack) = (defaults.cuda_context_gib * GIB, defaults.allocator_slack);
+    let gpu_profile = Profile::cuda(context_bytes, slack);
     let memory = memory::estimate(&run, &work, &gpu_profile);
     let (peak_phase, peak) = peak_of(&memory);
-    let reference = memory::estimate(&run, &work, &Profile::torch(context, slack));
-    let (reference_phase, reference_peak) = peak_of(&reference);
+    let (reference_phase, reference_peak) = peak_of(&memory::estimate(
+        &run,
+        &work,
+        &Profile::torch(context_bytes, slack),
+    ));
     let cpu_phases = memory::estimate(&run, &work, &Profile::cpu());
     let (cpu_phase, cpu_peak) = peak_of(&cpu_phases);
     let sampling = sampling_cost(cfg, &run, &work);
     let downloads = downloads(cfg, &dims, opts)?;
-    let download_bytes: u64 = downloads
-        .parts
-        .iter()
-        .filter(|p| !p.present)
-        .map(|p| p.bytes)
-        .sum();
-    let context = Context {
+    let per_gpu = Context {
         cfg,
         run: &run,
         opts,
         profile: &gpu_profile,
         flops: &flops,
         sampling: sampling.as_ref(),
-        download_hours: download_bytes as f64 / (opts.bandwidth_mb_s * 1e6) / 3600.0,
+        download_hours: downloads.transfer_hours,
     };
     let gpus = opts
         .table
         .select(&opts.gpus)?
         .iter()
-        .map(|g| context.estimate(g, peak))
+        .map(|g| per_gpu.estimate(g, peak))
         .collect::<Result<_>>()?;
     Ok(Plan {
         flops_per_step: flops.per_step,
-        download_gb: download_bytes as f64 / 1e9,
+        download_gb: downloads.download_gb,
         gpus,
         model: describe(&dims, cfg),
         mode: cfg.mode().name(),
@@ -493,6 +490,7 @@ fn downloads(cfg: &TrainConfig, dims: &ModelDims, opts: &PlanOptions) -> Result<
     let storage = &opts.table.storage;
     Ok(Downloads {
         total_gb: total as f64 / 1e9,
+        download_gb: missing as f64 / 1e9,
         bandwidth_mb_s: opts.bandwidth_mb_s,
         transfer_hours: missing as f64 / (opts.bandwidth_mb_s * 1e6) / 3600.0,
         storage_days: opts.storage_days,
