@@ -186,6 +186,19 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     x.apply_op3(&cos, &sin, Precomputed::new("zlora-rope", value, backward)?)
 }
 
+/// x · w for a frozen w: only x gets a gradient (g · wᵀ). candle's matmul backward also
+/// computes the gradient of the weight, an extra matmul as large as the forward one, which a
+/// frozen base weight never needs.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let value = x.detach().broadcast_matmul(w)?;
+    if !x.track_op() {
+        return Ok(value);
+    }
+    let w = w.clone();
+    let backward: Backward1 = Box::new(move |_x, g| g.broadcast_matmul(&w.t()?));
+    x.apply_op1(Precomputed::new("zlora-frozen-matmul", value, backward)?)
+}
+
 #[cfg(test)]
 mod tests {
     //! Each fast path against the composed ops it replaces: same values, same gradients.
@@ -244,6 +257,18 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_its_input_gradient() -> Result<()> {
+        let x = Var::from_tensor(&randn(&[2, 5, 16], 6)?)?;
+        let w = randn(&[12, 16], 7)?.t()?;
+        check(
+            |t| frozen_matmul(&t[0], &w),
+            |t| t[0].broadcast_matmul(&w),
+            &[x],
+            &[2, 5, 12],
+        )
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = x.broadcast_matmul(&w.t()?)?;
+        let mut y = super::fused::frozen_matmul(x, &w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }

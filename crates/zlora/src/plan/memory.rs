@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use super::dims::{stack_of, Linear, LowRank, ModelDims};
+use super::dims::{LowRank, ModelDims};
 
 /// One micro-batch and what else the run does.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -65,8 +65,9 @@ pub struct Profile {
     /// Activation bytes: None = the frozen weights' dtype (zlora computes in it).
     pub activation_bytes: Option<f64>,
     pub keeps: fn(f64) -> Keeps,
-    /// candle's backward computes a gradient for both operands of every product: frozen
-    /// weights and the modulation vectors get full-size gradients, kept until it ends.
+    /// candle's backward computes a gradient for both operands of every product: the
+    /// modulation vectors and the training adapter's factors get gradients, kept until it
+    /// ends (the base weights are spared by `nn::fused::frozen_matmul`).
     pub candle_backward: bool,
     /// The backward's own working set: a share of one block's kept activations, plus bytes
     /// per attention score (the softmax backward's score-sized gradients).
@@ -92,7 +93,7 @@ pub struct Profile {
 impl Profile {
     /// zlora on the CPU: the activation counts of model/dit.rs and nn/ under candle's graph.
     /// Fitted to 17 measured runs (docs/benchmarks.md): the backward working set (0.3 of a
-    /// block plus 3.2 f32 score-sized tensors), the allocator slack (the CLI keeps freed
+    /// block plus 3.8 f32 score-sized tensors), the allocator slack (the CLI keeps freed
     /// buffers in glibc's heap) and the process baseline.
     pub fn cpu() -> Self {
         Self {
@@ -101,7 +102,7 @@ impl Profile {
             keeps: candle_cpu_keeps,
             candle_backward: true,
             backward_blocks: 0.3,
-            backward_scores: 12.8,
+            backward_scores: 15.2,
             encoder_bytes: 4.0,
             adapter_bytes: 4.0,
             maps_files: true,
@@ -111,8 +112,8 @@ impl Profile {
             // The f32 scores and probabilities of one chunk of query rows.
             vae_score_bytes: 8.0,
             overhead_what: "process baseline (binary, libraries, allocator)",
-            overhead_bytes: 14.5 * MIB,
-            slack: 0.30,
+            overhead_bytes: 14.0 * MIB,
+            slack: 0.20,
         }
     }
 
@@ -161,14 +162,16 @@ fn casts(a: f64) -> f64 {
     }
 }
 
-/// The Linears' outputs (5 of width dim), the two residual sums, and the low-rank modules,
-/// which are the same on every device: each keeps its f32 product, scaled product and sum
+/// What is the same on every device: the Linears' outputs, twice each (the frozen-weight
+/// matmul of nn/fused.rs keeps its result and hands out a copy; 5 of width dim, w1 and w3 of
+/// the FFN's width), the two residual sums, the SwiGLU's SiLU and product, the modulation
+/// products, and the low-rank modules, each keeping its f32 product, scaled product and sum
 /// (plus an f32 copy of its input for bf16).
 fn shared_keeps(a: f64) -> Keeps {
     Keeps {
-        per_dim: 7.0 * a,
+        per_dim: 5.0 * 2.0 * a + 2.0 * a,
         modulation: 4.0 * a,
-        per_ffn: 4.0 * a,
+        per_ffn: 2.0 * 2.0 * a + 2.0 * a,
         lowrank_in: if a < 4.0 { 4.0 } else { 0.0 },
         lowrank_out: 8.0 + if a < 4.0 { a } else { 0.0 } + a,
         lowrank_rank: 4.0,
@@ -568,9 +571,9 @@ impl<'a> Activations<'a> {
     }
 
     /// The gradients candle's backward keeps for frozen inputs: per tracked block the
-    /// full-size gradients of the norm weights and rope tables (where the profile has them)
-    /// and of the modulation vectors, and of each frozen weight its input reaches; for the
-    /// whole backward pass, or one block with checkpointing.
+    /// full-size gradients of the norm weights and rope tables (where the profile has them),
+    /// of the modulation vectors and of the adapter's factors; for the whole backward pass,
+    /// or one block with checkpointing.
     fn constant_grads(&self, checkpointing: bool) -> f64 {
         if !self.profile.candle_backward {
             return 0.0;
@@ -597,24 +600,12 @@ impl<'a> Activations<'a> {
         }
     }
 
-    /// Weights whose matmul input carries a gradient: every Linear of the block but the
-    /// adaLN one (its input is the detached conditioning) unless a LoRA sits on it; adapter
-    /// factors are frozen inputs too (f32).
+    /// The frozen training adapter's factors get candle's gradients (f32): its low-rank
+    /// products are plain matmuls. The base weights get none (`nn::fused::frozen_matmul`).
     fn frozen_weight_grads(&self, stack: &str) -> f64 {
-        let lora_on = |l: &Linear| first_block(self.run.lora, stack).any(|m| m.path == l.path);
-        let weights: f64 = self
-            .run
-            .dims
-            .linears
-            .iter()
-            .filter(|l| stack_of(&l.path) == Some(stack) && l.path.split('.').nth(1) == Some("0"))
-            .filter(|l| !l.module().starts_with("adaLN") || lora_on(l))
-            .map(|l| l.params() as f64)
-            .sum();
-        let adapter: f64 = first_block(self.run.adapter, stack)
-            .map(|m| m.params as f64)
-            .sum();
-        weights * self.a + adapter * 4.0
+        first_block(self.run.adapter, stack)
+            .map(|m| m.params as f64 * 4.0)
+            .sum()
     }
 }
 
