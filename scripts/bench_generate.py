@@ -295,12 +295,17 @@ def main() -> None:
     if a.worker:
         diffusers_worker(a)
         return
+    in_workdir(a, bench)
+
+
+def in_workdir(a, run) -> None:
+    """Runs `run(a, folder)` in --workdir, or in a temporary folder removed afterwards."""
     if a.workdir:
         a.workdir.mkdir(parents=True, exist_ok=True)
-        bench(a, a.workdir)
+        run(a, a.workdir)
     else:
         with tempfile.TemporaryDirectory() as td:
-            bench(a, Path(td))
+            run(a, Path(td))
 
 
 if __name__ == "__main__":

@@ -43,12 +43,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import PROMPT, QUIET, ROOT, SIZE, build_model, run_env  # noqa: E402
+from bench_generate import PROMPT, QUIET, ROOT, SIZE, build_model, in_workdir, run_env  # noqa: E402
 
 PATTERN = r"layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.(w1|w2|w3))"
 LR = 1e-4
@@ -261,12 +260,7 @@ def main() -> None:
     if a.worker:
         reference_worker(a)
         return
-    if a.workdir:
-        a.workdir.mkdir(parents=True, exist_ok=True)
-        bench(a, a.workdir)
-    else:
-        with tempfile.TemporaryDirectory() as td:
-            bench(a, Path(td))
+    in_workdir(a, bench)
 
 
 if __name__ == "__main__":
