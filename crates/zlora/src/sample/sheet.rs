@@ -35,8 +35,9 @@ pub fn contact_sheet(
     }
     let chars = |labels: &[String]| labels.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     let label_w = chars(row_labels).min(MAX_LABEL_CHARS) * GLYPH + 2 * PAD;
-    // Columns are as wide as their images or their labels, whichever is wider.
-    let col_w = w.max(chars(col_labels).min(MAX_LABEL_CHARS) * GLYPH);
+    // Columns are as wide as their images or their labels (plus one space), whichever is
+    // wider, so that neighbouring labels never run together.
+    let col_w = w.max((chars(col_labels).min(MAX_LABEL_CHARS) + 1) * GLYPH);
     let head = 2 * (GLYPH + PAD) + PAD;
     let grid_w = label_w + col_labels.len() * (col_w + PAD) + PAD;
     let width = grid_w.max(title.chars().count().min(2 * MAX_LABEL_CHARS) * GLYPH + 2 * PAD);
@@ -88,7 +89,7 @@ mod tests {
             &cells,
         )?;
         let label_w = 3 * GLYPH + 2 * PAD;
-        let col_w = 6 * GLYPH; // "seed 2" is wider than the 20-pixel images
+        let col_w = 7 * GLYPH; // "seed 2" and a space are wider than the 20-pixel images
         let head = 2 * (GLYPH + PAD) + PAD;
         let px = |x: usize, y: usize| sheet.pixels[(y * sheet.width + x) * 3];
         assert_eq!(px(label_w + 1, head + 1), 10);
