@@ -1,8 +1,9 @@
 //! Qwen3 text encoder and prompt tokenisation against the transformers reference in
 //! fixtures/tiny (see fixtures/README.md).
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -13,24 +14,12 @@ use zlora::Error;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny");
 /// f32 parity bound, relative to the reference tensor's largest magnitude.
 const TOL: f32 = 1e-4;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(FIXTURE).join(rel)
-}
-
-fn reference() -> zlora::Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixture("reference.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
 /// The prompts the reference was made from, kept in the file's `params` metadata.
 fn reference_prompts() -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let bytes = std::fs::read(fixture("reference.safetensors"))?;
+    let bytes = std::fs::read(common::fixtures().join("reference.safetensors"))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
     let params = meta
         .metadata()
@@ -43,16 +32,16 @@ fn reference_prompts() -> Result<Vec<String>, Box<dyn std::error::Error>> {
 }
 
 fn tokenizer() -> zlora::Result<PromptTokenizer> {
-    PromptTokenizer::from_file(&fixture("model/tokenizer/tokenizer.json"))
+    PromptTokenizer::from_file(&common::fixtures().join("model/tokenizer/tokenizer.json"))
 }
 
 fn config() -> zlora::Result<TextEncoderConfig> {
-    TextEncoderConfig::from_file(&fixture("model/text_encoder/config.json"))
+    TextEncoderConfig::from_file(&common::fixtures().join("model/text_encoder/config.json"))
 }
 
 fn weights() -> zlora::Result<HashMap<String, Tensor>> {
     Ok(candle_core::safetensors::load(
-        fixture("model/text_encoder/model.safetensors"),
+        common::fixtures().join("model/text_encoder/model.safetensors"),
         &Device::Cpu,
     )?)
 }
@@ -64,14 +53,6 @@ fn encoder_from(tensors: HashMap<String, Tensor>) -> zlora::Result<Qwen3TextEnco
 
 fn prompt_encoder() -> zlora::Result<PromptEncoder> {
     Ok(PromptEncoder::new(tokenizer()?, encoder_from(weights()?)?))
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
 }
 
 #[test]
@@ -99,7 +80,7 @@ fn head_dim_defaults_to_hidden_over_heads() -> TestResult {
 
 #[test]
 fn token_ids_equal_reference() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let tok = tokenizer()?;
     for (i, prompt) in reference_prompts()?.iter().enumerate() {
         let want: Vec<i64> = reference[&format!("te.ids.{i}")].to_vec1()?;
@@ -111,14 +92,14 @@ fn token_ids_equal_reference() -> TestResult {
 
 #[test]
 fn hidden_states_match_reference() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let prompts = reference_prompts()?;
     let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let got = prompt_encoder()?.encode(&prompts)?;
     assert_eq!(got.len(), prompts.len());
     for (i, hidden) in got.iter().enumerate() {
         let want = &reference[&format!("te.hidden.{i}")];
-        let err = rel_err(hidden, want)?;
+        let err = common::rel_err(hidden, want);
         println!("te.hidden.{i} {:?}: max rel err {err:.3e}", want.dims());
         assert!(err < TOL, "te.hidden.{i}: {err}");
     }
@@ -128,13 +109,13 @@ fn hidden_states_match_reference() -> TestResult {
 #[test]
 fn pipeline_prompt_embeds_match_reference() -> TestResult {
     // The base pipeline's positive and negative prompts have different lengths (24, 37).
-    let reference = reference()?;
+    let reference = common::reference();
     let got = prompt_encoder()?.encode(&["a cat", "blurry, low quality"])?;
     for (hidden, name) in got
         .iter()
         .zip(["base.prompt_embeds", "base.negative_prompt_embeds"])
     {
-        let err = rel_err(hidden, &reference[name])?;
+        let err = common::rel_err(hidden, &reference[name]);
         println!("{name}: max rel err {err:.3e}");
         assert!(err < TOL, "{name}: {err}");
     }
@@ -143,12 +124,12 @@ fn pipeline_prompt_embeds_match_reference() -> TestResult {
 
 #[test]
 fn bf16_weights_stay_close() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let vb = VarBuilder::from_tensors(weights()?, DType::BF16, &Device::Cpu);
     let enc = PromptEncoder::new(tokenizer()?, Qwen3TextEncoder::new(&config()?, vb)?);
     let hidden = enc.encode(&[reference_prompts()?[0].as_str()])?.remove(0);
     assert_eq!(hidden.dtype(), DType::F32);
-    let err = rel_err(&hidden, &reference["te.hidden.0"])?;
+    let err = common::rel_err(&hidden, &reference["te.hidden.0"]);
     println!("te.hidden.0 with bf16 weights: max rel err {err:.3e}");
     assert!(err < 5e-2, "{err}");
     Ok(())
@@ -161,7 +142,7 @@ fn batch_equals_separate_runs() -> TestResult {
     let batch = enc.encode(&prompts)?;
     for (prompt, batched) in prompts.iter().zip(&batch) {
         let alone = enc.encode(&[prompt])?.remove(0);
-        let err = rel_err(batched, &alone)?;
+        let err = common::rel_err(batched, &alone);
         assert!(err < 1e-6, "{prompt:?}: {err}");
     }
     Ok(())
@@ -177,7 +158,7 @@ fn truncation_keeps_the_head() -> TestResult {
     let short = PromptEncoder::new(short_tok, encoder_from(weights()?)?);
     let cut = short.encode(&[long])?.remove(0);
     // Causal attention: the first 20 outputs do not depend on what was cut.
-    assert!(rel_err(&cut, &full.narrow(0, 0, 20)?)? < 1e-6);
+    assert!(common::rel_err(&cut, &full.narrow(0, 0, 20)?) < 1e-6);
     assert!(tokenizer()?.with_max_tokens(0).is_err());
     Ok(())
 }
@@ -191,7 +172,7 @@ fn model_prefix_is_detected() -> TestResult {
     let ids = Tensor::new(&[[263u32, 10, 20, 30, 264]], &Device::Cpu)?;
     let bare = encoder_from(weights()?)?.forward(&ids)?;
     let with_prefix = encoder_from(prefixed)?.forward(&ids)?;
-    assert_eq!(rel_err(&with_prefix, &bare)?, 0.0);
+    assert_eq!(common::rel_err(&with_prefix, &bare), 0.0);
     Ok(())
 }
 

@@ -1,7 +1,6 @@
 //! AutoencoderKL against the diffusers reference in fixtures/tiny (see fixtures/README.md).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -10,40 +9,20 @@ use zlora::Error;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny");
 /// f32 parity bound, relative to the reference tensor's largest magnitude.
 const TOL: f32 = 1e-4;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(FIXTURE).join(rel)
-}
-
-fn reference() -> zlora::Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        fixture("reference.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
 fn config() -> zlora::Result<VaeConfig> {
-    VaeConfig::from_file(&fixture("model/vae/config.json"))
+    VaeConfig::from_file(&common::fixtures().join("model/vae/config.json"))
 }
 
 fn vae() -> zlora::Result<AutoencoderKL> {
     let tensors = candle_core::safetensors::load(
-        fixture("model/vae/diffusion_pytorch_model.safetensors"),
+        common::fixtures().join("model/vae/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
     )?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     AutoencoderKL::new(&config()?, vb)
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(f32::MIN_POSITIVE))
 }
 
 #[test]
@@ -68,9 +47,9 @@ fn config_defaults_follow_diffusers() -> TestResult {
 
 #[test]
 fn encode_matches_reference() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let mode = vae()?.encode(&reference["vae.image_in"])?;
-    let err = rel_err(&mode, &reference["vae.encode.mode"])?;
+    let err = common::rel_err(&mode, &reference["vae.encode.mode"]);
     println!("vae.encode.mode: max rel err {err:.3e}");
     assert!(err < TOL, "{err}");
     Ok(())
@@ -78,9 +57,9 @@ fn encode_matches_reference() -> TestResult {
 
 #[test]
 fn decode_matches_reference() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let image = vae()?.decode(&reference["vae.z_in"])?;
-    let err = rel_err(&image, &reference["vae.decode.out"])?;
+    let err = common::rel_err(&image, &reference["vae.decode.out"]);
     println!("vae.decode.out: max rel err {err:.3e}");
     assert!(err < TOL, "{err}");
     Ok(())
@@ -88,27 +67,27 @@ fn decode_matches_reference() -> TestResult {
 
 #[test]
 fn batch_items_are_independent() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let z = &reference["vae.z_in"];
     let pair = Tensor::cat(&[z, &z.affine(0.5, 0.1)?], 0)?;
     let vae = vae()?;
     let both = vae.decode(&pair)?;
-    assert!(rel_err(&both.narrow(0, 0, 1)?, &vae.decode(z)?)? < 1e-6);
+    assert!(common::rel_err(&both.narrow(0, 0, 1)?, &vae.decode(z)?) < 1e-6);
     Ok(())
 }
 
 #[test]
 fn bf16_request_on_cpu_runs() -> TestResult {
-    let reference = reference()?;
+    let reference = common::reference();
     let tensors = candle_core::safetensors::load(
-        fixture("model/vae/diffusion_pytorch_model.safetensors"),
+        common::fixtures().join("model/vae/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
     )?;
     let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
     let vae = AutoencoderKL::new(&config()?, vb)?;
     let mode = vae.encode(&reference["vae.image_in"])?;
     assert_eq!(mode.dtype(), DType::F32);
-    assert!(rel_err(&mode, &reference["vae.encode.mode"])? < TOL);
+    assert!(common::rel_err(&mode, &reference["vae.encode.mode"]) < TOL);
     Ok(())
 }
 
