@@ -3,11 +3,17 @@
 //! refiner → cap_embedder → context refiner → unified [image, caption] sequence → main
 //! layers → final layer → unpatchify. Parameter paths equal the diffusers checkpoint names.
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+mod backward;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
+
+use backward::{AttentionTape, FeedForwardTape, Modulation};
+pub use backward::{BlockTape, Grad};
 
 use super::config::{TransformerConfig, SEQ_MULTI_OF, T_EMBED_MID, T_FREQ_DIM};
 use super::rope::{Position, RopeEmbedder, Rotation};
+
 use crate::nn::attention::{attention, key_padding_mask};
 use crate::nn::norm::layer_norm_no_affine;
 use crate::nn::{Linear, LinearTargets, RmsNorm};
@@ -89,9 +95,19 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.w1.forward(x)?.silu()?;
-        self.w2.forward(&(gate * self.w3.forward(x)?)?)
+    /// w2(SiLU(w1·x) ⊙ w3·x), with what the backward pass needs.
+    fn forward(&self, x: &Tensor, grad: Grad) -> Result<(Tensor, FeedForwardTape)> {
+        let u = grad.linear(&self.w1, x)?;
+        let g = grad.linear(&self.w3, x)?;
+        let z = (u.silu()? * &g)?;
+        let out = grad.linear(&self.w2, &z)?;
+        let tape = FeedForwardTape {
+            x: x.clone(),
+            u,
+            g,
+            z,
+        };
+        Ok((out, tape))
     }
 }
 
@@ -134,30 +150,52 @@ impl Attention {
         })
     }
 
-    fn heads(&self, x: &Tensor, proj: &Linear, norm: &Option<RmsNorm>) -> Result<Tensor> {
+    /// A projection split into heads (B, S, H, head_dim), before and after its qk-norm.
+    fn heads(
+        &self,
+        x: &Tensor,
+        proj: &Linear,
+        norm: &Option<RmsNorm>,
+        grad: Grad,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, s, dim) = x.dims3()?;
-        let h = proj
-            .forward(x)?
+        let h = grad
+            .linear(proj, x)?
             .reshape((b, s, self.n_heads, dim / self.n_heads))?;
-        match norm {
-            Some(n) => n.forward(&h),
-            None => Ok(h),
-        }
+        let normed = match norm {
+            Some(n) => n.forward(&h)?,
+            None => h.clone(),
+        };
+        Ok((h, normed))
     }
 
-    fn forward(&self, x: &Tensor, rot: &Rotation, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rot: &Rotation,
+        mask: Option<&Tensor>,
+        grad: Grad,
+    ) -> Result<(Tensor, AttentionTape)> {
         let (b, s, dim) = x.dims3()?;
-        let q = rot.apply(&self.heads(x, &self.to_q, &self.norm_q)?)?;
-        let k = rot.apply(&self.heads(x, &self.to_k, &self.norm_k)?)?;
-        let v = self.heads(x, &self.to_v, &None)?;
-        let out = attention(
-            &q.transpose(1, 2)?,
-            &k.transpose(1, 2)?,
-            &v.transpose(1, 2)?,
-            mask,
-        )?;
+        let (q_proj, q) = self.heads(x, &self.to_q, &self.norm_q, grad)?;
+        let (k_proj, k) = self.heads(x, &self.to_k, &self.norm_k, grad)?;
+        let (q, k) = (rot.rotate_heads(&q)?, rot.rotate_heads(&k)?);
+        let (_, v) = self.heads(x, &self.to_v, &None, grad)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (out, probs) = attention(&q, &k, &v, mask)?;
         let out = out.transpose(1, 2)?.reshape((b, s, dim))?;
-        self.to_out.forward(&out)
+        let y = grad.linear(&self.to_out, &out)?;
+        let tape = AttentionTape {
+            x: x.clone(),
+            q_proj,
+            k_proj,
+            q,
+            k,
+            v,
+            probs,
+            out,
+        };
+        Ok((y, tape))
     }
 }
 
@@ -207,24 +245,51 @@ impl TransformerBlock {
         mask: Option<&Tensor>,
         c: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let Some(ada) = &self.ada_ln_modulation else {
-            let a = self
-                .attention
-                .forward(&self.attention_norm1.forward(x)?, rot, mask)?;
-            let x = (x + self.attention_norm2.forward(&a)?)?;
-            let f = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
-            return x + self.ffn_norm2.forward(&f)?;
+        Ok(self.forward_taped(x, rot, mask, c, Grad::Autograd)?.0)
+    }
+
+    /// The forward pass with what [`TransformerBlock::backward`] needs; `Grad::ByHand` builds
+    /// no autograd graph.
+    pub fn forward_taped(
+        &self,
+        x: &Tensor,
+        rot: &Rotation,
+        mask: Option<&Tensor>,
+        c: Option<&Tensor>,
+        grad: Grad,
+    ) -> Result<(Tensor, BlockTape)> {
+        let modulation = match (&self.ada_ln_modulation, c) {
+            (None, _) => None,
+            (Some(ada), Some(c)) => Some(Modulation::new(grad.linear(ada, c)?, c)?),
+            (Some(_), None) => candle_core::bail!("modulated block needs c"),
         };
-        let c = c.ok_or_else(|| candle_core::Error::Msg("modulated block needs c".into()))?;
-        let m = ada.forward(c)?.unsqueeze(1)?.chunk(4, D::Minus1)?;
-        let (scale_msa, gate_msa) = ((&m[0] + 1.0)?, m[1].tanh()?);
-        let (scale_mlp, gate_mlp) = ((&m[2] + 1.0)?, m[3].tanh()?);
-        let h = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
-        let a = self.attention.forward(&h, rot, mask)?;
-        let x = (x + self.attention_norm2.forward(&a)?.broadcast_mul(&gate_msa)?)?;
-        let h = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
-        let f = self.feed_forward.forward(&h)?;
-        x + self.ffn_norm2.forward(&f)?.broadcast_mul(&gate_mlp)?
+        let m = modulation.as_ref();
+        let x_norm = self.attention_norm1.forward(x)?;
+        let (a, attention) =
+            self.attention
+                .forward(&times(&x_norm, m.map(|m| &m.scale_msa))?, rot, mask, grad)?;
+        let a_norm = self.attention_norm2.forward(&a)?;
+        let x1 = (x + times(&a_norm, m.map(|m| &m.gate_msa))?)?;
+        let x1_norm = self.ffn_norm1.forward(&x1)?;
+        let (f, feed_forward) = self
+            .feed_forward
+            .forward(&times(&x1_norm, m.map(|m| &m.scale_mlp))?, grad)?;
+        let f_norm = self.ffn_norm2.forward(&f)?;
+        let out = (&x1 + times(&f_norm, m.map(|m| &m.gate_mlp))?)?;
+        let tape = BlockTape {
+            x: x.clone(),
+            x_norm,
+            attention,
+            a,
+            a_norm,
+            x1,
+            x1_norm,
+            feed_forward,
+            f,
+            f_norm,
+            modulation,
+        };
+        Ok((out, tape))
     }
 
     fn linears(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
@@ -366,6 +431,14 @@ pub struct Embedded {
     pub caption: Sequence,
     /// The image token grid (H/p, W/p).
     pub grid: (usize, usize),
+}
+
+/// `x ⊙ by` (broadcast over tokens), or x itself for an unmodulated block.
+fn times(x: &Tensor, by: Option<&Tensor>) -> Result<Tensor> {
+    match by {
+        Some(by) => x.broadcast_mul(by),
+        None => Ok(x.clone()),
+    }
 }
 
 /// Runs a block stack over a sequence.

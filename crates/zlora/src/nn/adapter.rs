@@ -13,6 +13,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::grads::Grads;
+
 /// One factor of a LoKr or LoHa adapter.
 #[derive(Debug, Clone)]
 pub enum Factor {
@@ -156,6 +158,28 @@ impl AdapterWeights {
         }
     }
 
+    /// The same factors, cut from any autograd graph.
+    fn detached(&self) -> AdapterWeights {
+        let factor = |f: &Factor| match f {
+            Factor::Full(m) => Factor::Full(m.detach()),
+            Factor::Product(a, b) => Factor::Product(a.detach(), b.detach()),
+        };
+        match self {
+            AdapterWeights::LowRank { down, up } => AdapterWeights::LowRank {
+                down: down.detach(),
+                up: up.detach(),
+            },
+            AdapterWeights::Kronecker { w1, w2 } => AdapterWeights::Kronecker {
+                w1: factor(w1),
+                w2: factor(w2),
+            },
+            AdapterWeights::Hadamard { w1, w2 } => AdapterWeights::Hadamard {
+                w1: factor(w1),
+                w2: factor(w2),
+            },
+        }
+    }
+
     /// `x · deltaᵀ` for x [..., in] in the adapter's dtype (f32).
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -256,6 +280,47 @@ impl Adapter {
     /// Adapters compute in their own dtype (f32 per the precision policy).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         (self.weights.apply(x)? * self.factor())?.to_dtype(x.dtype())
+    }
+
+    /// Whether this is a LoRA whose factors are `Var`s (the one being trained).
+    pub fn is_trainable(&self) -> bool {
+        matches!(&self.weights, AdapterWeights::LowRank { down, up } if down.is_variable() || up.is_variable())
+    }
+
+    /// `forward` without recording an autograd graph, for passes whose backward is written
+    /// by hand ([`Adapter::backward`]).
+    pub(crate) fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
+        (self.weights.detached().apply(x)? * self.factor())?.to_dtype(x.dtype())
+    }
+
+    /// The gradient of the input for the output gradient `dy`, in `x`'s dtype. A LoRA whose
+    /// factors are `Var`s (the one being trained) adds their gradients to `grads`:
+    /// with u = x·Aᵀ and y = f·u·Bᵀ, ∂B = f·dyᵀ·u and ∂A = (f·dy·B)ᵀ·x.
+    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let f = self.factor();
+        let dy = dy.to_dtype(DType::F32)?;
+        let AdapterWeights::LowRank { down, up } = &self.weights else {
+            return dy
+                .broadcast_matmul(&self.delta()?.detach())?
+                .to_dtype(x.dtype());
+        };
+        let (a, b) = (down.detach(), up.detach());
+        let d_inner = (dy.broadcast_matmul(&b)? * f)?;
+        if self.is_trainable() {
+            let rows = |t: &Tensor| -> Result<Tensor> {
+                let d = t.dim(candle_core::D::Minus1)?;
+                t.reshape((t.elem_count() / d, d))
+            };
+            let x2 = rows(&x.to_dtype(DType::F32)?)?;
+            if up.is_variable() {
+                let u = x2.matmul(&a.t()?)?;
+                grads.add(up, (rows(&dy)?.t()?.matmul(&u)? * f)?)?;
+            }
+            if down.is_variable() {
+                grads.add(down, rows(&d_inner)?.t()?.matmul(&x2)?)?;
+            }
+        }
+        d_inner.broadcast_matmul(&a)?.to_dtype(x.dtype())
     }
 }
 

@@ -1,6 +1,8 @@
-//! Scaled dot-product attention from composed ops, with the softmax in f32.
+//! Scaled dot-product attention with the softmax in f32, and its backward.
 
 use candle_core::{DType, Result, Tensor, D};
+
+use super::fused::{softmax_backward, softmax_last_dim};
 
 /// Key mask for batches whose items have different lengths: 0 for valid keys, −∞ for batch
 /// padding, shaped (B, 1, 1, S) to broadcast over heads and queries. `None` when every item
@@ -20,33 +22,48 @@ pub fn key_padding_mask(
     Tensor::from_vec(data, (lens.len(), 1, 1, seq), device).map(Some)
 }
 
-/// softmax(q·kᵀ/√d + mask)·v for q, k, v of shape (B, H, S, D), composed so that it has a
-/// backward (candle's fused softmax has none).
-///
-/// The softmax runs in f32. Two passes over the (S, S) scores are saved: 1/√d scales q (exact
-/// when d is a power of 4), and the softmax's division by the row sums is applied to the
-/// (S, D) output instead of the probabilities.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let scores = (q * scale)?
+/// The attention probabilities P = softmax(q·kᵀ/√d + mask) (f32) and the output P·v, for q,
+/// k, v of shape (B, H, S, D). The softmax is candle's fused kernel with our backward.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let scores = (q * scale(q)?)?
         .matmul(&k.contiguous()?.t()?)?
         .to_dtype(DType::F32)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
     };
-    if !q.device().is_cpu() {
-        // On a GPU the fused softmax kernel (with our backward) beats the composed passes.
-        let probs = super::fused::softmax_last_dim(&scores)?;
-        return probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?);
-    }
-    let e = scores
-        .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
-        .exp()?;
-    let out = e.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
-    out.to_dtype(DType::F32)?
-        .broadcast_div(&e.sum_keepdim(D::Minus1)?)?
-        .to_dtype(v.dtype())
+    let probs = softmax_last_dim(&scores)?;
+    let out = probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
+    Ok((out, probs))
+}
+
+fn scale(q: &Tensor) -> Result<f64> {
+    Ok(1.0 / (q.dim(D::Minus1)? as f64).sqrt())
+}
+
+/// The gradients of q, k and v for the output gradient `d_out`, from the saved inputs and
+/// probabilities: dv = Pᵀ·dO, dS = P ⊙ (dP − Σ dP⊙P) with dP = dO·vᵀ, dq = dS·k/√d and
+/// dk = dSᵀ·q/√d.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_out: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let dtype = v.dtype();
+    let d_out = d_out.contiguous()?;
+    let dv = probs.to_dtype(dtype)?.t()?.matmul(&d_out)?;
+    let dp = d_out.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+    let ds = (softmax_backward(probs, &dp)? * scale(q)?)?.to_dtype(dtype)?;
+    let dq = ds.matmul(k)?;
+    let dk = ds.t()?.matmul(q)?;
+    Ok((dq, dk, dv))
 }
 
 #[cfg(test)]
@@ -64,21 +81,33 @@ mod tests {
     fn equals_softmax_then_matmul() -> Result<()> {
         let [q, k, v] = inputs()?;
         let mask = key_padding_mask(&[5, 3], 5, &Device::Cpu)?;
-        let got = attention(&q, &k, &v, mask.as_ref())?;
+        let (got, _) = attention(&q, &k, &v, mask.as_ref())?;
         let scores = (q.matmul(&k.t()?)? / 8f64.sqrt())?.broadcast_add(mask.as_ref().unwrap())?;
-        let want = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let e = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+            .exp()?;
+        let want = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&v)?;
         let err = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err < 1e-6, "{err}");
         Ok(())
     }
 
     #[test]
-    fn has_a_gradient_for_q_k_and_v() -> Result<()> {
+    fn the_backward_equals_autograd() -> Result<()> {
         let [q, k, v] = inputs()?;
-        let grads = attention(&q, &k, &v, None)?.sqr()?.sum_all()?.backward()?;
-        for x in [&q, &k, &v] {
-            let g = grads.get(x).expect("a gradient");
-            assert!(g.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        let mask = key_padding_mask(&[5, 3], 5, &Device::Cpu)?;
+        let (out, probs) = attention(&q, &k, &v, mask.as_ref())?;
+        let probe = Tensor::randn(0f32, 1., out.shape(), &Device::Cpu)?;
+        let grads = (out * &probe)?.sum_all()?.backward()?;
+        let by_hand = attention_backward(&q, &k, &v, &probs.detach(), &probe)?;
+        for (x, g) in [&q, &k, &v]
+            .into_iter()
+            .zip([by_hand.0, by_hand.1, by_hand.2])
+        {
+            let want = grads.get(x).expect("a gradient");
+            assert!(want.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+            let err = (want - g)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "{err}");
         }
         Ok(())
     }

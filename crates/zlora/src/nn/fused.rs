@@ -137,22 +137,34 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.apply_op2(&w, Precomputed::new("zlora-rms-norm", value, backward)?)
 }
 
-/// ∂/∂x = r·(u − x·r²·mean(u·x)) with u = g·w; ∂/∂w = Σ_rows g·x·r.
+/// 1/√(mean(x²) + eps) per row of an f32 x.
+fn inverse_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
+    (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()
+}
+
+/// RMSNorm's input gradient, ∂/∂x = r·(u − x·r²·mean(u·x)) with u = g·w, in x's dtype.
+pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let r = inverse_rms(&x32, eps)?;
+    let u = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let mean_ux = (&u * &x32)?.mean_keepdim(D::Minus1)?;
+    (u - x32.broadcast_mul(&(r.sqr()? * mean_ux)?)?)?
+        .broadcast_mul(&r)?
+        .to_dtype(x.dtype())
+}
+
+/// Both gradients: the input's and ∂/∂w = Σ_rows g·x·r.
 fn rms_norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let (xd, wd) = (x.dtype(), w.dtype());
-    let x = x.to_dtype(DType::F32)?;
-    let g = g.to_dtype(DType::F32)?;
-    let w32 = w.to_dtype(DType::F32)?;
-    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    let u = g.broadcast_mul(&w32)?;
-    let mean_ux = (&u * &x)?.mean_keepdim(D::Minus1)?;
-    let gx = (u - x.broadcast_mul(&(r.sqr()? * mean_ux)?)?)?.broadcast_mul(&r)?;
+    let gx = rms_norm_input_grad(x, w, g, eps)?;
+    let x32 = x.to_dtype(DType::F32)?;
     let rows = g.elem_count() / w.elem_count();
-    let gw = (g * x.broadcast_mul(&r)?)?
+    let gw = (g.to_dtype(DType::F32)? * x32.broadcast_mul(&inverse_rms(&x32, eps)?)?)?
         .reshape((rows, w.elem_count()))?
         .sum(0)?
         .reshape(w.shape())?;
-    Ok((gx.to_dtype(xd)?, gw.to_dtype(wd)?))
+    Ok((gx, gw.to_dtype(w.dtype())?))
 }
 
 /// Softmax over the last dimension (call it on f32 scores: bf16 kernels sum in bf16).
@@ -163,12 +175,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return Ok(value);
     }
     let y = value.clone();
-    // ∂/∂x = y ⊙ (g − Σ g⊙y).
-    let backward: Backward1 = Box::new(move |_x, g| {
-        let gy = (g * &y)?;
-        &y * g.broadcast_sub(&gy.sum_keepdim(D::Minus1)?)?
-    });
+    let backward: Backward1 = Box::new(move |_x, g| softmax_backward(&y, g));
     x.apply_op1(Precomputed::new("zlora-softmax", value, backward)?)
+}
+
+/// The softmax's input gradient from its output y: y ⊙ (g − Σ g⊙y).
+pub fn softmax_backward(y: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let gy = (g * y)?;
+    y * g.broadcast_sub(&gy.sum_keepdim(D::Minus1)?)?
 }
 
 /// Interleaved RoPE (pairs (2i, 2i+1)) of x (B, H, S, D) by cos/sin (B, S, D/2) in f32.
@@ -179,11 +193,14 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     if !x.track_op() {
         return Ok(value);
     }
-    // A rotation's transpose is the rotation by −θ.
-    let (c, s) = (cos.clone(), sin.neg()?);
-    let backward: Backward1 =
-        Box::new(move |_x, g| candle_nn::rotary_emb::rope_i(&g.contiguous()?, &c, &s));
+    let (c, s) = (cos.clone(), sin.clone());
+    let backward: Backward1 = Box::new(move |_x, g| rope_interleaved_backward(g, &c, &s));
     x.apply_op3(&cos, &sin, Precomputed::new("zlora-rope", value, backward)?)
+}
+
+/// RoPE's input gradient: a rotation's transpose is the rotation by −θ.
+pub fn rope_interleaved_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    candle_nn::rotary_emb::rope_i(&g.contiguous()?, cos, &sin.neg()?)
 }
 
 /// x · w for a frozen w: only x gets a gradient (g · wᵀ). candle's matmul backward also
@@ -203,8 +220,12 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 mod tests {
     //! Each fast path against the composed ops it replaces: same values, same gradients.
     use super::*;
-    use crate::nn::norm::rms_norm as composed_rms_norm;
     use candle_core::{Device, Var};
+
+    /// RMSNorm from elementary ops.
+    fn composed_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        x.broadcast_mul(&inverse_rms(x, eps)?)?.broadcast_mul(w)
+    }
 
     fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
@@ -297,21 +318,20 @@ mod tests {
     fn rope_matches_the_composed_rotation_and_its_gradient() -> Result<()> {
         let x = Var::from_tensor(&randn(&[2, 3, 5, 8], 4)?)?;
         let angles = randn(&[2, 5, 4], 5)?;
-        let pairs = |t: Tensor| t.unsqueeze(3)?.repeat((1, 1, 1, 2))?.reshape((2, 5, 8));
-        let signs = Tensor::new(&[-1f32, 1.0], &Device::Cpu)?.repeat(4)?;
-        let rot = crate::model::rope::Rotation {
-            cos: pairs(angles.cos()?)?,
-            sin: pairs(angles.sin()?)?.broadcast_mul(&signs)?,
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        // (x₀, x₁) → (x₀·cos − x₁·sin, x₁·cos + x₀·sin) on the pairs of the last dimension.
+        let composed = |t: &[Tensor]| {
+            let pairs = t[0].reshape((2, 3, 5, 4, 2))?;
+            let (x0, x1) = (pairs.narrow(4, 0, 1)?, pairs.narrow(4, 1, 1)?);
+            let c = cos.unsqueeze(1)?.unsqueeze(4)?;
+            let s = sin.unsqueeze(1)?.unsqueeze(4)?;
+            let y0 = (x0.broadcast_mul(&c)? - x1.broadcast_mul(&s)?)?;
+            let y1 = (x1.broadcast_mul(&c)? + x0.broadcast_mul(&s)?)?;
+            Tensor::cat(&[y0, y1], 4)?.reshape((2, 3, 5, 8))
         };
-        let (cos, sin) = rot.half_angles()?;
-        assert_eq!(cos.dims(), &[2, 5, 4]);
         check(
             |t| rope_interleaved(&t[0], &cos, &sin),
-            |t| {
-                rot.apply(&t[0].transpose(1, 2)?)?
-                    .transpose(1, 2)?
-                    .contiguous()
-            },
+            composed,
             &[x],
             &[2, 3, 5, 8],
         )

@@ -8,6 +8,7 @@
 use candle_core::{Module, Tensor};
 
 use super::adapter::Adapter;
+use super::grads::Grads;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -62,17 +63,59 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+impl Linear {
+    /// Whether an enabled adapter has trainable factors (`Var`s).
+    pub fn has_trainable(&self) -> bool {
+        self.enabled().any(Adapter::is_trainable)
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = &Adapter> {
+        self.adapters.iter().filter(|a| a.enabled)
+    }
+
+    fn forward_with(&self, x: &Tensor, track: bool) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
         let mut y = super::fused::frozen_matmul(x, &w.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }
-        for a in self.adapters.iter().filter(|a| a.enabled) {
-            y = (y + a.forward(x)?)?;
+        for a in self.enabled() {
+            let delta = if track {
+                a.forward(x)?
+            } else {
+                a.forward_untracked(x)?
+            };
+            y = (y + delta)?;
         }
         Ok(y)
+    }
+
+    /// The forward pass without an autograd graph (not even through trainable adapters), for
+    /// passes whose backward is [`Linear::backward`].
+    pub fn forward_untracked(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, false)
+    }
+
+    /// The gradient of the input `x` for the output gradient `dy`; trainable adapters add
+    /// the gradients of their factors to `grads`. The base weight is frozen.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> candle_core::Result<Tensor> {
+        let w = self.weight.to_dtype(dy.dtype())?;
+        let mut dx = dy.broadcast_matmul(&w)?;
+        for a in self.enabled() {
+            dx = (dx + a.backward(x, dy, grads)?)?;
+        }
+        Ok(dx)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_with(x, true)
     }
 }
 

@@ -5,9 +5,11 @@
 pub mod adapter;
 pub mod attention;
 pub mod fused;
+pub mod grads;
 pub mod linear;
 pub mod norm;
 
 pub use adapter::{Adapter, AdapterWeights, Factor};
+pub use grads::Grads;
 pub use linear::{Linear, LinearTargets};
 pub use norm::RmsNorm;

@@ -1,23 +1,11 @@
-//! Normalisations as composed ops (candle's fused `rms_norm`/`layer_norm` have no backward).
-//! Statistics are always computed in f32, whatever the activation dtype: bf16 reductions
-//! accumulate in bf16 on the CPU and are badly wrong over a few thousand elements.
+//! Normalisations. RMSNorm runs candle's fused kernel with the backward of `nn::fused`;
+//! LayerNorm is composed. Statistics are always computed in f32, whatever the activation
+//! dtype: bf16 reductions accumulate in bf16 on the CPU and are badly wrong over a few
+//! thousand elements.
 
 use candle_core::{DType, Result, Tensor, D};
 
-/// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight. On a GPU candle's
-/// fused kernel computes it (with our backward, see `nn::fused`).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return super::fused::rms_norm(x, weight, eps);
-    }
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    let w = weight.to_dtype(DType::F32)?;
-    x.broadcast_mul(&inv_rms)?
-        .broadcast_mul(&w)?
-        .to_dtype(dtype)
-}
+use super::fused;
 
 /// LayerNorm over the last dimension without affine parameters.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
@@ -47,6 +35,11 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.weight, self.eps)
+        fused::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// The gradient of the input `x` for the output gradient `g` (the weight is frozen).
+    pub fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        fused::rms_norm_input_grad(x, &self.weight, g, self.eps)
     }
 }

@@ -1,17 +1,20 @@
 //! Loss and LoRA gradients for one micro-batch, with or without gradient checkpointing.
 //!
-//! Checkpointing runs every block forward without keeping its graph, remembering only the
-//! block inputs; the backward pass then walks the blocks in reverse, recomputes each one from
-//! its saved input (made a leaf `Var`) and back-propagates ⟨output, incoming gradient⟩. The
-//! gradients equal plain backprop (a test checks this); peak memory holds one block's graph.
+//! The transformer blocks run without an autograd graph and are differentiated by hand
+//! (`TransformerBlock::backward`, from each block's tape); candle's autograd handles only the
+//! small parts around them (the final layer and loss, the join of the two refined streams).
+//! Without checkpointing every block keeps its tape from the forward pass; with it a block
+//! keeps only its input and recomputes its tape when the backward pass reaches it, so peak
+//! memory holds one block's activations. Both give the same gradients (a test checks this).
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use super::lora::TrainableLora;
 use super::objective::loss;
-use crate::model::dit::{Embedded, Sequence, TransformerBlock};
+use crate::model::dit::{BlockTape, Embedded, Grad, Sequence, TransformerBlock};
 use crate::model::ZImageTransformer;
+use crate::nn::Grads;
 use crate::{Error, Result};
 
 /// One micro-batch: noised latents, model times, captions, targets and per-item weights.
@@ -23,92 +26,72 @@ pub struct MicroBatch<'a> {
     pub weights: &'a [f32],
 }
 
-/// Sums gradients of the LoRA tensors over several backward passes.
-struct Accumulator<'a> {
-    vars: Vec<&'a Var>,
-    grads: Vec<Option<Tensor>>,
+/// What a block keeps from the forward pass for its backward.
+enum Saved {
+    Tape(BlockTape),
+    /// Checkpointing: only the input, the tape is recomputed.
+    Input(Tensor),
 }
 
-impl<'a> Accumulator<'a> {
-    fn new(lora: &'a TrainableLora) -> Self {
-        let vars = lora.vars();
-        let grads = vec![None; vars.len()];
-        Self { vars, grads }
-    }
+/// What a stack keeps for its backward pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// No backward pass runs through it.
+    Nothing,
+    Inputs,
+    Tapes,
+}
 
-    fn add(&mut self, store: &GradStore) -> Result<()> {
-        for (var, slot) in self.vars.iter().zip(self.grads.iter_mut()) {
-            if let Some(g) = store.get(var.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + g)?,
-                    None => g.clone(),
-                });
-            }
+impl Keep {
+    fn new(needed: bool, checkpointing: bool) -> Self {
+        match (needed, checkpointing) {
+            (false, _) => Keep::Nothing,
+            (true, true) => Keep::Inputs,
+            (true, false) => Keep::Tapes,
         }
-        Ok(())
-    }
-
-    /// Every LoRA tensor must have received a gradient: a missing one means a path through
-    /// the model silently cut the graph.
-    fn finish(self, lora: &TrainableLora) -> Result<Vec<Tensor>> {
-        let names = lora.var_names();
-        self.grads
-            .into_iter()
-            .zip(names)
-            .map(|(g, name)| g.ok_or_else(|| Error::Invalid(format!("no gradient reached {name}"))))
-            .collect()
     }
 }
 
-/// Loss (f32) and one gradient per `lora.vars()` entry.
-pub fn loss_and_grads(
-    model: &ZImageTransformer,
-    lora: &TrainableLora,
-    batch: &MicroBatch,
-    checkpointing: bool,
-) -> Result<(f32, Vec<Tensor>)> {
-    let mut acc = Accumulator::new(lora);
-    let value = if checkpointing {
-        checkpointed(model, lora, batch, &mut acc)?
-    } else {
-        let out = model.forward(batch.x, batch.t, batch.captions)?;
-        let l = loss(&out, batch.target, batch.weights)?;
-        acc.add(&l.backward()?)?;
-        l.to_scalar::<f32>()?
-    };
-    Ok((value, acc.finish(lora)?))
-}
-
-/// Runs a stack without keeping graphs; returns the output and each block's input.
-fn forward_saving(
+/// Runs a stack; returns the output and what each block saved.
+fn forward_stack(
     blocks: &[TransformerBlock],
     seq: &Sequence,
     c: Option<&Tensor>,
-) -> Result<(Tensor, Vec<Tensor>)> {
+    keep: Keep,
+) -> Result<(Tensor, Vec<Saved>)> {
     let mut x = seq.x.detach();
-    let mut inputs = Vec::with_capacity(blocks.len());
+    let mut saved = Vec::with_capacity(blocks.len());
     for block in blocks {
-        inputs.push(x.clone());
-        x = block.forward(&x, &seq.rot, seq.mask.as_ref(), c)?.detach();
+        let (out, tape) = block.forward_taped(&x, &seq.rot, seq.mask.as_ref(), c, Grad::ByHand)?;
+        match keep {
+            Keep::Nothing => {}
+            Keep::Inputs => saved.push(Saved::Input(x)),
+            Keep::Tapes => saved.push(Saved::Tape(tape)),
+        }
+        x = out;
     }
-    Ok((x, inputs))
+    Ok((x, saved))
 }
 
 /// Walks a stack backwards from the gradient of its output; returns the input's gradient.
 fn backward_stack(
     blocks: &[TransformerBlock],
-    inputs: Vec<Tensor>,
+    saved: Vec<Saved>,
     seq: &Sequence,
     c: Option<&Tensor>,
     mut grad: Tensor,
-    acc: &mut Accumulator,
+    grads: &mut Grads,
 ) -> Result<Tensor> {
-    for (block, input) in blocks.iter().zip(inputs).rev() {
-        let leaf = Var::from_tensor(&input)?;
-        let out = block.forward(leaf.as_tensor(), &seq.rot, seq.mask.as_ref(), c)?;
-        let store = (out * &grad)?.sum_all()?.backward()?;
-        acc.add(&store)?;
-        grad = input_grad(&store, &leaf)?;
+    for (block, saved) in blocks.iter().zip(saved).rev() {
+        let tape = match saved {
+            Saved::Tape(tape) => tape,
+            Saved::Input(x) => {
+                block
+                    .forward_taped(&x, &seq.rot, seq.mask.as_ref(), c, Grad::ByHand)?
+                    .1
+            }
+        };
+        grad = block.backward(&tape, &seq.rot, &grad, grads)?;
     }
     Ok(grad)
 }
@@ -120,18 +103,34 @@ fn input_grad(store: &GradStore, leaf: &Var) -> Result<Tensor> {
         .ok_or_else(|| Error::Invalid("gradient did not reach a block input".into()))
 }
 
+/// One gradient per `lora.vars()` entry: a missing one means a path through the model
+/// silently cut the graph.
+fn collect(mut grads: Grads, lora: &TrainableLora) -> Result<Vec<Tensor>> {
+    lora.vars()
+        .into_iter()
+        .zip(lora.var_names())
+        .map(|(var, name)| {
+            grads
+                .take(var.as_tensor())
+                .ok_or_else(|| Error::Invalid(format!("no gradient reached {name}")))
+        })
+        .collect()
+}
+
 fn trains(lora: &TrainableLora, stack: &str) -> bool {
     lora.modules
         .iter()
         .any(|m| m.path.split('.').next() == Some(stack))
 }
 
-fn checkpointed(
+/// Loss (f32) and one gradient per `lora.vars()` entry.
+pub fn loss_and_grads(
     model: &ZImageTransformer,
     lora: &TrainableLora,
     batch: &MicroBatch,
-    acc: &mut Accumulator,
-) -> Result<f32> {
+    checkpointing: bool,
+) -> Result<(f32, Vec<Tensor>)> {
+    let mut grads = Grads::default();
     let Embedded {
         c,
         image,
@@ -139,8 +138,22 @@ fn checkpointed(
         grid,
     } = model.embed(batch.x, batch.t, batch.captions)?;
     let c = c.detach();
-    let (image_out, image_inputs) = forward_saving(model.noise_refiner(), &image, Some(&c))?;
-    let (caption_out, caption_inputs) = forward_saving(model.context_refiner(), &caption, None)?;
+    let (refine_image, refine_caption) = (
+        trains(lora, "noise_refiner"),
+        trains(lora, "context_refiner"),
+    );
+    let (image_out, image_saved) = forward_stack(
+        model.noise_refiner(),
+        &image,
+        Some(&c),
+        Keep::new(refine_image, checkpointing),
+    )?;
+    let (caption_out, caption_saved) = forward_stack(
+        model.context_refiner(),
+        &caption,
+        None,
+        Keep::new(refine_caption, checkpointing),
+    )?;
     let unified = Sequence::unify(
         &Sequence {
             x: image_out.clone(),
@@ -151,7 +164,12 @@ fn checkpointed(
             ..caption.clone()
         },
     )?;
-    let (last, layer_inputs) = forward_saving(model.layers(), &unified, Some(&c))?;
+    let (last, layer_saved) = forward_stack(
+        model.layers(),
+        &unified,
+        Some(&c),
+        Keep::new(true, checkpointing),
+    )?;
 
     let head = Var::from_tensor(&last)?;
     let l = loss(
@@ -159,21 +177,15 @@ fn checkpointed(
         batch.target,
         batch.weights,
     )?;
-    let store = l.backward()?;
-    acc.add(&store)?;
     let grad = backward_stack(
         model.layers(),
-        layer_inputs,
+        layer_saved,
         &unified,
         Some(&c),
-        input_grad(&store, &head)?,
-        acc,
+        input_grad(&l.backward()?, &head)?,
+        &mut grads,
     )?;
 
-    let (refine_image, refine_caption) = (
-        trains(lora, "noise_refiner"),
-        trains(lora, "context_refiner"),
-    );
     if refine_image || refine_caption {
         let iv = Var::from_tensor(&image_out)?;
         let cv = Var::from_tensor(&caption_out)?;
@@ -191,23 +203,23 @@ fn checkpointed(
         if refine_image {
             backward_stack(
                 model.noise_refiner(),
-                image_inputs,
+                image_saved,
                 &image,
                 Some(&c),
                 input_grad(&store, &iv)?,
-                acc,
+                &mut grads,
             )?;
         }
         if refine_caption {
             backward_stack(
                 model.context_refiner(),
-                caption_inputs,
+                caption_saved,
                 &caption,
                 None,
                 input_grad(&store, &cv)?,
-                acc,
+                &mut grads,
             )?;
         }
     }
-    Ok(l.to_scalar::<f32>()?)
+    Ok((l.to_scalar::<f32>()?, collect(grads, lora)?))
 }
