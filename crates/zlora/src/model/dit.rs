@@ -16,6 +16,7 @@ use super::rope::{Position, RopeEmbedder, Rotation};
 
 use crate::nn::attention::{attention, key_padding_mask};
 use crate::nn::norm::layer_norm_no_affine;
+use crate::nn::swiglu::swiglu;
 use crate::nn::{Linear, LinearTargets, RmsNorm};
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
@@ -99,7 +100,7 @@ impl FeedForward {
     fn forward(&self, x: &Tensor, grad: Grad) -> Result<(Tensor, FeedForwardTape)> {
         let u = grad.linear(&self.w1, x)?;
         let g = grad.linear(&self.w3, x)?;
-        let z = (u.silu()? * &g)?;
+        let z = swiglu(&u, &g)?;
         let out = grad.linear(&self.w2, &z)?;
         let tape = FeedForwardTape {
             x: x.clone(),

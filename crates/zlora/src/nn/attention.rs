@@ -30,6 +30,9 @@ pub fn attention(
     v: &Tensor,
     mask: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    if let Some(fused) = super::cpu::attention(q, k, v, mask)? {
+        return Ok(fused);
+    }
     let scores = (q * scale(q)?)?
         .matmul(&k.contiguous()?.t()?)?
         .to_dtype(DType::F32)?;
@@ -56,6 +59,9 @@ pub fn attention_backward(
     probs: &Tensor,
     d_out: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if let Some(fused) = super::cpu::attention_backward(q, k, v, probs, d_out)? {
+        return Ok(fused);
+    }
     let dtype = v.dtype();
     let d_out = d_out.contiguous()?;
     let dv = probs.to_dtype(dtype)?.t()?.matmul(&d_out)?;

@@ -144,6 +144,9 @@ fn inverse_rms(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// RMSNorm's input gradient, ∂/∂x = r·(u − x·r²·mean(u·x)) with u = g·w, in x's dtype.
 pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if let Some(gx) = super::cpu::rms_norm_input_grad(x, w, g, eps)? {
+        return Ok(gx);
+    }
     let x32 = x.to_dtype(DType::F32)?;
     let r = inverse_rms(&x32, eps)?;
     let u = g

@@ -4,10 +4,12 @@
 
 pub mod adapter;
 pub mod attention;
+pub mod cpu;
 pub mod fused;
 pub mod grads;
 pub mod linear;
 pub mod norm;
+pub mod swiglu;
 
 pub use adapter::{Adapter, AdapterWeights, Factor};
 pub use grads::Grads;

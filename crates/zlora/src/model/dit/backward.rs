@@ -15,6 +15,7 @@ use candle_core::{DType, Result, Tensor, D};
 use super::{times, Attention, FeedForward, TransformerBlock};
 use crate::model::rope::Rotation;
 use crate::nn::attention::attention_backward;
+use crate::nn::swiglu::swiglu_backward;
 use crate::nn::{Grads, Linear, RmsNorm};
 
 /// Who computes the gradients of a forward pass.
@@ -225,14 +226,4 @@ impl FeedForward {
         let (du, dg) = swiglu_backward(&tape.u, &tape.g, &dz)?;
         self.w1.backward(&tape.x, &du, grads)? + self.w3.backward(&tape.x, &dg, grads)?
     }
-}
-
-/// z = SiLU(u) ⊙ g: ∂g = dz ⊙ SiLU(u), ∂u = dz ⊙ g ⊙ σ(u)·(1 + u·(1 − σ(u))).
-fn swiglu_backward(u: &Tensor, g: &Tensor, dz: &Tensor) -> Result<(Tensor, Tensor)> {
-    let sig = candle_nn::ops::sigmoid(u)?;
-    let u_sig = (u * &sig)?;
-    let dg = (dz * &u_sig)?;
-    let d_silu = (&sig * ((u - u_sig)? + 1.0)?)?;
-    let du = ((dz * g)? * d_silu)?;
-    Ok((du, dg))
 }

@@ -1,0 +1,362 @@
+//! Fused f32 CPU kernels for the passes that need no autograd graph (inference, and training's
+//! hand-written backward): one pass over memory where composed candle ops make several, and
+//! parallel work items (attention heads, blocks of rows) on rayon's pool, the one candle's
+//! matmuls use, instead of a second pool that competes with it for the cores.
+//!
+//! Each function returns `None` when its inputs are not plain f32 CPU tensors outside any
+//! autograd graph; the caller then runs the composed ops (GPUs, bf16, autograd).
+
+use candle_core::{DType, Device, Result, Storage, Tensor};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// Whether every tensor is an f32 CPU tensor that records no graph.
+fn applies(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+}
+
+/// Runs `f` on the contiguous f32 data of the tensors.
+fn with_data<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let data = guards
+        .iter()
+        .map(|(storage, layout)| {
+            let Storage::Cpu(cpu) = &**storage else {
+                candle_core::bail!("a CPU kernel got a tensor on another device")
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+            Ok(&cpu.as_slice::<f32>()?[start..end])
+        })
+        .collect::<Result<Vec<&[f32]>>>()?;
+    f(&data)
+}
+
+fn tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// A matrix in a slice: element (i, j) at `i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    fn reaches(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// dst (m × n, row-major) = scale · a (m × k) · b (k × n), on the calling thread.
+fn matmul(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
+    let m = dst.len() / n;
+    assert!(dst.len() == m * n && a.reaches(m, k) && b.reaches(k, n));
+    // SAFETY: the assert keeps every index gemm forms from the sizes and strides in bounds.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Softmax of each row in place.
+fn softmax_rows(x: &mut [f32], cols: usize) {
+    for row in x.chunks_mut(cols) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Attention over q, k, v (B, H, S, D) with an optional key mask (B, 1, 1, S): the output
+/// (B, H, S, D) and the probabilities (B, H, S, S), one head per work item.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let mut inputs = vec![q, k, v];
+    inputs.extend(mask);
+    if !applies(&inputs) {
+        return Ok(None);
+    }
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f32).sqrt();
+    with_data(&inputs, |x| {
+        let mut out = vec![0f32; b * h * s * d];
+        let mut probs = vec![0f32; b * h * s * s];
+        out.par_chunks_mut(s * d)
+            .zip(probs.par_chunks_mut(s * s))
+            .enumerate()
+            .for_each(|(head, (out, p))| {
+                let at = |i: usize| &x[i][head * s * d..(head + 1) * s * d];
+                let (q, k, v) = (at(0), at(1), at(2));
+                matmul(p, s, Mat::rows(q, d), Mat::rows(k, d).t(), d, scale);
+                if let Some(mask) = x.get(3) {
+                    let keys = &mask[(head / h) * s..(head / h + 1) * s];
+                    for row in p.chunks_mut(s) {
+                        row.iter_mut().zip(keys).for_each(|(v, m)| *v += m);
+                    }
+                }
+                softmax_rows(p, s);
+                matmul(out, d, Mat::rows(p, s), Mat::rows(v, d), s, 1.0);
+            });
+        Ok(Some((
+            tensor(out, &[b, h, s, d])?,
+            tensor(probs, &[b, h, s, s])?,
+        )))
+    })
+}
+
+/// The gradients of q, k and v from the saved probabilities and the output gradient (see
+/// `nn::attention::attention_backward` for the formulas), one head per work item.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+    d_out: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !applies(&[q, k, v, probs, d_out]) {
+        return Ok(None);
+    }
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f32).sqrt();
+    with_data(&[q, k, v, probs, d_out], |x| {
+        let n = b * h * s * d;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        dq.par_chunks_mut(s * d)
+            .zip(dk.par_chunks_mut(s * d))
+            .zip(dv.par_chunks_mut(s * d))
+            .enumerate()
+            .for_each(|(head, ((dq, dk), dv))| {
+                let at = |i: usize| &x[i][head * s * d..(head + 1) * s * d];
+                let (q, k, v, g) = (at(0), at(1), at(2), at(4));
+                let p = &x[3][head * s * s..(head + 1) * s * s];
+                matmul(dv, d, Mat::rows(p, s).t(), Mat::rows(g, d), s, 1.0);
+                // dS = P ⊙ (dP − Σ dP⊙P) · scale, with dP = dO·vᵀ.
+                let mut ds = vec![0f32; s * s];
+                matmul(&mut ds, s, Mat::rows(g, d), Mat::rows(v, d).t(), d, 1.0);
+                for (row, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                    let dot: f32 = row.iter().zip(p).map(|(a, b)| a * b).sum();
+                    row.iter_mut()
+                        .zip(p)
+                        .for_each(|(r, p)| *r = p * (*r - dot) * scale);
+                }
+                matmul(dq, d, Mat::rows(&ds, s), Mat::rows(k, d), s, 1.0);
+                matmul(dk, d, Mat::rows(&ds, s).t(), Mat::rows(q, d), s, 1.0);
+            });
+        let shape = [b, h, s, d];
+        Ok(Some((
+            tensor(dq, &shape)?,
+            tensor(dk, &shape)?,
+            tensor(dv, &shape)?,
+        )))
+    })
+}
+
+/// Work items of whole rows, about `TARGET` values each.
+fn rows_per_item(cols: usize) -> usize {
+    const TARGET: usize = 1 << 14;
+    (TARGET / cols.max(1)).max(1) * cols.max(1)
+}
+
+/// RMSNorm's input gradient r·(u − x·r²·mean(u·x)), u = g·w, r = 1/√(mean(x²) + eps), per row.
+pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    if !applies(&[x, w, g]) {
+        return Ok(None);
+    }
+    let (cols, dims) = (w.elem_count(), x.dims());
+    with_data(&[x, w, g], |t| {
+        let (x, w, g) = (t[0], t[1], t[2]);
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_item(cols);
+        out.par_chunks_mut(chunk)
+            .zip(x.par_chunks(chunk).zip(g.par_chunks(chunk)))
+            .for_each(|(out, (x, g))| {
+                for ((out, x), g) in out.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
+                    let n = cols as f32;
+                    let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + eps as f32).sqrt();
+                    let mean_ux = x
+                        .iter()
+                        .zip(g)
+                        .zip(w)
+                        .map(|((x, g), w)| g * w * x)
+                        .sum::<f32>()
+                        / n;
+                    let c = r * r * mean_ux;
+                    for (((o, x), g), w) in out.iter_mut().zip(x).zip(g).zip(w) {
+                        *o = r * (g * w - x * c);
+                    }
+                }
+            });
+        tensor(out, dims).map(Some)
+    })
+}
+
+/// z = SiLU(u) ⊙ g.
+pub fn swiglu(u: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[u, g]) {
+        return Ok(None);
+    }
+    with_data(&[u, g], |t| {
+        let mut z = vec![0f32; t[0].len()];
+        let chunk = rows_per_item(1);
+        z.par_chunks_mut(chunk)
+            .zip(t[0].par_chunks(chunk).zip(t[1].par_chunks(chunk)))
+            .for_each(|(z, (u, g))| {
+                for ((z, u), g) in z.iter_mut().zip(u).zip(g) {
+                    *z = u / (1.0 + (-u).exp()) * g;
+                }
+            });
+        tensor(z, u.dims()).map(Some)
+    })
+}
+
+/// The gradients of u and g through z = SiLU(u) ⊙ g for dz.
+pub fn swiglu_backward(u: &Tensor, g: &Tensor, dz: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    if !applies(&[u, g, dz]) {
+        return Ok(None);
+    }
+    with_data(&[u, g, dz], |t| {
+        let n = t[0].len();
+        let (mut du, mut dg) = (vec![0f32; n], vec![0f32; n]);
+        let chunk = rows_per_item(1);
+        du.par_chunks_mut(chunk)
+            .zip(dg.par_chunks_mut(chunk))
+            .zip(t[0].par_chunks(chunk).zip(t[1].par_chunks(chunk)))
+            .zip(t[2].par_chunks(chunk))
+            .for_each(|(((du, dg), (u, g)), dz)| {
+                for ((((du, dg), u), g), dz) in du.iter_mut().zip(dg).zip(u).zip(g).zip(dz) {
+                    let sig = 1.0 / (1.0 + (-u).exp());
+                    *dg = dz * u * sig;
+                    *du = dz * g * sig * (1.0 + u * (1.0 - sig));
+                }
+            });
+        Ok(Some((tensor(du, u.dims())?, tensor(dg, u.dims())?)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each kernel against the composed ops it replaces (inputs made `Var`s send the callers
+    //! down the composed path).
+    use super::*;
+    use crate::nn::attention::{self, key_padding_mask};
+    use crate::nn::{fused, swiglu};
+    use candle_core::Var;
+
+    fn randn(shape: &[usize]) -> Result<Tensor> {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu)
+    }
+
+    fn tracked(t: &Tensor) -> Result<Tensor> {
+        Ok(Var::from_tensor(t)?.as_tensor().clone())
+    }
+
+    fn assert_close(a: &Tensor, b: &Tensor) -> Result<()> {
+        let err = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        assert!(err / scale < 1e-5, "differs by {err} (scale {scale})");
+        Ok(())
+    }
+
+    #[test]
+    fn attention_and_its_backward_equal_the_composed_ops() -> Result<()> {
+        let shape = [2, 3, 7, 8];
+        let (q, k, v, g) = (
+            randn(&shape)?,
+            randn(&shape)?,
+            randn(&shape)?,
+            randn(&shape)?,
+        );
+        let mask = key_padding_mask(&[7, 4], 7, &Device::Cpu)?;
+        let (out, probs) = attention(&q, &k, &v, mask.as_ref())?.expect("the CPU kernel");
+        let (want_out, want_probs) = attention::attention(&tracked(&q)?, &k, &v, mask.as_ref())?;
+        assert_close(&out, &want_out)?;
+        assert_close(&probs, &want_probs)?;
+        let got = attention_backward(&q, &k, &v, &probs, &g)?.expect("the CPU kernel");
+        let want = attention::attention_backward(&tracked(&q)?, &k, &v, &probs, &g)?;
+        for (a, b) in [(got.0, want.0), (got.1, want.1), (got.2, want.2)] {
+            assert_close(&a, &b)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_input_grad_equals_the_composed_ops() -> Result<()> {
+        let (x, w, g) = (randn(&[3, 5, 16])?, randn(&[16])?, randn(&[3, 5, 16])?);
+        let got = rms_norm_input_grad(&x, &w, &g, 1e-5)?.expect("the CPU kernel");
+        assert_close(
+            &got,
+            &fused::rms_norm_input_grad(&tracked(&x)?, &w, &g, 1e-5)?,
+        )
+    }
+
+    #[test]
+    fn swiglu_and_its_backward_equal_the_composed_ops() -> Result<()> {
+        let (u, g, dz) = (randn(&[4, 9])?, randn(&[4, 9])?, randn(&[4, 9])?);
+        let z = swiglu(&u, &g)?.expect("the CPU kernel");
+        assert_close(&z, &swiglu::swiglu(&tracked(&u)?, &g)?)?;
+        let (du, dg) = swiglu_backward(&u, &g, &dz)?.expect("the CPU kernel");
+        let (want_du, want_dg) = swiglu::swiglu_backward(&tracked(&u)?, &g, &dz)?;
+        assert_close(&du, &want_du)?;
+        assert_close(&dg, &want_dg)
+    }
+
+    #[test]
+    fn tracked_bf16_and_strided_inputs_are_handled() -> Result<()> {
+        let x = randn(&[4, 6])?;
+        assert!(swiglu(&tracked(&x)?, &x)?.is_none());
+        assert!(swiglu(&x.to_dtype(DType::BF16)?, &x.to_dtype(DType::BF16)?)?.is_none());
+        let t = x.t()?;
+        let z = swiglu(&t, &t)?.expect("the CPU kernel");
+        assert_close(&z, &swiglu::swiglu(&tracked(&t)?, &t)?)
+    }
+}
