@@ -13,6 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::cpu::matmul;
 use super::grads::Grads;
 
 /// One factor of a LoKr or LoHa adapter.
@@ -185,7 +186,7 @@ impl AdapterWeights {
         match self {
             AdapterWeights::LowRank { down, up } => {
                 let x = x.to_dtype(down.dtype())?;
-                x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)
+                matmul(&matmul(&x, &down.t()?)?, &up.t()?)
             }
             // kron(w1, w2) · vec(X) = vec(w1 · X · w2ᵀ) with X the input viewed as [m, n]:
             // two small matmuls instead of an [out, in] matrix.
@@ -293,34 +294,56 @@ impl Adapter {
         (self.weights.detached().apply(x)? * self.factor())?.to_dtype(x.dtype())
     }
 
-    /// The gradient of the input for the output gradient `dy`, in `x`'s dtype. A LoRA whose
-    /// factors are `Var`s (the one being trained) adds their gradients to `grads`:
-    /// with u = x·Aᵀ and y = f·u·Bᵀ, ∂B = f·dyᵀ·u and ∂A = (f·dy·B)ᵀ·x.
-    pub(crate) fn backward(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let f = self.factor();
-        let dy = dy.to_dtype(DType::F32)?;
-        let AdapterWeights::LowRank { down, up } = &self.weights else {
-            return dy
-                .broadcast_matmul(&self.delta()?.detach())?
-                .to_dtype(x.dtype());
+    /// A LoRA's factors (A, B) and f = scale · strength, cut from any autograd graph; `None`
+    /// for LoKr and LoHa.
+    pub(crate) fn low_rank(&self) -> Option<(Tensor, Tensor, f64)> {
+        match &self.weights {
+            AdapterWeights::LowRank { down, up } => {
+                Some((down.detach(), up.detach(), self.factor()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The backward of a LoRA for the output gradient `dy`: factors that are `Var`s (the
+    /// LoRA being trained) add their gradients to `grads`, and the input's gradient is
+    /// d·A for the returned d = f·dy·B and A. With u = x·Aᵀ and y = f·u·Bᵀ: ∂B = f·dyᵀ·u,
+    /// ∂A = dᵀ·x. `None` for LoKr and LoHa (see [`Adapter::dense_backward`]).
+    pub(crate) fn low_rank_backward(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (AdapterWeights::LowRank { down, up }, Some((a, b, f))) =
+            (&self.weights, self.low_rank())
+        else {
+            return Ok(None);
         };
-        let (a, b) = (down.detach(), up.detach());
-        let d_inner = (dy.broadcast_matmul(&b)? * f)?;
+        let dy = dy.to_dtype(DType::F32)?;
+        let d = (matmul(&dy, &b)? * f)?;
         if self.is_trainable() {
             let rows = |t: &Tensor| -> Result<Tensor> {
-                let d = t.dim(candle_core::D::Minus1)?;
-                t.reshape((t.elem_count() / d, d))
+                let w = t.dim(candle_core::D::Minus1)?;
+                t.reshape((t.elem_count() / w, w))
             };
             let x2 = rows(&x.to_dtype(DType::F32)?)?;
             if up.is_variable() {
-                let u = x2.matmul(&a.t()?)?;
+                let u = matmul(&x2, &a.t()?)?;
                 grads.add(up, (rows(&dy)?.t()?.matmul(&u)? * f)?)?;
             }
             if down.is_variable() {
-                grads.add(down, rows(&d_inner)?.t()?.matmul(&x2)?)?;
+                grads.add(down, rows(&d)?.t()?.matmul(&x2)?)?;
             }
         }
-        d_inner.broadcast_matmul(&a)?.to_dtype(x.dtype())
+        Ok(Some((d, a)))
+    }
+
+    /// The input's gradient through a frozen adapter's dense delta, in `x`'s dtype.
+    pub(crate) fn dense_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        dy.to_dtype(DType::F32)?
+            .broadcast_matmul(&self.delta()?.detach())?
+            .to_dtype(x.dtype())
     }
 }
 

@@ -70,7 +70,16 @@ impl<'a> Mat<'a> {
 }
 
 /// dst (m × n, row-major) = scale · a (m × k) · b (k × n), on the calling thread.
-fn matmul(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
+fn gemm_into(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
+    gemm_call(dst, n, a, b, k, scale, false)
+}
+
+/// dst += a · b.
+fn gemm_add(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize) {
+    gemm_call(dst, n, a, b, k, 1.0, true)
+}
+
+fn gemm_call(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32, add: bool) {
     let m = dst.len() / n;
     assert!(dst.len() == m * n && a.reaches(m, k) && b.reaches(k, n));
     // SAFETY: the assert keeps every index gemm forms from the sizes and strides in bounds.
@@ -82,14 +91,14 @@ fn matmul(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            add,
             a.data.as_ptr(),
             a.cs as isize,
             a.rs as isize,
             b.data.as_ptr(),
             b.cs as isize,
             b.rs as isize,
-            0.0,
+            if add { 1.0 } else { 0.0 },
             scale,
             false,
             false,
@@ -99,16 +108,154 @@ fn matmul(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
     }
 }
 
+/// A 2-D f32 CPU tensor's data with its strides.
+fn mat<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<Mat<'a>> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("a CPU kernel got a tensor on another device")
+    };
+    Ok(Mat {
+        data: &cpu.as_slice::<f32>()?[layout.start_offset()..],
+        rs: layout.stride()[0],
+        cs: layout.stride()[1],
+    })
+}
+
+/// x (..., k) · m (k × n, any strides): see [`matmul_plus`].
+pub fn matmul(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    matmul_plus(x, m, &[])
+}
+
+/// x · m + Σ u_i · q_i for x (..., k), m (k × n), u_i (..., r_i) and q_i (r_i × n): a Linear
+/// with its LoRAs, each low-rank product added into the base product by gemm itself. The rows
+/// of x are split evenly over rayon's threads, each part single-threaded gemms: gemm's own
+/// threading splits these shapes poorly.
+pub fn matmul_plus(x: &Tensor, m: &Tensor, terms: &[(Tensor, Tensor)]) -> Result<Tensor> {
+    if let Some(y) = rows_matmul(x, m, terms)? {
+        return Ok(y);
+    }
+    let mut y = x.broadcast_matmul(m)?;
+    for (u, q) in terms {
+        y = (&y + u.broadcast_matmul(q)?.to_dtype(y.dtype())?)?;
+    }
+    Ok(y)
+}
+
+fn rows_matmul(x: &Tensor, m: &Tensor, terms: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+    let rights: Vec<&Tensor> = std::iter::once(m)
+        .chain(terms.iter().map(|(_, q)| q))
+        .collect();
+    let lefts: Vec<&Tensor> = std::iter::once(x)
+        .chain(terms.iter().map(|(u, _)| u))
+        .collect();
+    if !applies(&rights) || !applies(&lefts) || rights.iter().any(|t| t.rank() != 2) {
+        return Ok(None);
+    }
+    let (k, n) = m.dims2()?;
+    let rows = x.elem_count() / k;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    let inner: Vec<usize> = rights.iter().map(|t| t.dims()[0]).collect();
+    let guards: Vec<_> = rights.iter().map(|t| t.storage_and_layout()).collect();
+    let mats: Vec<Mat> = guards
+        .iter()
+        .map(|(s, l)| mat(s, l))
+        .collect::<Result<_>>()?;
+    with_data(&lefts, |left| {
+        let mut out = vec![0f32; rows * n];
+        let per = rows.div_ceil(rayon::current_num_threads()).max(1);
+        out.par_chunks_mut(per * n)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let part = |t: usize| {
+                    let w = inner[t];
+                    let end = ((i + 1) * per * w).min(left[t].len());
+                    Mat::rows(&left[t][i * per * w..end], w)
+                };
+                gemm_into(out, n, part(0), mats[0], k, 1.0);
+                for t in 1..mats.len() {
+                    gemm_add(out, n, part(t), mats[t], inner[t]);
+                }
+            });
+        tensor(out, &dims).map(Some)
+    })
+}
+
+/// Lanes of the reductions below: independent accumulators the compiler turns into SIMD.
+const LANES: usize = 16;
+
+/// Σ f(a_i, b_i) over equal-length slices, in `LANES` partial sums.
+fn reduce(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| f(*x, *y))
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            acc[i] += f(x[i], y[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    reduce(a, b, |x, y| x * y)
+}
+
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for x in chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// eˣ without branches or library calls, so that loops over it vectorise: 2ⁿ·e^r with
+/// n = round(x/ln 2) and Cephes' degree-7 polynomial for e^r (|r| ≤ ln2/2), within 2 ulp;
+/// 0 below the smallest normal result (masked scores are −∞) and e⁸⁸ above 88 (the callers
+/// take softmax's exp(x ≤ 0) and the sigmoid's 1/(1 + e⁻ᵘ)).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2)
+        * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * r
+        * r)
+        + r
+        + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
 /// Softmax of each row in place.
 fn softmax_rows(x: &mut [f32], cols: usize) {
     for row in x.chunks_mut(cols) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+        let max = max(row);
+        row.iter_mut().for_each(|v| *v = exp(*v - max));
+        let inv = 1.0 / reduce(row, row, |x, _| x);
         row.iter_mut().for_each(|v| *v *= inv);
     }
 }
@@ -137,7 +284,7 @@ pub fn attention(
             .for_each(|(head, (out, p))| {
                 let at = |i: usize| &x[i][head * s * d..(head + 1) * s * d];
                 let (q, k, v) = (at(0), at(1), at(2));
-                matmul(p, s, Mat::rows(q, d), Mat::rows(k, d).t(), d, scale);
+                gemm_into(p, s, Mat::rows(q, d), Mat::rows(k, d).t(), d, scale);
                 if let Some(mask) = x.get(3) {
                     let keys = &mask[(head / h) * s..(head / h + 1) * s];
                     for row in p.chunks_mut(s) {
@@ -145,7 +292,7 @@ pub fn attention(
                     }
                 }
                 softmax_rows(p, s);
-                matmul(out, d, Mat::rows(p, s), Mat::rows(v, d), s, 1.0);
+                gemm_into(out, d, Mat::rows(p, s), Mat::rows(v, d), s, 1.0);
             });
         Ok(Some((
             tensor(out, &[b, h, s, d])?,
@@ -179,18 +326,18 @@ pub fn attention_backward(
                 let at = |i: usize| &x[i][head * s * d..(head + 1) * s * d];
                 let (q, k, v, g) = (at(0), at(1), at(2), at(4));
                 let p = &x[3][head * s * s..(head + 1) * s * s];
-                matmul(dv, d, Mat::rows(p, s).t(), Mat::rows(g, d), s, 1.0);
+                gemm_into(dv, d, Mat::rows(p, s).t(), Mat::rows(g, d), s, 1.0);
                 // dS = P ⊙ (dP − Σ dP⊙P) · scale, with dP = dO·vᵀ.
                 let mut ds = vec![0f32; s * s];
-                matmul(&mut ds, s, Mat::rows(g, d), Mat::rows(v, d).t(), d, 1.0);
+                gemm_into(&mut ds, s, Mat::rows(g, d), Mat::rows(v, d).t(), d, 1.0);
                 for (row, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
-                    let dot: f32 = row.iter().zip(p).map(|(a, b)| a * b).sum();
+                    let dot = dot(row, p);
                     row.iter_mut()
                         .zip(p)
                         .for_each(|(r, p)| *r = p * (*r - dot) * scale);
                 }
-                matmul(dq, d, Mat::rows(&ds, s), Mat::rows(k, d), s, 1.0);
-                matmul(dk, d, Mat::rows(&ds, s).t(), Mat::rows(q, d), s, 1.0);
+                gemm_into(dq, d, Mat::rows(&ds, s), Mat::rows(k, d), s, 1.0);
+                gemm_into(dk, d, Mat::rows(&ds, s).t(), Mat::rows(q, d), s, 1.0);
             });
         let shape = [b, h, s, d];
         Ok(Some((
@@ -222,17 +369,13 @@ pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Resu
             .for_each(|(out, (x, g))| {
                 for ((out, x), g) in out.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols)) {
                     let n = cols as f32;
-                    let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / n + eps as f32).sqrt();
-                    let mean_ux = x
-                        .iter()
-                        .zip(g)
-                        .zip(w)
-                        .map(|((x, g), w)| g * w * x)
-                        .sum::<f32>()
-                        / n;
-                    let c = r * r * mean_ux;
-                    for (((o, x), g), w) in out.iter_mut().zip(x).zip(g).zip(w) {
-                        *o = r * (g * w - x * c);
+                    let r = 1.0 / (dot(x, x) / n + eps as f32).sqrt();
+                    for ((o, g), w) in out.iter_mut().zip(g).zip(w) {
+                        *o = g * w;
+                    }
+                    let c = r * r * dot(out, x) / n;
+                    for (o, x) in out.iter_mut().zip(x) {
+                        *o = r * (*o - x * c);
                     }
                 }
             });
@@ -252,7 +395,7 @@ pub fn swiglu(u: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
             .zip(t[0].par_chunks(chunk).zip(t[1].par_chunks(chunk)))
             .for_each(|(z, (u, g))| {
                 for ((z, u), g) in z.iter_mut().zip(u).zip(g) {
-                    *z = u / (1.0 + (-u).exp()) * g;
+                    *z = u / (1.0 + exp(-u)) * g;
                 }
             });
         tensor(z, u.dims()).map(Some)
@@ -274,7 +417,7 @@ pub fn swiglu_backward(u: &Tensor, g: &Tensor, dz: &Tensor) -> Result<Option<(Te
             .zip(t[2].par_chunks(chunk))
             .for_each(|(((du, dg), (u, g)), dz)| {
                 for ((((du, dg), u), g), dz) in du.iter_mut().zip(dg).zip(u).zip(g).zip(dz) {
-                    let sig = 1.0 / (1.0 + (-u).exp());
+                    let sig = 1.0 / (1.0 + exp(-u));
                     *dg = dz * u * sig;
                     *du = dz * g * sig * (1.0 + u * (1.0 - sig));
                 }
@@ -348,6 +491,20 @@ mod tests {
         let (want_du, want_dg) = swiglu::swiglu_backward(&tracked(&u)?, &g, &dz)?;
         assert_close(&du, &want_du)?;
         assert_close(&dg, &want_dg)
+    }
+
+    #[test]
+    fn exp_is_within_2_ulp_and_zero_for_minus_infinity() {
+        for i in -8700..8800 {
+            let x = i as f32 / 100.0 + 0.003;
+            let (got, want) = (exp(x), (x as f64).exp());
+            assert!(
+                ((got as f64 - want) / want).abs() < 2.5e-7,
+                "exp({x}) = {got}, not {want}"
+            );
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(0.0), 1.0);
     }
 
     #[test]

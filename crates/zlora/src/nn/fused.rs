@@ -210,7 +210,7 @@ pub fn rope_interleaved_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
 /// computes the gradient of the weight, an extra matmul as large as the forward one, which a
 /// frozen base weight never needs.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let value = x.detach().broadcast_matmul(w)?;
+    let value = super::cpu::matmul(&x.detach(), w)?;
     if !x.track_op() {
         return Ok(value);
     }

@@ -8,6 +8,7 @@
 use candle_core::{Module, Tensor};
 
 use super::adapter::Adapter;
+use super::cpu::{matmul, matmul_plus};
 use super::grads::Grads;
 
 #[derive(Debug, Clone)]
@@ -75,19 +76,46 @@ impl Linear {
 
     fn forward_with(&self, x: &Tensor, track: bool) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
-        let mut y = super::fused::frozen_matmul(x, &w.t()?)?;
+        let mut y = match self.low_rank_terms(x, track)? {
+            Some(terms) => matmul_plus(x, &w.t()?, &terms)?,
+            None => {
+                let mut y = super::fused::frozen_matmul(x, &w.t()?)?;
+                for a in self.enabled() {
+                    let delta = if track {
+                        a.forward(x)?
+                    } else {
+                        a.forward_untracked(x)?
+                    };
+                    y = (y + delta)?;
+                }
+                y
+            }
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }
-        for a in self.enabled() {
-            let delta = if track {
-                a.forward(x)?
-            } else {
-                a.forward_untracked(x)?
-            };
-            y = (y + delta)?;
-        }
         Ok(y)
+    }
+
+    /// Without an autograd graph and with only LoRAs enabled: (f·x·Aᵀ, Bᵀ) per LoRA, the
+    /// terms `matmul_plus` adds to the base product.
+    fn low_rank_terms(
+        &self,
+        x: &Tensor,
+        track: bool,
+    ) -> candle_core::Result<Option<Vec<(Tensor, Tensor)>>> {
+        if track && (x.track_op() || self.has_trainable()) {
+            return Ok(None);
+        }
+        let mut terms = Vec::new();
+        for adapter in self.enabled() {
+            let Some((a, b, f)) = adapter.low_rank() else {
+                return Ok(None);
+            };
+            let u = (matmul(&x.to_dtype(a.dtype())?, &a.t()?)? * f)?;
+            terms.push((u, b.t()?));
+        }
+        Ok(Some(terms))
     }
 
     /// The forward pass without an autograd graph (not even through trainable adapters), for
@@ -105,9 +133,16 @@ impl Linear {
         grads: &mut Grads,
     ) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(dy.dtype())?;
-        let mut dx = dy.broadcast_matmul(&w)?;
+        let (mut terms, mut dense) = (Vec::new(), Vec::new());
         for a in self.enabled() {
-            dx = (dx + a.backward(x, dy, grads)?)?;
+            match a.low_rank_backward(x, dy, grads)? {
+                Some(term) => terms.push(term),
+                None => dense.push(a.dense_backward(x, dy)?),
+            }
+        }
+        let mut dx = matmul_plus(dy, &w, &terms)?;
+        for d in dense {
+            dx = (dx + d)?;
         }
         Ok(dx)
     }
