@@ -193,8 +193,34 @@ fn the_hand_written_backward_equals_autograd() {
     let mut model = model();
     attach_frozen_adapters(&mut model);
     let lora = full_lora(&mut model);
+    equals_autograd(&model, &lora);
+}
+
+/// The default targets (the first main block's input needs no gradient) with adaLN added
+/// (that block's attention input gradient is still needed for the modulation's).
+#[test]
+fn the_hand_written_backward_equals_autograd_for_main_layer_targets() {
+    for modules in [
+        "",
+        r#"modules = ["attention.to_q", "feed_forward.w2", "adaLN_modulation.0"]"#,
+    ] {
+        let mut model = model();
+        let cfg = toml_cfg(&format!("rank = 2\nalpha = 2.0\n{modules}"));
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let lora = TrainableLora::new(&cfg, &model, &mut rng, &Device::Cpu).unwrap();
+        for m in &lora.modules {
+            let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
+            m.up.set(&up).unwrap();
+        }
+        lora.attach(&mut model).unwrap();
+        assert!(lora.modules.iter().all(|m| m.path.starts_with("layers.")));
+        equals_autograd(&model, &lora);
+    }
+}
+
+fn equals_autograd(model: &ZImageTransformer, lora: &TrainableLora) {
     let i = inputs();
-    let (l_hand, g_hand) = loss_and_grads(&model, &lora, &batch(&i), false).unwrap();
+    let (l_hand, g_hand) = loss_and_grads(model, lora, &batch(&i), false).unwrap();
     let out = model.forward(&i.x, &i.t, &i.caps).unwrap();
     let l_auto = loss(&out, &i.target, &i.weights).unwrap();
     let store = l_auto.backward().unwrap();

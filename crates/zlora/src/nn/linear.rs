@@ -124,6 +124,20 @@ impl Linear {
         self.forward_with(x, false)
     }
 
+    /// Only the trainable adapters' gradients for the output gradient `dy`, without the
+    /// input's.
+    pub fn param_grads(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> candle_core::Result<()> {
+        for a in self.enabled().filter(|a| a.is_trainable()) {
+            a.low_rank_backward(x, dy, grads)?;
+        }
+        Ok(())
+    }
+
     /// The gradient of the input `x` for the output gradient `dy`; trainable adapters add
     /// the gradients of their factors to `grads`. The base weight is frozen.
     pub fn backward(

@@ -38,15 +38,22 @@ enum Saved {
 enum Keep {
     /// No backward pass runs through it.
     Nothing,
-    Inputs,
+    /// Checkpointing: each block's input; with `last_tape`, the last block keeps its tape
+    /// (for the stack whose backward starts right after its forward, so that the peak still
+    /// holds one tape).
+    Inputs {
+        last_tape: bool,
+    },
     Tapes,
 }
 
 impl Keep {
-    fn new(needed: bool, checkpointing: bool) -> Self {
+    fn new(needed: bool, checkpointing: bool, backward_next: bool) -> Self {
         match (needed, checkpointing) {
             (false, _) => Keep::Nothing,
-            (true, true) => Keep::Inputs,
+            (true, true) => Keep::Inputs {
+                last_tape: backward_next,
+            },
             (true, false) => Keep::Tapes,
         }
     }
@@ -61,28 +68,33 @@ fn forward_stack(
 ) -> Result<(Tensor, Vec<Saved>)> {
     let mut x = seq.x.detach();
     let mut saved = Vec::with_capacity(blocks.len());
-    for block in blocks {
+    for (i, block) in blocks.iter().enumerate() {
         let (out, tape) = block.forward_taped(&x, &seq.rot, seq.mask.as_ref(), c, Grad::ByHand)?;
+        let last = i + 1 == blocks.len();
         match keep {
             Keep::Nothing => {}
-            Keep::Inputs => saved.push(Saved::Input(x)),
-            Keep::Tapes => saved.push(Saved::Tape(tape)),
+            Keep::Inputs { last_tape } if !(last && last_tape) => saved.push(Saved::Input(x)),
+            Keep::Inputs { .. } | Keep::Tapes => saved.push(Saved::Tape(tape)),
         }
         x = out;
     }
     Ok((x, saved))
 }
 
-/// Walks a stack backwards from the gradient of its output; returns the input's gradient.
+/// Walks a stack backwards from the gradient of its output; returns the input's gradient
+/// when `input_grad` (otherwise the first block computes none).
 fn backward_stack(
     blocks: &[TransformerBlock],
     saved: Vec<Saved>,
     seq: &Sequence,
     c: Option<&Tensor>,
-    mut grad: Tensor,
+    grad: Tensor,
     grads: &mut Grads,
-) -> Result<Tensor> {
-    for (block, saved) in blocks.iter().zip(saved).rev() {
+    input_grad: bool,
+) -> Result<Option<Tensor>> {
+    let mut grad = Some(grad);
+    for (i, (block, saved)) in blocks.iter().zip(saved).enumerate().rev() {
+        let Some(g) = grad else { break };
         let tape = match saved {
             Saved::Tape(tape) => tape,
             Saved::Input(x) => {
@@ -91,7 +103,7 @@ fn backward_stack(
                     .1
             }
         };
-        grad = block.backward(&tape, &seq.rot, &grad, grads)?;
+        grad = block.backward(&tape, &seq.rot, &g, grads, i > 0 || input_grad)?;
     }
     Ok(grad)
 }
@@ -146,13 +158,13 @@ pub fn loss_and_grads(
         model.noise_refiner(),
         &image,
         Some(&c),
-        Keep::new(refine_image, checkpointing),
+        Keep::new(refine_image, checkpointing, false),
     )?;
     let (caption_out, caption_saved) = forward_stack(
         model.context_refiner(),
         &caption,
         None,
-        Keep::new(refine_caption, checkpointing),
+        Keep::new(refine_caption, checkpointing, false),
     )?;
     let unified = Sequence::unify(
         &Sequence {
@@ -168,7 +180,7 @@ pub fn loss_and_grads(
         model.layers(),
         &unified,
         Some(&c),
-        Keep::new(true, checkpointing),
+        Keep::new(true, checkpointing, true),
     )?;
 
     let head = Var::from_tensor(&last)?;
@@ -184,9 +196,10 @@ pub fn loss_and_grads(
         Some(&c),
         input_grad(&l.backward()?, &head)?,
         &mut grads,
+        refine_image || refine_caption,
     )?;
 
-    if refine_image || refine_caption {
+    if let Some(grad) = grad {
         let iv = Var::from_tensor(&image_out)?;
         let cv = Var::from_tensor(&caption_out)?;
         let joined = Sequence::unify(
@@ -208,6 +221,7 @@ pub fn loss_and_grads(
                 Some(&c),
                 input_grad(&store, &iv)?,
                 &mut grads,
+                false,
             )?;
         }
         if refine_caption {
@@ -218,6 +232,7 @@ pub fn loss_and_grads(
                 None,
                 input_grad(&store, &cv)?,
                 &mut grads,
+                false,
             )?;
         }
     }

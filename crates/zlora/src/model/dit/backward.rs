@@ -127,8 +127,9 @@ pub struct BlockTape {
 }
 
 impl TransformerBlock {
-    /// The gradient of the block's input for the gradient of its output; trainable adapters
-    /// add theirs to `grads`. The forward was
+    /// The gradient of the block's input for the gradient of its output (when `input_grad`:
+    /// the first block a backward pass reaches last needs none); trainable adapters add
+    /// theirs to `grads`. The forward was
     /// x1 = x + gate_msa ⊙ norm2(attention(norm1(x) ⊙ scale_msa)),
     /// out = x1 + gate_mlp ⊙ ffn_norm2(feed_forward(ffn_norm1(x1) ⊙ scale_mlp)).
     pub fn backward(
@@ -137,7 +138,12 @@ impl TransformerBlock {
         rot: &Rotation,
         grad: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
+        input_grad: bool,
+    ) -> Result<Option<Tensor>> {
+        let train_modulation = self
+            .ada_ln_modulation
+            .as_ref()
+            .is_some_and(Linear::has_trainable);
         let m = tape.modulation.as_ref();
         let d_f = self
             .ffn_norm2
@@ -155,18 +161,19 @@ impl TransformerBlock {
         let d_a = self
             .attention_norm2
             .input_grad(&tape.a, &times(&d_x1, m.map(|m| &m.gate_msa))?)?;
-        let d_attention_in = self.attention.backward(&tape.attention, rot, &d_a, grads)?;
-        let d_x = (&d_x1
-            + norm_grad(
-                &self.attention_norm1,
-                &tape.x,
-                &d_attention_in,
-                m.map(|m| &m.scale_msa),
-            )?)?;
-        if let (Some(ada), Some(m)) = (&self.ada_ln_modulation, m) {
-            if ada.has_trainable() {
+        let d_attention_in = self.attention.backward(
+            &tape.attention,
+            rot,
+            &d_a,
+            grads,
+            input_grad || train_modulation,
+        )?;
+        if let (Some(ada), Some(m), Some(d_in)) =
+            (&self.ada_ln_modulation, m, d_attention_in.as_ref())
+        {
+            if train_modulation {
                 let d_m = m.backward([
-                    token_sum(&d_attention_in, &tape.x_norm)?,
+                    token_sum(d_in, &tape.x_norm)?,
                     token_sum(&d_x1, &tape.a_norm)?,
                     token_sum(&d_ffn_in, &tape.x1_norm)?,
                     token_sum(grad, &tape.f_norm)?,
@@ -174,7 +181,14 @@ impl TransformerBlock {
                 ada.backward(&m.c, &d_m, grads)?;
             }
         }
-        Ok(d_x)
+        match d_attention_in {
+            Some(d_in) if input_grad => {
+                let scale = m.map(|m| &m.scale_msa);
+                let d_norm = norm_grad(&self.attention_norm1, &tape.x, &d_in, scale)?;
+                Ok(Some((d_x1 + d_norm)?))
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -184,14 +198,16 @@ fn norm_grad(norm: &RmsNorm, x: &Tensor, grad: &Tensor, scale: Option<&Tensor>) 
 }
 
 impl Attention {
-    /// The gradient of the attention's input for the gradient of its output (B, S, dim).
+    /// The gradient of the attention's input for the gradient of its output (B, S, dim),
+    /// when `input_grad`.
     fn backward(
         &self,
         tape: &AttentionTape,
         rot: &Rotation,
         grad: &Tensor,
         grads: &mut Grads,
-    ) -> Result<Tensor> {
+        input_grad: bool,
+    ) -> Result<Option<Tensor>> {
         let (b, s, dim) = grad.dims3()?;
         let d_out = self
             .to_out
@@ -208,15 +224,19 @@ impl Attention {
             };
             d.reshape((b, s, dim))
         };
-        let dx_q = self
-            .to_q
-            .backward(&tape.x, &d_proj(&dq, &tape.q_proj, &self.norm_q)?, grads)?;
-        let dx_k = self
-            .to_k
-            .backward(&tape.x, &d_proj(&dk, &tape.k_proj, &self.norm_k)?, grads)?;
+        let dq = d_proj(&dq, &tape.q_proj, &self.norm_q)?;
+        let dk = d_proj(&dk, &tape.k_proj, &self.norm_k)?;
         let dv = dv.transpose(1, 2)?.reshape((b, s, dim))?;
+        if !input_grad {
+            for (linear, d) in [(&self.to_q, dq), (&self.to_k, dk), (&self.to_v, dv)] {
+                linear.param_grads(&tape.x, &d, grads)?;
+            }
+            return Ok(None);
+        }
+        let dx_q = self.to_q.backward(&tape.x, &dq, grads)?;
+        let dx_k = self.to_k.backward(&tape.x, &dk, grads)?;
         let dx_v = self.to_v.backward(&tape.x, &dv, grads)?;
-        (dx_q + dx_k)? + dx_v
+        Ok(Some(((dx_q + dx_k)? + dx_v)?))
     }
 }
 
