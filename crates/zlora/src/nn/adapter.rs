@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::cpu::matmul;
+use super::cpu::{matmul, transposed_products};
 use super::grads::Grads;
 
 /// One factor of a LoKr or LoHa adapter.
@@ -328,12 +328,15 @@ impl Adapter {
                 t.reshape((t.elem_count() / w, w))
             };
             let x2 = rows(&x.to_dtype(DType::F32)?)?;
+            let (dy2, d2, u) = (rows(&dy)?, rows(&d)?, matmul(&x2, &a.t()?)?);
+            let [d_up, d_down]: [Tensor; 2] = transposed_products(&[(&dy2, &u), (&d2, &x2)])?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("two products expected".into()))?;
             if up.is_variable() {
-                let u = matmul(&x2, &a.t()?)?;
-                grads.add(up, (rows(&dy)?.t()?.matmul(&u)? * f)?)?;
+                grads.add(up, (d_up * f)?)?;
             }
             if down.is_variable() {
-                grads.add(down, rows(&d)?.t()?.matmul(&x2)?)?;
+                grads.add(down, d_down)?;
             }
         }
         Ok(Some((d, a)))

@@ -6,6 +6,8 @@
 //! Each function returns `None` when its inputs are not plain f32 CPU tensors outside any
 //! autograd graph; the caller then runs the composed ops (GPUs, bf16, autograd).
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Device, Result, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -69,26 +71,57 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// dst (m × n, row-major) = scale · a (m × k) · b (k × n), on the calling thread.
-fn gemm_into(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32) {
-    gemm_call(dst, n, a, b, k, scale, false)
+/// An output buffer that gemm writes in full before anything reads it: no zeroing pass.
+fn uninit(n: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// A buffer whose every value has been written.
+///
+/// # Safety
+/// Every element of `v` must be initialised.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, length and layout (MaybeUninit<f32> is f32's layout); the
+    // caller guarantees the values are initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
+/// dst (m × n, row-major) = scale · a (m × k) · b (k × n), on the calling thread; returns dst,
+/// now initialised.
+fn gemm_into<'d>(
+    dst: &'d mut [MaybeUninit<f32>],
+    n: usize,
+    a: Mat,
+    b: Mat,
+    k: usize,
+    scale: f32,
+) -> &'d mut [f32] {
+    gemm_call(dst.as_mut_ptr().cast(), dst.len(), n, a, b, k, scale, false);
+    // SAFETY: gemm wrote every element of dst (it reads none when not adding).
+    unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// dst += a · b.
 fn gemm_add(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize) {
-    gemm_call(dst, n, a, b, k, 1.0, true)
+    gemm_call(dst.as_mut_ptr(), dst.len(), n, a, b, k, 1.0, true)
 }
 
-fn gemm_call(dst: &mut [f32], n: usize, a: Mat, b: Mat, k: usize, scale: f32, add: bool) {
-    let m = dst.len() / n;
-    assert!(dst.len() == m * n && a.reaches(m, k) && b.reaches(k, n));
-    // SAFETY: the assert keeps every index gemm forms from the sizes and strides in bounds.
+#[allow(clippy::too_many_arguments)]
+fn gemm_call(dst: *mut f32, len: usize, n: usize, a: Mat, b: Mat, k: usize, scale: f32, add: bool) {
+    let m = len / n;
+    assert!(len == m * n && a.reaches(m, k) && b.reaches(k, n));
+    // SAFETY: dst holds len values; the assert keeps every index gemm forms from the sizes
+    // and strides in bounds. gemm reads dst only when adding.
     unsafe {
         gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             add,
@@ -163,7 +196,7 @@ fn rows_matmul(x: &Tensor, m: &Tensor, terms: &[(Tensor, Tensor)]) -> Result<Opt
         .map(|(s, l)| mat(s, l))
         .collect::<Result<_>>()?;
     with_data(&lefts, |left| {
-        let mut out = vec![0f32; rows * n];
+        let mut out = uninit(rows * n);
         let per = rows.div_ceil(rayon::current_num_threads()).max(1);
         out.par_chunks_mut(per * n)
             .enumerate()
@@ -173,12 +206,13 @@ fn rows_matmul(x: &Tensor, m: &Tensor, terms: &[(Tensor, Tensor)]) -> Result<Opt
                     let end = ((i + 1) * per * w).min(left[t].len());
                     Mat::rows(&left[t][i * per * w..end], w)
                 };
-                gemm_into(out, n, part(0), mats[0], k, 1.0);
+                let out = gemm_into(out, n, part(0), mats[0], k, 1.0);
                 for t in 1..mats.len() {
                     gemm_add(out, n, part(t), mats[t], inner[t]);
                 }
             });
-        tensor(out, &dims).map(Some)
+        // SAFETY: the chunks cover `out` and gemm_into wrote each.
+        tensor(unsafe { assume_init(out) }, &dims).map(Some)
     })
 }
 
@@ -198,6 +232,30 @@ fn simd<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// aᵀ · b for each pair (a (N, m) and b (N, n), contiguous): the pairs run side by side, one
+/// single-threaded gemm each (the LoRA factors' gradients, whose shapes are too narrow for
+/// gemm's own threading).
+pub fn transposed_products(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> {
+    let all: Vec<&Tensor> = pairs.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    if !applies(&all) || all.iter().any(|t| t.rank() != 2) {
+        return pairs.iter().map(|(a, b)| a.t()?.matmul(b)).collect();
+    }
+    with_data(&all, |data| {
+        pairs
+            .par_iter()
+            .enumerate()
+            .map(|(i, (a, b))| {
+                let ((rows, m), n) = (a.dims2()?, b.dim(1)?);
+                let mut out = uninit(m * n);
+                let (left, right) = (Mat::rows(data[2 * i], m).t(), Mat::rows(data[2 * i + 1], n));
+                gemm_into(&mut out, n, left, right, rows, 1.0);
+                // SAFETY: gemm_into wrote all of `out`.
+                tensor(unsafe { assume_init(out) }, &[m, n])
+            })
+            .collect()
+    })
 }
 
 /// Lanes of the reductions below: independent accumulators the compiler turns into SIMD.
@@ -294,15 +352,15 @@ pub fn attention(
     let (b, h, s, d) = q.dims4()?;
     let scale = 1.0 / (d as f32).sqrt();
     with_data(&inputs, |x| {
-        let mut out = vec![0f32; b * h * s * d];
-        let mut probs = vec![0f32; b * h * s * s];
+        let mut out = uninit(b * h * s * d);
+        let mut probs = uninit(b * h * s * s);
         out.par_chunks_mut(s * d)
             .zip(probs.par_chunks_mut(s * s))
             .enumerate()
             .for_each(|(head, (out, p))| {
                 let at = |i: usize| &x[i][head * s * d..(head + 1) * s * d];
                 let (q, k, v) = (at(0), at(1), at(2));
-                gemm_into(p, s, Mat::rows(q, d), Mat::rows(k, d).t(), d, scale);
+                let p = gemm_into(p, s, Mat::rows(q, d), Mat::rows(k, d).t(), d, scale);
                 if let Some(mask) = x.get(3) {
                     let keys = &mask[(head / h) * s..(head / h + 1) * s];
                     for row in p.chunks_mut(s) {
@@ -312,6 +370,8 @@ pub fn attention(
                 simd(|| softmax_rows(p, s));
                 gemm_into(out, d, Mat::rows(p, s), Mat::rows(v, d), s, 1.0);
             });
+        // SAFETY: each head's chunks were written by gemm_into.
+        let (out, probs) = unsafe { (assume_init(out), assume_init(probs)) };
         Ok(Some((
             tensor(out, &[b, h, s, d])?,
             tensor(probs, &[b, h, s, s])?,
@@ -335,7 +395,7 @@ pub fn attention_backward(
     let scale = 1.0 / (d as f32).sqrt();
     with_data(&[q, k, v, probs, d_out], |x| {
         let n = b * h * s * d;
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (mut dq, mut dk, mut dv) = (uninit(n), uninit(n), uninit(n));
         dq.par_chunks_mut(s * d)
             .zip(dk.par_chunks_mut(s * d))
             .zip(dv.par_chunks_mut(s * d))
@@ -346,8 +406,8 @@ pub fn attention_backward(
                 let p = &x[3][head * s * s..(head + 1) * s * s];
                 gemm_into(dv, d, Mat::rows(p, s).t(), Mat::rows(g, d), s, 1.0);
                 // dS = P ⊙ (dP − Σ dP⊙P) · scale, with dP = dO·vᵀ.
-                let mut ds = vec![0f32; s * s];
-                gemm_into(&mut ds, s, Mat::rows(g, d), Mat::rows(v, d).t(), d, 1.0);
+                let mut ds = uninit(s * s);
+                let ds = gemm_into(&mut ds, s, Mat::rows(g, d), Mat::rows(v, d).t(), d, 1.0);
                 simd(|| {
                     for (row, p) in ds.chunks_mut(s).zip(p.chunks(s)) {
                         let dot = dot(row, p);
@@ -356,10 +416,12 @@ pub fn attention_backward(
                             .for_each(|(r, p)| *r = p * (*r - dot) * scale);
                     }
                 });
-                gemm_into(dq, d, Mat::rows(&ds, s), Mat::rows(k, d), s, 1.0);
-                gemm_into(dk, d, Mat::rows(&ds, s).t(), Mat::rows(q, d), s, 1.0);
+                gemm_into(dq, d, Mat::rows(ds, s), Mat::rows(k, d), s, 1.0);
+                gemm_into(dk, d, Mat::rows(ds, s).t(), Mat::rows(q, d), s, 1.0);
             });
         let shape = [b, h, s, d];
+        // SAFETY: each head's chunks were written by gemm_into.
+        let (dq, dk, dv) = unsafe { (assume_init(dq), assume_init(dk), assume_init(dv)) };
         Ok(Some((
             tensor(dq, &shape)?,
             tensor(dk, &shape)?,
