@@ -262,6 +262,7 @@ pub fn transposed_products(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<Tensor>> 
 const LANES: usize = 16;
 
 /// Σ f(a_i, b_i) over equal-length slices, in `LANES` partial sums.
+#[inline(always)]
 fn reduce(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -279,10 +280,12 @@ fn reduce(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     reduce(a, b, |x, y| x * y)
 }
 
+#[inline(always)]
 fn max(a: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = a.chunks_exact(LANES);
@@ -327,6 +330,7 @@ fn exp(x: f32) -> f32 {
 }
 
 /// Softmax of each row in place.
+#[inline(always)]
 fn softmax_rows(x: &mut [f32], cols: usize) {
     for row in x.chunks_mut(cols) {
         let max = max(row);

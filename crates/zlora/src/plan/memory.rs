@@ -53,9 +53,6 @@ pub struct Keeps {
     pub lowrank_rank: f64,
     /// × heads · tokens², the attention probabilities and their intermediates.
     pub scores: f64,
-    /// × dim: full-size gradients candle's backward keeps for frozen inputs of tracked ops
-    /// (norm weights and rope tables broadcast over the tokens) until the backward ends.
-    pub frozen_grads: f64,
 }
 
 /// What the code that runs the step keeps, beyond the shared formulas.
@@ -65,14 +62,13 @@ pub struct Profile {
     /// Activation bytes: None = the frozen weights' dtype (zlora computes in it).
     pub activation_bytes: Option<f64>,
     pub keeps: fn(f64) -> Keeps,
-    /// candle's backward computes a gradient for both operands of every product: the
-    /// modulation vectors and the training adapter's factors get gradients, kept until it
-    /// ends (the base weights are spared by `nn::fused::frozen_matmul`).
-    pub candle_backward: bool,
     /// The backward's own working set: a share of one block's kept activations, plus bytes
-    /// per attention score (the softmax backward's score-sized gradients).
+    /// per attention score (the composed softmax backward's score-sized intermediates).
     pub backward_blocks: f64,
     pub backward_scores: f64,
+    /// With f32 activations the attention runs nn::cpu's kernel, whose backward needs no
+    /// score-sized intermediates beyond one head per thread.
+    pub f32_attention_kernel: bool,
     /// Bytes per weight of the text encoder and VAE while caching, and of the sampling VAE.
     pub encoder_bytes: f64,
     /// Bytes per weight of the frozen training adapter (zlora loads adapters as f32).
@@ -91,18 +87,18 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// zlora on the CPU: the activation counts of model/dit.rs and nn/ under candle's graph.
-    /// Fitted to 17 measured runs (docs/benchmarks.md): the backward working set (0.3 of a
-    /// block plus 3.8 f32 score-sized tensors), the allocator slack (the CLI keeps freed
+    /// zlora on the CPU: the blocks' tapes (model/dit/backward.rs). Fitted to measured runs
+    /// (docs/benchmarks.md): the backward working set (a share of one block's tape; the
+    /// attention kernel's per-head scratch is small), the allocator slack (the CLI keeps freed
     /// buffers in glibc's heap) and the process baseline.
     pub fn cpu() -> Self {
         Self {
             name: "cpu",
             activation_bytes: None,
-            keeps: candle_cpu_keeps,
-            candle_backward: true,
+            keeps: tape_keeps,
             backward_blocks: 0.3,
-            backward_scores: 15.2,
+            backward_scores: 14.0,
+            f32_attention_kernel: true,
             encoder_bytes: 4.0,
             adapter_bytes: 4.0,
             maps_files: true,
@@ -117,13 +113,14 @@ impl Profile {
         }
     }
 
-    /// zlora on a CUDA GPU: the same candle graph with the fused RMSNorm, RoPE and softmax
-    /// of nn/fused.rs; the working set as measured on the CPU. No GPU run has checked it:
-    /// the CUDA context and allocator slack are estimates from the GPU table.
+    /// zlora on a CUDA GPU: the same tapes, with the attention's f32 score-sized
+    /// intermediates of the composed backward (dP, dP ⊙ P, dS and its cast) as the working
+    /// set. No GPU run has checked it: the CUDA context and allocator slack are estimates from
+    /// the GPU table.
     pub fn cuda(context_bytes: f64, slack: f64) -> Self {
         Self {
             name: "cuda",
-            keeps: candle_cuda_keeps,
+            f32_attention_kernel: false,
             maps_files: false,
             overhead_what: "CUDA context and workspaces",
             overhead_bytes: context_bytes,
@@ -139,9 +136,9 @@ impl Profile {
             name: "pytorch",
             activation_bytes: Some(2.0),
             keeps: torch_keeps,
-            candle_backward: false,
             backward_blocks: 0.5,
             backward_scores: 0.0,
+            f32_attention_kernel: false,
             encoder_bytes: 2.0,
             vae_tensors: 4.0,
             vae_score_bytes: 0.0,
@@ -153,63 +150,20 @@ impl Profile {
 pub const MIB: f64 = 1024.0 * 1024.0;
 pub const GIB: f64 = 1024.0 * MIB;
 
-/// f32 copies made around bf16 activations: a copy in and a cast back.
-fn casts(a: f64) -> f64 {
-    if a < 4.0 {
-        4.0 + a
-    } else {
-        0.0
-    }
-}
-
-/// What is the same on every device: the Linears' outputs, twice each (the frozen-weight
-/// matmul of nn/fused.rs keeps its result and hands out a copy; 5 of width dim, w1 and w3 of
-/// the FFN's width), the two residual sums, the SwiGLU's SiLU and product, the modulation
-/// products, and the low-rank modules, each keeping its f32 product, scaled product and sum
-/// (plus an f32 copy of its input for bf16).
-fn shared_keeps(a: f64) -> Keeps {
+/// What a block's tape keeps (model/dit/backward.rs): the inputs and outputs of the four
+/// norms (8 × dim), the attention's input, q and k before the qk-norm, the rotated q and k, v
+/// and the output before to_out (7 × dim), the feed-forward's input (dim) and its w1, w3 and
+/// gated activations (3 × FFN width), and the f32 attention probabilities. The LoRAs keep
+/// nothing: their rank-wide products are recomputed in the backward.
+fn tape_keeps(a: f64) -> Keeps {
     Keeps {
-        per_dim: 5.0 * 2.0 * a + 2.0 * a,
-        modulation: 4.0 * a,
-        per_ffn: 2.0 * 2.0 * a + 2.0 * a,
-        lowrank_in: if a < 4.0 { 4.0 } else { 0.0 },
-        lowrank_out: 8.0 + if a < 4.0 { a } else { 0.0 } + a,
-        lowrank_rank: 4.0,
-        scores: 0.0,
-        frozen_grads: 0.0,
-    }
-}
-
-/// zlora's graph on the CPU, counted op by op (docs/plan.md): every RMSNorm keeps 3 f32
-/// tensors and every rope 4 (plus the casts); the attention its scaled q, contiguous k and v,
-/// the output, its f32 normalised copy and the merged heads (plus the casts); the composed
-/// softmax the scores, shifted scores and exponentials. Backward keeps the gradients of the
-/// six norm weights and the rope tables at full size.
-fn candle_cpu_keeps(a: f64) -> Keeps {
-    let norm = 12.0 + casts(a);
-    let rope = 16.0 + casts(a);
-    let attention = 5.0 * a + 4.0 + casts(a);
-    let shared = shared_keeps(a);
-    Keeps {
-        per_dim: 6.0 * norm + 2.0 * rope + attention + shared.per_dim,
-        scores: a + 8.0 + casts(a),
-        frozen_grads: 6.0 * 4.0 + 2.0 * 2.0 * 4.0,
-        ..shared
-    }
-}
-
-/// zlora's graph on a GPU (nn/fused.rs): a fused RMSNorm keeps its result and the op's copy
-/// of it; a fused rope its f32 input, the contiguous heads-first copy, the result and its copy
-/// (plus the casts); the attention its scaled q, contiguous k and v, the output and the
-/// merged heads; the fused softmax the scores (plus an f32 copy for bf16), its result and the
-/// op's copy, and the probabilities cast back. Their backward returns no full-size gradient
-/// for the norm weights or rope tables.
-fn candle_cuda_keeps(a: f64) -> Keeps {
-    let shared = shared_keeps(a);
-    Keeps {
-        per_dim: 6.0 * 2.0 * a + 2.0 * (12.0 + casts(a)) + 5.0 * a + shared.per_dim,
-        scores: a + 8.0 + casts(a),
-        ..shared
+        per_dim: 16.0 * a,
+        modulation: 0.0,
+        per_ffn: 3.0 * a,
+        lowrank_in: 0.0,
+        lowrank_out: 0.0,
+        lowrank_rank: 0.0,
+        scores: 4.0,
     }
 }
 
@@ -227,7 +181,6 @@ fn torch_keeps(a: f64) -> Keeps {
         lowrank_out: 0.0,
         lowrank_rank: a,
         scores: 0.0,
-        frozen_grads: 0.0,
     }
 }
 
@@ -405,14 +358,10 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let acts = Activations::new(run, work, profile);
     if work.checkpointing {
         phase.push("block inputs kept for recomputation", acts.saved_inputs());
-        phase.push("one block recomputed with its graph", acts.largest_block());
+        phase.push("one block's tape (recomputed)", acts.largest_block());
     } else {
-        phase.push("every trained block's graph", acts.all_blocks());
+        phase.push("every trained block's tape", acts.all_blocks());
     }
-    phase.push(
-        "gradients of frozen inputs (candle)",
-        acts.constant_grads(work.checkpointing),
-    );
     phase.push("backward working set", acts.backward_working_set());
     phase
 }
@@ -536,11 +485,15 @@ impl<'a> Activations<'a> {
     }
 
     fn backward_working_set(&self) -> f64 {
+        let score_bytes = if self.profile.f32_attention_kernel && self.a == 4.0 {
+            0.0
+        } else {
+            self.profile.backward_scores
+        };
         self.tracked()
             .into_iter()
             .map(|s| {
-                self.profile.backward_blocks * self.block(s)
-                    + self.profile.backward_scores * self.scores(s)
+                self.profile.backward_blocks * self.block(s) + score_bytes * self.scores(s)
             })
             .fold(0.0, f64::max)
     }
@@ -568,44 +521,6 @@ impl<'a> Activations<'a> {
             .sum::<f64>()
             + 3.0 * self.tokens("layers");
         per_item * dim * self.a * self.work.batch as f64
-    }
-
-    /// The gradients candle's backward keeps for frozen inputs: per tracked block the
-    /// full-size gradients of the norm weights and rope tables (where the profile has them),
-    /// of the modulation vectors and of the adapter's factors; for the whole backward pass,
-    /// or one block with checkpointing.
-    fn constant_grads(&self, checkpointing: bool) -> f64 {
-        if !self.profile.candle_backward {
-            return 0.0;
-        }
-        let per_block = |stack: &str| {
-            let dim = self.run.dims.transformer.dim as f64;
-            let modulation = if stack == "context_refiner" {
-                0.0
-            } else {
-                4.0 * self.a
-            };
-            let tokens = self.work.batch as f64 * self.tokens(stack);
-            let vectors = tokens * dim * (self.keeps.frozen_grads + modulation);
-            vectors + self.frozen_weight_grads(stack)
-        };
-        let stacks = self.tracked();
-        if checkpointing {
-            stacks.into_iter().map(per_block).fold(0.0, f64::max)
-        } else {
-            stacks
-                .into_iter()
-                .map(|s| self.blocks(s) * per_block(s))
-                .sum()
-        }
-    }
-
-    /// The frozen training adapter's factors get candle's gradients (f32): its low-rank
-    /// products are plain matmuls. The base weights get none (`nn::fused::frozen_matmul`).
-    fn frozen_weight_grads(&self, stack: &str) -> f64 {
-        first_block(self.run.adapter, stack)
-            .map(|m| m.params as f64 * 4.0)
-            .sum()
     }
 }
 
