@@ -77,11 +77,12 @@ fn json_has_the_contract_fields_for_the_requested_gpus() {
         }
         assert!(g["fits"].is_boolean());
     }
-    // zlora materialises the attention scores: at 1024² one block's graph alone is ~15 GiB,
-    // so 24 GB cards do not fit (a PyTorch-class trainer with flash attention would), 80 GB
-    // cards do.
-    assert_eq!(gpus[0]["fits"], false);
+    // With checkpointing, bf16 weights and attention chunked over heads, 1024² fits 24 GB
+    // cards, as a PyTorch-class trainer with flash attention does.
+    assert_eq!(gpus[0]["fits"], true);
     assert_eq!(gpus[3]["fits"], true);
+    let zlora = gpus[0]["peak_memory_gb"].as_f64().unwrap();
+    assert!((14.0..22.0).contains(&zlora), "{zlora}");
     let reference = plan["pytorch_reference"]["peak_memory_gib"]
         .as_f64()
         .unwrap();
@@ -102,7 +103,7 @@ fn a_run_that_does_not_fit_gets_the_changes_that_would_make_it_fit() {
             ("[train]\n", "[train]\ngradient_checkpointing = false\n"),
         ],
     );
-    let text = stdout(&zlora(&["plan", &config, "--gpu", "4090,h200"], dir.path()));
+    let text = stdout(&zlora(&["plan", &config, "--gpu", "4090,a100"], dir.path()));
     assert!(text.contains("4090 (24 GiB) does not fit"), "{text}");
     assert!(text.contains("gradient_checkpointing = true"), "{text}");
     assert!(text.contains("base_dtype = \"bf16\""), "{text}");
@@ -111,11 +112,11 @@ fn a_run_that_does_not_fit_gets_the_changes_that_would_make_it_fit() {
     assert!(text.contains("DistillPatch"), "{text}");
 
     let json = stdout(&zlora(
-        &["plan", &config, "--gpu", "4090,h200", "--json"],
+        &["plan", &config, "--gpu", "4090,a100", "--json"],
         dir.path(),
     ));
     let plan: serde_json::Value = serde_json::from_str(&json).unwrap();
-    // The 4090 needs several changes at once; on the H200 checkpointing alone does it.
+    // The 4090 needs several changes at once; on the A100 checkpointing alone does it.
     let changes = |i: usize| plan["gpus"][i]["changes"].as_array().unwrap().clone();
     assert_eq!(changes(0).len(), 1, "{json}");
     assert_eq!(changes(0)[0]["fits"], true, "{json}");

@@ -194,6 +194,7 @@ impl Attention {
             k,
             v,
             probs,
+            mask: mask.cloned(),
             out,
         };
         Ok((y, tape))

@@ -225,7 +225,8 @@ fn prepare_data(
     }
     let opts = CacheOptions {
         dir: cfg.dataset.cache_dir(),
-        dtype: DType::F32,
+        // bf16 on a GPU (Qwen3-4B in f32 would take 16 GB), f32 on the CPU.
+        dtype: crate::device::default_dtype(device),
         device: device.clone(),
     };
     let (data, stats) = CachedDataset::build(&dataset, folder, &opts, |stage, done, total| {

@@ -86,8 +86,8 @@ fn token_sum(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// What one attention's backward needs: its input, the q/k projections before the qk-norm,
-/// the rotated q and k and v (B, H, S, head_dim), the probabilities (f32) and the output
-/// before to_out (B, S, dim).
+/// the rotated q and k and v (B, H, S, head_dim), the probabilities (f32) and key mask, and
+/// the output before to_out (B, S, dim).
 #[derive(Debug)]
 pub struct AttentionTape {
     pub(super) x: Tensor,
@@ -96,7 +96,9 @@ pub struct AttentionTape {
     pub(super) q: Tensor,
     pub(super) k: Tensor,
     pub(super) v: Tensor,
-    pub(super) probs: Tensor,
+    /// Kept when small enough (`nn::attention`), else recomputed.
+    pub(super) probs: Option<Tensor>,
+    pub(super) mask: Option<Tensor>,
     pub(super) out: Tensor,
 }
 
@@ -214,7 +216,14 @@ impl Attention {
             .backward(&tape.out, grad, grads)?
             .reshape((b, s, self.n_heads, dim / self.n_heads))?
             .transpose(1, 2)?;
-        let (dq, dk, dv) = attention_backward(&tape.q, &tape.k, &tape.v, &tape.probs, &d_out)?;
+        let (dq, dk, dv) = attention_backward(
+            &tape.q,
+            &tape.k,
+            &tape.v,
+            tape.probs.as_ref(),
+            tape.mask.as_ref(),
+            &d_out,
+        )?;
         // Back through the rotation and the qk-norm to the projection's output.
         let d_proj = |d: &Tensor, proj: &Tensor, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let d = rot.rotate_heads_backward(d)?;
