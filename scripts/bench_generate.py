@@ -133,7 +133,7 @@ def build_model(model_dir: Path, latents_file: Path) -> dict[str, int]:
     from transformers import Qwen3Config, Qwen3Model
 
     sys.path.insert(0, str(ROOT / "scripts"))
-    from make_fixtures import build_tokenizer, randomize_
+    from random_zimage import build_tokenizer, randomize_
 
     tok = build_tokenizer()
     te = Qwen3Model(Qwen3Config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **TE_CFG)).eval()
