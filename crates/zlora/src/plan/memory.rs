@@ -97,7 +97,7 @@ impl Profile {
             name: "cpu",
             activation_bytes: None,
             keeps: tape_keeps,
-            backward_blocks: 0.3,
+            backward_blocks: 0.75,
             backward_scores: 20.0,
             f32_attention_kernel: true,
             encoder_bytes: 4.0,

@@ -547,12 +547,12 @@ fn notes(dims: &ModelDims, work: &Workload) -> Vec<String> {
              loaded and are dropped, so they never share memory with training (together \
              they would add {encoders:.1} GiB in bf16)."
         ),
-        "GPU memory is zlora's own CUDA path counted from its code (candle's graph with the \
-         fused norm, rope and softmax; attention scores are materialised, and candle keeps \
-         gradients of frozen weights), with the working set measured on the CPU; no GPU run \
-         has checked it yet. The CPU figure is the same model fitted to measured runs \
-         (docs/benchmarks.md). The PyTorch-class reference (flash attention, no frozen \
-         gradients) is what ai-toolkit-like trainers need."
+        "GPU memory is zlora's own CUDA path counted from its code (each block's tape for \
+         the hand-written backward; attention probabilities recomputed in chunks of heads \
+         once a block has more than 2^26 scores), with the working set measured on the CPU; \
+         no GPU run has checked it yet. The CPU figure is the same model checked against \
+         measured runs (docs/benchmarks.md). The PyTorch-class reference (flash attention) \
+         is what ai-toolkit-like trainers need."
             .into(),
         "Seconds per step = FLOPs per step / (peak × efficiency) from the GPU table: an \
          estimate; small steps use a GPU less well than large ones."
