@@ -238,6 +238,7 @@ def zlora_train(a, model: Path, work: Path) -> dict:
                                      capture_output=True, text=True, check=True, env=zlora_env()).stdout)
     return {"wall": wall, "steps": steps, "s_per_step": statistics.median(steps[2:] or steps),
             "peak_gpu_mib": mem.used_mib(), "peak_rss_mib": log[-1]["peak_memory_mib"],
+            "gpu_mib_after_steps": [e.get("gpu_memory_mib") for e in log],
             "latent": max(latents), "caption": max(caps), "flops_per_step": plan["flops_per_step"]}
 
 

@@ -45,3 +45,15 @@ pub fn default_dtype(device: &Device) -> DType {
         DType::BF16
     }
 }
+
+/// Memory in use on a CUDA device (MiB, all processes, as the driver reports it: what the
+/// allocator holds, not only live tensors); `None` elsewhere or when the driver says nothing.
+pub fn gpu_memory_in_use_mib(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as f64 / (1024.0 * 1024.0));
+    }
+    let _ = device;
+    None
+}

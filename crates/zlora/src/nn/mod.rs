@@ -1,6 +1,7 @@
-//! Differentiable building blocks shared by inference and training. Everything here is built
-//! from composed candle ops that have a backward (candle's fused norm, softmax and rope
-//! kernels silently return no gradient).
+//! Building blocks shared by inference and training. Each op has a backward: candle's fused
+//! norm, softmax and rope kernels (which silently return no gradient) go through `fused`'s
+//! custom ops, and every op the hand-written backward needs has its gradient here; `cpu`
+//! holds the fused f32 CPU kernels used where no autograd graph is needed.
 
 pub mod adapter;
 pub mod attention;

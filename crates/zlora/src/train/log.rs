@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
@@ -18,18 +19,22 @@ pub struct StepLog {
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
     pub step_seconds: f64,
-    /// Peak resident memory of the process so far (MiB; CPU runs).
+    /// Peak resident memory of the process so far (MiB).
     pub peak_memory_mib: Option<f64>,
+    /// Memory in use on the GPU after the step (MiB; CUDA runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_mib: Option<f64>,
 }
 
 pub struct Log {
     path: PathBuf,
+    device: Device,
 }
 
 impl StepLog {
     /// Opens the log of a run that has completed `resumed_step` steps: lines of later steps
     /// (written before a crash, then undone by resuming) are dropped.
-    pub fn open(path: &Path, resumed_step: u64) -> Result<Log> {
+    pub fn open(path: &Path, resumed_step: u64, device: &Device) -> Result<Log> {
         if path.exists() {
             let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
             let kept: String = text
@@ -43,6 +48,7 @@ impl StepLog {
         }
         Ok(Log {
             path: path.to_path_buf(),
+            device: device.clone(),
         })
     }
 }
@@ -65,6 +71,7 @@ impl Log {
             grad_norm,
             step_seconds,
             peak_memory_mib: peak_rss_mib(),
+            gpu_memory_mib: crate::device::gpu_memory_in_use_mib(&self.device),
         };
         let line = serde_json::to_string(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
         let mut f = std::fs::OpenOptions::new()

@@ -110,7 +110,7 @@ pub fn train(
             run.step
         )));
     }
-    let log = StepLog::open(&out.join("log.jsonl"), run.step)?;
+    let log = StepLog::open(&out.join("log.jsonl"), run.step, &device)?;
     let mut loader = Loader::for_cached(
         &data,
         LoaderOptions::new(&cfg.dataset, t.batch_size, t.seed),
