@@ -5,26 +5,23 @@
 #[path = "../../zlora/tests/hub_server/mod.rs"]
 mod hub_server;
 
+mod common;
+
+use common::{stdout, zlora_env};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use hub_server::HubServer;
 use zlora::hub::known::{DISTILL_PATCH_FILE, DISTILL_PATCH_REPO, TURBO_REPO};
 
 fn zlora(args: &[&str], server: &HubServer, cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        .env("HF_ENDPOINT", &server.endpoint)
-        .env("HF_HUB_CACHE", cache)
-        .env_remove("HF_TOKEN")
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "zlora failed:\n{err}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    zlora_env(
+        args,
+        &[
+            ("HF_ENDPOINT", server.endpoint.as_ref()),
+            ("HF_HUB_CACHE", cache.as_os_str()),
+        ],
+    )
 }
 
 /// A local Hub serving a tiny model as Z-Image-Turbo and a fake DistillPatch.

@@ -1,20 +1,15 @@
 //! `zlora generate` end to end against the diffusers pipelines of the tiny fixture model
 //! (reference §5): injected initial latents, final latents within 1e-4, PNGs within one level.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::parity::{fixtures, reference, rel_err};
+use common::{stdout, zlora};
+use std::path::Path;
+use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use zlora::sample::image::read_png;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny"))
-}
-
-fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("reference.safetensors"), &Device::Cpu).unwrap()
-}
 
 /// The pipeline parameters the fixture script recorded in the header.
 fn params(pipeline: &str) -> serde_json::Value {
@@ -25,42 +20,9 @@ fn params(pipeline: &str) -> serde_json::Value {
     all["pipelines"][pipeline].clone()
 }
 
-fn zlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "zlora failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn save_latents(path: &Path, t: &Tensor) {
     let map = [("latents".to_string(), t.clone())].into_iter().collect();
     zlora::fsutil::save_safetensors(path, &map, None, false).unwrap();
-}
-
-fn rel_err(a: &Tensor, e: &Tensor) -> f32 {
-    let diff = (a - e)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / e
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Runs `generate` with a pipeline's recorded settings and checks latents and pixels.
@@ -99,7 +61,7 @@ fn check_pipeline(name: &str, extra: &[&str], latent_tol: f32, pixel_tol: f32) {
         png.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    ok(&zlora(&args));
+    stdout(&zlora(&args));
 
     let got = candle_core::safetensors::load(&fin, &Device::Cpu).unwrap()["latents"].clone();
     let err = rel_err(&got, &r[&format!("{name}.latents_out")]);
@@ -185,7 +147,7 @@ fn comfyui_single_file_gives_the_turbo_result_up_to_bf16_weights() {
 fn tiny_model_generates_one_png_per_seed_with_parameters() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    ok(&zlora(&["tiny-model", "--out", model.to_str().unwrap()]));
+    stdout(&zlora(&["tiny-model", "--out", model.to_str().unwrap()]));
     let out = dir.path().join("img.png");
     let run = |extra: &[&str]| {
         let mut args = vec![
@@ -210,7 +172,7 @@ fn tiny_model_generates_one_png_per_seed_with_parameters() {
         args.extend_from_slice(extra);
         zlora(&args)
     };
-    ok(&run(&[]));
+    stdout(&run(&[]));
     let (a, text) = read_png(&dir.path().join("img_s1.png")).unwrap();
     let (b, _) = read_png(&dir.path().join("img_s2.png")).unwrap();
     assert_eq!((a.width, a.height), (64, 32));
@@ -225,7 +187,7 @@ fn tiny_model_generates_one_png_per_seed_with_parameters() {
         "existing outputs are not overwritten without --force"
     );
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
-    ok(&run(&["--force"]));
+    stdout(&run(&["--force"]));
     let (a2, _) = read_png(&dir.path().join("img_s1.png")).unwrap();
     assert_eq!(a.pixels, a2.pixels, "same seed, same image");
 }
@@ -311,7 +273,7 @@ fn a_repo_id_resolves_from_the_local_hugging_face_cache() {
         ])
         .output()
         .unwrap();
-    ok(&run);
+    stdout(&run);
     assert!(out.is_file());
     let missing = Command::new(env!("CARGO_BIN_EXE_zlora"))
         .env("HF_HOME", home.path())

@@ -2,34 +2,17 @@
 //! single file) generates exactly like the attached LoRA, extract recovers the merged LoRA,
 //! convert and combine through the binary.
 
+mod common;
+
+use common::parity::{fixtures, rel_err};
+use common::{stdout, zlora};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use zlora::lora::LoraFile;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/tiny"))
-}
-
 fn lora_fixture() -> PathBuf {
     fixtures().join("lora_peft.safetensors")
-}
-
-fn zlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "zlora failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn s(p: &Path) -> &str {
@@ -74,16 +57,10 @@ fn latents(dir: &Path, model: &Path, extra: &[&str]) -> Tensor {
         "--force",
     ];
     args.extend_from_slice(extra);
-    ok(&zlora(&args));
+    stdout(&zlora(&args));
     let t = candle_core::safetensors::load(&fin, &Device::Cpu).unwrap()["latents"].clone();
     std::fs::remove_file(&fin).unwrap();
     t
-}
-
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
 }
 
 /// A copy of the fixture model whose transformer is the fixture LoRA merged at 0.7, written
@@ -95,7 +72,7 @@ fn merged_model(dir: &Path) -> PathBuf {
     std::fs::remove_dir_all(&transformer).unwrap();
     let lora = format!("{}:0.7", lora_fixture().display());
     let src = fixtures().join("model");
-    ok(&zlora(&[
+    stdout(&zlora(&[
         "lora",
         "merge",
         "--model",
@@ -140,7 +117,7 @@ fn merged_models_generate_like_the_attached_lora() {
     assert!(err < 1e-5, "diffusers merge: {err}");
 
     let comfy = dir.path().join("merged_comfy.safetensors");
-    ok(&zlora(&[
+    stdout(&zlora(&[
         "lora",
         "merge",
         "--model",
@@ -181,7 +158,7 @@ fn extract_recovers_a_merged_lora() {
     let mut worst = 0f32;
     for rank in ["4", "6"] {
         let out = dir.path().join(format!("extracted{rank}.safetensors"));
-        let report = ok(&zlora(&[
+        let report = stdout(&zlora(&[
             "lora",
             "extract",
             "--base",
@@ -208,7 +185,7 @@ fn extract_recovers_a_merged_lora() {
     }
     eprintln!("extract vs merged LoRA: worst relative delta error {worst:.2e}");
     let out = dir.path().join("low.safetensors");
-    let report = ok(&zlora(&[
+    let report = stdout(&zlora(&[
         "lora",
         "extract",
         "--base",
@@ -228,7 +205,7 @@ fn convert_and_combine_through_the_binary() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = lora_fixture();
     let comfy = dir.path().join("comfy.safetensors");
-    let out = ok(&zlora(&[
+    let out = stdout(&zlora(&[
         "lora",
         "convert",
         s(&fixture),
@@ -244,7 +221,7 @@ fn convert_and_combine_through_the_binary() {
     let combined = dir.path().join("both.safetensors");
     let a = format!("{}:0.5", fixture.display());
     let b = format!("{}:0.5", comfy.display());
-    let out = ok(&zlora(&[
+    let out = stdout(&zlora(&[
         "lora",
         "combine",
         &a,
@@ -425,8 +402,8 @@ fn inspect_exit_codes_name_the_problem() {
 fn inspect_describes_every_layout_and_matches_a_model() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixtures().join("model");
-    let (code, stdout, _) = inspect(&lora_fixture(), &["--model", s(&model)]);
-    assert_eq!(code, 0, "{stdout}");
+    let (code, report, _) = inspect(&lora_fixture(), &["--model", s(&model)]);
+    assert_eq!(code, 0, "{report}");
     for needle in [
         "layout: diffusers/PEFT",
         "architecture: Z-Image",
@@ -435,7 +412,7 @@ fn inspect_describes_every_layout_and_matches_a_model() {
         "lora_adapter_metadata = {",
         "28 modules apply, 0 not in the model, 0 shape mismatches",
     ] {
-        assert!(stdout.contains(needle), "{needle}: {stdout}");
+        assert!(report.contains(needle), "{needle}: {report}");
     }
     for (to, layout) in [
         ("default", "ai-toolkit"),
@@ -445,7 +422,7 @@ fn inspect_describes_every_layout_and_matches_a_model() {
         ("diffusers", "diffusers/PEFT"),
     ] {
         let out = dir.path().join(format!("{to}.safetensors"));
-        ok(&zlora(&[
+        stdout(&zlora(&[
             "lora",
             "convert",
             s(&lora_fixture()),

@@ -1,24 +1,17 @@
 //! `zlora plan`: the --json contract, advice when a run does not fit, the GPU table override,
 //! and the calibration of the CPU memory model against real tiny training runs.
 
+mod common;
+
+use common::{stdout, zlora_env};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use zlora::model::text::PromptTokenizer;
 
+/// An empty HF cache: the examples' repo ids are never found locally.
 fn zlora(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        // An empty HF cache: the examples' repo ids are never found locally.
-        .env("HF_HUB_CACHE", cache)
-        .output()
-        .unwrap()
-}
-
-fn stdout(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "zlora failed:\n{err}");
-    String::from_utf8_lossy(&out.stdout).to_string()
+    zlora_env(args, &[("HF_HUB_CACHE", cache.as_os_str())])
 }
 
 fn example(name: &str) -> String {

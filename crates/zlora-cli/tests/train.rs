@@ -2,25 +2,15 @@
 //! determinism, resume after SIGKILL, refusal to overwrite, NaN stop, training adapter, and
 //! the dataset check.
 
+mod common;
+
+use common::{stderr, zlora};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use zlora::lora::LoraFile;
-
-fn zlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "zlora failed:\n{err}");
-    err
-}
 
 /// A temp folder with a tiny model and dataset, and a config writer.
 struct Setup {
@@ -31,8 +21,8 @@ impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        ok(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
-        ok(&zlora(&[
+        stderr(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
+        stderr(&zlora(&[
             "tiny-dataset",
             "--out",
             &p("data"),
@@ -122,7 +112,7 @@ fn a_tiny_run_writes_lora_checkpoints_samples_and_log() {
         "",
         "[sample]\nevery = 3\nprompts = [\"zkchar, a red circle\"]\nseeds = [1, 2]",
     );
-    let log = ok(&zlora(&["train", cfg.to_str().unwrap()]));
+    let log = stderr(&zlora(&["train", cfg.to_str().unwrap()]));
     assert!(log.contains("mode turbo-direct"), "{log}");
     let out = s.path("run");
     let lora = LoraFile::read_for_dim(out.join("lora.safetensors"), 32).unwrap();
@@ -163,8 +153,8 @@ fn the_same_seed_gives_the_same_lora_bit_for_bit() {
     let s = Setup::new();
     let a = s.config("a", "", "", "");
     let b = s.config("b", "", "", "");
-    ok(&zlora(&["train", a.to_str().unwrap()]));
-    ok(&zlora(&["train", b.to_str().unwrap()]));
+    stderr(&zlora(&["train", a.to_str().unwrap()]));
+    stderr(&zlora(&["train", b.to_str().unwrap()]));
     assert_same_tensors(&s.path("a/lora.safetensors"), &s.path("b/lora.safetensors"));
 }
 
@@ -174,7 +164,7 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
     let steps = ["--steps", "40"];
     let reference = s.config("reference", "", "", "");
     let started = Instant::now();
-    ok(&zlora(&[
+    stderr(&zlora(&[
         "train",
         reference.to_str().unwrap(),
         steps[0],
@@ -217,7 +207,7 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
         .unwrap()
         .is_some();
     let mode = if resume { "--resume" } else { "--force" };
-    ok(&zlora(&[
+    stderr(&zlora(&[
         "train",
         cfg.to_str().unwrap(),
         steps[0],
@@ -243,7 +233,7 @@ fn an_existing_output_is_not_overwritten_without_force() {
         std::fs::read_to_string(s.path("out/keep.txt")).unwrap(),
         "mine"
     );
-    ok(&zlora(&[
+    stderr(&zlora(&[
         "train",
         cfg.to_str().unwrap(),
         "--force",
@@ -311,12 +301,12 @@ fn the_training_adapter_is_applied_frozen_off_for_samples_and_not_saved() {
         sample,
     );
     let without = s.config("without", "", "", sample);
-    let log = ok(&zlora(&["train", with.to_str().unwrap(), "--steps", "1"]));
+    let log = stderr(&zlora(&["train", with.to_str().unwrap(), "--steps", "1"]));
     assert!(
         log.contains("mode turbo-adapter") && log.contains("applied at strength 1 to 2 modules"),
         "{log}"
     );
-    ok(&zlora(&[
+    stderr(&zlora(&[
         "train",
         without.to_str().unwrap(),
         "--steps",

@@ -3,9 +3,12 @@
 //! noise across variants, verdicts with known answers, the report in a real browser, the
 //! checkpoint sweep, and an experiment that resumes.
 
+mod common;
+
+use common::{stdout, zlora};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -15,22 +18,9 @@ use zlora::model::folder::ModelFolder;
 use zlora::nn::{AdapterWeights, LinearTargets};
 use zlora::sample::image::{read_png, Rgb8};
 
-fn zlora(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zlora"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 /// Runs zlora, asserts success and returns stdout.
 fn ok(args: &[&str]) -> String {
-    let out = zlora(args);
-    assert!(
-        out.status.success(),
-        "zlora {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+    stdout(&zlora(args))
 }
 
 /// How a test LoRA's up matrices are filled.
