@@ -289,7 +289,7 @@ impl Adapter {
     }
 
     /// `forward` without recording an autograd graph, for passes whose backward is written
-    /// by hand ([`Adapter::backward`]).
+    /// by hand ([`super::Linear::backward`]).
     pub(crate) fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
         (self.weights.detached().apply(x)? * self.factor())?.to_dtype(x.dtype())
     }

@@ -64,20 +64,21 @@ fn composed(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let chunks = head_chunks(q, k, budget)?;
     if let [_] = chunks[..] {
-        let probs = probabilities(q, k, mask)?;
-        let out = probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
+        let (out, probs) = attend(q, k, v, mask)?;
         return Ok((out, Some(probs)));
     }
     let outs = chunks
         .into_iter()
-        .map(|c| {
-            let probs = probabilities(&heads(q, c)?, &heads(k, c)?, mask)?;
-            probs
-                .to_dtype(v.dtype())?
-                .matmul(&heads(v, c)?.contiguous()?)
-        })
+        .map(|c| Ok(attend(&heads(q, c)?, &heads(k, c)?, &heads(v, c)?, mask)?.0))
         .collect::<Result<Vec<_>>>()?;
     Ok((Tensor::cat(&outs, 1)?, None))
+}
+
+/// P·v and P for one chunk of heads.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+    let probs = probabilities(q, k, mask)?;
+    let out = probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)?;
+    Ok((out, probs))
 }
 
 /// softmax(q·kᵀ/√d + mask) in f32.

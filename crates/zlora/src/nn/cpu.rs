@@ -18,6 +18,14 @@ fn applies(ts: &[&Tensor]) -> bool {
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
 }
 
+/// A CPU storage's f32 values.
+fn f32_data(storage: &Storage) -> Result<&[f32]> {
+    let Storage::Cpu(cpu) = storage else {
+        candle_core::bail!("a CPU kernel got a tensor on another device")
+    };
+    cpu.as_slice::<f32>()
+}
+
 /// Runs `f` on the contiguous f32 data of the tensors.
 fn with_data<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
     let ts: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
@@ -25,13 +33,10 @@ fn with_data<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Resul
     let data = guards
         .iter()
         .map(|(storage, layout)| {
-            let Storage::Cpu(cpu) = &**storage else {
-                candle_core::bail!("a CPU kernel got a tensor on another device")
-            };
             let (start, end) = layout
                 .contiguous_offsets()
                 .ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
-            Ok(&cpu.as_slice::<f32>()?[start..end])
+            Ok(&f32_data(storage)?[start..end])
         })
         .collect::<Result<Vec<&[f32]>>>()?;
     f(&data)
@@ -143,11 +148,8 @@ fn gemm_call(dst: *mut f32, len: usize, n: usize, a: Mat, b: Mat, k: usize, scal
 
 /// A 2-D f32 CPU tensor's data with its strides.
 fn mat<'a>(storage: &'a Storage, layout: &candle_core::Layout) -> Result<Mat<'a>> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("a CPU kernel got a tensor on another device")
-    };
     Ok(Mat {
-        data: &cpu.as_slice::<f32>()?[layout.start_offset()..],
+        data: &f32_data(storage)?[layout.start_offset()..],
         rs: layout.stride()[0],
         cs: layout.stride()[1],
     })
@@ -300,6 +302,12 @@ fn max(a: &[f32]) -> f32 {
         }
     }
     acc.iter().copied().fold(tail, f32::max)
+}
+
+/// 1/√(mean(x²) + eps) of one row.
+#[inline(always)]
+fn inverse_rms(x: &[f32], eps: f64) -> f32 {
+    1.0 / (dot(x, x) / x.len() as f32 + eps as f32).sqrt()
 }
 
 /// eˣ without branches or library calls, so that loops over it vectorise: 2ⁿ·e^r with
@@ -455,7 +463,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Option<Tensor>> {
             .for_each(|(out, x)| {
                 simd(|| {
                     for (out, x) in out.chunks_mut(cols).zip(x.chunks(cols)) {
-                        let r = 1.0 / (dot(x, x) / cols as f32 + eps as f32).sqrt();
+                        let r = inverse_rms(x, eps);
                         for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
                             *o = x * r * w;
                         }
@@ -482,12 +490,11 @@ pub fn rms_norm_input_grad(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Resu
                 simd(|| {
                     let rows = out.chunks_mut(cols).zip(x.chunks(cols)).zip(g.chunks(cols));
                     for ((out, x), g) in rows {
-                        let n = cols as f32;
-                        let r = 1.0 / (dot(x, x) / n + eps as f32).sqrt();
+                        let r = inverse_rms(x, eps);
                         for ((o, g), w) in out.iter_mut().zip(g).zip(w) {
                             *o = g * w;
                         }
-                        let c = r * r * dot(out, x) / n;
+                        let c = r * r * dot(out, x) / cols as f32;
                         for (o, x) in out.iter_mut().zip(x) {
                             *o = r * (*o - x * c);
                         }

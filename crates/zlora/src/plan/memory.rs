@@ -39,18 +39,14 @@ pub struct SampleShape {
     pub batch: usize,
 }
 
-/// Bytes one block keeps per token while its graph is alive, per unit of the width named.
+/// Bytes one block keeps per token for its backward, per unit of the width named.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Keeps {
-    /// × dim, for an unmodulated block.
+    /// × dim.
     pub per_dim: f64,
-    /// × dim, added by the four scale/gate products of a modulated block.
-    pub modulation: f64,
     /// × FFN width.
     pub per_ffn: f64,
-    /// × in-width, × out-width and × rank of each low-rank module (LoRA or adapter).
-    pub lowrank_in: f64,
-    pub lowrank_out: f64,
+    /// × rank of each low-rank module (LoRA or adapter).
     pub lowrank_rank: f64,
     /// × heads · tokens², the attention probabilities and their intermediates.
     pub scores: f64,
@@ -161,10 +157,7 @@ pub const GIB: f64 = 1024.0 * MIB;
 fn tape_keeps(a: f64) -> Keeps {
     Keeps {
         per_dim: 16.0 * a,
-        modulation: 0.0,
         per_ffn: 3.0 * a,
-        lowrank_in: 0.0,
-        lowrank_out: 0.0,
         lowrank_rank: 0.0,
         scores: 4.0,
     }
@@ -178,10 +171,7 @@ fn tape_keeps(a: f64) -> Keeps {
 fn torch_keeps(a: f64) -> Keeps {
     Keeps {
         per_dim: 6.0 * (4.0 + a) + 2.0 * 4.0 + 4.0 * a + 2.0 * a,
-        modulation: 0.0,
         per_ffn: 4.0 * a,
-        lowrank_in: 0.0,
-        lowrank_out: 0.0,
         lowrank_rank: a,
         scores: 0.0,
     }
@@ -466,21 +456,14 @@ impl<'a> Activations<'a> {
         let cfg = &self.run.dims.transformer;
         let k = &self.keeps;
         let (dim, ffn) = (cfg.dim as f64, cfg.ffn_dim() as f64);
-        let modulated = stack != "context_refiner";
-        let mut per_token = k.per_dim * dim + k.per_ffn * ffn;
-        if modulated {
-            per_token += k.modulation * dim;
-        }
         // adaLN's low-rank modules see one conditioning vector per item, not every token.
-        per_token += first_block(self.run.lora, stack)
-            .chain(first_block(self.run.adapter, stack))
-            .filter(|m| !m.module().starts_with("adaLN"))
-            .map(|m| {
-                k.lowrank_in * m.inp as f64
-                    + k.lowrank_out * m.out as f64
-                    + k.lowrank_rank * m.rank()
-            })
-            .sum::<f64>();
+        let per_token = k.per_dim * dim
+            + k.per_ffn * ffn
+            + first_block(self.run.lora, stack)
+                .chain(first_block(self.run.adapter, stack))
+                .filter(|m| !m.module().starts_with("adaLN"))
+                .map(|m| k.lowrank_rank * m.rank())
+                .sum::<f64>();
         let tokens = self.work.batch as f64 * self.tokens(stack);
         let kept = self.cpu_kernel() || self.scores(stack) <= MAX_CHUNK_SCORES as f64;
         tokens * per_token

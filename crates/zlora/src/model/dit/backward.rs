@@ -147,9 +147,7 @@ impl TransformerBlock {
             .as_ref()
             .is_some_and(Linear::has_trainable);
         let m = tape.modulation.as_ref();
-        let d_f = self
-            .ffn_norm2
-            .input_grad(&tape.f, &times(grad, m.map(|m| &m.gate_mlp))?)?;
+        let d_f = norm_grad(&self.ffn_norm2, &tape.f, grad, m.map(|m| &m.gate_mlp))?;
         let d_ffn_in = self
             .feed_forward
             .backward(&tape.feed_forward, &d_f, grads)?;
@@ -160,9 +158,12 @@ impl TransformerBlock {
                 &d_ffn_in,
                 m.map(|m| &m.scale_mlp),
             )?)?;
-        let d_a = self
-            .attention_norm2
-            .input_grad(&tape.a, &times(&d_x1, m.map(|m| &m.gate_msa))?)?;
+        let d_a = norm_grad(
+            &self.attention_norm2,
+            &tape.a,
+            &d_x1,
+            m.map(|m| &m.gate_msa),
+        )?;
         let d_attention_in = self.attention.backward(
             &tape.attention,
             rot,
@@ -180,7 +181,7 @@ impl TransformerBlock {
                     token_sum(&d_ffn_in, &tape.x1_norm)?,
                     token_sum(grad, &tape.f_norm)?,
                 ])?;
-                ada.backward(&m.c, &d_m, grads)?;
+                ada.param_grads(&m.c, &d_m, grads)?;
             }
         }
         match d_attention_in {
@@ -194,7 +195,8 @@ impl TransformerBlock {
     }
 }
 
-/// The gradient of x through norm(x) ⊙ scale, from the gradient of the product.
+/// The gradient of x through norm(x) ⊙ s (a modulation's scale or gate, or 1), from the
+/// gradient of the product.
 fn norm_grad(norm: &RmsNorm, x: &Tensor, grad: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
     norm.input_grad(x, &times(grad, scale)?)
 }
