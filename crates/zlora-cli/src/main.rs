@@ -54,6 +54,10 @@ fn main() -> ExitCode {
     process::keep_freed_memory();
     process::park_idle_workers();
     let cli = Cli::parse();
+    if let Err(e) = zlora::nn::kernels::set_from_env() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),

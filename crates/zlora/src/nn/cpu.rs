@@ -12,10 +12,12 @@ use candle_core::{DType, Device, Result, Storage, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-/// Whether every tensor is an f32 CPU tensor that records no graph.
+/// Whether every tensor is an f32 CPU tensor that records no graph, and the native kernels
+/// are in force ([`super::kernels`]).
 fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op())
+    ts.iter().all(|t| {
+        super::kernels::native_cpu(t.device()) && t.dtype() == DType::F32 && !t.track_op()
+    })
 }
 
 /// A CPU storage's f32 values.

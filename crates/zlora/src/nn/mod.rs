@@ -8,6 +8,7 @@ pub mod attention;
 pub mod cpu;
 pub mod fused;
 pub mod grads;
+pub mod kernels;
 pub mod linear;
 pub mod norm;
 pub mod swiglu;
