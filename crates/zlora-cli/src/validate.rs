@@ -50,7 +50,7 @@ pub struct Args {
     width: Option<usize>,
     #[arg(long)]
     height: Option<usize>,
-    /// Compute dtype of the transformer and text encoder (default f32).
+    /// Compute dtype of the transformer and text encoder (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
     /// The output folder (report.html, sheet-p*.png, images/, metrics.json); a sweep

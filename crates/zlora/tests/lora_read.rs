@@ -75,6 +75,10 @@ impl LinearTargets for Mock {
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear> {
         self.linears.get_mut(path)
     }
+
+    fn placement(&self) -> (Device, DType) {
+        (Device::Cpu, DType::F32)
+    }
 }
 
 fn scalar(x: f32) -> Tensor {

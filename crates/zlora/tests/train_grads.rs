@@ -33,7 +33,7 @@ modules = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_o
            "feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]"#,
     );
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let lora = TrainableLora::new(&cfg, model, &mut rng, &Device::Cpu).unwrap();
+    let lora = TrainableLora::new(&cfg, model, &mut rng).unwrap();
     for m in &lora.modules {
         let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
         m.up.set(&up).unwrap();
@@ -80,7 +80,7 @@ fn batch(i: &Inputs) -> MicroBatch<'_> {
 }
 
 fn loss_at(model: &ZImageTransformer, i: &Inputs) -> f64 {
-    let out = model.forward(&i.x, &i.t, &i.caps).unwrap();
+    let out = model.forward_autograd(&i.x, &i.t, &i.caps).unwrap();
     loss(&out, &i.target, &i.weights)
         .unwrap()
         .to_scalar::<f32>()
@@ -207,7 +207,7 @@ fn the_hand_written_backward_equals_autograd_for_main_layer_targets() {
         let mut model = model();
         let cfg = toml_cfg(&format!("rank = 2\nalpha = 2.0\n{modules}"));
         let mut rng = ChaCha8Rng::seed_from_u64(4);
-        let lora = TrainableLora::new(&cfg, &model, &mut rng, &Device::Cpu).unwrap();
+        let lora = TrainableLora::new(&cfg, &model, &mut rng).unwrap();
         for m in &lora.modules {
             let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
             m.up.set(&up).unwrap();
@@ -221,7 +221,7 @@ fn the_hand_written_backward_equals_autograd_for_main_layer_targets() {
 fn equals_autograd(model: &ZImageTransformer, lora: &TrainableLora) {
     let i = inputs();
     let (l_hand, g_hand) = loss_and_grads(model, lora, &batch(&i), false).unwrap();
-    let out = model.forward(&i.x, &i.t, &i.caps).unwrap();
+    let out = model.forward_autograd(&i.x, &i.t, &i.caps).unwrap();
     let l_auto = loss(&out, &i.target, &i.weights).unwrap();
     let store = l_auto.backward().unwrap();
     assert_eq!(l_hand, l_auto.to_scalar::<f32>().unwrap());
@@ -259,13 +259,7 @@ fn checkpointing_gives_the_same_gradients() {
 fn the_default_lora_trains_only_the_main_layers() {
     let mut model = model();
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
-    let lora = TrainableLora::new(
-        &cfg,
-        &model,
-        &mut ChaCha8Rng::seed_from_u64(1),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = TrainableLora::new(&cfg, &model, &mut ChaCha8Rng::seed_from_u64(1)).unwrap();
     lora.attach(&mut model).unwrap();
     assert_eq!(
         lora.modules.len(),
@@ -293,13 +287,7 @@ fn one_step_matches_diffusers_and_peft() {
     let r = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     let mut model = model();
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
-    let lora = TrainableLora::new(
-        &cfg,
-        &model,
-        &mut ChaCha8Rng::seed_from_u64(0),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let lora = TrainableLora::new(&cfg, &model, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
     let values = lora
         .var_names()
         .into_iter()

@@ -207,8 +207,8 @@ impl LoraFile {
             .unwrap_or_default()
     }
 
-    /// Pushes one enabled adapter (named [`Self::name`]) per module onto `model`'s Linears
-    /// and returns how many. All modules are checked first; if any is missing from the model
+    /// Pushes one enabled adapter (named [`Self::name`]) per module onto `model`'s Linears,
+    /// placed on the model's device and compute dtype, and returns how many. All modules are checked first; if any is missing from the model
     /// or has another shape, the error lists them all and nothing is attached.
     pub fn attach(&self, strength: f64, model: &mut impl LinearTargets) -> Result<usize> {
         self.attach_named(&self.name(), strength, model)
@@ -240,10 +240,12 @@ impl LoraFile {
             );
             return Err(Error::lora(&self.path, msg));
         }
+        // The one place where a file's tensors (read on the CPU, in f32) enter a model.
+        let (device, dtype) = model.placement();
         for (path, m) in &self.modules {
             let adapter = Adapter {
                 name: name.to_string(),
-                weights: m.weights.clone(),
+                weights: m.weights.placed(&device, dtype)?,
                 scale: m.scale,
                 strength,
                 enabled: true,

@@ -5,7 +5,7 @@
 
 mod backward;
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use backward::{AttentionTape, FeedForwardTape, Modulation};
@@ -65,7 +65,7 @@ impl TimestepEmbedder {
     }
 
     /// `t` holds already-scaled timesteps (t · t_scale), f32, shape (B,).
-    fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+    fn forward(&self, t: &Tensor, dtype: DType, grad: Grad) -> Result<Tensor> {
         let half = T_FREQ_DIM / 2;
         let freqs: Vec<f32> = (0..half)
             .map(|j| (-(10000f32.ln()) * j as f32 / half as f32).exp())
@@ -76,7 +76,7 @@ impl TimestepEmbedder {
             .unsqueeze(1)?
             .broadcast_mul(&freqs)?;
         let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
-        self.mlp2.forward(&self.mlp0.forward(&emb)?.silu()?)
+        grad.linear(&self.mlp2, &grad.linear(&self.mlp0, &emb)?.silu()?)
     }
 }
 
@@ -239,19 +239,9 @@ impl TransformerBlock {
         })
     }
 
-    /// x: (B, S, dim); c: the adaLN input (B, adaln_dim), required for modulated blocks.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rot: &Rotation,
-        mask: Option<&Tensor>,
-        c: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        Ok(self.forward_taped(x, rot, mask, c, Grad::Autograd)?.0)
-    }
-
-    /// The forward pass with what [`TransformerBlock::backward`] needs; `Grad::ByHand` builds
-    /// no autograd graph.
+    /// x: (B, S, dim); c: the adaLN input (B, adaln_dim), required for modulated blocks. The
+    /// forward pass with what [`TransformerBlock::backward`] needs; `Grad::ByHand` builds no
+    /// autograd graph.
     pub fn forward_taped(
         &self,
         x: &Tensor,
@@ -343,10 +333,10 @@ impl FinalLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let scale = (self.ada_ln_modulation.forward(&c.silu()?)? + 1.0)?.unsqueeze(1)?;
+    fn forward(&self, x: &Tensor, c: &Tensor, grad: Grad) -> Result<Tensor> {
+        let scale = (grad.linear(&self.ada_ln_modulation, &c.silu()?)? + 1.0)?.unsqueeze(1)?;
         let y = layer_norm_no_affine(x, 1e-6)?.broadcast_mul(&scale)?;
-        self.linear.forward(&y)
+        grad.linear(&self.linear, &y)
     }
 }
 
@@ -443,10 +433,17 @@ fn times(x: &Tensor, by: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// Runs a block stack over a sequence.
-pub fn run(blocks: &[TransformerBlock], mut seq: Sequence, c: Option<&Tensor>) -> Result<Sequence> {
+/// Runs a block stack over a sequence (each block's tape is dropped as soon as it is made).
+fn run(
+    blocks: &[TransformerBlock],
+    mut seq: Sequence,
+    c: Option<&Tensor>,
+    grad: Grad,
+) -> Result<Sequence> {
     for block in blocks {
-        seq.x = block.forward(&seq.x, &seq.rot, seq.mask.as_ref(), c)?;
+        seq.x = block
+            .forward_taped(&seq.x, &seq.rot, seq.mask.as_ref(), c, grad)?
+            .0;
     }
     Ok(seq)
 }
@@ -528,21 +525,60 @@ impl ZImageTransformer {
         self.x_pad_token.device()
     }
 
-    /// The raw model output (the reference's, before the pipeline negates it).
+    /// The raw model output (the reference's, before the pipeline negates it), for inference:
+    /// no autograd graph is recorded, not even through trainable adapters (a sampler that
+    /// kept one would hold every activation of every denoising step).
     ///
     /// `latents`: (B, C, H, W) in the transformer's latent space; `t`: (B,) the model's time
     /// t = 1 − σ (f32); `caps`: per item, the text features (L_i, cap_feat_dim) without
     /// padding. Returns (B, C, H, W) in f32.
     pub fn forward(&self, latents: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
-        let e = self.embed(latents, t, caps)?;
-        let image = run(&self.noise_refiner, e.image, Some(&e.c))?;
-        let caption = run(&self.context_refiner, e.caption, None)?;
-        let unified = run(&self.layers, Sequence::unify(&image, &caption)?, Some(&e.c))?;
-        self.finish(&unified.x, &e.c, e.grid)
+        self.forward_with(latents, t, caps, Grad::ByHand)
     }
 
-    /// The first stage: timestep embedding c, embedded image and caption sequences.
+    /// [`Self::forward`] recording candle's autograd graph through every op (what the
+    /// hand-written backward is tested against).
+    pub fn forward_autograd(
+        &self,
+        latents: &Tensor,
+        t: &Tensor,
+        caps: &[Tensor],
+    ) -> Result<Tensor> {
+        self.forward_with(latents, t, caps, Grad::Autograd)
+    }
+
+    fn forward_with(
+        &self,
+        latents: &Tensor,
+        t: &Tensor,
+        caps: &[Tensor],
+        grad: Grad,
+    ) -> Result<Tensor> {
+        let e = self.embed_with(latents, t, caps, grad)?;
+        let image = run(&self.noise_refiner, e.image, Some(&e.c), grad)?;
+        let caption = run(&self.context_refiner, e.caption, None, grad)?;
+        let unified = run(
+            &self.layers,
+            Sequence::unify(&image, &caption)?,
+            Some(&e.c),
+            grad,
+        )?;
+        self.finish_with(&unified.x, &e.c, e.grid, grad)
+    }
+
+    /// The first stage with autograd (training differentiates it with candle): timestep
+    /// embedding c, embedded image and caption sequences.
     pub fn embed(&self, latents: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Embedded> {
+        self.embed_with(latents, t, caps, Grad::Autograd)
+    }
+
+    fn embed_with(
+        &self,
+        latents: &Tensor,
+        t: &Tensor,
+        caps: &[Tensor],
+        grad: Grad,
+    ) -> Result<Embedded> {
         let (b, _, h, w) = latents.dims4()?;
         if caps.len() != b || t.dims1()? != b {
             candle_core::bail!("batch of {b} latents needs {b} captions and timesteps");
@@ -552,16 +588,18 @@ impl ZImageTransformer {
             candle_core::bail!("latent size {h}×{w} is not a multiple of the patch size {p}");
         }
         let grid = (h / p, w / p);
-        let c = self
-            .t_embedder
-            .forward(&(t.to_dtype(DType::F32)? * self.cfg.t_scale)?, self.dtype)?;
+        let c = self.t_embedder.forward(
+            &(t.to_dtype(DType::F32)? * self.cfg.t_scale)?,
+            self.dtype,
+            grad,
+        )?;
         let cap_lens: Vec<usize> = caps
             .iter()
             .map(|c| round_up(c.dim(0).unwrap_or(0)))
             .collect();
         Ok(Embedded {
-            image: self.embed_image(latents, &cap_lens, grid.0, grid.1)?,
-            caption: self.embed_captions(caps)?,
+            image: self.embed_image(latents, &cap_lens, grid, grad)?,
+            caption: self.embed_captions(caps, grad)?,
             c,
             grid,
         })
@@ -581,9 +619,20 @@ impl ZImageTransformer {
         &self.layers
     }
 
-    /// The last stage: final layer on the unified tokens, keep the image tokens, unpatchify.
+    /// The last stage with autograd: final layer on the unified tokens, keep the image
+    /// tokens, unpatchify.
     pub fn finish(&self, unified: &Tensor, c: &Tensor, grid: (usize, usize)) -> Result<Tensor> {
-        let out = self.final_layer.forward(unified, c)?;
+        self.finish_with(unified, c, grid, Grad::Autograd)
+    }
+
+    fn finish_with(
+        &self,
+        unified: &Tensor,
+        c: &Tensor,
+        grid: (usize, usize),
+        grad: Grad,
+    ) -> Result<Tensor> {
+        let out = self.final_layer.forward(unified, c, grad)?;
         self.unpatchify(&out.narrow(1, 0, grid.0 * grid.1)?, grid.0, grid.1)
     }
 
@@ -592,8 +641,8 @@ impl ZImageTransformer {
         &self,
         latents: &Tensor,
         cap_lens: &[usize],
-        ht: usize,
-        wt: usize,
+        (ht, wt): (usize, usize),
+        grad: Grad,
     ) -> Result<Sequence> {
         let (b, ch, _, _) = latents.dims4()?;
         let p = self.cfg.patch_size();
@@ -604,7 +653,7 @@ impl ZImageTransformer {
             .reshape((b, ht * wt, p * p * ch))?;
         let n = ht * wt;
         let np = round_up(n);
-        let x = self.x_embedder.forward(&patches)?;
+        let x = grad.linear(&self.x_embedder, &patches)?;
         let x = if np > n {
             let pad =
                 self.x_pad_token
@@ -630,7 +679,7 @@ impl ZImageTransformer {
 
     /// cap_embedder (RMSNorm, Linear) → pad each caption with `cap_pad_token` to a multiple
     /// of 32; positions (k+1, 0, 0) including the pad tokens.
-    fn embed_captions(&self, caps: &[Tensor]) -> Result<Sequence> {
+    fn embed_captions(&self, caps: &[Tensor], grad: Grad) -> Result<Sequence> {
         let pad_token = self.cap_pad_token.to_dtype(self.dtype)?;
         let mut items = Vec::with_capacity(caps.len());
         let mut rots = Vec::with_capacity(caps.len());
@@ -641,7 +690,7 @@ impl ZImageTransformer {
             }
             let lp = round_up(len);
             let x = self.cap_norm.forward(&cap.to_dtype(self.dtype)?)?;
-            let x = self.cap_linear.forward(&x)?;
+            let x = grad.linear(&self.cap_linear, &x)?;
             let x = if lp > len {
                 Tensor::cat(&[&x, &pad_token.broadcast_as((lp - len, self.cfg.dim))?], 0)?
             } else {
@@ -704,5 +753,9 @@ impl LinearTargets for ZImageTransformer {
             .into_iter()
             .find(|(name, _)| name == path)
             .map(|(_, l)| l)
+    }
+
+    fn placement(&self) -> (Device, DType) {
+        (self.device().clone(), self.dtype)
     }
 }

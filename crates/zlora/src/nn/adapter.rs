@@ -11,7 +11,7 @@
 //!
 //! Everything is composed of candle ops that have a backward pass.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu::{matmul, transposed_products};
 use super::grads::Grads;
@@ -159,26 +159,54 @@ impl AdapterWeights {
         }
     }
 
-    /// The same factors, cut from any autograd graph.
-    fn detached(&self) -> AdapterWeights {
-        let factor = |f: &Factor| match f {
-            Factor::Full(m) => Factor::Full(m.detach()),
-            Factor::Product(a, b) => Factor::Product(a.detach(), b.detach()),
-        };
+    /// Every tensor of the factors.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        fn factor(f: &Factor) -> Vec<&Tensor> {
+            match f {
+                Factor::Full(m) => vec![m],
+                Factor::Product(a, b) => vec![a, b],
+            }
+        }
         match self {
+            AdapterWeights::LowRank { down, up } => vec![down, up],
+            AdapterWeights::Kronecker { w1, w2 } | AdapterWeights::Hadamard { w1, w2 } => {
+                [factor(w1), factor(w2)].concat()
+            }
+        }
+    }
+
+    /// The same factors with every tensor mapped by `f`.
+    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<AdapterWeights> {
+        let factor = |x: &Factor| -> Result<Factor> {
+            Ok(match x {
+                Factor::Full(m) => Factor::Full(f(m)?),
+                Factor::Product(a, b) => Factor::Product(f(a)?, f(b)?),
+            })
+        };
+        Ok(match self {
             AdapterWeights::LowRank { down, up } => AdapterWeights::LowRank {
-                down: down.detach(),
-                up: up.detach(),
+                down: f(down)?,
+                up: f(up)?,
             },
             AdapterWeights::Kronecker { w1, w2 } => AdapterWeights::Kronecker {
-                w1: factor(w1),
-                w2: factor(w2),
+                w1: factor(w1)?,
+                w2: factor(w2)?,
             },
             AdapterWeights::Hadamard { w1, w2 } => AdapterWeights::Hadamard {
-                w1: factor(w1),
-                w2: factor(w2),
+                w1: factor(w1)?,
+                w2: factor(w2)?,
             },
-        }
+        })
+    }
+
+    /// The factors on `device` in `dtype` (how a file's adapter enters a model).
+    pub fn placed(&self, device: &Device, dtype: DType) -> Result<AdapterWeights> {
+        self.map(|t| t.to_device(device)?.to_dtype(dtype))
+    }
+
+    /// The same factors, cut from any autograd graph.
+    fn detached(&self) -> Result<AdapterWeights> {
+        self.map(|t| Ok(t.detach()))
     }
 
     /// `x · deltaᵀ` for x [..., in] in the adapter's dtype (f32).
@@ -278,7 +306,8 @@ impl Adapter {
     }
 
     /// What this adapter adds to the Linear's output for input `x`, in `x`'s dtype.
-    /// Adapters compute in their own dtype (f32 per the precision policy).
+    /// Adapters compute in their own dtype: the model's compute dtype for a file's adapter,
+    /// f32 for the LoRA being trained (its master weights).
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         (self.weights.apply(x)? * self.factor())?.to_dtype(x.dtype())
     }
@@ -291,7 +320,7 @@ impl Adapter {
     /// `forward` without recording an autograd graph, for passes whose backward is written
     /// by hand ([`super::Linear::backward`]).
     pub(crate) fn forward_untracked(&self, x: &Tensor) -> Result<Tensor> {
-        (self.weights.detached().apply(x)? * self.factor())?.to_dtype(x.dtype())
+        (self.weights.detached()?.apply(x)? * self.factor())?.to_dtype(x.dtype())
     }
 
     /// A LoRA's factors (A, B) and f = scale · strength, cut from any autograd graph; `None`

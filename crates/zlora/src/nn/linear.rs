@@ -5,7 +5,7 @@
 //! strength and an on/off switch. Training makes an adapter's tensors `Var`s; nothing here
 //! needs to change for that.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::adapter::Adapter;
 use super::cpu::{matmul, matmul_plus};
@@ -49,8 +49,25 @@ impl Linear {
         &mut self.adapters
     }
 
-    /// Appends an adapter after checking that its shapes fit this layer.
+    /// Appends an adapter after checking that its shapes fit this layer and that its tensors
+    /// are on this layer's device (a CPU factor on a CUDA model would fail in the first
+    /// forward, far from the file it came from).
     pub fn push_adapter(&mut self, adapter: Adapter) -> Result<(), String> {
+        let here = self.weight.device();
+        if let Some(t) = adapter
+            .weights
+            .tensors()
+            .into_iter()
+            .find(|t| !t.device().same_device(here))
+        {
+            return Err(format!(
+                "{} adapter {} is on {:?} but the layer is on {:?}",
+                adapter.weights.kind(),
+                adapter.name,
+                t.device().location(),
+                here.location()
+            ));
+        }
         let (out, inp) = self.shape();
         let (a_out, a_in) = adapter.weights.shape().map_err(|e| e.to_string())?;
         if (a_out, a_in) != (out, inp) {
@@ -174,4 +191,7 @@ pub trait LinearTargets {
     /// Every adapter-capable Linear's path with its (out_features, in_features).
     fn linear_shapes(&self) -> Vec<(String, (usize, usize))>;
     fn linear_mut(&mut self, path: &str) -> Option<&mut Linear>;
+    /// The device and compute dtype that adapters from files are placed on when they enter
+    /// the model.
+    fn placement(&self) -> (Device, DType);
 }

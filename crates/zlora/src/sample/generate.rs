@@ -113,6 +113,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     let dtype = req
         .dtype
         .unwrap_or_else(|| crate::device::default_dtype(&device));
+    events(Event::Stage(&crate::device::describe(&device, dtype)));
     let folder = ModelFolder::open(&req.model)?;
     let factor = latent_factor(&folder)?;
     let (h, w) = latent_size(req.height, req.width, factor)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -97,13 +97,11 @@ pub struct TrainableLora {
 impl TrainableLora {
     /// New pairs for every targeted Linear: down ~ U(−1/√in, 1/√in) (PEFT's kaiming-uniform
     /// with a = √5), up = 0, so training starts from the base model exactly.
-    pub fn new(
-        cfg: &LoraConfig,
-        model: &impl LinearTargets,
-        rng: &mut ChaCha8Rng,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(cfg: &LoraConfig, model: &impl LinearTargets, rng: &mut ChaCha8Rng) -> Result<Self> {
         cfg.validate()?;
+        // The model's device; f32 whatever its compute dtype (master weights).
+        let (device, _) = model.placement();
+        let device = &device;
         let mut modules = Vec::new();
         for (path, (out, inp)) in model.linear_shapes() {
             if !cfg.targets(&path) {

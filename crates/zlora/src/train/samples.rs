@@ -3,11 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use super::config::{Mode, TrainConfig};
 use crate::model::folder::ModelFolder;
-use crate::model::vae::AutoencoderKL;
 use crate::model::ZImageTransformer;
 use crate::sample::generate::latent_size;
 use crate::sample::image::{save_png, to_rgb8, Rgb8};
@@ -26,20 +25,26 @@ pub struct Sampler {
     latent_hw: (usize, usize),
     mode: Mode,
     folder: ModelFolder,
-    vae: Option<AutoencoderKL>,
     device: Device,
+    dtype: DType,
 }
 
 impl Sampler {
-    /// Encodes the sample prompts now (the text encoder is dropped right after).
-    pub fn new(cfg: &TrainConfig, folder: &ModelFolder, device: &Device) -> Result<Self> {
+    /// Encodes the sample prompts now in the transformer's compute `dtype` (the text encoder
+    /// is dropped right after).
+    pub fn new(
+        cfg: &TrainConfig,
+        folder: &ModelFolder,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mode = cfg.mode();
         let s = &cfg.sample;
         let (steps, guidance) = mode.sampling();
         let guidance = s.guidance.unwrap_or(guidance);
         let conds = if s.every > 0 {
             let negative = (guidance > 0.0).then_some(s.negative_prompt.as_str());
-            encode_conditions(folder, &s.prompts, negative, DType::F32, device)?
+            encode_conditions(folder, &s.prompts, negative, dtype, device)?
         } else {
             Vec::new()
         };
@@ -63,24 +68,22 @@ impl Sampler {
             latent_hw,
             mode,
             folder: folder.clone(),
-            vae: None,
             device: device.clone(),
+            dtype,
         })
     }
 
-    /// Renders the grid with the model as it is now; returns the PNG's path.
-    pub fn render(&mut self, model: &ZImageTransformer, step: u64, out: &Path) -> Result<PathBuf> {
-        if self.vae.is_none() {
-            self.vae = Some(self.folder.load_vae(DType::F32, &self.device)?);
-        }
-        let mut rows = Vec::new();
-        for cond in &self.conds {
-            let mut row = Vec::new();
-            for &seed in &self.seeds {
-                row.push(self.one(model, cond, seed)?);
-            }
-            rows.push(row);
-        }
+    /// Renders the grid with the model as it is now, without an autograd graph even through
+    /// the LoRA being trained; returns the PNG's path. All latents are denoised first, then
+    /// the VAE is loaded for decoding and dropped again, so that it never sits beside the
+    /// training's working set.
+    pub fn render(&self, model: &ZImageTransformer, step: u64, out: &Path) -> Result<PathBuf> {
+        let mut images = self.decode(&self.denoise_all(model)?)?.into_iter();
+        let rows: Vec<Vec<Rgb8>> = self
+            .conds
+            .iter()
+            .map(|_| images.by_ref().take(self.seeds.len()).collect())
+            .collect();
         let s = &self.settings;
         let title = format!(
             "step {step} | {} | {} steps, guidance {}",
@@ -95,15 +98,26 @@ impl Sampler {
         Ok(path)
     }
 
-    fn one(&self, model: &ZImageTransformer, cond: &Conditioning, seed: u64) -> Result<Rgb8> {
+    /// Final latents of every (prompt, seed), prompt-major.
+    fn denoise_all(&self, model: &ZImageTransformer) -> Result<Vec<Tensor>> {
         let (h, w) = self.latent_hw;
-        let start = seeded_noise(seed, &[1, 16, h, w], &self.device)?;
-        let latents = denoise(model, cond, start, &self.settings, &mut |_, _| {})?;
-        let vae = self
-            .vae
-            .as_ref()
-            .ok_or_else(|| crate::Error::Invalid("VAE not loaded".into()))?;
-        let image = vae.decode(&vae.from_transformer_space(&latents)?)?;
-        to_rgb8(&image.get(0)?)
+        let channels = model.config().in_channels;
+        let mut latents = Vec::new();
+        for cond in &self.conds {
+            for &seed in &self.seeds {
+                let start = seeded_noise(seed, &[1, channels, h, w], &self.device)?;
+                latents.push(denoise(model, cond, start, &self.settings, &mut |_, _| {})?);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Loads the VAE, decodes, and drops it on return.
+    fn decode(&self, latents: &[Tensor]) -> Result<Vec<Rgb8>> {
+        let vae = self.folder.load_vae(self.dtype, &self.device)?;
+        latents
+            .iter()
+            .map(|z| to_rgb8(&vae.decode(&vae.from_transformer_space(z)?)?.get(0)?))
+            .collect()
     }
 }

@@ -69,18 +69,19 @@ pub fn train(
     let folder = ModelFolder::open(&cfg.model.path)?;
     let mode = cfg.mode();
     events(Event::Message(format!(
-        "mode {} on {}",
+        "mode {} on {} ({})",
         mode.name(),
-        folder.root().display()
+        folder.root().display(),
+        crate::device::describe(&device, base_dtype(cfg))
     )));
 
     let data = prepare_data(cfg, &folder, &device, events)?;
-    let mut sampler = Sampler::new(cfg, &folder, &device)?;
+    let sampler = Sampler::new(cfg, &folder, &device, base_dtype(cfg))?;
 
     let mut model = folder.load_transformer(None, base_dtype(cfg), &device)?;
     attach_training_adapter(cfg, &mut model, events)?;
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
-    let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng, &device)?;
+    let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;
     lora.attach(&mut model)?;
     events(Event::Message(format!(
         "training a rank-{} LoRA on {} modules ({} parameters)",
@@ -119,7 +120,7 @@ pub fn train(
     let writer = LoraWriter { cfg, mode };
 
     if run.step == 0 && cfg.sample.every > 0 {
-        sample_now(&mut sampler, &mut model, 0, out, events)?;
+        sample_now(&sampler, &mut model, 0, out, events)?;
     }
     while run.step < t.steps {
         let started = Instant::now();
@@ -162,7 +163,7 @@ pub fn train(
             events(Event::Checkpoint(&dir));
         }
         if step.is_multiple_of(cfg.sample.every) {
-            sample_now(&mut sampler, &mut model, step, out, events)?;
+            sample_now(&sampler, &mut model, step, out, events)?;
         }
     }
     let final_path = out.join("lora.safetensors");
@@ -333,7 +334,7 @@ fn optimizer_step(
 }
 
 fn sample_now(
-    sampler: &mut Sampler,
+    sampler: &Sampler,
     model: &mut ZImageTransformer,
     step: u64,
     out: &Path,

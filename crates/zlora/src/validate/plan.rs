@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -67,8 +67,10 @@ impl Default for RenderSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// Exact; the default on the CPU.
+    /// The device's default: bf16 on a GPU (a 6 B model in f32 does not fit a 24 GB card),
+    /// f32 on the CPU (exact).
     #[default]
+    Auto,
     F32,
     Bf16,
 }
@@ -77,13 +79,16 @@ impl Precision {
     /// As written in plans and image parameters.
     pub fn name(self) -> &'static str {
         match self {
+            Precision::Auto => "auto",
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
         }
     }
 
-    pub fn dtype(self) -> DType {
+    /// The dtype on `device`.
+    pub fn dtype(self, device: &Device) -> DType {
         match self {
+            Precision::Auto => crate::device::default_dtype(device),
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         }

@@ -68,6 +68,7 @@ pub struct Session {
     noise: Vec<Tensor>,
     shift: f64,
     device: Device,
+    dtype: DType,
 }
 
 impl Session {
@@ -80,7 +81,12 @@ impl Session {
         cfg: bool,
         progress: &mut Progress,
     ) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = crate::device::select()?;
+        let dtype = render.dtype.dtype(&device);
+        progress.stage(&format!(
+            "{model}: {}",
+            crate::device::describe(&device, dtype)
+        ));
         let folder = ModelFolder::open(model)?;
         let factor = VaeConfig::from_file(&folder.root().join("vae/config.json"))?.spatial_factor();
         let (h, w) = latent_size(render.height, render.width, factor)?;
@@ -91,7 +97,6 @@ impl Session {
             .collect::<candle_core::Result<Vec<_>>>()?;
         progress.stage(&format!("{model}: encoding {} prompts", prompts.len()));
         let negative = cfg.then_some(render.negative_prompt.as_str());
-        let dtype = render.dtype.dtype();
         let conds = encode_conditions(&folder, prompts, negative, dtype, &device)?;
         progress.stage(&format!("{model}: loading the transformer"));
         let model = folder.load_transformer(None, dtype, &device)?;
@@ -102,6 +107,7 @@ impl Session {
             conds,
             noise,
             device,
+            dtype,
         })
     }
 
@@ -158,9 +164,13 @@ impl Session {
 
     /// Drops the transformer, loads the VAE and decodes each group of latents.
     pub fn decode(self, groups: Vec<Vec<Tensor>>) -> Result<Vec<Vec<Rgb8>>> {
-        let Session { folder, device, .. } = self;
-        // f32: candle has no CPU bf16 convolution.
-        let vae = folder.load_vae(DType::F32, &device)?;
+        let Session {
+            folder,
+            device,
+            dtype,
+            ..
+        } = self;
+        let vae = folder.load_vae(dtype, &device)?;
         groups
             .into_iter()
             .map(|latents| {

@@ -21,9 +21,10 @@ use crate::nn::{Grads, Linear, RmsNorm};
 /// Who computes the gradients of a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grad {
-    /// candle's autograd: every op records its graph (inference ignores it).
+    /// candle's autograd: every op records its graph.
     Autograd,
-    /// [`TransformerBlock::backward`]: the forward records nothing but its tape.
+    /// [`TransformerBlock::backward`] (or no gradient at all: inference): the forward records
+    /// no autograd graph, not even through trainable adapters, only its tape.
     ByHand,
 }
 
