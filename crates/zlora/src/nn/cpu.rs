@@ -15,9 +15,8 @@ use rayon::prelude::*;
 /// Whether every tensor is an f32 CPU tensor that records no graph, and the native kernels
 /// are in force ([`super::kernels`]).
 fn applies(ts: &[&Tensor]) -> bool {
-    ts.iter().all(|t| {
-        super::kernels::native_cpu(t.device()) && t.dtype() == DType::F32 && !t.track_op()
-    })
+    ts.iter()
+        .all(|t| super::kernels::native_cpu(t.device()) && t.dtype() == DType::F32 && !t.track_op())
 }
 
 /// A CPU storage's f32 values.
