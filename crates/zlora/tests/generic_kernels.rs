@@ -30,7 +30,8 @@ const DIT_BF16: f32 = 8.0 * U;
 /// Text encoder hidden states: measured 1.21e-2 (3.1 U).
 const TEXT_BF16: f32 = 7.0 * U;
 /// VAE encode and decode with the convolutions in bf16 (f32 accumulation, as cuDNN does):
-/// measured 2.53e-2 (6.5 U). A VAE that widens bf16 to f32 on the CPU measures 1e-6.
+/// measured 2.53e-2 (6.5 U) with model/vae.rs kept in bf16 (docs/gpu.md says how). A VAE
+/// that widens bf16 to f32 on the CPU measures 1e-6.
 const VAE_BF16: f32 = 13.0 * U;
 /// The training step's loss, a mean over every latent element (rounding errors average
 /// out): measured 2.7e-4 (0.07 U).

@@ -4,9 +4,10 @@
 //! scores are never rounded to bf16/f16 (a bf16 score of magnitude 10 is off by up to 0.03,
 //! which moves its probability by 3 %), and the softmax runs on f32 scores; PyTorch's SDPA
 //! kernels keep the scores in f32 the same way. The probabilities then go back to the compute
-//! dtype for P·v, as flash attention and SDPA's math path do: that rounding is relative
-//! (2⁻⁹ per probability) and averages out over the keys. The backward mirrors it: dP = dO·vᵀ
-//! in f32 (its row sums Σ dP⊙P cancel against dP), dS in the compute dtype for dq and dk.
+//! dtype for P·v, as flash attention and SDPA's math path do: that rounding is relative (at
+//! most 2⁻⁸ of each probability) and averages out over the keys. The backward mirrors it:
+//! dP = dO·vᵀ in f32 (its row sums Σ dP⊙P cancel against dP), dS in the compute dtype for dq
+//! and dk. docs/gpu.md has the measured effect and the cost on a GPU.
 
 use candle_core::{DType, Result, Tensor, D};
 
