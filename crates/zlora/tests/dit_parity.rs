@@ -1,77 +1,46 @@
 //! The transformer against diffusers' ZImageTransformer2DModel on the tiny fixture model.
 
 mod common;
+mod parity;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, get, reference};
+use common::fixtures;
+use parity::{
+    assert_within, dit_batch_errors, dit_single_error, transformer, transformer_from, TOL,
+};
 use zlora::model::weights::{component_files, TransformerCheckpoint};
-use zlora::model::{TransformerConfig, ZImageTransformer};
-
-fn load(files: Vec<std::path::PathBuf>, dtype: DType) -> ZImageTransformer {
-    let cfg =
-        TransformerConfig::from_file(&fixtures().join("model/transformer/config.json")).unwrap();
-    TransformerCheckpoint::open(files)
-        .unwrap()
-        .load(&cfg, dtype, &Device::Cpu)
-        .unwrap()
-}
-
-fn diffusers_model() -> ZImageTransformer {
-    let files = component_files(&fixtures().join("model/transformer")).unwrap();
-    assert!(files.len() >= 2, "the fixture transformer is sharded");
-    load(files, DType::F32)
-}
-
-/// (16, 1, H, W) reference latents → (1, 16, H, W).
-fn latent(r: &std::collections::HashMap<String, Tensor>, name: &str) -> Tensor {
-    get(r, name).squeeze(1).unwrap().unsqueeze(0).unwrap()
-}
+use zlora::model::TransformerConfig;
 
 #[test]
 fn batch_with_different_caption_lengths_matches_diffusers() {
-    let r = reference();
-    let model = diffusers_model();
-    let x = Tensor::cat(&[latent(&r, "dit.x.0"), latent(&r, "dit.x.1")], 0).unwrap();
-    let caps = [get(&r, "dit.cap.0"), get(&r, "dit.cap.1")];
-    let out = model.forward(&x, &get(&r, "dit.t"), &caps).unwrap();
-    for i in 0..2 {
-        let expected = latent(&r, &format!("dit.out.{i}"));
-        assert_close(
-            &out.narrow(0, i, 1).unwrap(),
-            &expected,
-            1e-4,
-            &format!("item {i}"),
-        );
-    }
+    assert_within(&dit_batch_errors(DType::F32), TOL, "batch");
 }
 
 #[test]
 fn single_item_matches_diffusers() {
-    let r = reference();
-    let model = diffusers_model();
-    let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model
-        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
-        .unwrap();
-    assert_close(&out, &latent(&r, "dit.single.out.0"), 1e-4, "single item");
+    let model = transformer(DType::F32);
+    assert_within(
+        &dit_single_error(&model, "dit.single.out.0"),
+        TOL,
+        "single item",
+    );
 }
 
 #[test]
 fn comfyui_single_file_loads_into_the_same_weights() {
-    let r = reference();
     let file = fixtures().join("comfy_transformer.safetensors");
     let checkpoint = TransformerCheckpoint::open(vec![file.clone()]).unwrap();
     assert_eq!(
         checkpoint.layout(),
         zlora::model::weights::CheckpointLayout::ComfyUi
     );
-    let model = load(vec![file], DType::F32);
-    let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model
-        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
-        .unwrap();
+    let model = transformer_from(vec![file], DType::F32);
     // The reference ran the same bf16-rounded weights in f32.
-    assert_close(&out, &latent(&r, "dit_bf16w.out.0"), 1e-4, "ComfyUI file");
+    assert_within(
+        &dit_single_error(&model, "dit_bf16w.out.0"),
+        TOL,
+        "ComfyUI file",
+    );
 }
 
 #[test]
@@ -113,13 +82,10 @@ fn missing_and_misshapen_tensors_are_all_named() {
 
 #[test]
 fn bf16_compute_stays_close_to_f32() {
-    let r = reference();
-    let files = component_files(&fixtures().join("model/transformer")).unwrap();
-    let model = load(files, DType::BF16);
-    let t = get(&r, "dit.t").narrow(0, 0, 1).unwrap();
-    let out = model
-        .forward(&latent(&r, "dit.x.0"), &t, &[get(&r, "dit.cap.0")])
-        .unwrap();
-    assert_eq!(out.dtype(), DType::F32);
-    assert_close(&out, &latent(&r, "dit.single.out.0"), 5e-2, "bf16 compute");
+    let model = transformer(DType::BF16);
+    assert_within(
+        &dit_single_error(&model, "dit.single.out.0"),
+        5e-2,
+        "bf16 compute",
+    );
 }

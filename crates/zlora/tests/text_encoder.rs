@@ -2,11 +2,16 @@
 //! fixtures/tiny (see fixtures/README.md).
 
 mod common;
+mod parity;
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use parity::{
+    assert_within, prompt_encoder, reference_prompts, text_config as config, text_encoder_from,
+    text_hidden_errors, text_pipeline_errors, text_weights as weights, tokenizer, TOL,
+};
 use zlora::model::text::{
     chat_prompt, PromptEncoder, PromptTokenizer, Qwen3TextEncoder, TextEncoderConfig,
 };
@@ -14,45 +19,8 @@ use zlora::Error;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-/// f32 parity bound, relative to the reference tensor's largest magnitude.
-const TOL: f32 = 1e-4;
-
-/// The prompts the reference was made from, kept in the file's `params` metadata.
-fn reference_prompts() -> Result<Vec<String>, Box<dyn std::error::Error>> {
-    let bytes = std::fs::read(common::fixtures().join("reference.safetensors"))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
-    let params = meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("params"))
-        .ok_or("reference.safetensors has no params metadata")?;
-    let params: serde_json::Value = serde_json::from_str(params)?;
-    let prompts = serde_json::from_value(params["te"]["prompts"].clone())?;
-    Ok(prompts)
-}
-
-fn tokenizer() -> zlora::Result<PromptTokenizer> {
-    PromptTokenizer::from_file(&common::fixtures().join("model/tokenizer/tokenizer.json"))
-}
-
-fn config() -> zlora::Result<TextEncoderConfig> {
-    TextEncoderConfig::from_file(&common::fixtures().join("model/text_encoder/config.json"))
-}
-
-fn weights() -> zlora::Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(
-        common::fixtures().join("model/text_encoder/model.safetensors"),
-        &Device::Cpu,
-    )?)
-}
-
 fn encoder_from(tensors: HashMap<String, Tensor>) -> zlora::Result<Qwen3TextEncoder> {
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    Qwen3TextEncoder::new(&config()?, vb)
-}
-
-fn prompt_encoder() -> zlora::Result<PromptEncoder> {
-    Ok(PromptEncoder::new(tokenizer()?, encoder_from(weights()?)?))
+    text_encoder_from(tensors, DType::F32)
 }
 
 #[test]
@@ -82,7 +50,7 @@ fn head_dim_defaults_to_hidden_over_heads() -> TestResult {
 fn token_ids_equal_reference() -> TestResult {
     let reference = common::reference();
     let tok = tokenizer()?;
-    for (i, prompt) in reference_prompts()?.iter().enumerate() {
+    for (i, prompt) in reference_prompts().iter().enumerate() {
         let want: Vec<i64> = reference[&format!("te.ids.{i}")].to_vec1()?;
         let got: Vec<i64> = tok.ids(prompt)?.into_iter().map(i64::from).collect();
         assert_eq!(got, want, "prompt {i}: {:?}", chat_prompt(prompt));
@@ -91,43 +59,21 @@ fn token_ids_equal_reference() -> TestResult {
 }
 
 #[test]
-fn hidden_states_match_reference() -> TestResult {
-    let reference = common::reference();
-    let prompts = reference_prompts()?;
-    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-    let got = prompt_encoder()?.encode(&prompts)?;
-    assert_eq!(got.len(), prompts.len());
-    for (i, hidden) in got.iter().enumerate() {
-        let want = &reference[&format!("te.hidden.{i}")];
-        let err = common::rel_err(hidden, want);
-        println!("te.hidden.{i} {:?}: max rel err {err:.3e}", want.dims());
-        assert!(err < TOL, "te.hidden.{i}: {err}");
-    }
-    Ok(())
+fn hidden_states_match_reference() {
+    assert_within(&text_hidden_errors(DType::F32), TOL, "f32");
 }
 
 #[test]
-fn pipeline_prompt_embeds_match_reference() -> TestResult {
+fn pipeline_prompt_embeds_match_reference() {
     // The base pipeline's positive and negative prompts have different lengths (24, 37).
-    let reference = common::reference();
-    let got = prompt_encoder()?.encode(&["a cat", "blurry, low quality"])?;
-    for (hidden, name) in got
-        .iter()
-        .zip(["base.prompt_embeds", "base.negative_prompt_embeds"])
-    {
-        let err = common::rel_err(hidden, &reference[name]);
-        println!("{name}: max rel err {err:.3e}");
-        assert!(err < TOL, "{name}: {err}");
-    }
-    Ok(())
+    assert_within(&text_pipeline_errors(DType::F32), TOL, "f32");
 }
 
 #[test]
 fn bf16_weights_stay_close() -> TestResult {
     let reference = common::reference();
-    let vb = VarBuilder::from_tensors(weights()?, DType::BF16, &Device::Cpu);
-    let enc = PromptEncoder::new(tokenizer()?, Qwen3TextEncoder::new(&config()?, vb)?);
-    let hidden = enc.encode(&[reference_prompts()?[0].as_str()])?.remove(0);
+    let enc = prompt_encoder(DType::BF16)?;
+    let hidden = enc.encode(&[reference_prompts()[0].as_str()])?.remove(0);
     assert_eq!(hidden.dtype(), DType::F32);
     let err = common::rel_err(&hidden, &reference["te.hidden.0"]);
     println!("te.hidden.0 with bf16 weights: max rel err {err:.3e}");
@@ -137,7 +83,7 @@ fn bf16_weights_stay_close() -> TestResult {
 
 #[test]
 fn batch_equals_separate_runs() -> TestResult {
-    let enc = prompt_encoder()?;
+    let enc = prompt_encoder(DType::F32)?;
     let prompts = ["a red fox in the snow", "", "the cat sat in the window"];
     let batch = enc.encode(&prompts)?;
     for (prompt, batched) in prompts.iter().zip(&batch) {
@@ -150,9 +96,9 @@ fn batch_equals_separate_runs() -> TestResult {
 
 #[test]
 fn truncation_keeps_the_head() -> TestResult {
-    let prompts = reference_prompts()?;
+    let prompts = reference_prompts();
     let long = prompts[1].as_str();
-    let full = prompt_encoder()?.encode(&[long])?.remove(0);
+    let full = prompt_encoder(DType::F32)?.encode(&[long])?.remove(0);
     let short_tok = tokenizer()?.with_max_tokens(20)?;
     assert_eq!(short_tok.ids(long)?, tokenizer()?.ids(long)?[..20]);
     let short = PromptEncoder::new(short_tok, encoder_from(weights()?)?);

@@ -3,23 +3,20 @@
 //! every kind in the stacks), and block checkpointing gives the same gradients.
 
 mod common;
+mod parity;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{fixtures, get, reference};
+use common::{get, reference};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use zlora::model::weights::{component_files, TransformerCheckpoint};
-use zlora::model::{TransformerConfig, ZImageTransformer};
+use zlora::model::ZImageTransformer;
 use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets};
 use zlora::train::backprop::{loss_and_grads, MicroBatch};
 use zlora::train::lora::{LoraConfig, TrainableLora};
 use zlora::train::objective::{gaussian_like, loss};
 
 fn model() -> ZImageTransformer {
-    let dir = fixtures().join("model/transformer");
-    let cfg = TransformerConfig::from_file(&dir.join("config.json")).unwrap();
-    let ckpt = TransformerCheckpoint::open(component_files(&dir).unwrap()).unwrap();
-    ckpt.load(&cfg, DType::F32, &Device::Cpu).unwrap()
+    parity::transformer(DType::F32)
 }
 
 /// A LoRA on every Linear of every block (adaLN included), with non-zero up matrices so
@@ -283,46 +280,10 @@ fn the_default_lora_trains_only_the_main_layers() {
 /// values, injected noise and sigmas; loss and every LoRA gradient agree.
 #[test]
 fn one_step_matches_diffusers_and_peft() {
-    let path = fixtures().join("train_reference.safetensors");
-    let r = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-    let mut model = model();
-    let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
-    let lora = TrainableLora::new(&cfg, &model, &mut ChaCha8Rng::seed_from_u64(0)).unwrap();
-    let values = lora
-        .var_names()
-        .into_iter()
-        .map(|n| {
-            let t = r
-                .get(&format!("lora.{n}"))
-                .unwrap_or_else(|| panic!("fixture lacks {n}"));
-            (n, t.clone())
-        })
-        .collect();
-    lora.load_values(&values).unwrap();
-    lora.attach(&mut model).unwrap();
-
-    let sigmas = r["sigmas"].to_vec1::<f32>().unwrap();
-    let noised = zlora::train::objective::noise(&r["x0"], &r["eps"], &sigmas).unwrap();
-    let caps = vec![r["caps.0"].clone(), r["caps.1"].clone()];
-    let batch = MicroBatch {
-        x: &noised.x,
-        t: &noised.t,
-        captions: &caps,
-        target: &noised.target,
-        weights: &[1.0, 1.0],
-    };
-    let (loss, grads) = loss_and_grads(&model, &lora, &batch, true).unwrap();
-    let expected = r["loss"].to_scalar::<f32>().unwrap();
+    let (loss_err, grads) = parity::train_step_errors(DType::F32);
     assert!(
-        (loss - expected).abs() <= 1e-5 * expected.abs(),
-        "loss {loss} vs {expected}"
+        loss_err <= parity::LOSS_TOL,
+        "loss relative error {loss_err:e}"
     );
-    let mut worst = 0f32;
-    for (g, name) in grads.iter().zip(lora.var_names()) {
-        let e = &r[&format!("grad.{name}")];
-        let err = common::rel_err(g, e);
-        worst = worst.max(err);
-        assert!(err < 1e-4, "{name}: gradient relative error {err:e}");
-    }
-    eprintln!("loss {loss} (diffusers {expected}); worst gradient error {worst:.2e}");
+    parity::assert_within(&grads, parity::TOL, "gradient");
 }

@@ -1,28 +1,17 @@
 //! AutoencoderKL against the diffusers reference in fixtures/tiny (see fixtures/README.md).
 
 mod common;
+mod parity;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use parity::{assert_within, vae_config as config, vae_errors, TOL};
 use zlora::model::vae::{AutoencoderKL, VaeConfig};
 use zlora::Error;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
-/// f32 parity bound, relative to the reference tensor's largest magnitude.
-const TOL: f32 = 1e-4;
-
-fn config() -> zlora::Result<VaeConfig> {
-    VaeConfig::from_file(&common::fixtures().join("model/vae/config.json"))
-}
-
 fn vae() -> zlora::Result<AutoencoderKL> {
-    let tensors = candle_core::safetensors::load(
-        common::fixtures().join("model/vae/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    AutoencoderKL::new(&config()?, vb)
+    parity::vae(DType::F32)
 }
 
 #[test]
@@ -46,23 +35,8 @@ fn config_defaults_follow_diffusers() -> TestResult {
 }
 
 #[test]
-fn encode_matches_reference() -> TestResult {
-    let reference = common::reference();
-    let mode = vae()?.encode(&reference["vae.image_in"])?;
-    let err = common::rel_err(&mode, &reference["vae.encode.mode"]);
-    println!("vae.encode.mode: max rel err {err:.3e}");
-    assert!(err < TOL, "{err}");
-    Ok(())
-}
-
-#[test]
-fn decode_matches_reference() -> TestResult {
-    let reference = common::reference();
-    let image = vae()?.decode(&reference["vae.z_in"])?;
-    let err = common::rel_err(&image, &reference["vae.decode.out"]);
-    println!("vae.decode.out: max rel err {err:.3e}");
-    assert!(err < TOL, "{err}");
-    Ok(())
+fn encode_and_decode_match_reference() {
+    assert_within(&vae_errors(DType::F32), TOL, "f32");
 }
 
 #[test]
@@ -77,18 +51,8 @@ fn batch_items_are_independent() -> TestResult {
 }
 
 #[test]
-fn bf16_request_on_cpu_runs() -> TestResult {
-    let reference = common::reference();
-    let tensors = candle_core::safetensors::load(
-        common::fixtures().join("model/vae/diffusion_pytorch_model.safetensors"),
-        &Device::Cpu,
-    )?;
-    let vb = VarBuilder::from_tensors(tensors, DType::BF16, &Device::Cpu);
-    let vae = AutoencoderKL::new(&config()?, vb)?;
-    let mode = vae.encode(&reference["vae.image_in"])?;
-    assert_eq!(mode.dtype(), DType::F32);
-    assert!(common::rel_err(&mode, &reference["vae.encode.mode"]) < TOL);
-    Ok(())
+fn bf16_request_on_cpu_runs() {
+    assert_within(&vae_errors(DType::BF16), TOL, "bf16 request");
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! follow the Hugging Face checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), with
 //! or without the `model.` prefix that `Qwen3ForCausalLM` checkpoints carry.
 //!
-//! Precision: weights may be bf16 or f32; RMSNorm, RoPE tables and softmax are computed in f32.
+//! Precision: weights may be bf16 or f32; RMSNorm, RoPE tables, attention scores and softmax
+//! are computed in f32 (`nn::attention`).
 
 use std::path::Path;
 
@@ -16,6 +17,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
+use crate::nn::attention::masked_attention;
 use crate::{Error, Result};
 
 /// Z-Image's `max_sequence_length`: prompts are cut to this many tokens, template included.
@@ -295,10 +297,7 @@ impl Attention {
         let k = repeat_kv(k, n_rep)?.contiguous()?;
         let v = repeat_kv(v, n_rep)?.contiguous()?;
 
-        let scores = q.contiguous()?.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let scores = (scores / (self.head_dim as f64).sqrt())?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?;
+        let out = masked_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
         let out = out.reshape((b, len, self.heads * self.head_dim))?;
         Ok(self.o_proj.forward(&out)?)
     }

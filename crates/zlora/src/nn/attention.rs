@@ -1,4 +1,13 @@
-//! Scaled dot-product attention with the softmax in f32, and its backward.
+//! Scaled dot-product attention with the scores and the softmax in f32, and its backward.
+//!
+//! Precision, whatever the compute dtype: q and k are widened to f32 before q·kᵀ, so the
+//! scores are never rounded to bf16/f16 (a bf16 score of magnitude 10 is off by up to 0.03,
+//! which moves its probability by 3 %), and the softmax runs on f32 scores; PyTorch's SDPA
+//! kernels keep the scores in f32 the same way. The probabilities then go back to the compute
+//! dtype for P·v, as flash attention and SDPA's math path do: that rounding is relative (at
+//! most 2⁻⁸ of each probability) and averages out over the keys. The backward mirrors it:
+//! dP = dO·vᵀ in f32 (its row sums Σ dP⊙P cancel against dP), dS in the compute dtype for dq
+//! and dk. docs/gpu.md has the measured effect and the cost on a GPU.
 
 use candle_core::{DType, Result, Tensor, D};
 
@@ -74,6 +83,12 @@ fn composed(
     Ok((Tensor::cat(&outs, 1)?, None))
 }
 
+/// softmax(q·kᵀ/√d + mask)·v for any additive f32 mask that broadcasts to (B, H, S, S), such
+/// as a causal one: the composed ops on every device, the probabilities not kept.
+pub fn masked_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(attend(q, k, v, Some(mask))?.0)
+}
+
 /// P·v and P for one chunk of heads.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
     let probs = probabilities(q, k, mask)?;
@@ -81,11 +96,10 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<(
     Ok((out, probs))
 }
 
-/// softmax(q·kᵀ/√d + mask) in f32.
+/// softmax(q·kᵀ/√d + mask), all in f32 (q and k widened first).
 fn probabilities(q: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = (q * scale(q)?)?
-        .matmul(&k.contiguous()?.t()?)?
-        .to_dtype(DType::F32)?;
+    let (q, k) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+    let scores = (&q * scale(&q)?)?.matmul(&k.contiguous()?.t()?)?;
     let scores = match mask {
         Some(m) => scores.broadcast_add(m)?,
         None => scores,
@@ -151,7 +165,8 @@ fn chunk_backward(
     let dtype = v.dtype();
     let d_out = d_out.contiguous()?;
     let dv = probs.to_dtype(dtype)?.t()?.matmul(&d_out)?;
-    let dp = d_out.matmul(&v.contiguous()?.t()?)?.to_dtype(DType::F32)?;
+    let v32 = v.to_dtype(DType::F32)?.contiguous()?;
+    let dp = d_out.to_dtype(DType::F32)?.matmul(&v32.t()?)?;
     let ds = (softmax_backward(probs, &dp)? * scale(q)?)?.to_dtype(dtype)?;
     let dq = ds.matmul(&k.contiguous()?)?;
     let dk = ds.t()?.matmul(&q.contiguous()?)?;
@@ -206,6 +221,28 @@ mod tests {
                 assert!(err < 1e-5, "{err}");
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn bf16_scores_and_softmax_are_f32() -> Result<()> {
+        // Scores up to about 15: rounded to bf16 they would be off by up to 0.03 and their
+        // probabilities by up to 3 %.
+        let dev = Device::Cpu;
+        let t = |s: f64| (Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev)? * s)?.to_dtype(DType::BF16);
+        let (q, k, v) = (t(5.0)?, t(1.0)?, t(1.0)?);
+        let (out, probs) = attention(&q, &k, &v, None)?;
+        assert_eq!(
+            (out.dtype(), probs.as_ref().map(|p| p.dtype())),
+            (DType::BF16, Some(DType::F32))
+        );
+        let (q, k) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+        let want = softmax_last_dim(&(q.matmul(&k.t()?)? / 8f64.sqrt())?)?;
+        let err = (probs.expect("kept") - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(err < 1e-6, "{err}");
         Ok(())
     }
 

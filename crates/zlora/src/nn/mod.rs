@@ -1,7 +1,8 @@
 //! Building blocks shared by inference and training. Each op has a backward: candle's fused
 //! norm, softmax and rope kernels (which silently return no gradient) go through `fused`'s
 //! custom ops, and every op the hand-written backward needs has its gradient here; `cpu`
-//! holds the fused f32 CPU kernels used where no autograd graph is needed.
+//! holds the fused f32 CPU kernels used where no autograd graph is needed, unless `kernels`
+//! asks for the generic ops a GPU runs.
 
 pub mod adapter;
 pub mod attention;
