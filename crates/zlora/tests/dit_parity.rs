@@ -43,6 +43,49 @@ fn comfyui_single_file_loads_into_the_same_weights() {
     );
 }
 
+/// Elements in the storage behind a CPU tensor (all of it, not only the tensor's view).
+fn storage_elems(t: &Tensor) -> usize {
+    use candle_core::{CpuStorage, Storage};
+    match &*t.storage_and_layout().0 {
+        Storage::Cpu(CpuStorage::BF16(v)) => v.len(),
+        Storage::Cpu(CpuStorage::F32(v)) => v.len(),
+        other => panic!("unexpected storage {:?}", other.dtype()),
+    }
+}
+
+/// Each of q/k/v from a ComfyUI file owns its rows only (one copy of the fused qkv in all,
+/// as when loading the diffusers folder), and they are the fused tensor's row thirds.
+#[test]
+fn comfyui_qkv_parts_own_only_their_rows() {
+    let file = fixtures().join("comfy_transformer.safetensors");
+    let checkpoint = TransformerCheckpoint::open(vec![file.clone()]).unwrap();
+    let fused = candle_core::safetensors::load(&file, &Device::Cpu).unwrap()
+        ["model.diffusion_model.layers.0.attention.qkv.weight"]
+        .clone();
+    let third = fused.dim(0).unwrap() / 3;
+    for (i, part) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+        let t = checkpoint
+            .tensor(&format!("layers.0.attention.{part}.weight"))
+            .unwrap();
+        assert_eq!(t.dtype(), DType::BF16, "stored dtype, no conversion copy");
+        assert_eq!(
+            storage_elems(&t),
+            t.elem_count(),
+            "{part} holds more than its rows"
+        );
+        let want = fused.narrow(0, i * third, third).unwrap();
+        let diff = (t.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{part} differs from its rows of qkv");
+    }
+}
+
 #[test]
 fn missing_and_misshapen_tensors_are_all_named() {
     let dir = tempfile::tempdir().unwrap();

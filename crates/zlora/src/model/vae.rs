@@ -9,6 +9,10 @@
 //! Precision: weights may be bf16 or f32; group norms and the attention softmax run in f32.
 //! candle 0.11.1 has no bf16 convolution on the CPU, so there a bf16 request loads f32 weights
 //! (the VAE is small: 84 M parameters for Z-Image's).
+//!
+//! Kernels: the 3×3 convolutions run zlora's banded im2col where its native CPU kernels are in
+//! force ([`crate::nn::kernels`]) and candle's conv2d everywhere else (GPUs, and the CPU with
+//! `ZLORA_KERNELS=generic`); both give the same bits.
 
 use std::path::Path;
 
@@ -16,6 +20,7 @@ use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::nn::kernels;
 use crate::{Error, Result};
 
 /// diffusers hard-codes this epsilon for every group norm of the autoencoder.
@@ -146,7 +151,40 @@ fn conv_strided(
     Ok(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?)
 }
 
-/// A 3×3 convolution with stride 1 and zero padding 1: im2col + matmul from composed ops.
+/// A 3×3 convolution with stride 1 and zero padding 1, in one of two implementations that give
+/// the same results bit for bit (a test compares them).
+enum Conv3x3 {
+    /// zlora's banded im2col, a CPU-cache optimisation: with the native CPU kernels only.
+    Banded(BandedConv3x3),
+    /// candle's conv2d: one kernel per call, what a GPU runs (the banded form would launch
+    /// about 10⁵ small kernels per 1024² decode there).
+    Candle(Conv2d),
+}
+
+impl Conv3x3 {
+    /// The banded form where zlora's CPU kernels run ([`kernels::native_cpu`]), else candle's.
+    fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
+        let banded = kernels::native_cpu(vb.device());
+        Self::with_form(in_c, out_c, vb, banded)
+    }
+
+    fn with_form(in_c: usize, out_c: usize, vb: VarBuilder, banded: bool) -> Result<Self> {
+        Ok(if banded {
+            Self::Banded(BandedConv3x3::new(in_c, out_c, vb)?)
+        } else {
+            Self::Candle(conv_strided(in_c, out_c, 3, 1, 1, vb)?)
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Banded(conv) => conv.forward(x),
+            Self::Candle(conv) => Ok(conv.forward(x)?),
+        }
+    }
+}
+
+/// The banded 3×3 convolution: im2col + matmul from composed ops.
 ///
 /// candle's CPU conv2d fills its im2col tiles one element at a time, which made it most of the
 /// VAE's run time. Here the padded image is flattened row-major with rows of W + 2, so the
@@ -155,14 +193,14 @@ fn conv_strided(
 /// the (kh, kw, in) order of the weight matrix. Every output row gets two junk columns (from
 /// the right padding) that are cropped at the end. The sums run in candle's order: results
 /// equal its conv2d bit for bit.
-struct Conv3x3 {
+struct BandedConv3x3 {
     /// (out, 9·in), columns ordered (kh, kw, in).
     weight: Tensor,
     /// (1, out, 1, 1).
     bias: Tensor,
 }
 
-impl Conv3x3 {
+impl BandedConv3x3 {
     fn new(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_c, in_c, 3, 3), "weight")?;
         Ok(Self {
@@ -508,6 +546,9 @@ impl AutoencoderKL {
     /// `vb` is the checkpoint root (the folder's `diffusion_pytorch_model.safetensors`).
     pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(Error::Invalid)?;
+        // The widening follows the device, not the kernel set (`ZLORA_KERNELS`): candle's CPU
+        // conv2d refuses bf16 (its gemm has no bf16 kernel; a test below holds this), so the
+        // generic kernels on the CPU could not run a bf16 VAE at all. A GPU keeps bf16.
         let vb = if vb.device().is_cpu() && vb.dtype() == DType::BF16 {
             vb.set_dtype(DType::F32)
         } else {
@@ -590,6 +631,61 @@ impl AutoencoderKL {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The same random 3×3 convolution in both forms.
+    fn both_forms(c_in: usize, c_out: usize, dev: &Device) -> Result<(Conv3x3, Conv3x3)> {
+        let tensors = [
+            ("weight", Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), dev)?),
+            ("bias", Tensor::randn(0f32, 1., c_out, dev)?),
+        ]
+        .map(|(n, t)| (n.to_string(), t));
+        let vb = VarBuilder::from_tensors(tensors.into_iter().collect(), DType::F32, dev);
+        Ok((
+            Conv3x3::with_form(c_in, c_out, vb.clone(), true)?,
+            Conv3x3::with_form(c_in, c_out, vb, false)?,
+        ))
+    }
+
+    /// The banded convolution equals candle's conv2d over the same weights bit for bit, with
+    /// one band, several bands, and one output row per band.
+    #[test]
+    fn banded_conv_equals_candle_conv2d() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c_in, c_out, h, w) in [(3, 8, 5, 7), (64, 32, 64, 48), (512, 4, 3, 256)] {
+            let (banded, candle) = both_forms(c_in, c_out, &dev)?;
+            assert!(matches!(banded, Conv3x3::Banded(_)) && matches!(candle, Conv3x3::Candle(_)));
+            let x = Tensor::randn(0f32, 1., (2, c_in, h, w), &dev)?;
+            let (a, b) = (banded.forward(&x)?, candle.forward(&x)?);
+            assert_eq!(a.dims(), b.dims());
+            let (a, b) = (
+                a.flatten_all()?.to_vec1::<f32>()?,
+                b.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let differ = a
+                .iter()
+                .zip(&b)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "{c_in}→{c_out} at {h}×{w}: {differ} of {} differ",
+                a.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Why a bf16 VAE is widened on the CPU whichever kernels run: candle's CPU conv2d refuses
+    /// bf16. When this starts to pass, the widening can follow the kernel set instead.
+    #[test]
+    fn candle_has_no_bf16_conv2d_on_the_cpu() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 4, 4), DType::BF16, &dev)?;
+        let k = Tensor::zeros((2, 2, 3, 3), DType::BF16, &dev)?;
+        assert!(x.conv2d(&k, 1, 1, 1, 1).is_err());
+        Ok(())
+    }
 
     #[test]
     fn chunked_attention_equals_one_pass() -> Result<()> {

@@ -135,13 +135,14 @@ fn trains(lora: &TrainableLora, stack: &str) -> bool {
         .any(|m| m.path.split('.').next() == Some(stack))
 }
 
-/// Loss (f32) and one gradient per `lora.vars()` entry.
+/// Loss (a 0-d f32 tensor, left on the device: the step reads it with the gradient norm) and
+/// one gradient per `lora.vars()` entry.
 pub fn loss_and_grads(
     model: &ZImageTransformer,
     lora: &TrainableLora,
     batch: &MicroBatch,
     checkpointing: bool,
-) -> Result<(f32, Vec<Tensor>)> {
+) -> Result<(Tensor, Vec<Tensor>)> {
     let mut grads = Grads::default();
     let Embedded {
         c,
@@ -236,5 +237,5 @@ pub fn loss_and_grads(
             )?;
         }
     }
-    Ok((l.to_scalar::<f32>()?, collect(grads, lora)?))
+    Ok((l.detach(), collect(grads, lora)?))
 }

@@ -3,6 +3,7 @@
 
 pub mod backprop;
 pub mod config;
+pub(crate) mod host;
 pub mod log;
 pub mod lora;
 pub mod objective;

@@ -103,21 +103,27 @@ impl AdamW {
 }
 
 /// Scales the gradients so their global L2 norm is at most `max_norm` (0 = no clipping);
-/// returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut sq = 0f64;
-    for g in grads.iter() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    let norm = sq.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
+/// returns the norm before clipping, a 0-d tensor. The gradients are f32 (as the LoRA).
+///
+/// Everything stays on the device: the norm is one reduction over the gradients' sums of
+/// squares, and the clip factor (torch's max_norm / (norm + 1e-6), where the norm exceeds
+/// max_norm, else 1) multiplies the gradients as a tensor, so nothing is read back per tensor.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<Tensor> {
+    let Some(device) = grads.first().map(|g| g.device().clone()) else {
+        return Err(Error::Invalid("no gradients to clip".into()));
+    };
+    let squares = grads
+        .iter()
+        .map(|g| g.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.sqrt()?;
+    if max_norm > 0.0 {
+        let clipped = (Tensor::new(max_norm as f32, &device)? / (&norm + 1e-6)?)?;
+        let factor = norm
+            .gt(max_norm)?
+            .where_cond(&clipped, &Tensor::new(1f32, &device)?)?;
         for g in grads.iter_mut() {
-            *g = (&*g * factor)?;
+            *g = g.broadcast_mul(&factor)?;
         }
     }
     Ok(norm)
@@ -183,11 +189,55 @@ mod tests {
     fn clipping_caps_the_global_norm() -> Result<()> {
         let dev = Device::Cpu;
         let mut g = vec![Tensor::new(&[3.0f32], &dev)?, Tensor::new(&[4.0f32], &dev)?];
-        let norm = clip_grad_norm(&mut g, 1.0)?;
+        let norm = clip_grad_norm(&mut g, 1.0)?.to_scalar::<f32>()?;
         assert!((norm - 5.0).abs() < 1e-6);
         let a = g[0].to_vec1::<f32>()?[0];
         let b = g[1].to_vec1::<f32>()?[0];
         assert!(((a * a + b * b).sqrt() - 1.0).abs() < 1e-5);
+        Ok(())
+    }
+
+    /// The on-device clipping against the host formula it replaced (each tensor's f32 sum of
+    /// squares read back and accumulated in f64, the factor applied only above the limit):
+    /// the same norm and gradients up to the rounding of an f32 sum of n terms, and the very
+    /// same bits where nothing is clipped.
+    #[test]
+    fn clipping_on_the_device_equals_the_host_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let grads = (1..=64)
+            .map(|i| Tensor::randn(0f32, 1e-2, (i % 7 + 1, 3 * i), &dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut sq = 0f64;
+        for g in &grads {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let host_norm = sq.sqrt();
+        let bound = (grads.len() + 2) as f64 * f32::EPSILON as f64;
+        for max_norm in [0.0, 0.5 * host_norm, 2.0 * host_norm] {
+            let mut clipped = grads.clone();
+            let norm = clip_grad_norm(&mut clipped, max_norm)?.to_scalar::<f32>()? as f64;
+            assert!(
+                (norm - host_norm).abs() <= bound * host_norm,
+                "{norm} vs {host_norm}"
+            );
+            let factor = match max_norm > 0.0 && host_norm > max_norm {
+                true => max_norm / (host_norm + 1e-6),
+                false => 1.0,
+            };
+            for (got, g) in clipped.iter().zip(&grads) {
+                let want = (g * factor)?;
+                let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+                match factor == 1.0 {
+                    true => assert_eq!(err, 0.0, "unclipped gradients changed"),
+                    false => assert!(err <= bound * scale, "{err} > {bound} × {scale}"),
+                }
+            }
+        }
         Ok(())
     }
 

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::backprop::{loss_and_grads, MicroBatch};
 use super::config::{Mode, TrainConfig};
+use super::host;
 use super::log::StepLog;
 use super::lora::{set_enabled, TrainableLora};
 use super::objective::{gaussian_like, noise, SigmaSampler};
@@ -287,7 +288,7 @@ fn optimizer_step(
         logit_std: t.logit_std,
     };
     let mut total: Option<Vec<Tensor>> = None;
-    let mut loss_sum = 0f32;
+    let mut loss_sum: Option<Tensor> = None;
     for micro in 0..t.gradient_accumulation {
         let batch = loader.next_batch(data, device)?;
         let mut rng = step_rng(t.seed, step, micro);
@@ -305,7 +306,10 @@ fn optimizer_step(
             weights: &weights,
         };
         let (loss, grads) = loss_and_grads(model, lora, &micro_batch, t.gradient_checkpointing)?;
-        loss_sum += loss;
+        loss_sum = Some(match loss_sum {
+            None => loss,
+            Some(sum) => (sum + loss)?,
+        });
         total = Some(match total {
             None => grads,
             Some(acc) => acc
@@ -330,7 +334,11 @@ fn optimizer_step(
         t.steps,
     );
     optimizer.step(&lora.vars(), &grads, lr)?;
-    Ok((loss_sum / t.gradient_accumulation as f32, grad_norm, lr))
+    // The step's one device→host read: its loss sum and gradient norm together.
+    let sum = loss_sum.ok_or_else(|| Error::Invalid("gradient_accumulation is 0".into()))?;
+    let read = host::read(&Tensor::stack(&[sum, grad_norm], 0)?)?;
+    let loss = read[0] / t.gradient_accumulation as f32;
+    Ok((loss, read[1] as f64, lr))
 }
 
 fn sample_now(

@@ -253,6 +253,7 @@ pub fn train_step(dtype: DType) -> (f32, Vec<(String, Tensor)>) {
         weights: &[1.0, 1.0],
     };
     let (loss, grads) = loss_and_grads(&model, &lora, &batch, true).unwrap();
+    let loss = loss.to_scalar::<f32>().unwrap();
     (loss, lora.var_names().into_iter().zip(grads).collect())
 }
 
