@@ -76,3 +76,30 @@ fn generate_says_where_it_runs() {
     let err = stderr(&generate(&env, png.to_str().unwrap()));
     assert!(err.contains("device: CPU (generic kernels), f32"), "{err}");
 }
+
+/// validate renders on the chosen device too (it used to be pinned to the CPU).
+#[test]
+fn validate_asks_for_the_device_like_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = fixtures().join("lora_peft.safetensors");
+    let out = dir.path().join("report");
+    let args = [
+        "validate",
+        "--lora",
+        lora.to_str().unwrap(),
+        "--base",
+        &model(),
+        "--turbo",
+        &model(),
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let run = zlora_env(&args, &[("ZLORA_DEVICE", OsStr::new("cuda"))]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    assert!(err.contains("ZLORA_DEVICE=cuda"), "{err}");
+}

@@ -114,6 +114,10 @@ fn a_tiny_run_writes_lora_checkpoints_samples_and_log() {
     );
     let log = stderr(&zlora(&["train", cfg.to_str().unwrap()]));
     assert!(log.contains("mode turbo-direct"), "{log}");
+    assert!(
+        log.contains("device: CPU, "),
+        "the run names its device: {log}"
+    );
     let out = s.path("run");
     let lora = LoraFile::read_for_dim(out.join("lora.safetensors"), 32).unwrap();
     assert_eq!(lora.modules.len(), 2 * 7);
