@@ -339,6 +339,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--skip", default="", help="comma-separated stages to skip")
     a = p.parse_args()
+    # zlora on the benchmark's device, never a silent fallback to the CPU.
+    ENV["ZLORA_DEVICE"] = a.device
     a.dims = SMALL if a.small else REAL
     a.size = a.dims["size"]
     a.out.mkdir(parents=True, exist_ok=True)

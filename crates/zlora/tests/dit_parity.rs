@@ -74,14 +74,7 @@ fn comfyui_qkv_parts_own_only_their_rows() {
             "{part} holds more than its rows"
         );
         let want = fused.narrow(0, i * third, third).unwrap();
-        let diff = (t.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = common::rel_err(&t, &want);
         assert_eq!(diff, 0.0, "{part} differs from its rows of qkv");
     }
 }
