@@ -50,6 +50,22 @@ pub fn write_atomic_with(
     result
 }
 
+/// Checks before any work that `path` can be written: not a folder, and its folder exists
+/// (it is created) and takes a file (a probe named like a temporary file is made and removed).
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::bad_file(path, "is a folder: name a file to write"));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".zlora-probe.tmp{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
+}
+
 /// Name, dtype and shape of one tensor of a streamed safetensors file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorSpec {

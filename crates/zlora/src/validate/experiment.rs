@@ -19,6 +19,7 @@ use super::render;
 use super::run::{validate, Record};
 use super::{file_hash, Outputs};
 use crate::fsutil::write_atomic;
+use crate::outdir::{self, OutputDir, Policy};
 use crate::train::config::{Mode, TrainConfig};
 use crate::train::trainer::{self, train, TrainOptions};
 use crate::{Error, Result};
@@ -54,6 +55,9 @@ pub struct ExperimentPlan {
     pub render: RenderSettings,
     #[serde(default)]
     pub sampling: Sampling,
+    /// The plan file it was read from (the output folder must not hold it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -86,7 +90,11 @@ impl ExperimentPlan {
     /// error naming the file before anything runs.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let plan: Self = toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let mut plan: Self =
+            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        plan.output =
+            outdir::resolve(&plan.output).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        plan.source = Some(path.to_path_buf());
         let check = || -> Result<()> {
             plan.render.check()?;
             for way in WAYS {
@@ -181,7 +189,7 @@ pub fn experiment(
     force: bool,
     events: &mut dyn FnMut(Event),
 ) -> Result<ExperimentOutcome> {
-    prepare_output(&plan.output, force)?;
+    let _claimed = prepare_output(plan, force)?;
     write_atomic(&plan.output.join(PLAN_COPY), plan_text.as_bytes(), true)?;
     for way in WAYS {
         train_way(plan, way, events)?;
@@ -199,26 +207,38 @@ pub fn experiment(
     })
 }
 
-/// Creates the output folder; refuses a non-empty folder that is not an earlier run of an
-/// experiment (it may be someone's files); `force` starts over.
-fn prepare_output(out: &Path, force: bool) -> Result<()> {
-    if out.exists() {
-        if force {
-            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        } else {
-            let empty = std::fs::read_dir(out)
-                .map_err(|e| Error::io(out, e))?
-                .next()
-                .is_none();
-            if !empty && !out.join(PLAN_COPY).is_file() {
-                return Err(Error::bad_file(
-                    out,
-                    "exists and is not an experiment folder (pass --force to replace it)",
-                ));
-            }
+/// Claims the output folder for the whole experiment: a new or empty one, an earlier run of
+/// this experiment (continued), or with `force` any folder zlora made (started over).
+fn prepare_output(plan: &ExperimentPlan, force: bool) -> Result<OutputDir> {
+    let dataset = plan
+        .dataset
+        .get("path")
+        .and_then(|v| v.as_str())
+        .map(Path::new);
+    let mut inputs: Vec<outdir::Protected> = vec![
+        ("the Base model", Path::new(&plan.base)),
+        ("the Turbo model", Path::new(&plan.turbo)),
+        ("the training adapter", &plan.training_adapter),
+    ];
+    inputs.extend(dataset.map(|d| ("the dataset", d)));
+    inputs.extend(
+        plan.distill_patch
+            .as_deref()
+            .map(|d| ("the DistillPatch", d)),
+    );
+    inputs.extend(plan.source.as_deref().map(|s| ("the plan file", s)));
+    let policy = if force { Policy::Replace } else { Policy::Keep };
+    let out = &plan.output;
+    if !force && out.is_dir() && !outdir::is_zloras(out) {
+        let empty = std::fs::read_dir(out)
+            .map_err(|e| Error::io(out, e))?
+            .next()
+            .is_none();
+        if !empty {
+            return Err(outdir::not_zloras(out));
         }
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+    OutputDir::claim(out, "experiment", &inputs, policy)
 }
 
 /// Trains one way unless it finished earlier with the same config.
@@ -251,6 +271,7 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
     let opts = TrainOptions {
         resume,
         force: !resume,
+        ..TrainOptions::default()
     };
     train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
     let m = RunMarker {
