@@ -365,9 +365,15 @@ fn temporary_files_of_killed_writers_are_removed_on_the_next_run() {
     for f in dead.iter().chain([&alive]) {
         std::fs::write(f, vec![0u8; 1000]).unwrap();
     }
+    let partial = run.join("checkpoints/.step-000006.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("state.json"), "{").unwrap();
     let log = stderr(&p.run(&["train", "t.toml", "--resume", "--steps", "5"]));
-    assert!(log.contains("removed 2 temporary files"), "{log}");
-    assert!(dead.iter().all(|f| !f.exists()) && alive.is_file());
+    assert!(
+        log.contains("removed 2 temporary files and 1 unfinished checkpoints"),
+        "{log}"
+    );
+    assert!(dead.iter().all(|f| !f.exists()) && alive.is_file() && !partial.exists());
 
     let lora = format!("{}", run.join("lora.safetensors").display());
     let merge = |out: &str, extra: &[&str]| {

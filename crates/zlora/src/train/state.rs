@@ -69,6 +69,24 @@ pub fn save(
     Ok(dir)
 }
 
+/// Removes the `.partial` folders of checkpoints a killed run did not finish; only for the
+/// holder of the folder's lock (no other writer can be filling one). Returns how many.
+pub fn remove_partials(output: &Path) -> Result<usize> {
+    let dir = checkpoints_dir(output);
+    if !dir.is_dir() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for path in crate::fsutil::sorted_entries(&dir)? {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".step-") && name.ends_with(".partial") && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Makes the rename durable; best effort where directories cannot be opened.
 fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {

@@ -221,9 +221,10 @@ fn prepare_output(
         Policy::Keep
     };
     let claimed = OutputDir::claim(&out, "train", &inputs, policy)?;
-    if claimed.cleaned > 0 {
+    let partials = state::remove_partials(claimed.path())?;
+    if claimed.cleaned + partials > 0 {
         events(Event::Message(format!(
-            "removed {} temporary files left by a killed run",
+            "removed {} temporary files and {partials} unfinished checkpoints left by a killed run",
             claimed.cleaned
         )));
     }
