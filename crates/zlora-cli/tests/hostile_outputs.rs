@@ -394,6 +394,19 @@ fn temporary_files_of_killed_writers_are_removed_on_the_next_run() {
     std::fs::write(&other, "not zlora's output").unwrap();
     merge("comfy.safetensors", &["--format", "comfyui"]);
     assert!(!stale.exists() && other.exists());
+    // Every atomic write does the same for its file: a killed convert's leftover.
+    let stale = p.path(format!(".conv.safetensors.tmp{DEAD_PID}").as_str());
+    std::fs::write(&stale, "partial").unwrap();
+    let lora = lora.as_str();
+    stderr(&p.run(&[
+        "lora",
+        "convert",
+        lora,
+        "conv.safetensors",
+        "--to",
+        "comfyui",
+    ]));
+    assert!(!stale.exists() && p.path("conv.safetensors").is_file());
 }
 
 #[test]

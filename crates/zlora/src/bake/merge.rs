@@ -72,7 +72,6 @@ pub fn merge(
     };
     let files = match format {
         MergeFormat::ComfyUi => {
-            outdir::remove_stale_temps_of(out)?;
             let specs: Vec<TensorSpec> = plan.iter().map(|p| p.spec.clone()).collect();
             write_safetensors_with(out, &specs, &metadata, overwrite, |i| produce(&plan[i]))?;
             vec![out.to_path_buf()]
