@@ -65,6 +65,19 @@ impl Project {
         file
     }
 
+    /// Writes `plan.toml`, an experiment plan into `output` (the adapter file is never read:
+    /// the output folder is refused first); returns its file name.
+    fn plan(&self, output: &str) -> &'static str {
+        let plan = format!(
+            "output = \"{output}\"\nbase = \"model\"\nturbo = \"model\"\n\
+             training_adapter = \"adapter.safetensors\"\n\
+             [dataset]\npath = \"data\"\nresolution = 32\n\
+             [lora]\nrank = 2\nalpha = 2\n[train]\nsteps = 2\nlearning_rate = 1e-3\n"
+        );
+        std::fs::write(self.path("plan.toml"), plan).unwrap();
+        "plan.toml"
+    }
+
     /// Runs zlora in the project folder.
     fn run(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_zlora"))
@@ -161,13 +174,25 @@ fn force_never_removes_the_project_the_dataset_or_the_model() {
         ("./data/../data/", "the dataset"),
     ] {
         let cfg = p.config("t", output, &[], "");
-        let out = p.run(&["train", &cfg, "--force"]);
-        refused(
-            &out,
-            &["is or contains", what, "choose another output folder"],
-        );
-        p.assert_kept(&before);
+        for flags in [&[][..], &["--force"], &["--resume"]] {
+            let mut args = vec!["train", cfg.as_str()];
+            args.extend(flags);
+            let out = p.run(&args);
+            refused(
+                &out,
+                &["is or contains", what, "choose another output folder"],
+            );
+            p.assert_kept(&before);
+        }
     }
+    // An experiment into the project folder.
+    let plan = p.plan(".");
+    let before = p.files();
+    refused(
+        &p.run(&["experiment", plan, "--force"]),
+        &["is or contains the Base model"],
+    );
+    p.assert_kept(&before);
     // The config file's own folder, given on the command line.
     std::fs::create_dir_all(p.path("cfgs")).unwrap();
     let cfg = p.config("cfgs/c", "unused", &[], "");
@@ -215,13 +240,9 @@ fn force_refuses_a_folder_zlora_did_not_make_and_never_advises_it() {
         );
     }
     // experiment: the plan is checked, then the folder; nothing is trained.
-    let plan = "output = \"mine\"\nbase = \"model\"\nturbo = \"model\"\n\
-                training_adapter = \"adapter.safetensors\"\n\
-                [dataset]\npath = \"data\"\nresolution = 32\n\
-                [lora]\nrank = 2\nalpha = 2\n[train]\nsteps = 2\nlearning_rate = 1e-3\n";
-    std::fs::write(p.path("plan.toml"), plan).unwrap();
+    let plan = p.plan("mine");
     for force in [false, true] {
-        let mut args = vec!["experiment", "plan.toml"];
+        let mut args = vec!["experiment", plan];
         args.extend(force.then_some("--force"));
         let err = refused(&p.run(&args), &["mine", "was not made by zlora"]);
         assert!(!err.contains("pass --force"), "{err}");

@@ -51,13 +51,13 @@ impl OutputDir {
         refuse_inputs(&path, protected)?;
         let existed = path.exists();
         let owned = is_zloras(&path);
-        if existed && !owned && !is_empty(&path)? && policy != Policy::Keep {
+        if !owned && has_files(&path)? && policy != Policy::Keep {
             return Err(not_zloras(&path));
         }
         if let Some(other) = made_by(&path).filter(|c| c != command && policy != Policy::Replace) {
             return Err(Error::bad_file(
                 &path,
-                format!("was made by `zlora {other}`, not `zlora {command}`: choose another output folder (or --force to replace it)"),
+                format!("was made by `zlora {other}`, not `zlora {command}`: choose another output folder"),
             ));
         }
         std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -122,8 +122,10 @@ pub fn resolve(out: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Refuses an output folder that is, or is an ancestor of, one of the inputs.
-fn refuse_inputs(out: &Path, protected: &[Protected]) -> Result<()> {
+/// Refuses an output folder that is, or is an ancestor of, one of the inputs or the current
+/// directory ([`OutputDir::claim`] checks this too; a command that decides on the folder's
+/// content first calls it before, so the reason given is this one).
+pub fn refuse_inputs(out: &Path, protected: &[Protected]) -> Result<()> {
     let cwd = std::env::current_dir().map_err(|e| Error::io(".", e))?;
     let out_abs = canonical(out)?;
     let inputs = protected
@@ -174,11 +176,15 @@ fn canonical(p: &Path) -> Result<PathBuf> {
     }
 }
 
-fn is_empty(dir: &Path) -> Result<bool> {
+/// Whether `dir` exists and holds anything.
+pub fn has_files(dir: &Path) -> Result<bool> {
+    if !dir.is_dir() {
+        return Ok(false);
+    }
     Ok(std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .next()
-        .is_none())
+        .is_some())
 }
 
 /// Empty apart from a lock file this process just created.

@@ -199,16 +199,12 @@ fn prepare_output(
             .as_deref()
             .map(|a| ("the training adapter", a)),
     );
+    outdir::refuse_inputs(&out, &inputs)?;
     let policy = if opts.resume {
         Policy::Keep
     } else if opts.force || never_checkpointed(&out)? {
         Policy::Replace
-    } else if out.exists()
-        && std::fs::read_dir(&out)
-            .map_err(|e| Error::io(&out, e))?
-            .next()
-            .is_some()
-    {
+    } else if outdir::has_files(&out)? {
         return Err(if outdir::is_zloras(&out) {
             Error::bad_file(
                 &out,

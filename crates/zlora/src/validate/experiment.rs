@@ -227,18 +227,15 @@ fn prepare_output(plan: &ExperimentPlan, force: bool) -> Result<OutputDir> {
             .map(|d| ("the DistillPatch", d)),
     );
     inputs.extend(plan.source.as_deref().map(|s| ("the plan file", s)));
-    let policy = if force { Policy::Replace } else { Policy::Keep };
     let out = &plan.output;
-    if !force && out.is_dir() && !outdir::is_zloras(out) {
-        let empty = std::fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_none();
-        if !empty {
-            return Err(outdir::not_zloras(out));
-        }
+    outdir::refuse_inputs(out, &inputs)?;
+    if force {
+        return OutputDir::claim(out, "experiment", &inputs, Policy::Replace);
     }
-    OutputDir::claim(out, "experiment", &inputs, policy)
+    if !outdir::is_zloras(out) && outdir::has_files(out)? {
+        return Err(outdir::not_zloras(out));
+    }
+    OutputDir::claim(out, "experiment", &inputs, Policy::Keep)
 }
 
 /// Trains one way unless it finished earlier with the same config.
