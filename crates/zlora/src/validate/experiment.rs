@@ -21,6 +21,7 @@ use super::{file_hash, Outputs};
 use crate::fsutil::write_atomic;
 use crate::outdir::{self, OutputDir, Policy};
 use crate::train::config::{Mode, TrainConfig};
+use crate::train::resume::SAFE_KEYS;
 use crate::train::trainer::{self, train, TrainOptions};
 use crate::{Error, Result};
 
@@ -265,10 +266,14 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         way,
         steps: cfg.train.steps,
     });
+    // The plan is the only place to change a run's settings, and it has no --allow-changes:
+    // an interrupted run continues after a change of steps or samples; a change to what
+    // training computes is refused as `train --resume` refuses it.
     let opts = TrainOptions {
         resume,
         force: !resume,
-        ..TrainOptions::default()
+        allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
+        config_file: None,
     };
     train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
     let m = RunMarker {
