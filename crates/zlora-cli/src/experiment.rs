@@ -12,7 +12,8 @@ use crate::validate::show;
 pub struct Args {
     /// The experiment plan (TOML; see docs/validation.md).
     plan: PathBuf,
-    /// Delete the output folder and start over (otherwise finished parts are kept).
+    /// Delete the output folder and start over (otherwise finished parts are kept); only a
+    /// folder zlora made.
     #[arg(long)]
     force: bool,
 }

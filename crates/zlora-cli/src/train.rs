@@ -1,4 +1,4 @@
-//! `zlora train CONFIG [--resume] [--force] [--steps N] [--output DIR]`.
+//! `zlora train CONFIG [--resume [--allow-changes KEY...]] [--force] [--steps N] [--output DIR]`.
 
 use std::path::PathBuf;
 
@@ -16,7 +16,12 @@ pub struct Args {
     /// Continue from the newest checkpoint in the output folder.
     #[arg(long)]
     resume: bool,
-    /// Start over in an existing output folder (deletes it).
+    /// With --resume: accept these config changes since the checkpoint (steps, save_every,
+    /// gradient_checkpointing, sample or sample.KEY, output); changes to what training
+    /// computes are always refused.
+    #[arg(long, requires = "resume", num_args = 1..)]
+    allow_changes: Vec<String>,
+    /// Start over in an existing output folder zlora made (deletes it).
     #[arg(long, conflicts_with = "resume")]
     force: bool,
     /// Override [train] steps.
@@ -29,9 +34,12 @@ pub struct Args {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let mut cfg = TrainConfig::from_file(&a.config)?;
+    let mut allow_changes = a.allow_changes;
     if let Some(steps) = a.steps {
         anyhow::ensure!(steps > 0, "--steps must be at least 1");
         cfg.train.steps = steps;
+        // Asked for on the command line: a resumed run may go on to it.
+        allow_changes.push("train.steps".into());
     }
     if let Some(out) = a.output {
         cfg.train.output = out;
@@ -39,6 +47,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let opts = TrainOptions {
         resume: a.resume,
         force: a.force,
+        allow_changes,
+        config_file: Some(a.config),
     };
     let mut display = TrainDisplay::new(cfg.train.steps);
     let outcome =

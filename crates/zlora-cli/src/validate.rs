@@ -57,7 +57,7 @@ pub struct Args {
     /// defaults to RUN_DIR/validation.
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Overwrite earlier outputs.
+    /// Overwrite earlier outputs (in a folder zlora made).
     #[arg(long)]
     force: bool,
 }

@@ -1,5 +1,5 @@
 //! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
-//! determinism, resume after SIGKILL, refusal to overwrite, NaN stop, training adapter, and
+//! determinism, resume after SIGKILL, refusal to overwrite a run without --force, NaN stop, training adapter, and
 //! the dataset check.
 
 mod common;
@@ -228,15 +228,12 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
 fn an_existing_output_is_not_overwritten_without_force() {
     let s = Setup::new();
     let cfg = s.config("out", "", "", "");
-    std::fs::create_dir_all(s.path("out")).unwrap();
-    std::fs::write(s.path("out/keep.txt"), "mine").unwrap();
+    stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "2"]));
     let refused = zlora(&["train", cfg.to_str().unwrap()]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
-    assert_eq!(
-        std::fs::read_to_string(s.path("out/keep.txt")).unwrap(),
-        "mine"
-    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--resume") && err.contains("--force"), "{err}");
+    assert!(s.path("out/checkpoints/step-000002").is_dir());
     stderr(&zlora(&[
         "train",
         cfg.to_str().unwrap(),
@@ -245,6 +242,10 @@ fn an_existing_output_is_not_overwritten_without_force() {
         "1",
     ]));
     assert!(s.path("out/lora.safetensors").is_file());
+    assert!(
+        !s.path("out/checkpoints/step-000002").exists(),
+        "--force started the run over"
+    );
 }
 
 #[test]

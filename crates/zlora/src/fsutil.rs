@@ -6,7 +6,8 @@ use std::path::Path;
 use crate::{Error, Result};
 
 /// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename,
-/// so a crash leaves either the old file or the new one. An existing file is an error unless
+/// so a crash leaves either the old file or the new one (and the temporary file, which the
+/// next write of `path` removes once its writer is gone). An existing file is an error unless
 /// `overwrite` is set.
 pub fn write_atomic(path: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
     write_atomic_with(path, overwrite, |w| {
@@ -32,6 +33,7 @@ pub fn write_atomic_with(
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    remove_stale_temps_of(path)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| -> Result<()> {
@@ -48,6 +50,94 @@ pub fn write_atomic_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Checks before any work that `path` can be written: not a folder, and its folder exists
+/// (it is created) and takes a file (a probe named like a temporary file is made and removed).
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::bad_file(path, "is a folder: name a file to write"));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".zlora-probe.tmp{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
+}
+
+/// The PID in a temporary file's name (`.NAME.tmpPID`, see [`crate::fsutil::write_atomic`]).
+fn temp_pid(name: &str) -> Option<u32> {
+    let (stem, pid) = name.strip_prefix('.')?.rsplit_once(".tmp")?;
+    (!stem.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| pid.parse().ok())?
+}
+
+/// Removes the temporary files of writers that are no longer running, in `dir` and its
+/// folders `depth` levels down (symlinks are not followed); returns how many.
+pub fn remove_stale_temps(dir: &Path, depth: usize) -> Result<usize> {
+    let mut removed = 0;
+    for path in crate::fsutil::sorted_entries(dir)? {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if meta.is_dir() && depth > 0 {
+            removed += remove_stale_temps(&path, depth - 1)?;
+        } else if meta.is_file() && is_stale_temp(&path, None) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Removes the temporary files of dead writers of one output file (`.NAME.tmpPID` beside it).
+pub fn remove_stale_temps_of(file: &Path) -> Result<usize> {
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Ok(0);
+    }
+    let name = file.file_name().and_then(|n| n.to_str());
+    let mut removed = 0;
+    for path in crate::fsutil::sorted_entries(dir)? {
+        if path.is_file() && is_stale_temp(&path, name) {
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// A temporary file (of the output `of`, if given) whose writer is not running.
+fn is_stale_temp(path: &Path, of: Option<&str>) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let belongs = of.is_none_or(|of| {
+        name.strip_prefix(&format!(".{of}.tmp"))
+            .is_some_and(|pid| !pid.is_empty())
+    });
+    belongs && temp_pid(name).is_some_and(|pid| !process_alive(pid))
+}
+
+/// Whether a process with this PID exists (signal 0 checks without sending anything).
+#[cfg(unix)]
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks for the process; it has no other effect.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Without a way to ask, every writer counts as running: nothing is removed.
+#[cfg(not(unix))]
+pub fn process_alive(_pid: u32) -> bool {
+    true
 }
 
 /// Name, dtype and shape of one tensor of a streamed safetensors file.
@@ -154,6 +244,51 @@ pub fn sorted_entries(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PID that no process has: above the kernel's limit (pid_max is at most 2^22).
+    const DEAD_PID: u32 = 99_999_999;
+
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn temp_names_give_their_pid() {
+        assert_eq!(temp_pid(".lora.safetensors.tmp123"), Some(123));
+        assert_eq!(temp_pid("lora.safetensors.tmp123"), None);
+        assert_eq!(temp_pid(".lora.tmp"), None);
+        assert_eq!(temp_pid(".lora.tmp12x"), None);
+        assert_eq!(temp_pid(".tmp5"), None);
+    }
+
+    #[test]
+    fn only_dead_writers_temp_files_are_removed() {
+        let d = tmp();
+        let dead = d.path().join(format!(".a.bin.tmp{DEAD_PID}"));
+        let alive = d.path().join(format!(".a.bin.tmp{}", std::process::id()));
+        let user = d.path().join("notes.tmp1");
+        for p in [&dead, &alive, &user] {
+            std::fs::write(p, "x").unwrap();
+        }
+        assert!(process_alive(std::process::id()) && !process_alive(DEAD_PID));
+        assert_eq!(remove_stale_temps(d.path(), 0).unwrap(), 1);
+        assert!(!dead.exists() && alive.exists() && user.exists());
+    }
+
+    #[test]
+    fn temps_of_one_file_leave_other_files_temps_alone() {
+        let d = tmp();
+        let mine = d.path().join(format!(".out.safetensors.tmp{DEAD_PID}"));
+        let other = d.path().join(format!(".other.tmp{DEAD_PID}"));
+        for p in [&mine, &other] {
+            std::fs::write(p, "x").unwrap();
+        }
+        assert_eq!(
+            remove_stale_temps_of(&d.path().join("out.safetensors")).unwrap(),
+            1
+        );
+        assert!(!mine.exists() && other.exists());
+    }
 
     #[test]
     fn streamed_files_read_back() -> Result<()> {

@@ -16,6 +16,7 @@ pub mod linalg;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod outdir;
 pub mod plan;
 pub mod sample;
 pub mod train;

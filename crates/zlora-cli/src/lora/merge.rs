@@ -33,7 +33,8 @@ pub struct Args {
     /// Largest diffusers shard in bytes.
     #[arg(long, default_value_t = 5_000_000_000)]
     max_shard_size: usize,
-    /// Overwrite existing output files.
+    /// Overwrite existing output files (diffusers: in a folder zlora made; the shards of the
+    /// earlier merge are removed).
     #[arg(long)]
     force: bool,
 }

@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use crate::fsutil::{write_atomic, write_safetensors_with, TensorSpec};
 use crate::lora::{listing, LoraFile, LoraModule};
 use crate::model::weights::{comfy_tensor_name, TransformerCheckpoint};
+use crate::outdir::{self, OutputDir, Policy};
 use crate::{Error, Result};
 
 /// How the merged transformer is written.
@@ -52,9 +53,13 @@ pub fn merge(
     let deltas = collect_deltas(checkpoint, loras)?;
     let plan = plan(checkpoint, format)?;
     let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    // File names only: a shared checkpoint must not reveal the user's folders.
     let merged_from: Vec<String> = loras
         .iter()
-        .map(|(f, s)| format!("{}:{s}", f.path.display()))
+        .map(|(f, s)| {
+            let name = f.path.file_name().unwrap_or(f.path.as_os_str());
+            format!("{}:{s}", name.to_string_lossy())
+        })
         .collect();
     metadata.insert("zlora.merged_loras".into(), merged_from.join(", "));
     let produce = |p: &Planned| -> Result<Tensor> {
@@ -71,15 +76,28 @@ pub fn merge(
             write_safetensors_with(out, &specs, &metadata, overwrite, |i| produce(&plan[i]))?;
             vec![out.to_path_buf()]
         }
-        MergeFormat::Diffusers { max_shard_bytes } => write_shards(
-            checkpoint,
-            &plan,
-            out,
-            max_shard_bytes,
-            &metadata,
-            overwrite,
-            produce,
-        )?,
+        MergeFormat::Diffusers { max_shard_bytes } => {
+            let inputs = merge_inputs(checkpoint, loras);
+            let policy = if overwrite {
+                Policy::Overwrite
+            } else {
+                Policy::Keep
+            };
+            let claimed = OutputDir::claim(out, "lora merge", &inputs, policy)?;
+            let dir = claimed.path();
+            let old = shard_set(dir)?;
+            let files = write_shards(
+                checkpoint,
+                &plan,
+                dir,
+                max_shard_bytes,
+                &metadata,
+                overwrite,
+                produce,
+            )?;
+            remove_replaced(&old, &files)?;
+            files
+        }
     };
     Ok(MergeReport {
         tensors: plan.len(),
@@ -182,6 +200,54 @@ fn plan(checkpoint: &TransformerCheckpoint, format: MergeFormat) -> Result<Vec<P
 }
 
 const SHARD_STEM: &str = "diffusion_pytorch_model";
+
+/// What the merged folder must not be or contain.
+fn merge_inputs<'a>(
+    checkpoint: &'a TransformerCheckpoint,
+    loras: &[(&'a LoraFile, f64)],
+) -> Vec<outdir::Protected<'a>> {
+    let model = checkpoint
+        .files()
+        .iter()
+        .map(|f| ("the model", f.as_path()));
+    let adapters = loras.iter().map(|(f, _)| ("a LoRA", f.path.as_path()));
+    model.chain(adapters).collect()
+}
+
+/// The weight files of an earlier merge in `dir`: the one file, or the index and the shards
+/// it names.
+fn shard_set(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{SHARD_STEM}.safetensors"));
+    let index = dir.join(format!("{SHARD_STEM}.safetensors.index.json"));
+    let mut files: Vec<PathBuf> = [&single, &index]
+        .into_iter()
+        .filter(|p| p.is_file())
+        .cloned()
+        .collect();
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&index, format!("unreadable shard index: {e}")))?;
+        let shards = json["weight_map"].as_object().into_iter().flatten();
+        // Only plain file names in this folder: an index must not point the removal elsewhere.
+        let names = shards.filter_map(|(_, v)| v.as_str()).filter(|n| {
+            Path::new(n).file_name() == Some(std::ffi::OsStr::new(n)) && n.starts_with(SHARD_STEM)
+        });
+        files.extend(names.map(|n| dir.join(n)));
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Removes the files of the earlier merge that the new one did not rewrite (another shard
+/// size leaves other names), once the new set is complete.
+fn remove_replaced(old: &[PathBuf], new: &[PathBuf]) -> Result<()> {
+    for path in old.iter().filter(|p| !new.contains(p) && p.is_file()) {
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
 
 /// Writes the plan as diffusers shards with an index (or one file), plus config.json.
 fn write_shards(

@@ -97,6 +97,11 @@ impl TransformerCheckpoint {
         shape.get(1).copied()
     }
 
+    /// The weight files.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
     /// The `config.json` next to the weight files, if there is one.
     pub fn config_file(&self) -> Option<PathBuf> {
         let config = self.files.first()?.parent()?.join("config.json");

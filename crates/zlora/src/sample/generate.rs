@@ -235,15 +235,14 @@ fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor>
     Ok(t.to_dtype(DType::F32)?)
 }
 
-/// Fails before any work when an output exists and `--force` was not given.
+/// Fails before any work when an output cannot be written, or exists and `--force` was not
+/// given.
 fn check_outputs(req: &GenerateRequest, seeds: &[Option<u64>]) -> Result<()> {
-    if req.overwrite {
-        return Ok(());
-    }
     for &seed in seeds {
         for base in std::iter::once(&req.out).chain(req.save_latents.as_ref()) {
             let p = output_path(base, seed, seeds.len());
-            if p.exists() {
+            crate::fsutil::check_writable(&p)?;
+            if !req.overwrite && p.exists() {
                 return Err(Error::bad_file(
                     &p,
                     "already exists (pass --force to overwrite it)",

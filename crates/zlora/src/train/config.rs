@@ -23,6 +23,24 @@ pub struct TrainConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub sample: SampleSection,
+    #[serde(default, skip_serializing_if = "OutputSection::is_default")]
+    pub output: OutputSection,
+}
+
+/// What the written LoRA files may say about this machine.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Keep the model, dataset and output paths as written in the files' metadata; by default
+    /// only their last names are kept (a shared LoRA must not reveal the user's folders).
+    #[serde(default)]
+    pub embed_paths: bool,
+}
+
+impl OutputSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Which checkpoint the LoRA is trained on.

@@ -8,6 +8,7 @@ pub mod log;
 pub mod lora;
 pub mod objective;
 pub mod optim;
+pub mod resume;
 pub mod samples;
 pub mod state;
 pub mod trainer;

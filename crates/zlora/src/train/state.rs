@@ -24,6 +24,10 @@ pub struct RunState {
     pub loader: LoaderState,
     /// The smoothed loss shown in the progress bar.
     pub loss_ema: Option<f64>,
+    /// The training config (TOML) the checkpoint was made with, which `--resume` compares
+    /// (absent in checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 pub fn checkpoints_dir(output: &Path) -> PathBuf {
@@ -65,6 +69,24 @@ pub fn save(
     Ok(dir)
 }
 
+/// Removes the `.partial` folders of checkpoints a killed run did not finish; only for the
+/// holder of the folder's lock (no other writer can be filling one). Returns how many.
+pub fn remove_partials(output: &Path) -> Result<usize> {
+    let dir = checkpoints_dir(output);
+    if !dir.is_dir() {
+        return Ok(0);
+    }
+    let mut removed = 0;
+    for path in crate::fsutil::sorted_entries(&dir)? {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".step-") && name.ends_with(".partial") && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Makes the rename durable; best effort where directories cannot be opened.
 fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
@@ -95,12 +117,28 @@ pub fn latest(output: &Path) -> Result<Option<(u64, PathBuf)>> {
     Ok(complete(output)?.pop())
 }
 
-/// Restores LoRA values and optimizer moments from a checkpoint folder.
-pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<RunState> {
+/// The state of the newest checkpoint whose state.json reads (a damaged one is skipped, as
+/// resuming skips it).
+pub fn newest_state(output: &Path) -> Result<Option<RunState>> {
+    for (_, dir) in complete(output)?.into_iter().rev() {
+        if let Ok(state) = read_state(&dir) {
+            return Ok(Some(state));
+        }
+    }
+    Ok(None)
+}
+
+/// A checkpoint folder's state.json.
+pub fn read_state(dir: &Path) -> Result<RunState> {
     let json_path = dir.join("state.json");
     let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
-    let state: RunState = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(&json_path, format!("invalid checkpoint state: {e}")))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&json_path, format!("invalid checkpoint state: {e}")))
+}
+
+/// Restores LoRA values and optimizer moments from a checkpoint folder.
+pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<RunState> {
+    let state = read_state(dir)?;
     let tensor_path = dir.join("state.safetensors");
     let tensors: HashMap<String, Tensor> =
         candle_core::safetensors::load(&tensor_path, &Device::Cpu).map_err(|e| {

@@ -19,6 +19,7 @@ use super::log::StepLog;
 use super::lora::{set_enabled, TrainableLora};
 use super::objective::{gaussian_like, noise, SigmaSampler};
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::resume;
 use super::samples::Sampler;
 use super::state::{self, RunState};
 use crate::data::buckets::Buckets;
@@ -30,6 +31,7 @@ use crate::lora::{Layout, LoraFile};
 use crate::model::folder::ModelFolder;
 use crate::model::text::PromptTokenizer;
 use crate::model::ZImageTransformer;
+use crate::outdir::{self, OutputDir, Policy};
 use crate::{Error, Result};
 
 /// The adapter name of the frozen training adapter on every Linear it touches.
@@ -39,6 +41,10 @@ pub const TRAINING_ADAPTER: &str = "training-adapter";
 pub struct TrainOptions {
     pub resume: bool,
     pub force: bool,
+    /// Keys whose change since the checkpoint a resume accepts ([`resume::SAFE_KEYS`]).
+    pub allow_changes: Vec<String>,
+    /// The config file the run was started from: the output folder must not hold it.
+    pub config_file: Option<PathBuf>,
 }
 
 /// What the trainer reports while it works (the CLI draws bars and prints lines).
@@ -65,8 +71,8 @@ pub fn train(
     events: &mut dyn FnMut(Event),
 ) -> Result<Outcome> {
     let device = crate::device::select()?;
-    let out = &cfg.train.output;
-    let resume_from = prepare_output(out, opts)?;
+    let claimed = prepare_output(cfg, opts, events)?;
+    let out = claimed.path();
     let folder = ModelFolder::open(&cfg.model.path)?;
     let mode = cfg.mode();
     events(Event::Message(format!(
@@ -103,15 +109,12 @@ pub fn train(
         step: 0,
         loader: LoaderState::default(),
         loss_ema: None,
+        config: None,
     };
-    if let Some(dir) = resume_from {
-        run = state::load(&dir, &lora, &mut optimizer)?;
-        events(Event::Message(format!(
-            "resumed from {} (step {})",
-            dir.display(),
-            run.step
-        )));
+    if opts.resume {
+        run = load_newest_good(out, &lora, &mut optimizer, events)?;
     }
+    run.config = Some(toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?);
     let log = StepLog::open(&out.join("log.jsonl"), run.step, &device)?;
     let mut loader = Loader::for_cached(
         &data,
@@ -138,8 +141,8 @@ pub fn train(
         )?;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
-                "loss became {loss} at step {step}: training stopped; the last good checkpoint is kept in {}",
-                state::checkpoints_dir(out).display()
+                "loss became {loss} at step {step}: training stopped; {}",
+                kept_checkpoint(out)?
             )));
         }
         run.step = step;
@@ -175,29 +178,124 @@ pub fn train(
     })
 }
 
-/// Creates the output folder, refusing to touch an existing one without --force or --resume;
-/// returns the checkpoint to resume from.
-fn prepare_output(out: &Path, opts: &TrainOptions) -> Result<Option<PathBuf>> {
-    if opts.resume {
-        return match state::latest(out)? {
-            Some((_, dir)) => Ok(Some(dir)),
-            None => Err(Error::bad_file(
-                out,
-                "--resume: no checkpoint in this output folder",
-            )),
-        };
-    }
-    if out.exists() {
-        if !opts.force {
-            return Err(Error::bad_file(
-                out,
+/// Claims the output folder (locked for this run): a new or empty folder, or with --force
+/// one zlora made, or a run of zlora's that stopped before its first checkpoint (nothing
+/// to lose: it starts over); with --resume one with a checkpoint whose config matches.
+fn prepare_output(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<OutputDir> {
+    let out = outdir::resolve(&cfg.train.output)?;
+    let model = Path::new(&cfg.model.path);
+    let mut inputs = vec![
+        ("the dataset", cfg.dataset.path.as_path()),
+        ("the model", model),
+    ];
+    inputs.extend(opts.config_file.as_deref().map(|c| ("the config file", c)));
+    inputs.extend(
+        cfg.model
+            .training_adapter
+            .as_deref()
+            .map(|a| ("the training adapter", a)),
+    );
+    outdir::refuse_inputs(&out, &inputs)?;
+    let policy = if opts.resume {
+        Policy::Keep
+    } else if opts.force || never_checkpointed(&out)? {
+        Policy::Replace
+    } else if outdir::has_files(&out)? {
+        return Err(if outdir::is_zloras(&out) {
+            Error::bad_file(
+                &out,
                 "output folder exists (use --resume to continue it or --force to start over)",
-            ));
-        }
-        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+            )
+        } else {
+            outdir::not_zloras(&out)
+        });
+    } else {
+        Policy::Keep
+    };
+    let claimed = OutputDir::claim(&out, "train", &inputs, policy)?;
+    let partials = state::remove_partials(claimed.path())?;
+    if claimed.cleaned + partials > 0 {
+        events(Event::Message(format!(
+            "removed {} temporary files and {partials} unfinished checkpoints left by a killed run",
+            claimed.cleaned
+        )));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    Ok(None)
+    if opts.resume {
+        check_resumable(claimed.path(), cfg, opts, events)?;
+    }
+    Ok(claimed)
+}
+
+/// A training folder of zlora's with no checkpoint: a run that failed or was stopped early.
+fn never_checkpointed(out: &Path) -> Result<bool> {
+    Ok(outdir::made_by(out).as_deref() == Some("train") && state::complete(out)?.is_empty())
+}
+
+/// A resume needs a checkpoint, and the config it was made with must match (resume.rs).
+fn check_resumable(
+    out: &Path,
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    events: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let Some(saved) = state::newest_state(out)? else {
+        return Err(Error::bad_file(
+            out,
+            "--resume: no checkpoint in this output folder (the run stopped before its first one): run without --resume to start it over",
+        ));
+    };
+    let Some(saved) = saved.config else {
+        events(Event::Message(
+            "the checkpoint predates saved configs: the config is not compared".into(),
+        ));
+        return Ok(());
+    };
+    for change in resume::check_changes(&saved, cfg, &opts.allow_changes)? {
+        events(Event::Message(format!("changed on resume: {change}")));
+    }
+    Ok(())
+}
+
+/// Restores the newest checkpoint that reads; a damaged one is reported and the one
+/// before it tried.
+fn load_newest_good(
+    out: &Path,
+    lora: &TrainableLora,
+    optimizer: &mut AdamW,
+    events: &mut dyn FnMut(Event),
+) -> Result<RunState> {
+    for (_, dir) in state::complete(out)?.into_iter().rev() {
+        match state::load(&dir, lora, optimizer) {
+            Ok(run) => {
+                events(Event::Message(format!(
+                    "resumed from {} (step {})",
+                    dir.display(),
+                    run.step
+                )));
+                return Ok(run);
+            }
+            Err(e) => events(Event::Message(format!(
+                "checkpoint {} is damaged ({e}); falling back to the one before it",
+                dir.display()
+            ))),
+        }
+    }
+    Err(Error::bad_file(
+        state::checkpoints_dir(out),
+        "--resume: no checkpoint could be read (each damaged one is listed above)",
+    ))
+}
+
+/// Where the last good checkpoint is, or that there is none.
+fn kept_checkpoint(out: &Path) -> Result<String> {
+    Ok(match state::latest(out)? {
+        Some((_, dir)) => format!("the last good checkpoint is kept in {}", dir.display()),
+        None => "no checkpoint was written before it".into(),
+    })
 }
 
 fn base_dtype(cfg: &TrainConfig) -> DType {
@@ -364,17 +462,18 @@ struct LoraWriter<'a> {
 
 impl LoraWriter<'_> {
     fn write(&self, lora: &TrainableLora, step: u64, path: &Path) -> Result<()> {
+        let cfg = self.shared_config();
         let training = json!({
             "mode": self.mode.name(),
-            "base_model": self.cfg.model.path,
-            "variant": self.cfg.model.variant,
-            "trigger": self.cfg.dataset.trigger,
+            "base_model": cfg.model.path,
+            "variant": cfg.model.variant,
+            "trigger": cfg.dataset.trigger,
             "steps": step,
         });
-        let config = toml::to_string(self.cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let config = toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
         let metadata = Metadata {
-            base_model: Some(self.cfg.model.path.clone()),
-            trigger_words: self.cfg.dataset.trigger.iter().cloned().collect(),
+            base_model: Some(cfg.model.path.clone()),
+            trigger_words: cfg.dataset.trigger.iter().cloned().collect(),
             title: None,
             carried: [
                 ("zlora.training".to_string(), training.to_string()),
@@ -392,4 +491,27 @@ impl LoraWriter<'_> {
             true,
         )
     }
+
+    /// The config as the file tells it: local paths cut to their last names unless
+    /// `[output] embed_paths` (a repo id that is no local path stays as it is).
+    fn shared_config(&self) -> TrainConfig {
+        let mut cfg = self.cfg.clone();
+        if cfg.output.embed_paths {
+            return cfg;
+        }
+        let model = Path::new(&cfg.model.path);
+        if model.is_absolute() || model.exists() {
+            cfg.model.path = last_name(model).display().to_string();
+        }
+        cfg.model.training_adapter = cfg.model.training_adapter.as_deref().map(last_name);
+        cfg.dataset.path = last_name(&cfg.dataset.path);
+        cfg.dataset.cache_dir = cfg.dataset.cache_dir.as_deref().map(last_name);
+        cfg.train.output = last_name(&cfg.train.output);
+        cfg
+    }
+}
+
+/// A path's last component (the path itself when it has none, like `/` or `..`).
+fn last_name(p: &Path) -> PathBuf {
+    p.file_name().map_or_else(|| p.to_path_buf(), PathBuf::from)
 }

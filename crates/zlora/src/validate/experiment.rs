@@ -19,7 +19,9 @@ use super::render;
 use super::run::{validate, Record};
 use super::{file_hash, Outputs};
 use crate::fsutil::write_atomic;
+use crate::outdir::{self, OutputDir, Policy};
 use crate::train::config::{Mode, TrainConfig};
+use crate::train::resume::SAFE_KEYS;
 use crate::train::trainer::{self, train, TrainOptions};
 use crate::{Error, Result};
 
@@ -54,6 +56,9 @@ pub struct ExperimentPlan {
     pub render: RenderSettings,
     #[serde(default)]
     pub sampling: Sampling,
+    /// The plan file it was read from (the output folder must not hold it).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -86,7 +91,11 @@ impl ExperimentPlan {
     /// error naming the file before anything runs.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let plan: Self = toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let mut plan: Self =
+            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        plan.output =
+            outdir::resolve(&plan.output).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        plan.source = Some(path.to_path_buf());
         let check = || -> Result<()> {
             plan.render.check()?;
             for way in WAYS {
@@ -181,7 +190,7 @@ pub fn experiment(
     force: bool,
     events: &mut dyn FnMut(Event),
 ) -> Result<ExperimentOutcome> {
-    prepare_output(&plan.output, force)?;
+    let _claimed = prepare_output(plan, force)?;
     write_atomic(&plan.output.join(PLAN_COPY), plan_text.as_bytes(), true)?;
     for way in WAYS {
         train_way(plan, way, events)?;
@@ -199,26 +208,35 @@ pub fn experiment(
     })
 }
 
-/// Creates the output folder; refuses a non-empty folder that is not an earlier run of an
-/// experiment (it may be someone's files); `force` starts over.
-fn prepare_output(out: &Path, force: bool) -> Result<()> {
-    if out.exists() {
-        if force {
-            std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
-        } else {
-            let empty = std::fs::read_dir(out)
-                .map_err(|e| Error::io(out, e))?
-                .next()
-                .is_none();
-            if !empty && !out.join(PLAN_COPY).is_file() {
-                return Err(Error::bad_file(
-                    out,
-                    "exists and is not an experiment folder (pass --force to replace it)",
-                ));
-            }
-        }
+/// Claims the output folder for the whole experiment: a new or empty one, an earlier run of
+/// this experiment (continued), or with `force` any folder zlora made (started over).
+fn prepare_output(plan: &ExperimentPlan, force: bool) -> Result<OutputDir> {
+    let dataset = plan
+        .dataset
+        .get("path")
+        .and_then(|v| v.as_str())
+        .map(Path::new);
+    let mut inputs: Vec<outdir::Protected> = vec![
+        ("the Base model", Path::new(&plan.base)),
+        ("the Turbo model", Path::new(&plan.turbo)),
+        ("the training adapter", &plan.training_adapter),
+    ];
+    inputs.extend(dataset.map(|d| ("the dataset", d)));
+    inputs.extend(
+        plan.distill_patch
+            .as_deref()
+            .map(|d| ("the DistillPatch", d)),
+    );
+    inputs.extend(plan.source.as_deref().map(|s| ("the plan file", s)));
+    let out = &plan.output;
+    outdir::refuse_inputs(out, &inputs)?;
+    if force {
+        return OutputDir::claim(out, "experiment", &inputs, Policy::Replace);
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+    if !outdir::is_zloras(out) && outdir::has_files(out)? {
+        return Err(outdir::not_zloras(out));
+    }
+    OutputDir::claim(out, "experiment", &inputs, Policy::Keep)
 }
 
 /// Trains one way unless it finished earlier with the same config.
@@ -248,9 +266,14 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         way,
         steps: cfg.train.steps,
     });
+    // The plan is the only place to change a run's settings, and it has no --allow-changes:
+    // an interrupted run continues after a change of steps or samples; a change to what
+    // training computes is refused as `train --resume` refuses it.
     let opts = TrainOptions {
         resume,
         force: !resume,
+        allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
+        config_file: None,
     };
     train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
     let m = RunMarker {

@@ -25,6 +25,7 @@ pub mod verdicts;
 use std::path::{Path, PathBuf};
 
 use crate::fsutil::write_atomic;
+use crate::outdir::{OutputDir, Policy, Protected};
 use crate::sample::image::{encode_png, save_png, Rgb8};
 use crate::sample::sheet::contact_sheet;
 use crate::{Error, Result};
@@ -38,6 +39,21 @@ const SHEET_CELL: usize = 320;
 /// means the work finished).
 pub struct Outputs {
     pub dir: PathBuf,
+}
+
+/// Claims a validation's output folder for as long as the guard lives: locked, checked
+/// against the inputs, and with `overwrite` (--force) only a folder zlora made.
+fn claim_output(dir: &Path, overwrite: bool, inputs: &[Protected]) -> Result<(Outputs, OutputDir)> {
+    let policy = if overwrite {
+        Policy::Overwrite
+    } else {
+        Policy::Keep
+    };
+    let claimed = OutputDir::claim(dir, "validate", inputs, policy)?;
+    let out = Outputs {
+        dir: claimed.path().to_path_buf(),
+    };
+    Ok((out, claimed))
 }
 
 impl Outputs {

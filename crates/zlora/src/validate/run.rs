@@ -12,7 +12,7 @@ use super::html::{Cell, Page};
 use super::plan::{trigger_word, Checkpoint, ValidationPlan, Variant, VariantId};
 use super::render::{Event, Progress, Session};
 use super::verdicts::Verdicts;
-use super::{file_hash, Outputs};
+use super::{claim_output, file_hash};
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
 use crate::sample::image::Rgb8;
@@ -55,9 +55,17 @@ pub fn validate(
     events: &mut dyn FnMut(Event),
 ) -> Result<Outcome> {
     plan.check()?;
-    let out = Outputs {
-        dir: plan.output.clone(),
-    };
+    let mut inputs = vec![
+        ("the LoRA", plan.lora.as_path()),
+        ("the Base model", Path::new(&plan.base)),
+        ("the Turbo model", Path::new(&plan.turbo)),
+    ];
+    inputs.extend(
+        plan.distill_patch
+            .as_deref()
+            .map(|p| ("the DistillPatch", p)),
+    );
+    let (out, _claimed) = claim_output(&plan.output, overwrite, &inputs)?;
     let dim = ModelFolder::open(&plan.turbo)?.transformer_config()?.dim;
     let lora = LoraFile::read_for_dim(&plan.lora, dim)?;
     let patch = match &plan.distill_patch {

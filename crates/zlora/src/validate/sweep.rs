@@ -13,7 +13,7 @@ use super::html::{Cell, Page, State};
 use super::metrics::{sharpness, sharpness_ratio, EffectCheck, EffectVerdict, BLUR_RATIO};
 use super::plan::{default_prompts, trigger_word, Precision, RenderSettings, StepsGuidance};
 use super::render::{Event, Progress, Session};
-use super::{file_hash, Outputs};
+use super::{claim_output, file_hash, Outputs};
 use crate::fsutil::write_atomic;
 use crate::lora::LoraFile;
 use crate::sample::image::{encode_png, Rgb8};
@@ -117,16 +117,24 @@ pub fn checkpoints(run: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// The run's training config, from the `zlora.config` metadata zlora writes into every LoRA
-/// it trains (the trainer keeps no separate config file).
+/// The run's training config: the one the checkpoint's state.json keeps (with the local
+/// paths), else the `zlora.config` metadata zlora writes into every LoRA (where paths may be
+/// cut to their names, [`crate::train::config::OutputSection`]), plus the trigger word.
 fn run_config(lora: &Path) -> Result<(TrainConfig, Option<String>)> {
     let header = crate::lora::LoraHeader::read(lora)?;
-    let text = header.metadata.get("zlora.config").ok_or_else(|| {
-        Error::bad_file(
-            lora,
-            "has no zlora.config metadata: not a checkpoint of a zlora training run",
-        )
-    })?;
+    let saved = lora
+        .parent()
+        .and_then(|dir| crate::train::state::read_state(dir).ok())
+        .and_then(|state| state.config);
+    let text = saved
+        .as_ref()
+        .or_else(|| header.metadata.get("zlora.config"))
+        .ok_or_else(|| {
+            Error::bad_file(
+                lora,
+                "has no zlora.config metadata: not a checkpoint of a zlora training run",
+            )
+        })?;
     let cfg = TrainConfig::parse(text)
         .map_err(|e| Error::bad_file(lora, format!("its zlora.config is invalid: {e}")))?;
     Ok((cfg, trigger_word(&header.metadata)))
@@ -168,9 +176,12 @@ pub fn sweep(req: &SweepRequest, events: &mut dyn FnMut(Event)) -> Result<SweepO
         steps: cfg.sample.steps.unwrap_or(steps),
         guidance: cfg.sample.guidance.unwrap_or(guidance),
     };
-    let out = Outputs {
-        dir: req.output.clone(),
-    };
+    let model = Path::new(&cfg.model.path);
+    let inputs = [
+        ("the training run", req.run.as_path()),
+        ("the model", model),
+    ];
+    let (out, _claimed) = claim_output(&req.output, req.overwrite, &inputs)?;
     let keys: Vec<String> = std::iter::once(REFERENCE.to_string())
         .chain(ckpts.iter().map(|(s, _)| format!("step-{s:06}")))
         .collect();
