@@ -5,6 +5,51 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// Largest text input read (configs, plans, captions, JSON): far above any real one, and a
+/// bound on what a wrong path (a log, a disk image) can make us read.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// Checks that `path` is a regular file (following symlinks) of at most `max_bytes`, before
+/// anything reads it: a device (`/dev/zero`) would be read until memory runs out and a FIFO
+/// would block forever. Returns the file's size.
+pub fn check_regular(path: &Path, max_bytes: u64) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a folder"
+        } else {
+            "a device, FIFO or socket"
+        };
+        return Err(Error::bad_file(
+            path,
+            format!("is {what}, not a regular file"),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "is {} bytes; the limit for this kind of file is {max_bytes}",
+                meta.len()
+            ),
+        ));
+    }
+    Ok(meta.len())
+}
+
+/// The bytes of a regular file (see [`check_regular`]) of any size.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    check_regular(path, u64::MAX)?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// The UTF-8 text of a regular file of at most [`MAX_TEXT_BYTES`].
+pub fn read_text(path: &Path) -> Result<String> {
+    check_regular(path, MAX_TEXT_BYTES)?;
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename,
 /// so a crash leaves either the old file or the new one. An existing file is an error unless
 /// `overwrite` is set.

@@ -8,10 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use super::plan::{RenderSettings, StepsGuidance};
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
-use crate::model::vae::VaeConfig;
 use crate::model::ZImageTransformer;
-use crate::sample::generate::latent_size;
 use crate::sample::image::{to_rgb8, Rgb8};
+use crate::sample::limits::ImageLimits;
 use crate::sample::pipeline::{
     denoise, encode_conditions, seeded_noise, Conditioning, DenoiseSettings,
 };
@@ -88,8 +87,7 @@ impl Session {
             crate::device::describe(&device, dtype)
         ));
         let folder = ModelFolder::open(model)?;
-        let factor = VaeConfig::from_file(&folder.root().join("vae/config.json"))?.spatial_factor();
-        let (h, w) = latent_size(render.height, render.width, factor)?;
+        let (h, w) = ImageLimits::of_folder(&folder)?.latent_size(render.height, render.width)?;
         let noise = render
             .seeds
             .iter()
