@@ -348,6 +348,18 @@ fn readers_refuse_devices_fifos_and_folders_at_once() {
         &out,
         &["/dev/zero: is a device, FIFO or socket, not a regular file"],
     );
+    // So do model checkpoints, before they are memory-mapped.
+    let merged = dir.path().join("m");
+    let out = zlora(&[
+        "lora",
+        "merge",
+        "--model",
+        s(&fifo),
+        s(&lora()),
+        "-o",
+        s(&merged),
+    ]);
+    refused(&out, &["pipe.safetensors: is a device, FIFO or socket"]);
 }
 
 #[test]
@@ -454,6 +466,19 @@ fn training_settings_are_refused_at_config_validation() {
         &["[lora] alpha must be a positive finite number", "got NaN"],
     );
     assert!(!dir.path().join("out").exists(), "nothing started");
+}
+
+#[test]
+fn a_rank_above_the_layer_width_is_refused_before_any_factor_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TrainSetup::new(dir.path());
+    let cfg = t.config("resolution = 32", "").to_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("rank = 2", "rank = 4096");
+    std::fs::write(&cfg, text).unwrap();
+    let out = zlora(&["train", &cfg]);
+    refused(&out, &["[lora] rank 4096 is above min(out, in) = 32 of"]);
 }
 
 #[test]
