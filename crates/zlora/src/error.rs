@@ -82,3 +82,17 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_print_on_one_line_and_tensor_errors_once() {
+        let e = Error::bad_file("a\nb\tc.png", "unreadable");
+        assert_eq!(e.to_string(), "a\\nb\\tc.png: unreadable");
+        let t = Error::from(candle_core::Error::Msg("shape mismatch".into()));
+        assert!(std::error::Error::source(&t).is_none());
+        assert_eq!(t.in_file("dir").to_string(), "dir: shape mismatch");
+    }
+}

@@ -237,6 +237,26 @@ mod tests {
     }
 
     #[test]
+    fn only_regular_files_within_the_limit_are_read() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let e = check_regular(dir.path(), u64::MAX).unwrap_err().to_string();
+        assert!(e.ends_with("is a folder, not a regular file"), "{e}");
+        let e = read_regular(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a device, FIFO or socket"), "{e}");
+        let p = dir.path().join("a.toml");
+        write_atomic(&p, b"0123456789", false)?;
+        assert_eq!(check_regular(&p, 10)?, 10);
+        let e = check_regular(&p, 9).unwrap_err().to_string();
+        assert!(
+            e.contains("is 10 bytes; the limit for this kind of file is 9"),
+            "{e}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn refuses_to_overwrite_without_permission() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
         let p = dir.path().join("a.bin");

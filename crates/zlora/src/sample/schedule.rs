@@ -77,6 +77,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shift_and_steps_out_of_range_are_named() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            assert!(check_shift(bad).is_err(), "{bad}");
+        }
+        assert!(check_shift(3.0).is_ok() && check_shift(1e-3).is_ok());
+        assert!(check_steps(0).is_err() && check_steps(1001).is_err());
+        assert!(check_steps(1).is_ok() && check_steps(MAX_STEPS).is_ok());
+        assert!(check_steps(4_294_967_296)
+            .unwrap_err()
+            .contains("1 to 1000"));
+    }
+
+    #[test]
     fn turbo_grid_matches_the_reference_table() {
         let s = sigmas(8, 3.0);
         let expected = [1.0, 0.954545, 0.9, 0.833333, 0.75, 0.642857, 0.5, 0.3, 0.0];
