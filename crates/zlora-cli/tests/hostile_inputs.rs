@@ -375,6 +375,30 @@ fn plan_caption_tokens_are_bounded_by_the_text_encoder() {
 }
 
 #[test]
+fn validate_warns_about_a_long_prompt_and_refuses_duplicate_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, lora) = (model(), lora());
+    let (m, lora) = (s(&m), s(&lora));
+    let prompt = "fox ".repeat(2625);
+    let base = [
+        "validate", "--lora", lora, "--base", m, "--turbo", m, "--width", "32", "--height", "32",
+    ];
+    let twice = dir.path().join("twice");
+    let mut args = base.to_vec();
+    args.extend(["--output", s(&twice), "--seed", "1", "--seed", "1"]);
+    refused(&zlora(&args), &["seed 1 is given twice"]);
+    assert!(!twice.exists());
+    let mut args = base.to_vec();
+    let long = dir.path().join("long");
+    args.extend(["--output", s(&long), "--seed", "1", "--prompt", &prompt]);
+    let err = stderr(&zlora(&args));
+    assert!(
+        err.contains("reads the first 512, the rest is ignored"),
+        "{err}"
+    );
+}
+
+#[test]
 fn validate_refuses_a_width_beyond_the_model() {
     let dir = tempfile::tempdir().unwrap();
     let m = s(&model()).to_owned();
@@ -635,4 +659,17 @@ fn a_misshapen_text_encoder_is_one_message_naming_its_folder() {
     let line = refused(&out, &["text_encoder: ", name]);
     assert_eq!(line.matches("shape mismatch").count(), 1, "{line}");
     assert!(!line.contains("tensor error"), "{line}");
+}
+
+#[test]
+fn tiny_model_and_dataset_sizes_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = s(&dir.path().join("m")).to_owned();
+    let run = zlora(&["tiny-model", "--out", &out, "--dim", "1048576"]);
+    refused(&run, &["dim must be 1 to 3840", "got dim 1048576"]);
+    let run = zlora(&["tiny-model", "--out", &out, "--shift", "nan"]);
+    refused(&run, &["shift must be a positive finite number"]);
+    let run = zlora(&["tiny-dataset", "--out", &out, "--size", "100000"]);
+    refused(&run, &["size must be 16 to 4096 px", "got size 100000"]);
+    assert!(!dir.path().join("m").exists());
 }

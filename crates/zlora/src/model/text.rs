@@ -458,10 +458,17 @@ impl PromptTokenizer {
         Ok(ids)
     }
 
-    /// How many ids `chat_prompt(prompt)` has before truncation (compare with
-    /// [`Self::max_tokens`] to warn about a cut prompt).
-    pub fn token_count(&self, prompt: &str) -> Result<usize> {
-        Ok(self.all_ids(prompt)?.len())
+    /// A warning naming the limit when `prompt` is longer than the encoder reads; None when
+    /// it fits.
+    pub fn cut_warning(&self, prompt: &str) -> Result<Option<String>> {
+        let tokens = self.all_ids(prompt)?.len();
+        let max = self.max_tokens;
+        Ok((tokens > max).then(|| {
+            format!(
+                "warning: the prompt is {tokens} tokens with the chat template; the text \
+                 encoder reads the first {max}, the rest is ignored"
+            )
+        }))
     }
 
     fn all_ids(&self, prompt: &str) -> Result<Vec<u32>> {

@@ -325,13 +325,8 @@ fn encode_prompts(
     events: &mut dyn FnMut(Event),
 ) -> Result<Conditioning> {
     let encoder = folder.load_prompt_encoder(dtype, device)?;
-    let tokens = encoder.tokenizer().token_count(&req.prompt)?;
-    let max = encoder.tokenizer().max_tokens();
-    if tokens > max {
-        events(Event::Stage(&format!(
-            "warning: the prompt is {tokens} tokens with the chat template; the text encoder \
-             reads the first {max}, the rest is ignored"
-        )));
+    if let Some(warning) = encoder.tokenizer().cut_warning(&req.prompt)? {
+        events(Event::Stage(&warning));
     }
     let cfg = req.guidance.scale > 0.0;
     let prompts: Vec<&str> = if cfg {
