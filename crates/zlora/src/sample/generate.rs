@@ -143,7 +143,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
         .unwrap_or_else(|| crate::device::default_dtype(&device));
     events(Event::Stage(&crate::device::describe(&device, dtype)));
     let folder = ModelFolder::open(&req.model)?;
-    let (h, w) = ImageLimits::of_folder(&folder)?.latent_size(req.height, req.width)?;
+    let (h, w) = ImageLimits::of_folder(&folder, &device)?.latent_size(req.height, req.width)?;
     let seeds = image_seeds(req);
     check_outputs(req, &seeds)?;
     let starts = initial_latents(req, &seeds, h, w, &device)?;

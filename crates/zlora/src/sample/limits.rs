@@ -4,10 +4,12 @@
 //! - the model's RoPE tables: an image token at patch row i, column j needs rows i and j of
 //!   the `axes_lens[1]` / `axes_lens[2]` tables, so a side is at most
 //!   axes_lens × patch size × VAE factor pixels (8192 for Z-Image: 512 × 2 × 8);
-//! - memory, on the CPU: a lower bound of what one image needs (one head's f32 attention
+//! - memory, on the CPU device: a lower bound of what one image needs (one head's f32 attention
 //!   scores over the image tokens, one f32 activation of the VAE's full-resolution layer),
 //!   against the memory the system reports available. The bound is deliberately low, so a
 //!   size it refuses cannot fit; a size it accepts may still not (GPU memory is not queried).
+
+use candle_core::Device;
 
 use crate::data::buckets::Buckets;
 use crate::model::config::{TransformerConfig, SEQ_MULTI_OF};
@@ -27,10 +29,12 @@ pub struct ImageLimits {
     cols: usize,
     /// Channels of the VAE's full-resolution layer.
     full_res_channels: usize,
+    /// Whether the work runs in host memory (the CPU device), so the memory bound applies.
+    on_host: bool,
 }
 
 impl ImageLimits {
-    pub fn new(transformer: &TransformerConfig, vae: &VaeConfig) -> Self {
+    pub fn new(transformer: &TransformerConfig, vae: &VaeConfig, device: &Device) -> Self {
         let factor = vae.spatial_factor();
         Self {
             factor,
@@ -38,13 +42,14 @@ impl ImageLimits {
             rows: transformer.axes_lens[1],
             cols: transformer.axes_lens[2],
             full_res_channels: vae.block_out_channels[0],
+            on_host: device.is_cpu(),
         }
     }
 
-    /// Reads both configs of a model folder (no weights).
-    pub fn of_folder(folder: &ModelFolder) -> Result<Self> {
+    /// Reads both configs of a model folder (no weights) for work on `device`.
+    pub fn of_folder(folder: &ModelFolder, device: &Device) -> Result<Self> {
         let vae = VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
-        Ok(Self::new(&folder.transformer_config()?, &vae))
+        Ok(Self::new(&folder.transformer_config()?, &vae, device))
     }
 
     /// The largest (height, width) in pixels the RoPE tables cover.
@@ -69,7 +74,9 @@ impl ImageLimits {
                 self.cols, self.rows
             )));
         }
-        check_memory(self.min_bytes(height, width), width, height)?;
+        if self.on_host {
+            check_memory(self.min_bytes(height, width), width, height)?;
+        }
         Ok((height / self.factor, width / self.factor))
     }
 
@@ -127,7 +134,11 @@ mod tests {
     use super::*;
 
     fn zimage() -> ImageLimits {
-        ImageLimits::new(&TransformerConfig::z_image(), &VaeConfig::z_image())
+        ImageLimits::new(
+            &TransformerConfig::z_image(),
+            &VaeConfig::z_image(),
+            &Device::Cpu,
+        )
     }
 
     #[test]
@@ -157,5 +168,11 @@ mod tests {
         assert!(limits.min_bytes(8192, 8192) > available);
         let e = limits.latent_size(8192, 8192).unwrap_err().to_string();
         assert!(e.contains("needs at least 256.0 GiB"), "{e}");
+        // Off the host (a GPU) host memory says nothing: only the RoPE bound applies.
+        let gpu = ImageLimits {
+            on_host: false,
+            ..limits
+        };
+        assert_eq!(gpu.latent_size(8192, 8192).ok(), Some((1024, 1024)));
     }
 }

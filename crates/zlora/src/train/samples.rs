@@ -49,7 +49,7 @@ impl Sampler {
             Vec::new()
         };
         let res = cfg.dataset.resolution as usize;
-        let latent_hw = ImageLimits::of_folder(folder)?
+        let latent_hw = ImageLimits::of_folder(folder, device)?
             .latent_size(s.height.unwrap_or(res), s.width.unwrap_or(res))
             .map_err(|e| Error::Invalid(format!("[sample] size: {e}")))?;
         Ok(Self {

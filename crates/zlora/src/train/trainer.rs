@@ -218,7 +218,7 @@ fn prepare_data(
     let tokenizer = PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
     let vae_cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
     let buckets = Buckets::for_vae(cfg.dataset.resolution, vae_cfg.spatial_factor())?;
-    ImageLimits::of_folder(folder)?.check_buckets(&buckets)?;
+    ImageLimits::of_folder(folder, device)?.check_buckets(&buckets)?;
     let (dataset, report) = Dataset::scan(&cfg.dataset, &buckets, &tokenizer)?;
     events(Event::Message(report.to_string()));
     if report.is_fatal() {

@@ -88,7 +88,8 @@ impl Session {
             crate::device::describe(&device, dtype)
         ));
         let folder = ModelFolder::open(model)?;
-        let (h, w) = ImageLimits::of_folder(&folder)?.latent_size(render.height, render.width)?;
+        let (h, w) =
+            ImageLimits::of_folder(&folder, &device)?.latent_size(render.height, render.width)?;
         let noise = render
             .seeds
             .iter()
