@@ -77,6 +77,9 @@ pub struct Args {
     /// Overwrite existing output files.
     #[arg(long)]
     force: bool,
+    /// Apply LoRA files that hold NaN or inf values (refused otherwise).
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -108,8 +111,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }),
         out: a.out,
         overwrite: a.force,
+        allow_nonfinite: a.allow_nonfinite,
     };
-    anyhow::ensure!(req.steps > 0, "--steps must be at least 1");
     let mut bar = None;
     let images = generate(&req, &mut |event| match event {
         Event::Stage(msg) => eprintln!("{msg}"),
@@ -135,7 +138,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })
     .context("generate failed")?;
     for img in images {
-        println!("{}", img.png.display());
+        println!("{}", zlora::error::shown(&img.png));
     }
     Ok(())
 }

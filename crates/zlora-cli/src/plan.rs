@@ -42,7 +42,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         a.storage_days >= 0.0 && a.storage_days.is_finite(),
         "--storage-days must not be negative"
     );
-    anyhow::ensure!(a.caption_tokens > 0, "--caption-tokens must be at least 1");
+    anyhow::ensure!(
+        (1..=MAX_CAPTION_TOKENS).contains(&a.caption_tokens),
+        "--caption-tokens must be 1 to {MAX_CAPTION_TOKENS} (the text encoder reads at most \
+         {MAX_CAPTION_TOKENS} tokens), got {}",
+        a.caption_tokens
+    );
     let cfg = TrainConfig::from_file(&a.config)?;
     let table = match &a.gpu_table {
         Some(path) => GpuTable::from_file(path)?,

@@ -5,6 +5,51 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// Largest text input read (configs, plans, captions, JSON): far above any real one, and a
+/// bound on what a wrong path (a log, a disk image) can make us read.
+pub const MAX_TEXT_BYTES: u64 = 16 << 20;
+
+/// Checks that `path` is a regular file (following symlinks) of at most `max_bytes`, before
+/// anything reads it: a device (`/dev/zero`) would be read until memory runs out and a FIFO
+/// would block forever. Returns the file's size.
+pub fn check_regular(path: &Path, max_bytes: u64) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a folder"
+        } else {
+            "a device, FIFO or socket"
+        };
+        return Err(Error::bad_file(
+            path,
+            format!("is {what}, not a regular file"),
+        ));
+    }
+    if meta.len() > max_bytes {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "is {} bytes; the limit for this kind of file is {max_bytes}",
+                meta.len()
+            ),
+        ));
+    }
+    Ok(meta.len())
+}
+
+/// The bytes of a regular file (see [`check_regular`]) of any size.
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    check_regular(path, u64::MAX)?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// The UTF-8 text of a regular file of at most [`MAX_TEXT_BYTES`].
+pub fn read_text(path: &Path) -> Result<String> {
+    check_regular(path, MAX_TEXT_BYTES)?;
+    std::fs::read_to_string(path).map_err(|e| Error::io(path, e))
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename,
 /// so a crash leaves either the old file or the new one (and the temporary file, which the
 /// next write of `path` removes once its writer is gone). An existing file is an error unless
@@ -323,6 +368,26 @@ mod tests {
         let q = dir.path().join("bad.safetensors");
         let bad = write_safetensors_with(&q, &specs, &meta, false, |_| Ok(tensors[1].clone()));
         assert!(bad.is_err() && !q.exists());
+        Ok(())
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let e = check_regular(dir.path(), u64::MAX).unwrap_err().to_string();
+        assert!(e.ends_with("is a folder, not a regular file"), "{e}");
+        let e = read_regular(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a device, FIFO or socket"), "{e}");
+        let p = dir.path().join("a.toml");
+        write_atomic(&p, b"0123456789", false)?;
+        assert_eq!(check_regular(&p, 10)?, 10);
+        let e = check_regular(&p, 9).unwrap_err().to_string();
+        assert!(
+            e.contains("is 10 bytes; the limit for this kind of file is 9"),
+            "{e}"
+        );
         Ok(())
     }
 

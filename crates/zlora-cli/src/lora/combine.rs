@@ -4,11 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use zlora::lora::combine::{combine, ModuleReport};
+use zlora::lora::identify::ZIMAGE_DIM;
 use zlora::lora::write::{save, Metadata};
 use zlora::lora::LoraFile;
-use zlora::sample::generate::LoraSpec;
 
-use super::Output;
+use super::{Finite, Output};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,19 +22,14 @@ pub struct Args {
     max_rank: Option<usize>,
     #[command(flatten)]
     out: Output,
+    #[command(flatten)]
+    finite: Finite,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let specs: Vec<LoraSpec> = a.inputs.iter().map(|s| LoraSpec::parse(s)).collect();
-    let files = specs
-        .iter()
-        .map(|s| LoraFile::read(&s.path))
-        .collect::<zlora::Result<Vec<_>>>()?;
-    let inputs: Vec<(&LoraFile, f64)> = files
-        .iter()
-        .zip(&specs)
-        .map(|(f, s)| (f, s.strength))
-        .collect();
+    let read = a.finite.read_specs(&a.inputs, ZIMAGE_DIM)?;
+    let inputs: Vec<(&LoraFile, f64)> = read.iter().map(|(f, s)| (f, *s)).collect();
+    let files: Vec<&LoraFile> = read.iter().map(|(f, _)| f).collect();
     let (modules, reports) = combine(&inputs, a.max_rank).context("combine failed")?;
     let mut metadata = a.out.metadata(Metadata {
         trigger_words: trigger_words(&files),
@@ -57,7 +52,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 /// The inputs' trigger words, each once, in order.
-fn trigger_words(files: &[LoraFile]) -> Vec<String> {
+fn trigger_words(files: &[&LoraFile]) -> Vec<String> {
     let mut words: Vec<String> = Vec::new();
     for f in files {
         for w in Metadata::carried_from(&f.metadata).trigger_words {
@@ -74,6 +69,10 @@ fn summary(reports: &[ModuleReport]) -> String {
     let mut lossy: Vec<&ModuleReport> = reports.iter().filter(|r| r.rank_out < r.rank_in).collect();
     let exact = reports.len() - lossy.len();
     let mut text = format!("{} modules, {exact} combined exactly", reports.len());
+    if lossy.iter().any(|r| !r.rel_error.is_finite()) {
+        text.push_str(", re-compression error not finite (the inputs hold NaN or inf)");
+        return text;
+    }
     lossy.sort_by(|x, y| x.rel_error.total_cmp(&y.rel_error));
     if let (Some(median), Some(worst)) = (lossy.get(lossy.len() / 2), lossy.last()) {
         text.push_str(&format!(

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use zlora::lora::identify::ZIMAGE_DIM;
 use zlora::lora::write::{save, Metadata};
-use zlora::lora::LoraFile;
 
-use super::Output;
+use super::{Finite, Output};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,10 +16,12 @@ pub struct Args {
     output: PathBuf,
     #[command(flatten)]
     out: Output,
+    #[command(flatten)]
+    finite: Finite,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let file = LoraFile::read(&a.input)?;
+    let file = a.finite.read(&a.input, ZIMAGE_DIM)?;
     let metadata = a.out.metadata(Metadata::carried_from(&file.metadata));
     let layout = a.out.layout.into();
     save(

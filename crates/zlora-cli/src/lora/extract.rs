@@ -19,7 +19,8 @@ pub struct Args {
     /// The fine-tuned (or distilled) model, in any of the same forms.
     #[arg(long)]
     tuned: PathBuf,
-    /// Rank of every extracted module.
+    /// Rank of every extracted module (modules narrower than this are stored exactly, at
+    /// min(out, in), with a warning).
     #[arg(long)]
     rank: usize,
     #[arg(short = 'o', long = "out")]
@@ -50,6 +51,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let (modules, report) =
         extract(&base, &tuned, opts, &mut progress).context("extract failed")?;
     bar.finish_and_clear();
+    if !report.clamped.is_empty() {
+        eprintln!(
+            "warning: --rank {} is above min(out, in) of {} modules; they are stored exactly at \
+             their full rank",
+            a.rank,
+            report.clamped.len()
+        );
+    }
     anyhow::ensure!(
         !modules.is_empty(),
         "the two checkpoints have no differing Linear weight"

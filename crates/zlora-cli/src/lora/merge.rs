@@ -7,7 +7,6 @@ use zlora::bake::{merge, MergeFormat};
 use zlora::lora::identify::ZIMAGE_DIM;
 use zlora::lora::LoraFile;
 use zlora::model::weights::TransformerCheckpoint;
-use zlora::sample::generate::LoraSpec;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum FormatArg {
@@ -37,21 +36,15 @@ pub struct Args {
     /// earlier merge are removed).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    finite: super::Finite,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     let checkpoint = TransformerCheckpoint::open_path(&a.model)?;
     let dim = checkpoint.width().unwrap_or(ZIMAGE_DIM);
-    let specs: Vec<LoraSpec> = a.loras.iter().map(|s| LoraSpec::parse(s)).collect();
-    let files = specs
-        .iter()
-        .map(|s| LoraFile::read_for_dim(&s.path, dim))
-        .collect::<zlora::Result<Vec<_>>>()?;
-    let loras: Vec<(&LoraFile, f64)> = files
-        .iter()
-        .zip(&specs)
-        .map(|(f, s)| (f, s.strength))
-        .collect();
+    let read = a.finite.read_specs(&a.loras, dim)?;
+    let loras: Vec<(&LoraFile, f64)> = read.iter().map(|(f, s)| (f, *s)).collect();
     let format = match a.format {
         FormatArg::Diffusers => MergeFormat::Diffusers {
             max_shard_bytes: a.max_shard_size,

@@ -11,13 +11,14 @@ use std::process::ExitCode;
 
 use candle_core::DType;
 use zlora::lora::write::Metadata;
-use zlora::lora::Layout;
+use zlora::lora::{Layout, LoraFile};
+use zlora::sample::generate::LoraSpec;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Describe a LoRA file; exit 0 only if it applies cleanly to Z-Image (1 unreadable,
     /// 2 not a Z-Image transformer LoRA, 3 unsupported algorithm, 4 keys or shapes that do not
-    /// fit).
+    /// fit, 5 NaN or inf values).
     Inspect(inspect::Args),
     /// Rewrite a LoRA in another layout, exactly (alpha folded or stored as the target expects).
     Convert(convert::Args),
@@ -115,5 +116,36 @@ impl Output {
             base.trigger_words = self.triggers.clone();
         }
         base
+    }
+}
+
+/// The `--allow-nonfinite` switch of every command that reads LoRAs to apply or rewrite.
+#[derive(clap::Args)]
+struct Finite {
+    /// Use LoRA files that hold NaN or inf values (refused otherwise).
+    #[arg(long)]
+    allow_nonfinite: bool,
+}
+
+impl Finite {
+    /// Reads one LoRA for a model of width `dim`, refusing NaN / inf unless allowed.
+    fn read(&self, path: &std::path::Path, dim: usize) -> zlora::Result<LoraFile> {
+        let file = LoraFile::read_for_dim(path, dim)?;
+        if !self.allow_nonfinite {
+            file.check_finite()?;
+        }
+        Ok(file)
+    }
+
+    /// FILE[:STRENGTH] arguments: every strength and file checked before any is read.
+    fn read_specs(&self, args: &[String], dim: usize) -> zlora::Result<Vec<(LoraFile, f64)>> {
+        let specs: Vec<LoraSpec> = args.iter().map(|s| LoraSpec::parse(s)).collect();
+        for spec in &specs {
+            spec.check()?;
+        }
+        specs
+            .iter()
+            .map(|s| Ok((self.read(&s.path, dim)?, s.strength)))
+            .collect()
     }
 }

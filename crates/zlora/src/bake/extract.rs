@@ -50,6 +50,9 @@ pub struct ExtractReport {
     pub unchanged: usize,
     /// Tensors that differ but no LoRA can carry (norms, biases, embeddings' pad tokens).
     pub not_representable: Vec<String>,
+    /// Modules whose min(out, in) is below the requested rank: stored exactly at that
+    /// full rank instead.
+    pub clamped: Vec<String>,
 }
 
 /// Extracts every differing Linear of `tuned` relative to `base`; `progress(done, total)` is
@@ -67,6 +70,7 @@ pub fn extract(
     check_same_tensors(base, tuned, &shapes)?;
     let mut modules = BTreeMap::new();
     let mut report = ExtractReport::default();
+    progress(0, shapes.len());
     for (i, (name, shape)) in shapes.iter().enumerate() {
         let w_base = base.tensor(name)?.to_dtype(DType::F64)?;
         let diff = (tuned.tensor(name)?.to_dtype(DType::F64)? - &w_base)?;
@@ -82,6 +86,9 @@ pub fn extract(
                 let base_energy = w_base.sqr()?.sum_all()?.to_scalar::<f64>()?;
                 let relative_change = (energy / base_energy).sqrt();
                 let (module, m) = extract_module(path, &diff, energy, opts)?;
+                if m.rank < opts.rank {
+                    report.clamped.push(path.to_string());
+                }
                 modules.insert(path.to_string(), module);
                 report.modules.push(ExtractedModule {
                     relative_change,
@@ -136,23 +143,39 @@ fn extract_module(
     opts: ExtractOptions,
 ) -> Result<(LoraModule, ExtractedModule)> {
     let (out, inp) = diff.dims2()?;
-    let rank = opts.rank.min(out).min(inp);
-    let seed = seed_for(path);
-    let svd = randomized_svd(diff, rank, opts.oversample, opts.power_iters, seed)?;
-    let (up, down) = svd.truncate(rank);
-    let module = LoraModule {
-        weights: AdapterWeights::LowRank {
+    let full = out.min(inp);
+    let (weights, rank, kept) = if opts.rank >= full {
+        (exact_factors(diff)?, full, energy)
+    } else {
+        let seed = seed_for(path);
+        let svd = randomized_svd(diff, opts.rank, opts.oversample, opts.power_iters, seed)?;
+        let (up, down) = svd.truncate(opts.rank);
+        let weights = AdapterWeights::LowRank {
             down: down.to_tensor()?,
             up: up.to_tensor()?,
-        },
+        };
+        (weights, opts.rank, svd.energy_kept(opts.rank))
+    };
+    let module = LoraModule {
+        weights,
         scale: 1.0,
         source_key: path.to_string(),
     };
     let report = ExtractedModule {
         path: path.to_string(),
         rank,
-        energy: (svd.energy_kept(rank) / energy).min(1.0),
+        energy: (kept / energy).min(1.0),
         relative_change: 0.0,
     };
     Ok((module, report))
+}
+
+/// A full-rank difference needs no SVD: the difference itself is one factor and the
+/// identity the other (rank min(out, in), exact).
+fn exact_factors(diff: &Tensor) -> Result<AdapterWeights> {
+    let (out, inp) = diff.dims2()?;
+    let d = diff.to_dtype(DType::F32)?;
+    let eye = Tensor::eye(inp.min(out), DType::F32, d.device())?;
+    let (down, up) = if inp <= out { (eye, d) } else { (d, eye) };
+    Ok(AdapterWeights::LowRank { down, up })
 }

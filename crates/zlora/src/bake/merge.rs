@@ -156,7 +156,36 @@ fn merged_tensor(
     for (m, strength) in deltas {
         sum = (sum + (m.delta()? * *strength)?)?;
     }
-    Ok(sum.to_dtype(w.dtype())?)
+    let merged = sum.to_dtype(w.dtype())?;
+    check_overflow(name, &w, &merged, deltas)?;
+    Ok(merged)
+}
+
+/// A merged weight that is not finite although the weight and every delta are: the
+/// strengths pushed it past what its dtype holds. (Non-finite inputs were refused or
+/// explicitly allowed by the caller, so they pass.)
+fn check_overflow(
+    name: &str,
+    w: &Tensor,
+    merged: &Tensor,
+    deltas: &[(&LoraModule, f64)],
+) -> Result<()> {
+    use crate::lora::all_finite;
+    if all_finite(merged)? || !all_finite(w)? {
+        return Ok(());
+    }
+    for (m, _) in deltas {
+        if !all_finite(&m.delta()?)? {
+            return Ok(());
+        }
+    }
+    let strengths: Vec<String> = deltas.iter().map(|(_, s)| format!("{s:?}")).collect();
+    Err(Error::Invalid(format!(
+        "merging into {name} at strength {} overflows {:?} (the result holds inf or NaN); \
+         use strengths whose result stays finite; no weight file was written",
+        strengths.join(", "),
+        w.dtype()
+    )))
 }
 
 /// Output tensors in name order: canonical names for diffusers, ComfyUI names (q/k/v fused)

@@ -195,7 +195,7 @@ fn encode_latents(
     let mut paths = Vec::with_capacity(dataset.len());
     let mut todo = BTreeMap::new();
     for (i, item) in dataset.items().iter().enumerate() {
-        let bytes = std::fs::read(&item.image).map_err(|e| Error::io(&item.image, e))?;
+        let bytes = crate::fsutil::read_regular(&item.image)?;
         let path = keys.latent_path(&bytes, item.bucket);
         let shape = keys.latent_shape(item.bucket);
         if !todo.contains_key(&path) && !entry_ok(&path, LATENT, |s| s == shape) {
@@ -210,7 +210,7 @@ fn encode_latents(
     let vae = model.load_vae(opts.dtype, &opts.device)?;
     for (n, (path, &i)) in todo.iter().enumerate() {
         let item = &dataset.items()[i];
-        let bytes = std::fs::read(&item.image).map_err(|e| Error::io(&item.image, e))?;
+        let bytes = crate::fsutil::read_regular(&item.image)?;
         if &keys.latent_path(&bytes, item.bucket) != path {
             return Err(Error::bad_file(
                 &item.image,

@@ -377,12 +377,16 @@ impl ItemCheck<'_> {
 
     fn image_size(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<(u32, u32)> {
         let mut report = |kind| push(problems, image.to_path_buf(), kind, Severity::Error);
-        let decoded = std::fs::read(image)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| decode_image(&bytes).map_err(|e| e.to_string()));
+        let decoded = crate::fsutil::read_regular(image)
+            .map_err(|e| Decode::Failed(e.to_string()))
+            .and_then(|bytes| decode_image(&bytes));
         let (width, height) = match decoded {
             Ok(img) => (img.width(), img.height()),
-            Err(msg) => {
+            Err(Decode::TooLarge { width, height }) => {
+                report(ProblemKind::TooLarge { width, height });
+                return None;
+            }
+            Err(Decode::Failed(msg)) => {
                 report(ProblemKind::Unreadable(msg));
                 return None;
             }
@@ -427,6 +431,7 @@ fn caption_file(path: &Path, problems: &mut Vec<Problem>) -> Option<String> {
 
 /// The caption file's text, trimmed, without a byte-order mark.
 fn read_caption(path: &Path) -> std::result::Result<String, String> {
+    crate::fsutil::check_regular(path, crate::fsutil::MAX_TEXT_BYTES).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let text = String::from_utf8(bytes).map_err(|e| {
         format!(
@@ -437,12 +442,62 @@ fn read_caption(path: &Path) -> std::result::Result<String, String> {
     Ok(text.trim_start_matches('\u{feff}').trim().to_string())
 }
 
+/// The most pixels a training image may have: PIL's decompression-bomb limit, 2³⁰ / 4 / 3,
+/// so that the f32 RGB copy the bucket resize works on stays within 1 GiB.
+pub const MAX_IMAGE_PIXELS: u64 = (1 << 30) / 4 / 3;
+
+/// Why image bytes did not decode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decode {
+    /// The header's size is beyond [`MAX_IMAGE_PIXELS`]; nothing was decoded.
+    TooLarge {
+        width: u32,
+        height: u32,
+    },
+    Failed(String),
+}
+
+impl From<image::ImageError> for Decode {
+    fn from(e: image::ImageError) -> Self {
+        Decode::Failed(e.to_string())
+    }
+}
+
+impl From<String> for Decode {
+    fn from(msg: String) -> Self {
+        Decode::Failed(msg)
+    }
+}
+
+impl std::fmt::Display for Decode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decode::TooLarge { width, height } => write!(
+                f,
+                "{width}×{height} is more than {MAX_IMAGE_PIXELS} pixels, the limit for a training image"
+            ),
+            Decode::Failed(msg) => f.write_str(msg),
+        }
+    }
+}
+
 /// Decodes image bytes of any supported format (found from the content, not the extension)
-/// and applies the EXIF orientation, so phone photos train upright.
-pub fn decode_image(bytes: &[u8]) -> image::ImageResult<DynamicImage> {
-    let mut decoder = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()?
-        .into_decoder()?;
+/// and applies the EXIF orientation, so phone photos train upright. The size is read from
+/// the header first: an image beyond [`MAX_IMAGE_PIXELS`] is refused before any pixel
+/// buffer is allocated, and the decoder's own allocations are capped as well.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<DynamicImage, Decode> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Decode::Failed(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    // 8 bytes per pixel covers 16-bit RGBA, the widest buffer a decoder fills.
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder()?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(Decode::TooLarge { width, height });
+    }
     let orientation = decoder.orientation()?;
     let mut img = DynamicImage::from_decoder(decoder)?;
     img.apply_orientation(orientation);
@@ -451,7 +506,7 @@ pub fn decode_image(bytes: &[u8]) -> image::ImageResult<DynamicImage> {
 
 /// Reads and decodes one image file; errors name the file.
 pub fn open_image(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::fsutil::read_regular(path)?;
     decode_image(&bytes).map_err(|e| Error::bad_file(path, format!("cannot decode image: {e}")))
 }
 

@@ -16,6 +16,9 @@ pub enum ProblemKind {
         height: u32,
         min_side: u32,
     },
+    /// The image header's size is beyond [`super::dataset::MAX_IMAGE_PIXELS`]: decoding it
+    /// would take more memory than training images are allowed.
+    TooLarge { width: u32, height: u32 },
     /// The image has no caption file of the configured extension; `read_as_empty` under
     /// `missing_caption = "empty"`.
     MissingCaption {
@@ -92,7 +95,7 @@ impl fmt::Display for Preflight {
         write!(
             f,
             "dataset {}: {} images, {} usable, {} errors, {} warnings, {} other files ignored",
-            self.root.display(),
+            crate::error::shown(&self.root),
             self.images,
             self.usable,
             errors,
@@ -131,6 +134,12 @@ impl fmt::Display for ProblemKind {
                 f,
                 "{width}×{height} is smaller than min_side {min_side} px (it would be upscaled into blur)"
             ),
+            Self::TooLarge { width, height } => write!(
+                f,
+                "{width}×{height} is more than {} pixels, the limit for a training image \
+                 (its f32 RGB copy for resizing would pass 1 GiB); scale it down",
+                super::dataset::MAX_IMAGE_PIXELS
+            ),
             Self::MissingCaption {
                 expected,
                 read_as_empty,
@@ -161,14 +170,11 @@ impl fmt::Display for ProblemKind {
 
 fn file_name(path: &Path) -> String {
     path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(|n| crate::error::shown(Path::new(n)))
         .unwrap_or_default()
 }
 
 /// The file's path relative to the dataset folder, for a short report.
 fn name(root: &Path, file: &Path) -> String {
-    file.strip_prefix(root)
-        .unwrap_or(file)
-        .display()
-        .to_string()
+    crate::error::shown(file.strip_prefix(root).unwrap_or(file))
 }

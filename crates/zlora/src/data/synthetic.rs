@@ -17,8 +17,18 @@ const BACKGROUNDS: [(&str, [u8; 3]); 6] = [
     ("white", [245, 245, 245]),
 ];
 
+/// The largest synthetic image side and image count.
+pub const MAX_SIZE: u32 = 4096;
+pub const MAX_COUNT: usize = 10_000;
+
 /// Writes `count` PNG images of `size`² pixels with same-name `.txt` captions into `dir`.
 pub fn create(dir: &Path, count: usize, size: u32, overwrite: bool) -> Result<()> {
+    if !(16..=MAX_SIZE).contains(&size) || !(1..=MAX_COUNT).contains(&count) {
+        return Err(Error::Invalid(format!(
+            "tiny dataset: size must be 16 to {MAX_SIZE} px (the tiny models' RoPE tables cover \
+             4096 px) and count 1 to {MAX_COUNT}, got size {size} and count {count}"
+        )));
+    }
     if dir.exists() && !overwrite {
         return Err(Error::bad_file(
             dir,

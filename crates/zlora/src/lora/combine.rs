@@ -52,10 +52,41 @@ pub fn combine(
     let mut reports = Vec::new();
     for (path, parts) in by_path {
         let (module, report) = combine_module(path, &parts, max_rank)?;
+        check_overflow(path, &parts, &module)?;
         modules.insert(path.to_string(), module);
         reports.push(report);
     }
     Ok((modules, reports))
+}
+
+/// A combined module that is not finite although its parts are: the strengths overflow f32.
+/// (Non-finite inputs were refused or explicitly allowed by the caller, so they pass.)
+fn check_overflow(
+    path: &str,
+    parts: &[(&LoraFile, &LoraModule, f64)],
+    module: &LoraModule,
+) -> Result<()> {
+    let finite = |m: &LoraModule| -> Result<bool> {
+        let mut ok = m.scale.is_finite();
+        for t in m.weights.tensors() {
+            ok &= super::all_finite(t)?;
+        }
+        Ok(ok)
+    };
+    if finite(module)? {
+        return Ok(());
+    }
+    for (_, m, _) in parts {
+        if !finite(m)? {
+            return Ok(());
+        }
+    }
+    let strengths: Vec<String> = parts.iter().map(|(_, _, s)| format!("{s:?}")).collect();
+    Err(Error::Invalid(format!(
+        "combining {path} at strength {} overflows f32 (the result holds inf or NaN); use \
+         strengths whose result stays finite",
+        strengths.join(", ")
+    )))
 }
 
 fn combine_module(

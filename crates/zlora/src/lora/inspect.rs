@@ -11,6 +11,7 @@
 //! | 2 | not a Z-Image transformer LoRA: another architecture, text encoder only, or nothing recognisable |
 //! | 3 | unsupported algorithm (DoRA) |
 //! | 4 | keys that match nothing, incomplete or mis-shaped modules, or modules that do not fit `--model` |
+//! | 5 | NaN or inf values in a factor or alpha (the report counts them per module) |
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,6 +30,7 @@ pub enum Verdict {
     Foreign,
     Unsupported,
     Mismatch,
+    NonFinite,
 }
 
 impl Verdict {
@@ -40,6 +42,7 @@ impl Verdict {
             Verdict::Foreign => 2,
             Verdict::Unsupported => 3,
             Verdict::Mismatch => 4,
+            Verdict::NonFinite => 5,
         }
     }
 }
@@ -127,9 +130,9 @@ pub struct ModelMatch {
 /// Describes the file at `path`; `model` adds the match against that model's Linears.
 pub fn inspect(path: &Path, model: Option<&ModelLinears>) -> Report {
     let width = model.map_or(super::identify::ZIMAGE_DIM, |m| m.width);
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::fsutil::read_regular(path) {
         Ok(b) => b,
-        Err(e) => return unreadable(path, 0, e.to_string()),
+        Err(e) => return unreadable(path, 0, without_path(path, &e)),
     };
     let header = match LoraHeader::from_bytes(path, &bytes) {
         Ok(h) => h,
@@ -152,6 +155,11 @@ pub fn inspect(path: &Path, model: Option<&ModelLinears>) -> Report {
         .collect();
     report.targets = targets(file.modules.keys());
     report.ranks = rank_groups(&report.modules);
+    match file.nonfinite() {
+        Ok(found) if found.is_empty() => {}
+        Ok(found) => return report.finish(Verdict::NonFinite, super::nonfinite_message(&found)),
+        Err(e) => return report.finish(Verdict::Unreadable, e.to_string()),
+    }
     let Some(model) = model else {
         let reason = format!(
             "applies cleanly to Z-Image ({} modules)",
@@ -193,7 +201,7 @@ impl Report {
 /// The error's message without the leading `<path>: ` (the report names the file).
 fn without_path(path: &Path, e: &crate::Error) -> String {
     let text = e.to_string();
-    let prefix = format!("{}: ", path.display());
+    let prefix = format!("{}: ", crate::error::shown(path));
     text.strip_prefix(&prefix)
         .map(str::to_string)
         .unwrap_or(text)
@@ -206,7 +214,7 @@ fn unreadable(path: &Path, bytes: usize, reason: String) -> Report {
 /// A report with nothing known yet (the verdict is set by [`Report::finish`]).
 fn blank(path: &Path, bytes: usize) -> Report {
     Report {
-        file: path.display().to_string(),
+        file: crate::error::shown(path),
         bytes,
         tensors: 0,
         dtypes: BTreeMap::new(),

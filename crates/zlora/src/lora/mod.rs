@@ -117,7 +117,7 @@ pub struct LoraHeader {
 impl LoraHeader {
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Self::from_bytes(path, &bytes)
     }
 
@@ -156,6 +156,59 @@ pub(crate) fn listing(mut items: Vec<String>) -> String {
     text
 }
 
+/// True when every element of `t` is finite (no NaN, no ±inf).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    Ok(nonfinite_count(t)? == 0)
+}
+
+/// How many elements of `t` are NaN or ±inf.
+pub fn nonfinite_count(t: &Tensor) -> Result<usize> {
+    let values = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(values.iter().filter(|v| !v.is_finite()).count())
+}
+
+impl LoraFile {
+    /// The modules holding NaN or inf (in a factor or in alpha / scale), with how many
+    /// non-finite values each has; empty for a sound file.
+    pub fn nonfinite(&self) -> Result<BTreeMap<String, usize>> {
+        let mut found = BTreeMap::new();
+        for (path, module) in &self.modules {
+            let mut n = usize::from(!module.scale.is_finite());
+            for t in module.weights.tensors() {
+                n += nonfinite_count(t)?;
+            }
+            if n > 0 {
+                found.insert(path.clone(), n);
+            }
+        }
+        Ok(found)
+    }
+
+    /// An error naming how many NaN / inf values the file holds and where; Ok for a sound
+    /// file. Commands that apply or rewrite LoRAs call this unless told `--allow-nonfinite`.
+    pub fn check_finite(&self) -> Result<()> {
+        let found = self.nonfinite()?;
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Error::lora(&self.path, nonfinite_message(&found)))
+    }
+}
+
+/// "N NaN/inf values in K modules: …".
+pub fn nonfinite_message(found: &BTreeMap<String, usize>) -> String {
+    let total: usize = found.values().sum();
+    let modules = found.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+    format!(
+        "{total} NaN/inf values in {} modules: {} (pass --allow-nonfinite to use it anyway)",
+        found.len(),
+        listing(modules)
+    )
+}
+
 impl LoraFile {
     /// Reads a LoRA for the released Z-Image models (width [`ZIMAGE_DIM`]).
     pub fn read(path: impl AsRef<Path>) -> Result<Self> {
@@ -165,7 +218,7 @@ impl LoraFile {
     /// Reads a LoRA for a Z-Image model of width `dim` (used to tell Lumina2 files apart).
     pub fn read_for_dim(path: impl AsRef<Path>, dim: usize) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         Self::from_bytes(path, &bytes, dim)
     }
 

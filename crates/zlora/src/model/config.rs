@@ -87,7 +87,7 @@ impl TransformerConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         let cfg: Self = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(path, format!("not a Z-Image transformer config: {e}")))?;
         cfg.validate().map_err(|msg| Error::bad_file(path, msg))?;

@@ -92,7 +92,7 @@ impl ModelFolder {
         let dir = self.root.join("text_encoder");
         let cfg = TextEncoderConfig::from_file(&dir.join("config.json"))?;
         let vb = plain_var_builder(&component_files(&dir)?, dtype, device)?;
-        let encoder = Qwen3TextEncoder::new(&cfg, vb)?;
+        let encoder = Qwen3TextEncoder::new(&cfg, vb).map_err(|e| e.in_file(&dir))?;
         Ok(PromptEncoder::new(tokenizer, encoder))
     }
 
@@ -100,13 +100,13 @@ impl ModelFolder {
         let dir = self.root.join("vae");
         let cfg = VaeConfig::from_file(&dir.join("config.json"))?;
         let vb = plain_var_builder(&component_files(&dir)?, dtype, device)?;
-        AutoencoderKL::new(&cfg, vb)
+        AutoencoderKL::new(&cfg, vb).map_err(|e| e.in_file(&dir))
     }
 
     /// The static shift in scheduler/scheduler_config.json (3 for Turbo, 6 for Base).
     pub fn scheduler_shift(&self) -> Result<f64> {
         let path = self.root.join("scheduler/scheduler_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::fsutil::read_text(&path)?;
         let value: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(&path, format!("invalid JSON: {e}")))?;
         if value.get("use_dynamic_shifting").and_then(|v| v.as_bool()) == Some(true) {
@@ -115,9 +115,11 @@ impl ModelFolder {
                 "dynamic shifting is not used by Z-Image and is not supported",
             ));
         }
-        value
+        let shift = value
             .get("shift")
             .and_then(|v| v.as_f64())
-            .ok_or_else(|| Error::bad_file(&path, "no numeric \"shift\""))
+            .ok_or_else(|| Error::bad_file(&path, "no numeric \"shift\""))?;
+        crate::sample::schedule::check_shift(shift).map_err(|msg| Error::bad_file(&path, msg))?;
+        Ok(shift)
     }
 }

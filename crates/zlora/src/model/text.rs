@@ -141,7 +141,7 @@ impl TextEncoderConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(path, format!("not a Qwen3 text encoder config: {e}")))
     }
@@ -423,7 +423,7 @@ pub struct PromptTokenizer {
 impl PromptTokenizer {
     /// Reads a Hugging Face `tokenizer.json` (Z-Image: `tokenizer/tokenizer.json`).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_regular(path)?;
         let mut tokenizer = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not a tokenizer.json: {e}")))?;
         // Truncation is ours to do (after templating); padding never reaches the model.
@@ -453,13 +453,30 @@ impl PromptTokenizer {
     /// The ids of `chat_prompt(prompt)`. Special tokens come only from the template text
     /// (Qwen adds no BOS), so the tokenizer's post-processor is not applied.
     pub fn ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = self.all_ids(prompt)?;
+        ids.truncate(self.max_tokens);
+        Ok(ids)
+    }
+
+    /// A warning naming the limit when `prompt` is longer than the encoder reads; None when
+    /// it fits.
+    pub fn cut_warning(&self, prompt: &str) -> Result<Option<String>> {
+        let tokens = self.all_ids(prompt)?.len();
+        let max = self.max_tokens;
+        Ok((tokens > max).then(|| {
+            format!(
+                "warning: the prompt is {tokens} tokens with the chat template; the text \
+                 encoder reads the first {max}, the rest is ignored"
+            )
+        }))
+    }
+
+    fn all_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
             .encode(chat_prompt(prompt), false)
             .map_err(|e| Error::Invalid(format!("cannot tokenize prompt: {e}")))?;
-        let mut ids = encoding.get_ids().to_vec();
-        ids.truncate(self.max_tokens);
-        Ok(ids)
+        Ok(encoding.get_ids().to_vec())
     }
 }
 

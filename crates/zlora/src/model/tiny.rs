@@ -32,6 +32,23 @@ pub struct TinySpec {
     pub shift: f64,
 }
 
+/// Bounds of a tiny model: never wider or deeper than the released model (3840, 30 layers).
+pub const MAX_TINY_DIM: usize = 3840;
+pub const MAX_TINY_LAYERS: usize = 30;
+
+impl TinySpec {
+    fn check_size(&self) -> Result<()> {
+        if (1..=MAX_TINY_DIM).contains(&self.dim) && (1..=MAX_TINY_LAYERS).contains(&self.layers) {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "tiny model: dim must be 1 to {MAX_TINY_DIM} and layers 1 to {MAX_TINY_LAYERS} (at \
+             most the released model's width and depth), got dim {} and {} layers",
+            self.dim, self.layers
+        )))
+    }
+}
+
 impl Default for TinySpec {
     fn default() -> Self {
         Self {
@@ -92,6 +109,8 @@ pub fn create(root: &Path, spec: &TinySpec, overwrite: bool) -> Result<()> {
             "already exists (pass --force to replace it)",
         ));
     }
+    spec.check_size()?;
+    crate::sample::schedule::check_shift(spec.shift).map_err(Error::Invalid)?;
     if spec.heads == 0
         || !spec.dim.is_multiple_of(spec.heads)
         || !(spec.dim / spec.heads).is_multiple_of(8)

@@ -303,7 +303,7 @@ impl SimpleBackend for TransformerCheckpoint {
 
 fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
     for f in files {
-        std::fs::metadata(f).map_err(|e| Error::io(f, e))?;
+        crate::fsutil::check_regular(f, u64::MAX)?;
     }
     // SAFETY: the files are opened read-only; like every mmap user we rely on them not being
     // truncated by another process while we run.
@@ -520,7 +520,7 @@ fn index_shards(index: &Path) -> Result<Vec<PathBuf>> {
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::fsutil::read_text(index)?;
     let parsed: Index = serde_json::from_str(&text)
         .map_err(|e| Error::bad_file(index, format!("invalid shard index: {e}")))?;
     let dir = index.parent().unwrap_or(Path::new("."));

@@ -60,7 +60,7 @@ impl GpuTable {
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         Self::parse(&text).map_err(|e| Error::bad_file(path, e.to_string()))
     }
 

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::guidance::Guidance;
 use super::image::{save_png, to_rgb8};
+use super::limits::ImageLimits;
 use super::pipeline::{denoise, seeded_noise, Conditioning, DenoiseSettings};
 use crate::fsutil::save_safetensors;
 use crate::lora::LoraFile;
@@ -50,6 +51,30 @@ pub struct LoraSpec {
 }
 
 impl LoraSpec {
+    /// A finite strength and a regular file, before any model is loaded.
+    pub fn check(&self) -> Result<()> {
+        if !self.strength.is_finite() {
+            return Err(Error::Invalid(format!(
+                "the strength of LoRA {} is {}; any finite number is accepted",
+                crate::error::shown(&self.path),
+                self.strength
+            )));
+        }
+        let checked = crate::fsutil::check_regular(&self.path, u64::MAX);
+        match checked {
+            Err(Error::Io { cause, .. })
+                if cause.kind() == std::io::ErrorKind::NotFound
+                    && self.path.to_string_lossy().contains(':') =>
+            {
+                Err(Error::bad_file(
+                    &self.path,
+                    "no such LoRA file (FILE:STRENGTH needs a number after the last colon)",
+                ))
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
     /// `FILE` or `FILE:STRENGTH` (a suffix that is not a number stays part of the path).
     pub fn parse(s: &str) -> Self {
         if let Some((path, strength)) = s.rsplit_once(':') {
@@ -87,6 +112,8 @@ pub struct GenerateRequest {
     pub dtype: Option<DType>,
     pub out: PathBuf,
     pub overwrite: bool,
+    /// Apply LoRA files holding NaN or inf values (refused otherwise).
+    pub allow_nonfinite: bool,
 }
 
 /// What one seed produced.
@@ -109,20 +136,20 @@ pub enum Event<'a> {
 }
 
 pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<Vec<Generated>> {
+    req.check()?;
     let device = crate::device::select()?;
     let dtype = req
         .dtype
         .unwrap_or_else(|| crate::device::default_dtype(&device));
     events(Event::Stage(&crate::device::describe(&device, dtype)));
     let folder = ModelFolder::open(&req.model)?;
-    let factor = latent_factor(&folder)?;
-    let (h, w) = latent_size(req.height, req.width, factor)?;
+    let (h, w) = ImageLimits::of_folder(&folder, &device)?.latent_size(req.height, req.width)?;
     let seeds = image_seeds(req);
     check_outputs(req, &seeds)?;
     let starts = initial_latents(req, &seeds, h, w, &device)?;
 
     events(Event::Stage("encoding the prompt"));
-    let cond = encode_prompts(&folder, req, dtype, &device)?;
+    let cond = encode_prompts(&folder, req, dtype, &device, events)?;
 
     events(Event::Stage("loading the transformer"));
     let model = load_transformer(&folder, req, dtype, &device, events)?;
@@ -145,7 +172,15 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
                 steps,
             })
         };
-        finals.push((seed, denoise(&model, &cond, start, &settings, &mut step)?));
+        let latents = denoise(&model, &cond, start, &settings, &mut step)?;
+        if !crate::lora::all_finite(&latents)? {
+            return Err(Error::Invalid(format!(
+                "the latents of image {} came out NaN or inf (a LoRA strength, shift or \
+                 guidance beyond what the model takes); no image was written",
+                image + 1
+            )));
+        }
+        finals.push((seed, latents));
     }
     drop(model);
 
@@ -174,20 +209,43 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     Ok(out)
 }
 
-fn latent_factor(folder: &ModelFolder) -> Result<usize> {
-    let cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
-    Ok(cfg.spatial_factor())
+impl GenerateRequest {
+    /// Every check that needs no model: numbers in range, distinct seeds, a PNG output name,
+    /// input files that exist and are regular files. Runs before anything is loaded.
+    pub fn check(&self) -> Result<()> {
+        let invalid = |msg: String| Err(Error::Invalid(msg));
+        super::schedule::check_steps(self.steps).map_err(Error::Invalid)?;
+        if let Some(shift) = self.shift {
+            super::schedule::check_shift(shift).map_err(Error::Invalid)?;
+        }
+        self.guidance.check().map_err(Error::Invalid)?;
+        if let Some(seed) = duplicate(&self.seeds) {
+            return invalid(format!(
+                "seed {seed} is given twice (each seed makes one image, FILE_s{seed}.png)"
+            ));
+        }
+        let png = self.out.extension().and_then(|e| e.to_str());
+        if !png.is_some_and(|e| e.eq_ignore_ascii_case("png")) {
+            return Err(Error::bad_file(
+                &self.out,
+                "the output must be a .png file (zlora writes PNG, with its parameters inside)",
+            ));
+        }
+        for spec in &self.loras {
+            spec.check()?;
+        }
+        let inputs = self.transformer_file.iter().chain(&self.latents);
+        for path in inputs {
+            crate::fsutil::check_regular(path, u64::MAX)?;
+        }
+        Ok(())
+    }
 }
 
-/// Image size → latent size: H and W must be multiples of 2·(VAE factor) (16 for Z-Image).
-pub fn latent_size(height: usize, width: usize, factor: usize) -> Result<(usize, usize)> {
-    let m = 2 * factor;
-    if height == 0 || width == 0 || !height.is_multiple_of(m) || !width.is_multiple_of(m) {
-        return Err(Error::Invalid(format!(
-            "width and height must be positive multiples of {m} for this model, got {width}×{height}"
-        )));
-    }
-    Ok((height / factor, width / factor))
+/// The first value that occurs twice.
+pub fn duplicate(seeds: &[u64]) -> Option<u64> {
+    let mut seen = std::collections::BTreeSet::new();
+    seeds.iter().copied().find(|s| !seen.insert(*s))
 }
 
 /// One entry per image: its seed, or None for the single image of `--latents`.
@@ -221,7 +279,8 @@ fn initial_latents(
 }
 
 fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load(path, device)
+    let bytes = crate::fsutil::read_regular(path)?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, device)
         .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file: {e}")))?;
     let t = tensors
         .remove("latents")
@@ -232,7 +291,11 @@ fn read_latents(path: &Path, shape: &[usize], device: &Device) -> Result<Tensor>
             format!("latents have shape {:?}, expected {shape:?}", t.dims()),
         ));
     }
-    Ok(t.to_dtype(DType::F32)?)
+    let t = t.to_dtype(DType::F32)?;
+    if !crate::lora::all_finite(&t)? {
+        return Err(Error::bad_file(path, "the latents hold NaN or inf values"));
+    }
+    Ok(t)
 }
 
 /// Fails before any work when an output cannot be written, or exists and `--force` was not
@@ -258,8 +321,12 @@ fn encode_prompts(
     req: &GenerateRequest,
     dtype: DType,
     device: &Device,
+    events: &mut dyn FnMut(Event),
 ) -> Result<Conditioning> {
     let encoder = folder.load_prompt_encoder(dtype, device)?;
+    if let Some(warning) = encoder.tokenizer().cut_warning(&req.prompt)? {
+        events(Event::Stage(&warning));
+    }
     let cfg = req.guidance.scale > 0.0;
     let prompts: Vec<&str> = if cfg {
         vec![&req.prompt, &req.negative_prompt]
@@ -286,10 +353,13 @@ fn load_transformer(
     let mut model = folder.load_transformer(req.transformer_file.as_deref(), dtype, device)?;
     for spec in &req.loras {
         let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
+        if !req.allow_nonfinite {
+            file.check_finite()?;
+        }
         let n = file.attach(spec.strength, &mut model)?;
         let msg = format!(
             "LoRA {} at strength {}: {n} modules",
-            spec.path.display(),
+            crate::error::shown(&spec.path),
             spec.strength
         );
         events(Event::Stage(&msg));

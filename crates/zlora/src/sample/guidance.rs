@@ -27,6 +27,25 @@ impl Default for Guidance {
 }
 
 impl Guidance {
+    /// Finite numbers, and a normalisation that is off (0) or positive.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let named = [
+            ("guidance", self.scale),
+            ("cfg_truncation", self.truncation),
+            ("cfg_normalization", self.normalization),
+        ];
+        if let Some((name, v)) = named.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{name} must be a finite number, got {v}"));
+        }
+        if self.normalization < 0.0 {
+            return Err(format!(
+                "cfg_normalization must be 0 (off) or positive, got {}",
+                self.normalization
+            ));
+        }
+        Ok(())
+    }
+
     /// The guidance scale for a step with this model time (t = 1 − σ); 0 means one pass.
     pub fn scale_at(&self, model_time: f32) -> f64 {
         if self.scale > 0.0 && self.truncation <= 1.0 && model_time as f64 > self.truncation {

@@ -5,6 +5,7 @@ pub mod canvas;
 pub mod generate;
 pub mod guidance;
 pub mod image;
+pub mod limits;
 pub mod pipeline;
 pub mod schedule;
 pub mod sheet;

@@ -21,6 +21,35 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The most sampling steps: the scheduler has 1000 training timesteps
+/// (`num_train_timesteps`), so a finer grid only repeats model times.
+pub const MAX_STEPS: usize = 1000;
+
+/// A shift the schedule can use: positive and finite (σ = shift·s / (1 + (shift − 1)·s) leaves
+/// (0, 1] for shift ≤ 0, and NaN or inf give NaN sigmas), and within f32, the schedule's type.
+pub fn check_shift(shift: f64) -> Result<(), String> {
+    if shift > 0.0 && shift <= f32::MAX as f64 {
+        Ok(())
+    } else {
+        Err(format!(
+            "shift must be a positive finite number (the sigma schedule shift·s/(1+(shift−1)·s) \
+             needs shift > 0), got {shift}"
+        ))
+    }
+}
+
+/// A step count the sampler can run: 1..=[`MAX_STEPS`].
+pub fn check_steps(steps: usize) -> Result<(), String> {
+    if (1..=MAX_STEPS).contains(&steps) {
+        Ok(())
+    } else {
+        Err(format!(
+            "steps must be 1 to {MAX_STEPS} (the scheduler has {MAX_STEPS} training timesteps), \
+             got {steps}"
+        ))
+    }
+}
+
 /// Applies the static shift to an unshifted sigma.
 pub fn shift_sigma(s: f32, shift: f32) -> f32 {
     shift * s / (1.0 + (shift - 1.0) * s)
@@ -46,6 +75,19 @@ pub fn model_time(sigma: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shift_and_steps_out_of_range_are_named() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e300] {
+            assert!(check_shift(bad).is_err(), "{bad}");
+        }
+        assert!(check_shift(3.0).is_ok() && check_shift(1e-3).is_ok());
+        assert!(check_steps(0).is_err() && check_steps(1001).is_err());
+        assert!(check_steps(1).is_ok() && check_steps(MAX_STEPS).is_ok());
+        assert!(check_steps(4_294_967_296)
+            .unwrap_err()
+            .contains("1 to 1000"));
+    }
 
     #[test]
     fn turbo_grid_matches_the_reference_table() {

@@ -148,6 +148,33 @@ pub struct SampleSection {
     pub guidance: Option<f64>,
 }
 
+impl SampleSection {
+    /// Seeds (at least one, each once), steps and guidance, checked before the run starts.
+    fn check(&self) -> Result<()> {
+        if self.seeds.is_empty() {
+            return Err(Error::Invalid(
+                "[sample] seeds is empty; give at least one seed (one image per prompt and seed)"
+                    .into(),
+            ));
+        }
+        if let Some(seed) = crate::sample::generate::duplicate(&self.seeds) {
+            return Err(Error::Invalid(format!(
+                "[sample] seed {seed} is given twice"
+            )));
+        }
+        if let Some(steps) = self.steps {
+            crate::sample::schedule::check_steps(steps)
+                .map_err(|m| Error::Invalid(format!("[sample] {m}")))?;
+        }
+        match self.guidance {
+            Some(g) if !g.is_finite() => Err(Error::Invalid(format!(
+                "[sample] guidance must be a finite number, got {g}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for SampleSection {
     fn default() -> Self {
         Self {
@@ -205,7 +232,7 @@ fn default_seeds() -> Vec<u64> {
 
 impl TrainConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         Self::parse(&text).map_err(|e| match e {
             Error::Invalid(msg) => Error::bad_file(path, msg),
             other => other,
@@ -241,7 +268,42 @@ impl TrainConfig {
         if self.sample.every > 0 && self.sample.prompts.is_empty() {
             return bad("[sample] every > 0 needs at least one prompt");
         }
-        Ok(())
+        self.check_numbers()?;
+        self.sample.check()
+    }
+
+    /// Every float of `[model]` and `[train]` is finite and in its range: a NaN would
+    /// otherwise train silently into a NaN LoRA.
+    fn check_numbers(&self) -> Result<()> {
+        let t = &self.train;
+        let bad = |m: String| Err(Error::Invalid(m));
+        let named = [
+            (
+                "[model] training_adapter_strength",
+                self.model.training_adapter_strength,
+            ),
+            ("[train] logit_mean", t.logit_mean),
+            ("[train] logit_std", t.logit_std),
+            ("[train] weight_decay", t.weight_decay),
+            ("[train] eps", t.eps),
+            ("[train] max_grad_norm", t.max_grad_norm),
+        ];
+        if let Some((name, v)) = named.iter().find(|(_, v)| !v.is_finite()) {
+            return bad(format!("{name} must be a finite number, got {v}"));
+        }
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 || t.eps <= 0.0 || t.logit_std <= 0.0 {
+            return bad(
+                "[train] weight_decay and max_grad_norm must be ≥ 0, eps and logit_std > 0".into(),
+            );
+        }
+        if !t.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return bad(format!(
+                "[train] betas must be in [0, 1), got {:?}",
+                t.betas
+            ));
+        }
+        crate::sample::schedule::check_shift(t.timestep_shift)
+            .map_err(|m| Error::Invalid(format!("[train] timestep_{m}")))
     }
 
     pub fn mode(&self) -> Mode {

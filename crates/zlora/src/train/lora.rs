@@ -50,6 +50,13 @@ impl LoraConfig {
         if self.rank == 0 {
             return Err(Error::Invalid("[lora] rank must be at least 1".into()));
         }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(Error::Invalid(format!(
+                "[lora] alpha must be a positive finite number (the LoRA's scale is alpha / rank), \
+                 got {}",
+                self.alpha
+            )));
+        }
         for s in &self.stacks {
             if !STACKS.contains(&s.as_str()) {
                 return Err(Error::Invalid(format!(
@@ -106,6 +113,14 @@ impl TrainableLora {
         for (path, (out, inp)) in model.linear_shapes() {
             if !cfg.targets(&path) {
                 continue;
+            }
+            if cfg.rank > out.min(inp) {
+                return Err(Error::Invalid(format!(
+                    "[lora] rank {} is above min(out, in) = {} of {path}: a LoRA cannot have \
+                     more rank than the Linear it adapts",
+                    cfg.rank,
+                    out.min(inp)
+                )));
             }
             let bound = 1.0 / (inp as f32).sqrt();
             let down: Vec<f32> = (0..cfg.rank * inp)

@@ -8,14 +8,14 @@ use candle_core::{DType, Device, Tensor};
 use super::config::{Mode, TrainConfig};
 use crate::model::folder::ModelFolder;
 use crate::model::ZImageTransformer;
-use crate::sample::generate::latent_size;
 use crate::sample::image::{save_png, to_rgb8, Rgb8};
+use crate::sample::limits::ImageLimits;
 use crate::sample::pipeline::{
     denoise, encode_conditions, seeded_noise, Conditioning, DenoiseSettings,
 };
 use crate::sample::sheet::contact_sheet;
 use crate::sample::Guidance;
-use crate::Result;
+use crate::{Error, Result};
 
 pub struct Sampler {
     prompts: Vec<String>,
@@ -48,11 +48,10 @@ impl Sampler {
         } else {
             Vec::new()
         };
-        let vae_factor =
-            crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?
-                .spatial_factor();
         let res = cfg.dataset.resolution as usize;
-        let latent_hw = latent_size(s.height.unwrap_or(res), s.width.unwrap_or(res), vae_factor)?;
+        let latent_hw = ImageLimits::of_folder(folder, device)?
+            .latent_size(s.height.unwrap_or(res), s.width.unwrap_or(res))
+            .map_err(|e| Error::Invalid(format!("[sample] size: {e}")))?;
         Ok(Self {
             prompts: s.prompts.clone(),
             seeds: s.seeds.clone(),

@@ -32,6 +32,7 @@ use crate::model::folder::ModelFolder;
 use crate::model::text::PromptTokenizer;
 use crate::model::ZImageTransformer;
 use crate::outdir::{self, OutputDir, Policy};
+use crate::sample::limits::ImageLimits;
 use crate::{Error, Result};
 
 /// The adapter name of the frozen training adapter on every Linear it touches.
@@ -315,6 +316,7 @@ fn prepare_data(
     let tokenizer = PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
     let vae_cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
     let buckets = Buckets::for_vae(cfg.dataset.resolution, vae_cfg.spatial_factor())?;
+    ImageLimits::of_folder(folder, device)?.check_buckets(&buckets)?;
     let (dataset, report) = Dataset::scan(&cfg.dataset, &buckets, &tokenizer)?;
     events(Event::Message(report.to_string()));
     if report.is_fatal() {

@@ -90,7 +90,7 @@ impl ExperimentPlan {
     /// Reads the plan and builds the three training configs, so a typo in any table is an
     /// error naming the file before anything runs.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         let mut plan: Self =
             toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
         plan.output =

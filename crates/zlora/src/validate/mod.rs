@@ -157,7 +157,7 @@ fn refuse_existing(paths: &[PathBuf]) -> Result<()> {
 
 /// blake3 of a file's bytes, hex.
 pub(crate) fn file_hash(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::fsutil::read_regular(path)?;
     Ok(blake3::hash(&bytes).to_hex().to_string())
 }
 

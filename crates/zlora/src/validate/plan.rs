@@ -218,7 +218,7 @@ impl Variant {
 
 impl ValidationPlan {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path)?;
         let plan: Self = toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
         plan.check()
             .map_err(|e| Error::bad_file(path, e.to_string()))?;
@@ -234,11 +234,13 @@ impl ValidationPlan {
             ("turbo", s.turbo),
             ("turbo_long", s.turbo_long),
         ] {
-            if sg.steps == 0 || !(sg.guidance >= 0.0 && sg.guidance.is_finite()) {
+            if !(sg.guidance >= 0.0 && sg.guidance.is_finite()) {
                 return Err(Error::Invalid(format!(
-                    "[sampling.{name}] needs steps ≥ 1 and a finite guidance ≥ 0"
+                    "[sampling.{name}] needs a finite guidance ≥ 0"
                 )));
             }
+            crate::sample::schedule::check_steps(sg.steps)
+                .map_err(|m| Error::Invalid(format!("[sampling.{name}] {m}")))?;
         }
         for strength in [self.lora_strength, self.distill_patch_strength] {
             if !strength.is_finite() {
@@ -302,6 +304,9 @@ impl RenderSettings {
     pub fn check(&self) -> Result<()> {
         if self.seeds.is_empty() {
             return Err(Error::Invalid("at least one seed is needed".into()));
+        }
+        if let Some(seed) = crate::sample::generate::duplicate(&self.seeds) {
+            return Err(Error::Invalid(format!("seed {seed} is given twice")));
         }
         if self.width == 0 || self.height == 0 {
             return Err(Error::Invalid("width and height must be positive".into()));

@@ -8,10 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use super::plan::{RenderSettings, StepsGuidance};
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
-use crate::model::vae::VaeConfig;
+use crate::model::text::PromptTokenizer;
 use crate::model::ZImageTransformer;
-use crate::sample::generate::latent_size;
 use crate::sample::image::{to_rgb8, Rgb8};
+use crate::sample::limits::ImageLimits;
 use crate::sample::pipeline::{
     denoise, encode_conditions, seeded_noise, Conditioning, DenoiseSettings,
 };
@@ -88,13 +88,20 @@ impl Session {
             crate::device::describe(&device, dtype)
         ));
         let folder = ModelFolder::open(model)?;
-        let factor = VaeConfig::from_file(&folder.root().join("vae/config.json"))?.spatial_factor();
-        let (h, w) = latent_size(render.height, render.width, factor)?;
+        let (h, w) =
+            ImageLimits::of_folder(&folder, &device)?.latent_size(render.height, render.width)?;
         let noise = render
             .seeds
             .iter()
             .map(|&s| seeded_noise(s, &[1, 16, h, w], &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let tokenizer =
+            PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
+        for prompt in prompts {
+            if let Some(warning) = tokenizer.cut_warning(prompt)? {
+                progress.stage(&warning);
+            }
+        }
         progress.stage(&format!("{model}: encoding {} prompts", prompts.len()));
         let negative = cfg.then_some(render.negative_prompt.as_str());
         let conds = encode_conditions(&folder, prompts, negative, dtype, &device)?;
