@@ -514,8 +514,11 @@ impl<'a> Activations<'a> {
             .into_iter()
             .map(|s| {
                 let scores = if self.cpu_kernel() {
-                    // Each thread's f32 score gradient of one head (nn::cpu).
-                    self.profile.kernel_threads as f64 * 4.0 * self.head_scores(s)
+                    // Each thread's f32 score gradient of one head of one item (nn::cpu).
+                    let per_head = self.tokens(s) * self.tokens(s);
+                    let threads =
+                        (self.profile.kernel_threads as f64).min(self.scores(s) / per_head);
+                    threads * 4.0 * per_head
                 } else {
                     self.profile.backward_scores * self.chunk_scores(s)
                 };
