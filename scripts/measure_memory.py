@@ -55,9 +55,10 @@ def run(role, dim, heads, layers, res, *, refiners=2, vae="real", batch=1, ckpt=
                 resolution=res, batch=batch, checkpointing=ckpt, base_dtype=dtype, rank=rank, targets=targets)
 
 
-def real(role, dtype, ckpt):
-    """Z-Image's widths with 2 main layers (`tiny-model --real-width`), saved in the run's dtype."""
-    return run(role, 3840, 30, 2, 512, dtype=dtype, ckpt=ckpt, model="real-width")
+def real(role, dtype, ckpt, layers=2):
+    """Z-Image's widths with few main layers (`tiny-model --real-width`), saved in the run's
+    dtype."""
+    return run(role, 3840, 30, layers, 512, dtype=dtype, ckpt=ckpt, model="real-width")
 
 
 # The spread. Widths 128-768 (heads of 64) and the real 3840, 2-8 layers, 256-512 px with the
@@ -88,6 +89,9 @@ RUNS = [
     real("held-out", "f32", False),
     real("fit", "bf16", True),
     real("held-out", "bf16", False),
+    # One more layer: what a layer adds, against the plan's per-layer figures.
+    real("held-out", "bf16", True, layers=3),
+    real("held-out", "bf16", False, layers=3),
 ]
 
 
