@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use zlora::model::tiny::{create, TinySpec};
+use candle_core::DType;
+use zlora::model::tiny::{create, TextSize, TinySpec, VaeSize};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -10,14 +11,28 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Transformer width.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, conflicts_with = "real_width")]
     dim: usize,
     /// Main transformer layers.
     #[arg(long, default_value_t = 2)]
     layers: usize,
     /// Attention heads (dim / heads must be a multiple of 8).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, conflicts_with = "real_width")]
     heads: usize,
+    /// Blocks of each refiner (noise and context).
+    #[arg(long, default_value_t = 1, conflicts_with = "real_width")]
+    refiners: usize,
+    /// Z-Image's VAE (16 channels, factor 8) instead of the 3-stage tiny one (factor 4).
+    #[arg(long)]
+    real_vae: bool,
+    /// Z-Image's widths with --layers main layers: dim 3840, 30 heads, FFN 10240, 2 + 2
+    /// refiner blocks, caption features 2560 from a 2-layer text encoder of Qwen3-4B's width,
+    /// and the real VAE.
+    #[arg(long)]
+    real_width: bool,
+    /// Save the weights in bf16 (as the released files are) instead of f32.
+    #[arg(long)]
+    bf16: bool,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -30,18 +45,34 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let shape = if a.real_width {
+        TinySpec::real_width(a.layers)
+    } else {
+        TinySpec {
+            dim: a.dim,
+            layers: a.layers,
+            heads: a.heads,
+            refiners: a.refiners,
+            text: TextSize::Tiny,
+            vae: if a.real_vae {
+                VaeSize::ZImage
+            } else {
+                VaeSize::Tiny
+            },
+            ..TinySpec::default()
+        }
+    };
     let spec = TinySpec {
-        dim: a.dim,
-        layers: a.layers,
-        heads: a.heads,
+        dtype: if a.bf16 { DType::BF16 } else { DType::F32 },
         seed: a.seed,
         shift: a.shift,
+        ..shape
     };
     create(&a.out, &spec, a.force)?;
     eprintln!(
-        "wrote a tiny Z-Image model (dim {}, {} layers) to {}",
-        a.dim,
-        a.layers,
+        "wrote a random-weight Z-Image model (dim {}, {} layers) to {}",
+        spec.dim,
+        spec.layers,
         a.out.display()
     );
     Ok(())

@@ -139,6 +139,29 @@ impl ModelDims {
         )
     }
 
+    /// A random-weight model's dimensions (`model::tiny`) without writing it: file sizes are
+    /// its parameters at `bytes_per_weight`, as `tiny::create` saves them.
+    #[cfg(test)]
+    pub(crate) fn of_tiny(spec: &crate::model::tiny::TinySpec) -> Result<Self> {
+        let (transformer, text, vae) = spec.configs()?;
+        let bytes = spec.dtype.size_in_bytes() as u64;
+        let mut dims = Self::assemble(
+            Source::BuiltIn,
+            transformer,
+            text,
+            vae,
+            FileBytes {
+                transformer: 0,
+                text: 0,
+                vae: 0,
+            },
+        )?;
+        dims.transformer_file_bytes = dims.transformer_params * bytes;
+        dims.text_file_bytes = dims.text_params * bytes;
+        dims.vae_file_bytes = dims.vae_params * bytes;
+        Ok(dims)
+    }
+
     fn local(folder: &ModelFolder) -> Result<Self> {
         let root = folder.root();
         let size = |c: &str| files_bytes(&component_files(&root.join(c))?);

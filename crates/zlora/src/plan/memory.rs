@@ -59,13 +59,17 @@ pub struct Profile {
     /// Activation bytes: None = the frozen weights' dtype (zlora computes in it).
     pub activation_bytes: Option<f64>,
     pub keeps: fn(f64) -> Keeps,
-    /// The backward's own working set: a share of one block's kept activations, plus bytes
-    /// per attention score (the composed softmax backward's score-sized intermediates).
-    pub backward_blocks: f64,
+    /// The backward's own working set: the gradients alive at once, as a share of one
+    /// block's per-token activations (its tape without the attention scores), plus bytes per
+    /// attention score of one chunk of heads (the composed softmax backward's score-sized
+    /// intermediates).
+    pub backward_tokens: f64,
     pub backward_scores: f64,
-    /// With f32 activations the attention runs nn::cpu's kernel, whose backward needs no
-    /// score-sized intermediates beyond one head per thread.
+    /// With f32 activations the attention runs nn::cpu's kernel, whose backward holds one
+    /// head's f32 score gradient per thread instead of a chunk of heads' intermediates.
     pub f32_attention_kernel: bool,
+    /// Threads that run the kernel's heads side by side (rayon's pool).
+    pub kernel_threads: usize,
     /// Bytes per weight of the text encoder and VAE while caching, and of the sampling VAE.
     pub encoder_bytes: f64,
     /// Bytes per weight of the frozen training adapter (zlora loads adapters as f32).
@@ -84,18 +88,20 @@ pub struct Profile {
 }
 
 impl Profile {
-    /// zlora on the CPU: the blocks' tapes (model/dit/backward.rs). Fitted to measured runs
-    /// (docs/benchmarks.md): the backward working set (a share of one block's tape; the
-    /// attention kernel's per-head scratch is small), the allocator slack (the CLI keeps freed
-    /// buffers in glibc's heap) and the process baseline.
-    pub fn cpu() -> Self {
+    /// zlora on the CPU with `threads` worker threads: the blocks' tapes
+    /// (model/dit/backward.rs). Fitted to measured runs (`measured_memory.csv`,
+    /// docs/benchmarks.md): the share of a block the backward's gradients take and the
+    /// process baseline. No allocator slack: glibc reuses the freed buffers of one step in the
+    /// next, and what the measured peaks left over for slack fitted to zero.
+    pub fn cpu(threads: usize) -> Self {
         Self {
             name: "cpu",
             activation_bytes: None,
             keeps: tape_keeps,
-            backward_blocks: 0.75,
+            backward_tokens: 1.5,
             backward_scores: 20.0,
             f32_attention_kernel: true,
+            kernel_threads: threads,
             encoder_bytes: 4.0,
             adapter_bytes: 4.0,
             maps_files: true,
@@ -105,8 +111,8 @@ impl Profile {
             // The f32 scores and probabilities of one chunk of query rows.
             vae_score_bytes: 8.0,
             overhead_what: "process baseline (binary, libraries, allocator)",
-            overhead_bytes: 14.0 * MIB,
-            slack: 0.20,
+            overhead_bytes: 16.0 * MIB,
+            slack: 0.0,
         }
     }
 
@@ -124,7 +130,8 @@ impl Profile {
             overhead_what: "CUDA context and workspaces",
             overhead_bytes: context_bytes,
             slack,
-            ..Self::cpu()
+            // The CPU kernel never runs here.
+            ..Self::cpu(1)
         }
     }
 
@@ -135,7 +142,7 @@ impl Profile {
             name: "pytorch",
             activation_bytes: Some(2.0),
             keeps: torch_keeps,
-            backward_blocks: 0.5,
+            backward_tokens: 0.5,
             backward_scores: 0.0,
             f32_attention_kernel: false,
             encoder_bytes: 2.0,
@@ -453,6 +460,17 @@ impl<'a> Activations<'a> {
 
     /// What one block of `stack` keeps while its graph is alive.
     fn block(&self, stack: &str) -> f64 {
+        let kept = self.cpu_kernel() || self.scores(stack) <= MAX_CHUNK_SCORES as f64;
+        self.block_tokens(stack)
+            + if kept {
+                self.keeps.scores * self.scores(stack)
+            } else {
+                0.0
+            }
+    }
+
+    /// What one block of `stack` keeps per token, for all its tokens (no scores).
+    fn block_tokens(&self, stack: &str) -> f64 {
         let cfg = &self.run.dims.transformer;
         let k = &self.keeps;
         let (dim, ffn) = (cfg.dim as f64, cfg.ffn_dim() as f64);
@@ -464,14 +482,7 @@ impl<'a> Activations<'a> {
                 .filter(|m| !m.module().starts_with("adaLN"))
                 .map(|m| k.lowrank_rank * m.rank())
                 .sum::<f64>();
-        let tokens = self.work.batch as f64 * self.tokens(stack);
-        let kept = self.cpu_kernel() || self.scores(stack) <= MAX_CHUNK_SCORES as f64;
-        tokens * per_token
-            + if kept {
-                k.scores * self.scores(stack)
-            } else {
-                0.0
-            }
+        self.work.batch as f64 * self.tokens(stack) * per_token
     }
 
     /// Whether the attention runs nn::cpu's kernel (which always keeps the probabilities).
@@ -503,11 +514,15 @@ impl<'a> Activations<'a> {
             .into_iter()
             .map(|s| {
                 let scores = if self.cpu_kernel() {
-                    0.0
+                    // Each thread's f32 score gradient of one head of one item (nn::cpu).
+                    let per_head = self.tokens(s) * self.tokens(s);
+                    let threads =
+                        (self.profile.kernel_threads as f64).min(self.scores(s) / per_head);
+                    threads * 4.0 * per_head
                 } else {
                     self.profile.backward_scores * self.chunk_scores(s)
                 };
-                self.profile.backward_blocks * self.block(s) + scores
+                self.profile.backward_tokens * self.block_tokens(s) + scores
             })
             .fold(0.0, f64::max)
     }
@@ -583,7 +598,7 @@ mod tests {
     fn the_profiles_order_as_their_code_does() {
         let cuda = Profile::cuda(0.8 * GIB, 0.1);
         let torch = Profile::torch(0.8 * GIB, 0.1);
-        for p in [Profile::cpu(), cuda, torch] {
+        for p in [Profile::cpu(2), cuda, torch] {
             assert!(
                 training_peak(&p, true, 2.0) < training_peak(&p, false, 2.0),
                 "{}",

@@ -3,6 +3,8 @@
 //! per GPU, the download set and the storage it occupies. Every figure is an estimate; its
 //! basis is written next to it in docs/plan.md.
 
+#[cfg(test)]
+mod calibration;
 pub mod dims;
 pub mod flops;
 pub mod gpus;
@@ -160,7 +162,8 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
         &work,
         &Profile::torch(context_bytes, slack),
     ));
-    let cpu_phases = memory::estimate(&run, &work, &Profile::cpu());
+    let cpu_profile = Profile::cpu(rayon::current_num_threads());
+    let cpu_phases = memory::estimate(&run, &work, &cpu_profile);
     let (cpu_phase, cpu_peak) = peak_of(&cpu_phases);
     let sampling = sampling_cost(cfg, &run, &work);
     let downloads = downloads(cfg, &dims, opts)?;
