@@ -191,16 +191,22 @@ pub fn diagnose(opts: &Options) -> Result<Report> {
 
 /// The backend `ZLORA_DEVICE` asks for, or the build's GPU backend when it is unset.
 fn target(build: &Build, requested: Option<&str>) -> std::result::Result<Target, Check> {
-    let missing = |name: &str, feature: &str| {
+    let missing = |name: &str, backend: &str| {
+        let where_from = if name == "cuda" {
+            format!(
+                "the release binary zlora-{}-linux-x86_64-cuda<X.Y>-sm<ARCH> for this GPU, or \
+                 scripts/cuda-build.sh, which needs no system CUDA (docs/gpu.md)",
+                build.version
+            )
+        } else {
+            "`cargo build --release --features metal` on the Mac".to_string()
+        };
         Check::problem(
             "device",
-            format!("ZLORA_DEVICE={name}, but this binary has no {feature} backend"),
+            format!("ZLORA_DEVICE={name}, but this binary has no {backend} backend"),
             format!(
-                "use a {feature} build: a release binary named zlora-{}-linux-x86_64-cuda<X.Y>-sm<ARCH> \
-                 for NVIDIA GPUs, or build one with `cargo build --release --features {name}` \
-                 (scripts/cuda-build.sh needs no system CUDA; docs/gpu.md); or unset ZLORA_DEVICE \
-                 to run on the CPU",
-                build.version
+                "use a {backend} build (`--features {name}`): {where_from}; or unset ZLORA_DEVICE \
+                 to run on the CPU"
             ),
         )
     };
