@@ -13,8 +13,8 @@
 # Without --toolkit the CUDA 13.0 compiler, headers and libraries come from PyPI with exact
 # versions (the unpinned dependencies of nvidia-cuda-nvcc would pull in 13.5, which cudarc
 # refuses); CUDA 13 binaries need an NVIDIA driver >= 580. PyPI has no CUDA 12 compiler (its
-# nvidia-cuda-nvcc-cu12 wheels hold ptxas only), so a build for older drivers needs an installed
-# CUDA 12.x toolkit (--toolkit; cudarc accepts nvcc 11.4-13.4).
+# nvidia-cuda-nvcc-cu12 wheels hold ptxas but no nvcc), so a build for older drivers needs an
+# installed CUDA 12.x toolkit (--toolkit; cudarc accepts nvcc 11.4-13.4).
 #
 # Each binary is built in $CARGO_TARGET_DIR (default target/cuda) and copied to
 # dist/zlora-<version>-linux-x86_64-cuda<X.Y>-sm<ARCH> with a .sha256 next to it.
@@ -31,11 +31,17 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --toolkit) [ $# -ge 2 ] || die "--toolkit needs a folder (the one holding bin/nvcc)"
                    toolkit=$2; shift 2 ;;
-        80|86|89|90|120) archs+=("$1"); shift ;;
-        *) die "unknown argument '$1': expected --toolkit DIR or architectures 80 86 89 90 120" ;;
+        -*) die "unknown option '$1': expected --toolkit DIR" ;;
+        *) archs+=("$1"); shift ;;
     esac
 done
 [ ${#archs[@]} -gt 0 ] || archs=("${CUDA_COMPUTE_CAP:-90}")
+for arch in "${archs[@]}"; do
+    case "$arch" in
+        80|86|89|90|120) ;;
+        *) die "architecture '$arch': expected 80, 86, 89, 90 or 120" ;;
+    esac
+done
 dist=${ZLORA_DIST:-dist}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 
