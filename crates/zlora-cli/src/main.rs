@@ -1,6 +1,7 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod doctor;
 mod experiment;
 mod fetch;
 mod generate;
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check this machine first: build, GPU, driver, kernels, memory, and whether a config fits.
+    Doctor(doctor::Args),
     /// Generate images with a Z-Image model and any number of LoRAs.
     Generate(Box<generate::Args>),
     /// Create a tiny random-weight Z-Image model (diffusers layout) to try every command on.
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
+        Command::Doctor(args) => doctor::run(args),
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),

@@ -9,6 +9,7 @@
 pub mod bake;
 pub mod data;
 pub mod device;
+pub mod doctor;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
