@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{stderr, zlora};
+use common::{stderr, tiny_model_and_data};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,17 +26,7 @@ struct Project {
 impl Project {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        stderr(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
-        stderr(&zlora(&[
-            "tiny-dataset",
-            "--out",
-            &p("data"),
-            "--count",
-            "4",
-            "--size",
-            "32",
-        ]));
+        tiny_model_and_data(dir.path(), 4, 32);
         std::fs::write(dir.path().join("notes.txt"), "my notes").unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         Self { dir }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{stderr, zlora};
+use common::{stderr, tiny_model_and_data, zlora};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,17 +20,7 @@ struct Setup {
 impl Setup {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-        stderr(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
-        stderr(&zlora(&[
-            "tiny-dataset",
-            "--out",
-            &p("data"),
-            "--count",
-            "6",
-            "--size",
-            "64",
-        ]));
+        tiny_model_and_data(dir.path(), 6, 64);
         Self { dir }
     }
 

@@ -41,3 +41,19 @@ pub fn stderr(out: &Output) -> String {
     succeeded(out);
     String::from_utf8_lossy(&out.stderr).to_string()
 }
+
+/// Writes the tiny model (width 32) to `dir/model` and a synthetic dataset of `count` images
+/// of `size` px to `dir/data`.
+pub fn tiny_model_and_data(dir: &std::path::Path, count: usize, size: u32) {
+    let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
+    stderr(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
+    stderr(&zlora(&[
+        "tiny-dataset",
+        "--out",
+        &p("data"),
+        "--count",
+        &count.to_string(),
+        "--size",
+        &size.to_string(),
+    ]));
+}
