@@ -498,7 +498,7 @@ fn training_settings_are_refused_at_config_validation() {
 }
 
 #[test]
-fn a_rank_above_the_layer_width_is_refused_before_any_factor_is_allocated() {
+fn a_rank_above_the_layer_width_is_refused_before_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let t = TrainSetup::new(dir.path());
     let cfg = t.config("resolution = 32", "").to_str().unwrap().to_owned();
@@ -508,6 +508,10 @@ fn a_rank_above_the_layer_width_is_refused_before_any_factor_is_allocated() {
     std::fs::write(&cfg, text).unwrap();
     let out = zlora(&["train", &cfg]);
     refused(&out, &["[lora] rank 4096 is above min(out, in) = 32 of"]);
+    assert!(
+        !dir.path().join("data/.zlora-cache").exists(),
+        "nothing encoded"
+    );
 }
 
 #[test]

@@ -66,6 +66,23 @@ impl ModelFolder {
         TransformerConfig::from_file(&self.root.join("transformer/config.json"))
     }
 
+    /// The transformer's 2-D weights as (module path, (out, in)), from the checkpoint headers
+    /// alone (nothing is loaded).
+    pub fn transformer_linear_shapes(&self) -> Result<Vec<(String, (usize, usize))>> {
+        let checkpoint =
+            TransformerCheckpoint::open(component_files(&self.root.join("transformer"))?)?;
+        Ok(checkpoint
+            .shapes()
+            .into_iter()
+            .filter_map(
+                |(name, shape)| match (name.strip_suffix(".weight"), &shape[..]) {
+                    (Some(path), &[out, inp]) => Some((path.to_string(), (out, inp))),
+                    _ => None,
+                },
+            )
+            .collect())
+    }
+
     /// The transformer from this folder, or from a single-file checkpoint (ComfyUI or
     /// diffusers names) that replaces it.
     pub fn load_transformer(

@@ -74,6 +74,25 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// The rank must not exceed min(out, in) of any targeted Linear, given as
+    /// (path, (out, in)): a LoRA cannot have more rank than the Linear it adapts.
+    pub fn check_rank<'a>(
+        &self,
+        linears: impl IntoIterator<Item = (&'a str, (usize, usize))>,
+    ) -> Result<()> {
+        for (path, (out, inp)) in linears {
+            if self.targets(path) && self.rank > out.min(inp) {
+                return Err(Error::Invalid(format!(
+                    "[lora] rank {} is above min(out, in) = {} of {path}: a LoRA cannot have \
+                     more rank than the Linear it adapts",
+                    self.rank,
+                    out.min(inp)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn targets(&self, path: &str) -> bool {
         let mut parts = path.splitn(3, '.');
         let (Some(stack), Some(index), Some(module)) = (parts.next(), parts.next(), parts.next())
@@ -109,18 +128,12 @@ impl TrainableLora {
         // The model's device; f32 whatever its compute dtype (master weights).
         let (device, _) = model.placement();
         let device = &device;
+        let shapes = model.linear_shapes();
+        cfg.check_rank(shapes.iter().map(|(p, s)| (p.as_str(), *s)))?;
         let mut modules = Vec::new();
-        for (path, (out, inp)) in model.linear_shapes() {
+        for (path, (out, inp)) in shapes {
             if !cfg.targets(&path) {
                 continue;
-            }
-            if cfg.rank > out.min(inp) {
-                return Err(Error::Invalid(format!(
-                    "[lora] rank {} is above min(out, in) = {} of {path}: a LoRA cannot have \
-                     more rank than the Linear it adapts",
-                    cfg.rank,
-                    out.min(inp)
-                )));
             }
             let bound = 1.0 / (inp as f32).sqrt();
             let down: Vec<f32> = (0..cfg.rank * inp)

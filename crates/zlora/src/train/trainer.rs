@@ -83,6 +83,10 @@ pub fn train(
         crate::device::describe(&device, base_dtype(cfg))
     )));
 
+    // Checked from the checkpoint's header before any data is cached or weight loaded.
+    let linears = folder.transformer_linear_shapes()?;
+    cfg.lora
+        .check_rank(linears.iter().map(|(p, s)| (p.as_str(), *s)))?;
     let data = prepare_data(cfg, &folder, &device, events)?;
     let sampler = Sampler::new(cfg, &folder, &device, base_dtype(cfg))?;
 
