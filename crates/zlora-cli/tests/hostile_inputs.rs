@@ -5,7 +5,7 @@
 mod common;
 
 use common::parity::fixtures;
-use common::{stderr, zlora};
+use common::{stderr, tiny_model_and_data, zlora};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -432,24 +432,7 @@ struct TrainSetup {
 
 impl TrainSetup {
     fn new(dir: &Path) -> Self {
-        stderr(&zlora(&[
-            "tiny-model",
-            "--out",
-            s(&dir.join("model")),
-            "--dim",
-            "32",
-        ]));
-        let data = dir.join("data");
-        let args = [
-            "tiny-dataset",
-            "--out",
-            s(&data),
-            "--count",
-            "2",
-            "--size",
-            "64",
-        ];
-        stderr(&zlora(&args));
+        tiny_model_and_data(dir, 2, 64);
         Self {
             dir: dir.to_path_buf(),
         }
@@ -495,6 +478,19 @@ fn training_settings_are_refused_at_config_validation() {
         &["[lora] alpha must be a positive finite number", "got NaN"],
     );
     assert!(!dir.path().join("out").exists(), "nothing started");
+}
+
+#[test]
+fn a_long_sample_prompt_is_warned_about_in_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TrainSetup::new(dir.path());
+    let prompt = "fox ".repeat(2625);
+    let sample = format!("[sample]\nevery = 100\nprompts = [{prompt:?}]\nseeds = [1]");
+    let err = stderr(&t.train("resolution = 32", &sample));
+    assert!(
+        err.contains("warning: the prompt is") && err.contains("reads the first 512"),
+        "{err}"
+    );
 }
 
 #[test]

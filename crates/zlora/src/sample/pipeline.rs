@@ -28,15 +28,21 @@ pub struct DenoiseSettings {
 
 /// Encodes `prompts` with the folder's text encoder, which is dropped on return (before any
 /// transformer is loaded), and pairs each with the `negative` prompt's features when CFG may
-/// run (the negative is encoded once and shared).
+/// run (the negative is encoded once and shared). A prompt longer than the encoder reads is
+/// reported to `warn`.
 pub fn encode_conditions(
     folder: &ModelFolder,
     prompts: &[String],
     negative: Option<&str>,
-    dtype: DType,
-    device: &Device,
+    (dtype, device): (DType, &Device),
+    warn: &mut dyn FnMut(&str),
 ) -> crate::Result<Vec<Conditioning>> {
     let encoder = folder.load_prompt_encoder(dtype, device)?;
+    for prompt in prompts.iter().map(String::as_str).chain(negative) {
+        if let Some(warning) = encoder.tokenizer().cut_warning(prompt)? {
+            warn(&warning);
+        }
+    }
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let positives = encoder.encode(&refs)?;
     let negative = match negative {

@@ -31,12 +31,12 @@ pub struct Sampler {
 
 impl Sampler {
     /// Encodes the sample prompts now in the transformer's compute `dtype` (the text encoder
-    /// is dropped right after).
+    /// is dropped right after); prompts longer than it reads are reported to `warn`.
     pub fn new(
         cfg: &TrainConfig,
         folder: &ModelFolder,
-        device: &Device,
-        dtype: DType,
+        (device, dtype): (&Device, DType),
+        warn: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         let mode = cfg.mode();
         let s = &cfg.sample;
@@ -44,7 +44,7 @@ impl Sampler {
         let guidance = s.guidance.unwrap_or(guidance);
         let conds = if s.every > 0 {
             let negative = (guidance > 0.0).then_some(s.negative_prompt.as_str());
-            encode_conditions(folder, &s.prompts, negative, dtype, device)?
+            encode_conditions(folder, &s.prompts, negative, (dtype, device), warn)?
         } else {
             Vec::new()
         };

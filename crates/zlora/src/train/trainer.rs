@@ -88,7 +88,9 @@ pub fn train(
     cfg.lora
         .check_rank(linears.iter().map(|(p, s)| (p.as_str(), *s)))?;
     let data = prepare_data(cfg, &folder, &device, events)?;
-    let sampler = Sampler::new(cfg, &folder, &device, base_dtype(cfg))?;
+    let sampler = Sampler::new(cfg, &folder, (&device, base_dtype(cfg)), &mut |w| {
+        events(Event::Message(w.to_string()))
+    })?;
 
     let mut model = folder.load_transformer(None, base_dtype(cfg), &device)?;
     attach_training_adapter(cfg, &mut model, events)?;

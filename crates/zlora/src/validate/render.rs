@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Tensor};
 use super::plan::{RenderSettings, StepsGuidance};
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
-use crate::model::text::PromptTokenizer;
 use crate::model::ZImageTransformer;
 use crate::sample::image::{to_rgb8, Rgb8};
 use crate::sample::limits::ImageLimits;
@@ -95,16 +94,11 @@ impl Session {
             .iter()
             .map(|&s| seeded_noise(s, &[1, 16, h, w], &device))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let tokenizer =
-            PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
-        for prompt in prompts {
-            if let Some(warning) = tokenizer.cut_warning(prompt)? {
-                progress.stage(&warning);
-            }
-        }
         progress.stage(&format!("{model}: encoding {} prompts", prompts.len()));
         let negative = cfg.then_some(render.negative_prompt.as_str());
-        let conds = encode_conditions(&folder, prompts, negative, dtype, &device)?;
+        let conds = encode_conditions(&folder, prompts, negative, (dtype, &device), &mut |w| {
+            progress.stage(w)
+        })?;
         progress.stage(&format!("{model}: loading the transformer"));
         let model = folder.load_transformer(None, dtype, &device)?;
         Ok(Self {
