@@ -86,7 +86,7 @@ pub fn train(
     let data = prepare_data(cfg, &folder, &device, events)?;
     let sampler = Sampler::new(cfg, &folder, &device, base_dtype(cfg))?;
 
-    let mut model = folder.load_transformer(None, base_dtype(cfg), &device)?;
+    let mut model = folder.load_transformer(None, base_dtype(cfg), &device, cfg.model.quantize)?;
     attach_training_adapter(cfg, &mut model, events)?;
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -48,6 +49,9 @@ pub struct RenderSettings {
     pub height: usize,
     #[serde(default)]
     pub dtype: Precision,
+    /// How the transformer blocks' frozen weights are stored (as `generate --quantize`).
+    #[serde(default)]
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for RenderSettings {
@@ -59,6 +63,7 @@ impl Default for RenderSettings {
             width: default_size(),
             height: default_size(),
             dtype: Precision::default(),
+            quantize: None,
         }
     }
 }

@@ -106,7 +106,7 @@ impl Session {
         let negative = cfg.then_some(render.negative_prompt.as_str());
         let conds = encode_conditions(&folder, prompts, negative, dtype, &device)?;
         progress.stage(&format!("{model}: loading the transformer"));
-        let model = folder.load_transformer(None, dtype, &device)?;
+        let model = folder.load_transformer(None, dtype, &device, render.quantize)?;
         Ok(Self {
             shift: folder.scheduler_shift()?,
             folder,
