@@ -67,6 +67,16 @@ impl ModelFolder {
         TransformerConfig::from_file(&self.root.join("transformer/config.json"))
     }
 
+    /// Refuses a quantization that cannot store this folder's transformer, before anything
+    /// is loaded.
+    pub fn check_quantization(&self, quantize: Option<Quantization>) -> Result<()> {
+        match quantize {
+            Some(q) => ZImageTransformer::check_quantization(&self.transformer_config()?, q)
+                .map_err(Error::Invalid),
+            None => Ok(()),
+        }
+    }
+
     /// The transformer from this folder, or from a single-file checkpoint (ComfyUI or
     /// diffusers names) that replaces it; its blocks' Linears stored as `quantize` if given.
     pub fn load_transformer(

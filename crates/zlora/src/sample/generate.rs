@@ -146,7 +146,10 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
         .unwrap_or_else(|| crate::device::default_dtype(&device));
     events(Event::Stage(&crate::device::describe(&device, dtype)));
     let folder = ModelFolder::open(&req.model)?;
-    check_quantization(&folder, req)?;
+    if req.transformer_file.is_none() {
+        // A single-file transformer is checked when it loads.
+        folder.check_quantization(req.quantize)?;
+    }
     let (h, w) = ImageLimits::of_folder(&folder, &device)?.latent_size(req.height, req.width)?;
     let seeds = image_seeds(req);
     check_outputs(req, &seeds)?;
@@ -345,16 +348,6 @@ fn encode_prompts(
         positive,
         negative: feats.next(),
     })
-}
-
-/// A format that cannot store the folder's transformer is refused before the prompt is encoded
-/// (a single-file transformer is checked when it loads).
-fn check_quantization(folder: &ModelFolder, req: &GenerateRequest) -> Result<()> {
-    match (req.quantize, &req.transformer_file) {
-        (Some(q), None) => ZImageTransformer::check_quantization(&folder.transformer_config()?, q)
-            .map_err(Error::Invalid),
-        _ => Ok(()),
-    }
 }
 
 fn load_transformer(

@@ -75,6 +75,7 @@ pub fn train(
     let claimed = prepare_output(cfg, opts, events)?;
     let out = claimed.path();
     let folder = ModelFolder::open(&cfg.model.path)?;
+    folder.check_quantization(cfg.model.quantize)?;
     let mode = cfg.mode();
     events(Event::Message(format!(
         "mode {} on {} ({})",
