@@ -344,10 +344,9 @@ fn a_diverging_run_stops_and_keeps_the_last_good_checkpoint() {
     );
 }
 
-#[test]
-fn the_training_adapter_is_applied_frozen_off_for_samples_and_not_saved() {
-    let s = Setup::new();
-    // An adapter on the adaLN modulation of every main layer: disjoint from the trained set.
+/// A training adapter on the adaLN modulation of every main layer of the dim-32 model:
+/// disjoint from the trained set.
+fn adaln_adapter(s: &Setup) -> PathBuf {
     let adapter = s.path("adapter.safetensors");
     let mut tensors = std::collections::BTreeMap::new();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
@@ -363,6 +362,48 @@ fn the_training_adapter_is_applied_frozen_off_for_samples_and_not_saved() {
         tensors.insert(format!("{key}.lora_B.weight"), rand((128, 4), &mut rng));
     }
     zlora::fsutil::save_safetensors(&adapter, &tensors, None, false).unwrap();
+    adapter
+}
+
+/// The training adapter stacks on an int8 base (whose adaLN weights it adapts): the run's
+/// losses follow the f32 base's with the adapter, and differ from the int8 base's without it.
+#[test]
+fn the_training_adapter_stacks_on_a_quantized_base() {
+    let s = Setup::new();
+    let adapter = format!("training_adapter = \"{}\"", adaln_adapter(&s).display());
+    let int8 = "quantize = \"int8\"";
+    let runs = [
+        ("dense", adapter.clone()),
+        ("int8", format!("{adapter}\n{int8}")),
+        ("plain", int8.to_string()),
+    ];
+    for (name, model) in &runs {
+        let cfg = s.config(name, model, "", "");
+        stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "4"]));
+    }
+    let (dense, int8, plain) = (
+        losses(&s.path("dense")),
+        losses(&s.path("int8")),
+        losses(&s.path("plain")),
+    );
+    let rel = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs() / x)
+            .fold(0.0, f64::max)
+    };
+    eprintln!("with the adapter, f32 {dense:?}, int8 {int8:?}; int8 without it {plain:?}");
+    let (same, effect) = (rel(&dense, &int8), rel(&int8, &plain));
+    assert!(
+        same * 10.0 < effect,
+        "int8 vs f32 {same}, adapter effect {effect}"
+    );
+}
+
+#[test]
+fn the_training_adapter_is_applied_frozen_off_for_samples_and_not_saved() {
+    let s = Setup::new();
+    let adapter = adaln_adapter(&s);
     let sample = "[sample]\nevery = 1\nprompts = [\"zkchar\"]\nseeds = [3]";
     let with = s.config(
         "with",

@@ -385,7 +385,19 @@ mod tests {
             ]
         );
         assert_eq!(plan.render.seeds, [1, 2, 3]);
+        assert_eq!(plan.render.quantize, None);
         Ok(())
+    }
+
+    #[test]
+    fn the_render_settings_take_a_quantized_base() {
+        let base = "lora = \"l\"\nbase = \"b\"\nturbo = \"t\"\noutput = \"o\"\n[render]\n";
+        let plan: ValidationPlan = toml::from_str(&format!("{base}quantize = \"q4_k\"")).unwrap();
+        assert_eq!(plan.render.quantize, Some(Quantization::Q4K));
+        let err = toml::from_str::<ValidationPlan>(&format!("{base}quantize = \"q2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown quantization 'q2'"), "{err}");
     }
 
     #[test]
