@@ -511,4 +511,32 @@ fn a_quantization_whose_blocks_do_not_divide_the_widths_is_refused_before_loadin
     );
     assert!(!err.contains("encoding the prompt"), "{err}");
     assert!(!png.exists());
+
+    // A single-file transformer has no config to check first: it is refused when it loads.
+    let comfy = fixtures().join("comfy_transformer.safetensors");
+    let res = zlora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--transformer",
+        comfy.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--quantize",
+        "q8_0",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("q8_0") && last.contains("32") && last.contains("ffn 85"),
+        "{err}"
+    );
+    assert!(!png.exists());
 }
