@@ -379,7 +379,9 @@ fn the_training_adapter_stacks_on_a_quantized_base() {
     ];
     for (name, model) in &runs {
         let cfg = s.config(name, model, "", "");
-        stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "4"]));
+        let log = stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "4"]));
+        let said = log.contains("blocks stored as int8");
+        assert_eq!(said, model.contains("int8"), "{name}: {log}");
     }
     let (dense, int8, plain) = (
         losses(&s.path("dense")),

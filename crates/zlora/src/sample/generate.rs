@@ -158,7 +158,10 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     events(Event::Stage("encoding the prompt"));
     let cond = encode_prompts(&folder, req, dtype, &device, events)?;
 
-    events(Event::Stage("loading the transformer"));
+    events(Event::Stage(&match req.quantize {
+        Some(q) => format!("loading the transformer, its blocks stored as {q}"),
+        None => "loading the transformer".into(),
+    }));
     let model = load_transformer(&folder, req, dtype, &device, events)?;
     let settings = DenoiseSettings {
         steps: req.steps,

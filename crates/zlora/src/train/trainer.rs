@@ -77,11 +77,16 @@ pub fn train(
     let folder = ModelFolder::open(&cfg.model.path)?;
     folder.check_quantization(cfg.model.quantize)?;
     let mode = cfg.mode();
+    let quantized = cfg
+        .model
+        .quantize
+        .map(|q| format!(", blocks stored as {q}"));
     events(Event::Message(format!(
-        "mode {} on {} ({})",
+        "mode {} on {} ({}{})",
         mode.name(),
         folder.root().display(),
-        crate::device::describe(&device, base_dtype(cfg))
+        crate::device::describe(&device, base_dtype(cfg)),
+        quantized.unwrap_or_default()
     )));
 
     let data = prepare_data(cfg, &folder, &device, events)?;
