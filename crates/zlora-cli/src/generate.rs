@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::DType;
+use zlora::nn::Quantization;
 use zlora::sample::generate::{generate, Event, GenerateRequest, LoraSpec, Preset};
 use zlora::sample::Guidance;
 
@@ -72,6 +73,10 @@ pub struct Args {
     /// Compute dtype (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long, value_enum)]
     dtype: Option<DtypeArg>,
+    /// Store the transformer blocks' weights quantized: fp8, int8, q8_0, q6_k, q5_k or q4_k
+    /// (default: the compute dtype).
+    #[arg(long)]
+    quantize: Option<Quantization>,
     #[arg(long)]
     out: PathBuf,
     /// Overwrite existing output files.
@@ -109,6 +114,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
         }),
+        quantize: a.quantize,
         out: a.out,
         overwrite: a.force,
         allow_nonfinite: a.allow_nonfinite,

@@ -389,3 +389,154 @@ fn a_foreign_lora_is_named_and_fails() {
     );
     assert!(!out.exists());
 }
+
+/// The Turbo, Base and LoRA pipelines with the fixture's blocks stored as int8 and fp8 (the
+/// formats that take its widths: dim 32, FFN 85) against diffusers' unquantized results: the
+/// LoRA applies on the quantized base. Measured (turbo, base, lora): int8 latents 1.09e-2,
+/// 1.30e-2, 1.06e-2, pixels 3 levels each; fp8 3.86e-2, 6.14e-2, 3.18e-2, pixels 14, 15, 13
+/// levels. The bounds are twice the worst (docs/benchmarks.md).
+#[test]
+fn the_pipelines_on_an_int8_or_fp8_base_stay_within_their_bounds() {
+    for (q, latents, pixels) in [("int8", 2.6e-2, 6.0), ("fp8", 0.123, 30.0)] {
+        for name in PIPELINES {
+            check_pipeline(name, &["--quantize", q], &[], latents, pixels);
+        }
+    }
+}
+
+/// Peak signal-to-noise ratio (dB) of two 8-bit images.
+fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    10.0 * (255.0f64.powi(2) / mse).log10()
+}
+
+/// Every format on a random model whose widths all of them take (dim 768, FFN 2048, adaLN
+/// 256): final latents and pixels of an 8-step Turbo generation against the same model
+/// unquantized. The bounds: twice the measured latent error, the measured PSNR less 6 dB
+/// (twice the error's amplitude); measurements in docs/benchmarks.md.
+#[test]
+fn generation_on_a_quantized_base_stays_close_to_the_dense_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    stdout(&zlora(&[
+        "tiny-model",
+        "--out",
+        &p("model"),
+        "--dim",
+        "768",
+        "--heads",
+        "6",
+    ]));
+    let run = |q: Option<&str>| {
+        let name = q.unwrap_or("dense");
+        let (png, fin) = (p(&format!("{name}.png")), p(&format!("{name}.safetensors")));
+        let model = p("model");
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "a red cube",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--seed",
+            "3",
+            "--save-latents",
+            &fin,
+            "--out",
+            &png,
+        ];
+        args.extend(q.iter().flat_map(|q| ["--quantize", q]));
+        stdout(&zlora(&args));
+        let latents =
+            candle_core::safetensors::load(&fin, &Device::Cpu).unwrap()["latents"].clone();
+        let text = read_png(Path::new(&png)).unwrap().1;
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert_eq!(
+            params.contains("\"quantize\":null"),
+            q.is_none(),
+            "{params}"
+        );
+        (latents, read_png(Path::new(&png)).unwrap().0.pixels)
+    };
+    let (dense, dense_png) = run(None);
+    for (q, latent_tol, min_psnr) in [
+        ("q8_0", 1.3e-2, 47.0),
+        ("int8", 1.2e-2, 47.0),
+        ("fp8", 5.0e-2, 38.0),
+        ("q6_k", 3.2e-2, 40.0),
+        ("q5_k", 7.5e-2, 34.0),
+        ("q4_k", 0.144, 29.0),
+    ] {
+        let (latents, png) = run(Some(q));
+        let (err, db) = (rel_err(&latents, &dense), psnr(&png, &dense_png));
+        eprintln!("{q}: final latents relative error {err:.3e}, PNG PSNR {db:.1} dB");
+        assert!(err <= latent_tol && db >= min_psnr, "{q}: {err} {db}");
+    }
+}
+
+#[test]
+fn a_quantization_whose_blocks_do_not_divide_the_widths_is_refused_before_loading() {
+    let model = fixtures().join("model");
+    let out = tempfile::tempdir().unwrap();
+    let png = out.path().join("x.png");
+    let res = zlora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--quantize",
+        "q4_k",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("q4_k") && last.contains("256") && last.contains("ffn 85"),
+        "{err}"
+    );
+    assert!(!err.contains("encoding the prompt"), "{err}");
+    assert!(!png.exists());
+
+    // A single-file transformer has no config to check first: it is refused when it loads.
+    let comfy = fixtures().join("comfy_transformer.safetensors");
+    let res = zlora(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--transformer",
+        comfy.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--quantize",
+        "q8_0",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("q8_0") && last.contains("32") && last.contains("ffn 85"),
+        "{err}"
+    );
+    assert!(!png.exists());
+}

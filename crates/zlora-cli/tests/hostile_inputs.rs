@@ -432,7 +432,7 @@ struct TrainSetup {
 
 impl TrainSetup {
     fn new(dir: &Path) -> Self {
-        tiny_model_and_data(dir, 2, 64);
+        tiny_model_and_data(dir, 32, 2, 64);
         Self {
             dir: dir.to_path_buf(),
         }

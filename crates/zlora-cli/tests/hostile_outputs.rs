@@ -26,7 +26,7 @@ struct Project {
 impl Project {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        tiny_model_and_data(dir.path(), 4, 32);
+        tiny_model_and_data(dir.path(), 32, 4, 32);
         std::fs::write(dir.path().join("notes.txt"), "my notes").unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         Self { dir }

@@ -9,8 +9,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{get, reference};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use zlora::model::folder::ModelFolder;
+use zlora::model::tiny::TinySpec;
 use zlora::model::ZImageTransformer;
-use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets};
+use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets, Quantization};
 use zlora::train::backprop::{loss_and_grads, MicroBatch};
 use zlora::train::lora::{LoraConfig, TrainableLora};
 use zlora::train::objective::{gaussian_like, loss};
@@ -291,4 +293,82 @@ fn one_step_matches_diffusers_and_peft() {
         "loss relative error {loss_err:e}"
     );
     parity::assert_within(&grads, parity::TOL, "gradient");
+}
+
+/// cos ∠(a, b).
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let dot = (a * b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    dot / (norm(a) * norm(b))
+}
+
+/// One step's LoRA gradients (default targets: the main layers) on a random model whose
+/// widths every format takes (dim 768, FFN 2048, adaLN 256), with its blocks stored as `q`.
+fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor> {
+    let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
+    let mut model = folder
+        .load_transformer(None, DType::F32, &Device::Cpu, q)
+        .unwrap();
+    let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let lora = TrainableLora::new(&cfg, &model, &mut rng).unwrap();
+    for m in &lora.modules {
+        let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
+        m.up.set(&up).unwrap();
+    }
+    lora.attach(&mut model).unwrap();
+    let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+    let x0 = gaussian_like(&zeros(&[2, 16, 8, 8]), &mut rng).unwrap();
+    let eps = gaussian_like(&x0, &mut rng).unwrap();
+    let caps: Vec<Tensor> = (0..2)
+        .map(|_| gaussian_like(&zeros(&[5, model.config().cap_feat_dim]), &mut rng).unwrap())
+        .collect();
+    let noised = zlora::train::objective::noise(&x0, &eps, &[0.3, 0.8]).unwrap();
+    let batch = MicroBatch {
+        x: &noised.x,
+        t: &noised.t,
+        captions: &caps,
+        target: &noised.target,
+        weights: &[1.0, 1.0],
+    };
+    loss_and_grads(&model, &lora, &batch, true).unwrap().1
+}
+
+/// Every LoRA tensor's gradient of one step on a quantized base points where the f32 base's
+/// does: the cosine similarity's bound per format is 1 − 2·(1 − the worst measured),
+/// measurements in docs/benchmarks.md.
+#[test]
+fn lora_gradients_on_a_quantized_base_point_where_the_dense_ones_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        dim: 768,
+        heads: 6,
+        ..TinySpec::default()
+    };
+    let root = dir.path().join("model");
+    zlora::model::tiny::create(&root, &spec, false).unwrap();
+    let dense = quantized_step(&root, None);
+    for (q, min_cos) in [
+        (Quantization::Q8_0, 0.995),
+        (Quantization::Int8, 0.997),
+        (Quantization::Fp8, 0.95),
+        (Quantization::Q6K, 0.983),
+        (Quantization::Q5K, 0.94),
+        (Quantization::Q4K, 0.78),
+    ] {
+        let grads = quantized_step(&root, Some(q));
+        let cosines: Vec<f64> = grads
+            .iter()
+            .zip(&dense)
+            .map(|(g, d)| cosine(g, d))
+            .collect();
+        let worst = cosines.iter().copied().fold(1.0, f64::min);
+        let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
+        eprintln!("{q}: LoRA gradient cosine similarity: worst {worst:.4}, mean {mean:.4}");
+        assert!(worst >= min_cos, "{q}: cosine {worst}");
+    }
 }

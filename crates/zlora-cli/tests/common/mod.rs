@@ -42,11 +42,17 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
-/// Writes the tiny model (width 32) to `dir/model` and a synthetic dataset of `count` images
-/// of `size` px to `dir/data`.
-pub fn tiny_model_and_data(dir: &std::path::Path, count: usize, size: u32) {
+/// Writes a tiny model of width `dim` to `dir/model` and a synthetic dataset of `count`
+/// images of `size` px to `dir/data`.
+pub fn tiny_model_and_data(dir: &std::path::Path, dim: usize, count: usize, size: u32) {
     let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
-    stderr(&zlora(&["tiny-model", "--out", &p("model"), "--dim", "32"]));
+    stderr(&zlora(&[
+        "tiny-model",
+        "--out",
+        &p("model"),
+        "--dim",
+        &dim.to_string(),
+    ]));
     stderr(&zlora(&[
         "tiny-dataset",
         "--out",

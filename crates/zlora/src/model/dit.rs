@@ -17,7 +17,7 @@ use super::rope::{Position, RopeEmbedder, Rotation};
 use crate::nn::attention::{attention, key_padding_mask};
 use crate::nn::norm::layer_norm_no_affine;
 use crate::nn::swiglu::swiglu;
-use crate::nn::{Linear, LinearTargets, RmsNorm};
+use crate::nn::{Linear, LinearTargets, Quantization, RmsNorm};
 
 fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
     let w = vb.get((out, inp), "weight")?;
@@ -284,6 +284,18 @@ impl TransformerBlock {
         Ok((out, tape))
     }
 
+    /// Stores every Linear of the block as `q`: the blocks hold nearly all the weights, and
+    /// their Linears' input gradients are hand-written, so they never need candle's autograd
+    /// through a quantized kernel.
+    fn quantize(&mut self, q: Quantization) -> Result<()> {
+        for (name, linear) in self.linears("") {
+            linear
+                .quantize(q)
+                .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", &name[1..])))?;
+        }
+        Ok(())
+    }
+
     fn linears(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
         let mut out = vec![
             (format!("{prefix}.attention.to_q"), &mut self.attention.to_q),
@@ -469,9 +481,54 @@ pub struct ZImageTransformer {
 
 impl ZImageTransformer {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load(cfg, vb, None)
+    }
+
+    /// Why `q` cannot store this config's block Linears (their input widths), if it cannot.
+    pub fn check_quantization(
+        cfg: &TransformerConfig,
+        q: Quantization,
+    ) -> std::result::Result<(), String> {
+        let widths = [
+            ("dim", cfg.dim),
+            ("ffn", cfg.ffn_dim()),
+            ("adaLN", cfg.adaln_dim()),
+        ];
+        let bad: Vec<String> = widths
+            .iter()
+            .filter(|(_, w)| w % q.row_multiple() != 0)
+            .map(|(n, w)| format!("{n} {w}"))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "quantization {q} stores rows in blocks of {} values, but this transformer's block \
+             Linears take widths {}: use a format whose block divides them (int8 and fp8 take \
+             any width, q8_0 multiples of 32)",
+            q.row_multiple(),
+            bad.join(", ")
+        ))
+    }
+
+    /// The transformer with its blocks' Linears stored as `quantize`, each block quantized as
+    /// soon as it is read, so at most one block is ever dense in memory. The embedders, the
+    /// final layer and the norms stay in the compute dtype: they are small, and their
+    /// gradients go through candle's autograd.
+    pub fn load(
+        cfg: &TransformerConfig,
+        vb: VarBuilder,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let blocks = |name: &str, n: usize, modulated: bool| -> Result<Vec<TransformerBlock>> {
             (0..n)
-                .map(|i| TransformerBlock::new(vb.pp(name).pp(i), cfg, modulated))
+                .map(|i| {
+                    let mut block = TransformerBlock::new(vb.pp(name).pp(i), cfg, modulated)?;
+                    if let Some(q) = quantize {
+                        block.quantize(q)?;
+                    }
+                    Ok(block)
+                })
                 .collect()
         };
         let key = cfg.patch_key();

@@ -10,6 +10,7 @@ use super::text::{PromptEncoder, PromptTokenizer, Qwen3TextEncoder, TextEncoderC
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_files, plain_var_builder, TransformerCheckpoint};
 use super::{TransformerConfig, ZImageTransformer};
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
@@ -83,13 +84,24 @@ impl ModelFolder {
             .collect())
     }
 
+    /// Refuses a quantization that cannot store this folder's transformer, before anything
+    /// is loaded.
+    pub fn check_quantization(&self, quantize: Option<Quantization>) -> Result<()> {
+        match quantize {
+            Some(q) => ZImageTransformer::check_quantization(&self.transformer_config()?, q)
+                .map_err(Error::Invalid),
+            None => Ok(()),
+        }
+    }
+
     /// The transformer from this folder, or from a single-file checkpoint (ComfyUI or
-    /// diffusers names) that replaces it.
+    /// diffusers names) that replaces it; its blocks' Linears stored as `quantize` if given.
     pub fn load_transformer(
         &self,
         single_file: Option<&Path>,
         dtype: DType,
         device: &Device,
+        quantize: Option<Quantization>,
     ) -> Result<ZImageTransformer> {
         let files = match single_file {
             Some(f) => vec![f.to_path_buf()],
@@ -101,7 +113,7 @@ impl ModelFolder {
             Err(_) if single_file.is_some() => checkpoint.infer_config()?,
             Err(e) => return Err(e),
         };
-        checkpoint.load(&cfg, dtype, device)
+        checkpoint.load_quantized(&cfg, dtype, device, quantize)
     }
 
     pub fn load_prompt_encoder(&self, dtype: DType, device: &Device) -> Result<PromptEncoder> {

@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 
 use super::config::TransformerConfig;
 use super::dit::ZImageTransformer;
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// Where one canonical tensor lives in the checkpoint.
@@ -243,10 +244,25 @@ impl TransformerCheckpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<ZImageTransformer> {
+        self.load_quantized(cfg, dtype, device, None)
+    }
+
+    /// [`TransformerCheckpoint::load`] with the blocks' Linears stored as `quantize`.
+    pub fn load_quantized(
+        self,
+        cfg: &TransformerConfig,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<ZImageTransformer> {
         self.check(cfg)?;
+        if let Some(q) = quantize {
+            ZImageTransformer::check_quantization(cfg, q).map_err(Error::Invalid)?;
+        }
         let first = self.files[0].clone();
         let vb = VarBuilder::from_backend(Box::new(self), dtype, device.clone());
-        ZImageTransformer::new(cfg, vb).map_err(|e| Error::bad_file(first, e.to_string()))
+        ZImageTransformer::load(cfg, vb, quantize)
+            .map_err(|e| Error::bad_file(first, e.to_string()))
     }
 
     /// Rows [start, start+len) of a stored tensor, read from the file's bytes on their own:

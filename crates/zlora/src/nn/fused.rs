@@ -214,12 +214,29 @@ pub fn rope_interleaved_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Resu
 /// frozen base weight never needs.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let value = super::cpu::matmul(&x.detach(), w)?;
+    let w = w.clone();
+    frozen_product(x, value, Box::new(move |_x, g| g.broadcast_matmul(&w.t()?)))
+}
+
+/// x · Wᵀ for a quantized frozen W (whose kernels have no backward): the input gradient
+/// g · W dequantizes this one weight.
+pub fn quantized_matmul(x: &Tensor, w: &super::quant::QuantWeight) -> Result<Tensor> {
+    let value = w.forward(&x.detach())?;
+    let w = w.clone();
+    frozen_product(
+        x,
+        value,
+        Box::new(move |_x, g| g.broadcast_matmul(&w.dequantize(g.dtype())?)),
+    )
+}
+
+/// A frozen product's `value`, attached to `x` with `input_grad` as its backward when x
+/// records a graph.
+fn frozen_product(x: &Tensor, value: Tensor, input_grad: Backward1) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
     }
-    let w = w.clone();
-    let backward: Backward1 = Box::new(move |_x, g| g.broadcast_matmul(&w.t()?));
-    x.apply_op1(Precomputed::new("zlora-frozen-matmul", value, backward)?)
+    x.apply_op1(Precomputed::new("zlora-frozen-matmul", value, input_grad)?)
 }
 
 #[cfg(test)]

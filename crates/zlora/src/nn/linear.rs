@@ -4,16 +4,45 @@
 //! own factors, a scale (alpha / rank, or 1 when the producer folded alpha in), a user
 //! strength and an on/off switch. Training makes an adapter's tensors `Var`s; nothing here
 //! needs to change for that.
+//!
+//! The base weight is dense (the model's dtype) or quantized ([`QuantWeight`]); adapters
+//! stack on either the same way.
 
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::adapter::Adapter;
 use super::cpu::{matmul, matmul_plus};
 use super::grads::Grads;
+use super::quant::{QuantWeight, Quantization};
+
+/// A Linear's frozen (out, in) weight.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(QuantWeight),
+}
+
+impl FrozenWeight {
+    fn device(&self) -> Device {
+        match self {
+            Self::Dense(w) => w.device().clone(),
+            Self::Quantized(q) => q.device(),
+        }
+    }
+
+    /// The weight as a dense tensor of `dtype`: the input gradient's matrix (one Linear's
+    /// weight at a time for a quantized base).
+    fn dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => w.to_dtype(dtype),
+            Self::Quantized(q) => q.dequantize(dtype),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     adapters: Vec<Adapter>,
 }
@@ -21,13 +50,13 @@ pub struct Linear {
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: FrozenWeight::Dense(weight),
             bias,
             adapters: Vec::new(),
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
 
@@ -37,8 +66,22 @@ impl Linear {
 
     /// (out_features, in_features).
     pub fn shape(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
+        match &self.weight {
+            FrozenWeight::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            FrozenWeight::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// Stores the base weight as `q` (a no-op on an already quantized one); `Err` says why the
+    /// format does not fit this weight.
+    pub fn quantize(&mut self, q: Quantization) -> Result<(), String> {
+        if let FrozenWeight::Dense(w) = &self.weight {
+            self.weight = FrozenWeight::Quantized(QuantWeight::new(w, q)?);
+        }
+        Ok(())
     }
 
     pub fn adapters(&self) -> &[Adapter] {
@@ -53,7 +96,7 @@ impl Linear {
     /// are on this layer's device (a CPU factor on a CUDA model would fail in the first
     /// forward, far from the file it came from).
     pub fn push_adapter(&mut self, adapter: Adapter) -> Result<(), String> {
-        let here = self.weight.device();
+        let here = &self.weight.device();
         if let Some(t) = adapter
             .weights
             .tensors()
@@ -92,11 +135,15 @@ impl Linear {
     }
 
     fn forward_with(&self, x: &Tensor, track: bool) -> candle_core::Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?;
         let mut y = match self.low_rank_terms(x, track)? {
-            Some(terms) => matmul_plus(x, &w.t()?, &terms)?,
+            Some(terms) => self.base_plus(x, &terms)?,
             None => {
-                let mut y = super::fused::frozen_matmul(x, &w.t()?)?;
+                let mut y = match &self.weight {
+                    FrozenWeight::Dense(w) => {
+                        super::fused::frozen_matmul(x, &w.to_dtype(x.dtype())?.t()?)?
+                    }
+                    FrozenWeight::Quantized(q) => super::fused::quantized_matmul(x, q)?,
+                };
                 for a in self.enabled() {
                     let delta = if track {
                         a.forward(x)?
@@ -112,6 +159,21 @@ impl Linear {
             y = y.broadcast_add(&b.to_dtype(x.dtype())?)?;
         }
         Ok(y)
+    }
+
+    /// x·Wᵀ + Σ u·q without an autograd graph: a dense weight's gemm adds the low-rank terms
+    /// itself.
+    fn base_plus(&self, x: &Tensor, terms: &[(Tensor, Tensor)]) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => matmul_plus(x, &w.to_dtype(x.dtype())?.t()?, terms),
+            FrozenWeight::Quantized(q) => {
+                let mut y = q.forward(x)?;
+                for (u, m) in terms {
+                    y = (y + matmul(u, m)?.to_dtype(x.dtype())?)?;
+                }
+                Ok(y)
+            }
+        }
     }
 
     /// Without an autograd graph and with only LoRAs enabled: (f·x·Aᵀ, Bᵀ) per LoRA, the
@@ -163,7 +225,7 @@ impl Linear {
         dy: &Tensor,
         grads: &mut Grads,
     ) -> candle_core::Result<Tensor> {
-        let w = self.weight.to_dtype(dy.dtype())?;
+        let w = self.weight.dense(dy.dtype())?;
         let (mut terms, mut dense) = (Vec::new(), Vec::new());
         for a in self.enabled() {
             match a.low_rank_backward(x, dy, grads)? {

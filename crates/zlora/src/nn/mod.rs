@@ -12,9 +12,11 @@ pub mod grads;
 pub mod kernels;
 pub mod linear;
 pub mod norm;
+pub mod quant;
 pub mod swiglu;
 
 pub use adapter::{Adapter, AdapterWeights, Factor};
 pub use grads::Grads;
-pub use linear::{Linear, LinearTargets};
+pub use linear::{FrozenWeight, Linear, LinearTargets};
 pub use norm::RmsNorm;
+pub use quant::{QuantWeight, Quantization};

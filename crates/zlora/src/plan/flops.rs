@@ -146,6 +146,7 @@ mod tests {
             checkpointing,
             accumulation,
             base_bytes: 2.0,
+            compute_bytes: 2.0,
             sample: None,
         }
     }

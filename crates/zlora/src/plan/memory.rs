@@ -25,8 +25,11 @@ pub struct Workload {
     pub image_pixels: usize,
     pub checkpointing: bool,
     pub accumulation: usize,
-    /// Bytes per frozen transformer weight: 4 (f32), 2 (bf16) or 1 (an 8-bit base).
+    /// Bytes per frozen transformer weight: 4 (f32), 2 (bf16), about 1 (an 8-bit base) or
+    /// less (a k-quant base).
     pub base_bytes: f64,
+    /// Bytes per activation value: the compute dtype's, 4 (f32) or 2 (bf16).
+    pub compute_bytes: f64,
     pub sample: Option<SampleShape>,
 }
 
@@ -259,12 +262,9 @@ pub fn peak(phases: &[Phase]) -> Option<&Phase> {
     phases.iter().max_by(|a, b| a.total().total_cmp(&b.total()))
 }
 
-/// The profile's, or the frozen weights' dtype (zlora computes in it), at least bf16: an
-/// 8-bit base would compute in bf16.
+/// The profile's, or the compute dtype's (`base_dtype`, also for a quantized base).
 fn activation_bytes(work: &Workload, profile: &Profile) -> f64 {
-    profile
-        .activation_bytes
-        .unwrap_or_else(|| work.base_bytes.max(2.0))
+    profile.activation_bytes.unwrap_or(work.compute_bytes)
 }
 
 /// The text encoder encodes one caption at a time, without gradients: its weights plus one
@@ -405,6 +405,7 @@ fn dtype_name(bytes: f64) -> &'static str {
         4 => "f32",
         2 => "bf16",
         1 => "8-bit",
+        0 => "4- to 6-bit",
         _ => "mixed",
     }
 }
@@ -584,6 +585,7 @@ mod tests {
             checkpointing,
             accumulation: 1,
             base_bytes,
+            compute_bytes: base_bytes.max(2.0),
             sample: None,
         };
         let phases = estimate(&run, &work, profile);

@@ -25,6 +25,10 @@ use memory::{Phase, Profile, Run, SampleShape, Workload, GIB, MIB};
 /// Z-Image's longest caption (its `max_sequence_length`), the worst case a plan assumes.
 pub const MAX_CAPTION_TOKENS: usize = crate::model::text::DEFAULT_MAX_TOKENS;
 
+/// A row width every format divides (the k-quants' block): a quantized weight's bytes per
+/// value.
+const QUANT_ROW: usize = 256;
+
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
     /// GPU names to estimate for (empty: the whole table).
@@ -233,6 +237,11 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         .copied();
     let (h, w) = largest.map_or((0, 0), |b| (b.height as usize, b.width as usize));
     let t = &cfg.train;
+    let compute_bytes = if cfg.model.base_dtype == "f32" {
+        4.0
+    } else {
+        2.0
+    };
     Ok(Workload {
         batch: t.batch_size,
         image_tokens: image_tokens(h, w, factor),
@@ -240,11 +249,12 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         image_pixels: h * w,
         checkpointing: t.gradient_checkpointing,
         accumulation: t.gradient_accumulation,
-        base_bytes: if cfg.model.base_dtype == "f32" {
-            4.0
-        } else {
-            2.0
+        base_bytes: match cfg.model.quantize {
+            // The blocks hold all but a fraction of a percent of the weights.
+            Some(q) => q.bytes(1, QUANT_ROW) as f64 / QUANT_ROW as f64,
+            None => compute_bytes,
         },
+        compute_bytes,
         sample: sample_shape(cfg, factor),
     })
 }
@@ -364,15 +374,10 @@ impl Context<'_> {
     /// The GPU peak with `changes` applied to the configuration.
     fn peak_with(&self, changes: &[&Candidate]) -> Result<f64> {
         let mut cfg = self.cfg.clone();
-        let mut base_bytes = None;
         for c in changes {
             (c.apply)(&mut cfg);
-            base_bytes = c.base_bytes.or(base_bytes);
         }
-        let mut work = workload(&cfg, self.run.dims, self.opts.caption_tokens)?;
-        if let Some(b) = base_bytes {
-            work.base_bytes = b;
-        }
+        let work = workload(&cfg, self.run.dims, self.opts.caption_tokens)?;
         let lora = self.run.dims.lora(&cfg.lora);
         let run = Run {
             lora: &lora,
@@ -396,8 +401,6 @@ struct Candidate {
     key: &'static str,
     label: String,
     apply: Box<dyn Fn(&mut TrainConfig)>,
-    /// An 8-bit base is no configuration key yet: it only changes the weights' bytes.
-    base_bytes: Option<f64>,
 }
 
 /// The changes worth trying, cheapest in quality first.
@@ -436,12 +439,18 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
             ));
         }
     }
-    out.push(Candidate {
-        key: "dtype",
-        label: "an 8-bit (fp8/int8) base, as ai-toolkit and musubi offer (not in zlora yet)".into(),
-        apply: Box::new(|_| ()),
-        base_bytes: Some(1.0),
-    });
+    if cfg.model.quantize.is_none() {
+        out.push(Candidate {
+            key: "dtype",
+            label: "an 8-bit base computed in bf16: quantize = \"int8\" (or \"q8_0\"), \
+                    base_dtype = \"bf16\""
+                .into(),
+            apply: Box::new(|c| {
+                c.model.base_dtype = "bf16".into();
+                c.model.quantize = Some(crate::nn::Quantization::Int8);
+            }),
+        });
+    }
     out
 }
 
@@ -454,7 +463,6 @@ fn candidate(
         key,
         label: label.to_string(),
         apply: Box::new(apply),
-        base_bytes: None,
     }
 }
 

@@ -16,6 +16,7 @@ use crate::fsutil::save_safetensors;
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
 use crate::model::ZImageTransformer;
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// Sampler defaults of the two distilled/undistilled variants.
@@ -110,6 +111,8 @@ pub struct GenerateRequest {
     pub save_latents: Option<PathBuf>,
     /// Compute dtype; None = bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
+    /// How the transformer blocks' frozen weights are stored (None: the compute dtype).
+    pub quantize: Option<Quantization>,
     pub out: PathBuf,
     pub overwrite: bool,
     /// Apply LoRA files holding NaN or inf values (refused otherwise).
@@ -143,6 +146,10 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
         .unwrap_or_else(|| crate::device::default_dtype(&device));
     events(Event::Stage(&crate::device::describe(&device, dtype)));
     let folder = ModelFolder::open(&req.model)?;
+    if req.transformer_file.is_none() {
+        // A single-file transformer is checked when it loads.
+        folder.check_quantization(req.quantize)?;
+    }
     let (h, w) = ImageLimits::of_folder(&folder, &device)?.latent_size(req.height, req.width)?;
     let seeds = image_seeds(req);
     check_outputs(req, &seeds)?;
@@ -151,7 +158,10 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     events(Event::Stage("encoding the prompt"));
     let cond = encode_prompts(&folder, req, dtype, &device, events)?;
 
-    events(Event::Stage("loading the transformer"));
+    events(Event::Stage(&match req.quantize {
+        Some(q) => format!("loading the transformer, its blocks stored as {q}"),
+        None => "loading the transformer".into(),
+    }));
     let model = load_transformer(&folder, req, dtype, &device, events)?;
     let settings = DenoiseSettings {
         steps: req.steps,
@@ -350,7 +360,8 @@ fn load_transformer(
     device: &Device,
     events: &mut dyn FnMut(Event),
 ) -> Result<ZImageTransformer> {
-    let mut model = folder.load_transformer(req.transformer_file.as_deref(), dtype, device)?;
+    let mut model =
+        folder.load_transformer(req.transformer_file.as_deref(), dtype, device, req.quantize)?;
     for spec in &req.loras {
         let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
         if !req.allow_nonfinite {
@@ -395,6 +406,7 @@ fn parameters(
         "software": "zlora",
         "model": req.model,
         "transformer_file": req.transformer_file.as_ref().map(|p| p.display().to_string()),
+        "quantize": req.quantize.map(|q| q.to_string()),
         "prompt": req.prompt,
         "negative_prompt": if settings.guidance.scale > 0.0 { Some(&req.negative_prompt) } else { None },
         "width": req.width, "height": req.height,

@@ -12,6 +12,7 @@ use super::lora::LoraConfig;
 use super::objective::{LossWeighting, TimestepSampling};
 use super::optim::LrSchedule;
 use crate::data::DatasetConfig;
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -69,6 +70,10 @@ pub struct ModelSection {
     /// Storage dtype of the frozen weights: "bf16" halves memory; "f32" is exact.
     #[serde(default = "default_base_dtype")]
     pub base_dtype: String,
+    /// Stores the transformer blocks' frozen weights quantized (fp8, int8, q8_0, q6_k, q5_k,
+    /// q4_k); base_dtype stays the compute dtype. None: stored in base_dtype.
+    #[serde(default)]
+    pub quantize: Option<Quantization>,
 }
 
 /// The three ways of the workflow.

@@ -75,12 +75,18 @@ pub fn train(
     let claimed = prepare_output(cfg, opts, events)?;
     let out = claimed.path();
     let folder = ModelFolder::open(&cfg.model.path)?;
+    folder.check_quantization(cfg.model.quantize)?;
     let mode = cfg.mode();
+    let quantized = cfg
+        .model
+        .quantize
+        .map(|q| format!(", blocks stored as {q}"));
     events(Event::Message(format!(
-        "mode {} on {} ({})",
+        "mode {} on {} ({}{})",
         mode.name(),
         folder.root().display(),
-        crate::device::describe(&device, base_dtype(cfg))
+        crate::device::describe(&device, base_dtype(cfg)),
+        quantized.unwrap_or_default()
     )));
 
     // Checked from the checkpoint's header before any data is cached or weight loaded.
@@ -92,7 +98,7 @@ pub fn train(
         events(Event::Message(w.to_string()))
     })?;
 
-    let mut model = folder.load_transformer(None, base_dtype(cfg), &device)?;
+    let mut model = folder.load_transformer(None, base_dtype(cfg), &device, cfg.model.quantize)?;
     attach_training_adapter(cfg, &mut model, events)?;
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;

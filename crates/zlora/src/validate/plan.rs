@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -48,6 +49,9 @@ pub struct RenderSettings {
     pub height: usize,
     #[serde(default)]
     pub dtype: Precision,
+    /// How the transformer blocks' frozen weights are stored (as `generate --quantize`).
+    #[serde(default)]
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for RenderSettings {
@@ -59,6 +63,7 @@ impl Default for RenderSettings {
             width: default_size(),
             height: default_size(),
             dtype: Precision::default(),
+            quantize: None,
         }
     }
 }
@@ -380,7 +385,19 @@ mod tests {
             ]
         );
         assert_eq!(plan.render.seeds, [1, 2, 3]);
+        assert_eq!(plan.render.quantize, None);
         Ok(())
+    }
+
+    #[test]
+    fn the_render_settings_take_a_quantized_base() {
+        let base = "lora = \"l\"\nbase = \"b\"\nturbo = \"t\"\noutput = \"o\"\n[render]\n";
+        let plan: ValidationPlan = toml::from_str(&format!("{base}quantize = \"q4_k\"")).unwrap();
+        assert_eq!(plan.render.quantize, Some(Quantization::Q4K));
+        let err = toml::from_str::<ValidationPlan>(&format!("{base}quantize = \"q2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown quantization 'q2'"), "{err}");
     }
 
     #[test]

@@ -100,7 +100,7 @@ impl Session {
             progress.stage(w)
         })?;
         progress.stage(&format!("{model}: loading the transformer"));
-        let model = folder.load_transformer(None, dtype, &device)?;
+        let model = folder.load_transformer(None, dtype, &device, render.quantize)?;
         Ok(Self {
             shift: folder.scheduler_shift()?,
             folder,

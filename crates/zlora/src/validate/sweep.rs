@@ -162,6 +162,8 @@ fn render_settings(req: &SweepRequest, cfg: &TrainConfig, trigger: Option<&str>)
         width: req.width.or(s.width).unwrap_or(resolution),
         height: req.height.or(s.height).unwrap_or(resolution),
         dtype: req.dtype,
+        // The base the LoRA was trained on.
+        quantize: cfg.model.quantize,
     }
 }
 
