@@ -1,5 +1,5 @@
 //! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
-//! determinism, resume after SIGKILL, refusal to overwrite a run without --force, NaN stop, training adapter, and
+//! determinism, resume after SIGKILL (with each optimizer), refusal to overwrite a run without --force, NaN stop, training adapter, and
 //! the dataset check.
 
 mod common;
@@ -162,11 +162,13 @@ fn the_same_seed_gives_the_same_lora_bit_for_bit() {
     assert_same_tensors(&s.path("a/lora.safetensors"), &s.path("b/lora.safetensors"));
 }
 
-#[test]
-fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
+/// A run with `optimizer` (`[train]` lines) killed three times at random moments and resumed
+/// ends with the uninterrupted run's LoRA and optimizer state, bit for bit; the state holds
+/// the optimizer's own tensor `kept`.
+fn killed_runs_resume_exactly(optimizer: &str, kept: &str) {
     let s = Setup::new();
     let steps = ["--steps", "40"];
-    let reference = s.config("reference", "", "", "");
+    let reference = s.config("reference", "", optimizer, "");
     let started = Instant::now();
     stderr(&zlora(&[
         "train",
@@ -176,7 +178,7 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
     ]));
     let full = started.elapsed();
 
-    let cfg = s.config("killed", "", "", "");
+    let cfg = s.config("killed", "", optimizer, "");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
     let (mut kills, mut attempts) = (0, 0);
     while kills < 3 && attempts < 20 {
@@ -221,6 +223,34 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
     assert_same_tensors(
         &s.path("killed/lora.safetensors"),
         &s.path("reference/lora.safetensors"),
+    );
+    let state = "checkpoints/step-000040/state.safetensors";
+    let names = tensor_bytes(&s.path(&format!("reference/{state}")));
+    assert!(names.iter().any(|(n, _)| n.ends_with(kept)), "no {kept}");
+    assert_same_tensors(
+        &s.path(&format!("killed/{state}")),
+        &s.path(&format!("reference/{state}")),
+    );
+}
+
+#[test]
+fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
+    killed_runs_resume_exactly("", ".exp_avg_sq");
+}
+
+#[test]
+fn a_prodigy_run_killed_at_random_moments_resumes_exactly() {
+    killed_runs_resume_exactly(
+        "optimizer = \"prodigy\"\n[train.prodigy]\nd_coef = 2.0\nuse_bias_correction = true",
+        "prodigy.d",
+    );
+}
+
+#[test]
+fn an_adafactor_run_killed_at_random_moments_resumes_exactly() {
+    killed_runs_resume_exactly(
+        "optimizer = \"adafactor\"\n[train.adafactor]\nbeta1 = 0.9",
+        ".exp_avg_sq_row",
     );
 }
 

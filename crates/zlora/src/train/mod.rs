@@ -1,6 +1,8 @@
-//! LoRA training: configuration, the trainable LoRA, the flow-matching objective, AdamW,
-//! gradients with block checkpointing, checkpoints, samples and the training loop.
+//! LoRA training: configuration, the trainable LoRA, the flow-matching objective, the
+//! optimizers (AdamW, Prodigy, Adafactor), gradients with block checkpointing, checkpoints,
+//! samples and the training loop.
 
+pub mod adafactor;
 pub mod backprop;
 pub mod config;
 pub(crate) mod host;
@@ -8,6 +10,7 @@ pub mod log;
 pub mod lora;
 pub mod objective;
 pub mod optim;
+pub mod prodigy;
 pub mod resume;
 pub mod samples;
 pub mod state;

@@ -1,12 +1,37 @@
-//! AdamW with inspectable, savable state (candle-nn's keeps its moments private), global-norm
-//! gradient clipping and learning-rate schedules. All state is f32.
+//! The optimizers (AdamW, Prodigy, Adafactor) with inspectable, savable state (candle-nn's
+//! keeps its moments private), global-norm gradient clipping and learning-rate schedules. All
+//! state is f32 and stays on the device: a step reads nothing back (train/host.rs counts).
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+pub use super::adafactor::{Adafactor, AdafactorSettings};
+pub use super::prodigy::{Prodigy, ProdigySettings};
 use crate::{Error, Result};
+
+/// `[train] optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum OptimizerKind {
+    #[default]
+    #[serde(rename = "adamw")]
+    AdamW,
+    #[serde(rename = "prodigy")]
+    Prodigy,
+    #[serde(rename = "adafactor")]
+    Adafactor,
+}
+
+impl OptimizerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::AdamW => "adamw",
+            OptimizerKind::Prodigy => "prodigy",
+            OptimizerKind::Adafactor => "adafactor",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
 pub struct AdamWConfig {
@@ -28,35 +53,46 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments per parameter and the step count.
+/// Everything that chooses and tunes the optimizer: `[train]` betas, eps and weight_decay
+/// (Prodigy shares them with AdamW) and each optimizer's own table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub adam: AdamWConfig,
+    pub prodigy: ProdigySettings,
+    pub adafactor: AdafactorSettings,
+}
+
+/// First and second moments per parameter.
 pub struct AdamW {
     cfg: AdamWConfig,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    step: u64,
+}
+
+/// f32 zeros shaped like each parameter, on its device.
+pub(crate) fn zeros_like(vars: &[&Var]) -> Result<Vec<Tensor>> {
+    Ok(vars
+        .iter()
+        .map(|v| Tensor::zeros(v.shape(), DType::F32, v.device()))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig, vars: &[&Var]) -> Result<Self> {
-        let zeros = |v: &&Var| Tensor::zeros(v.shape(), DType::F32, v.device());
         Ok(Self {
             cfg,
-            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            step: 0,
+            m: zeros_like(vars)?,
+            v: zeros_like(vars)?,
         })
     }
 
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// One decoupled-weight-decay Adam update with bias correction (torch.optim.AdamW).
-    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
-        self.step += 1;
+    /// One decoupled-weight-decay Adam update with bias correction (torch.optim.AdamW);
+    /// `t` is the 1-based step.
+    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64, t: u64) -> Result<()> {
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let bc1 = 1.0 - c.beta1.powi(t as i32);
+        let bc2 = 1.0 - c.beta2.powi(t as i32);
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
@@ -70,32 +106,103 @@ impl AdamW {
         Ok(())
     }
 
-    /// The moments by parameter name, plus the step, for a checkpoint.
-    pub fn state(&self, names: &[String]) -> (BTreeMap<String, Tensor>, u64) {
-        let mut out = BTreeMap::new();
-        for (i, n) in names.iter().enumerate() {
-            out.insert(format!("{n}.exp_avg"), self.m[i].clone());
-            out.insert(format!("{n}.exp_avg_sq"), self.v[i].clone());
+    fn slots(&mut self, names: &[String]) -> Vec<(String, &mut Tensor)> {
+        let mut out = named(names, "exp_avg", &mut self.m);
+        out.extend(named(names, "exp_avg_sq", &mut self.v));
+        out
+    }
+}
+
+/// `NAME.suffix` for each parameter's tensor of one kind of state.
+pub(crate) fn named<'a>(
+    names: &[String],
+    suffix: &str,
+    tensors: &'a mut [Tensor],
+) -> Vec<(String, &'a mut Tensor)> {
+    names
+        .iter()
+        .zip(tensors.iter_mut())
+        .map(|(n, t)| (format!("{n}.{suffix}"), t))
+        .collect()
+}
+
+enum Rule {
+    AdamW(AdamW),
+    Prodigy(Prodigy),
+    Adafactor(Adafactor),
+}
+
+/// The configured optimizer and the number of steps it has taken.
+pub struct Optimizer {
+    rule: Rule,
+    step: u64,
+}
+
+impl Optimizer {
+    pub fn new(cfg: &OptimizerConfig, vars: &[&Var]) -> Result<Self> {
+        let rule = match cfg.kind {
+            OptimizerKind::AdamW => Rule::AdamW(AdamW::new(cfg.adam, vars)?),
+            OptimizerKind::Prodigy => Rule::Prodigy(Prodigy::new(cfg.adam, cfg.prodigy, vars)?),
+            OptimizerKind::Adafactor => {
+                Rule::Adafactor(Adafactor::new(cfg.adafactor, cfg.adam.weight_decay, vars)?)
+            }
+        };
+        Ok(Self { rule, step: 0 })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// One update of `vars` by their (clipped) gradients at the schedule's rate `lr`.
+    pub fn step(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        match &mut self.rule {
+            Rule::AdamW(o) => o.step(vars, grads, lr, self.step),
+            Rule::Prodigy(o) => o.step(vars, grads, lr, self.step),
+            Rule::Adafactor(o) => o.step(vars, grads, lr, self.step),
         }
+    }
+
+    /// Every state tensor under its checkpoint name.
+    fn slots(&mut self, names: &[String]) -> Vec<(String, &mut Tensor)> {
+        match &mut self.rule {
+            Rule::AdamW(o) => o.slots(names),
+            Rule::Prodigy(o) => o.slots(names),
+            Rule::Adafactor(o) => o.slots(names),
+        }
+    }
+
+    /// The state by name (parameter name + what it is), plus the step, for a checkpoint.
+    pub fn state(&mut self, names: &[String]) -> (BTreeMap<String, Tensor>, u64) {
+        let out = self
+            .slots(names)
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect();
         (out, self.step)
     }
 
+    /// Restores every state tensor from a checkpoint; each must be there with its shape.
     pub fn load_state(
         &mut self,
         names: &[String],
         tensors: &BTreeMap<String, Tensor>,
         step: u64,
     ) -> Result<()> {
-        for (i, n) in names.iter().enumerate() {
-            let device = self.m[i].device().clone();
-            let get = |suffix: &str| -> Result<Tensor> {
-                let t = tensors
-                    .get(&format!("{n}.{suffix}"))
-                    .ok_or_else(|| Error::Invalid(format!("optimizer state lacks {n}.{suffix}")))?;
-                Ok(t.to_device(&device)?)
-            };
-            self.m[i] = get("exp_avg")?;
-            self.v[i] = get("exp_avg_sq")?;
+        for (name, slot) in self.slots(names) {
+            let saved = tensors
+                .get(&name)
+                .ok_or_else(|| Error::Invalid(format!("optimizer state lacks {name}")))?;
+            if saved.dims() != slot.dims() || saved.dtype() != DType::F32 {
+                return Err(Error::Invalid(format!(
+                    "optimizer state {name} is {:?} {:?}, expected f32 {:?}",
+                    saved.dtype(),
+                    saved.dims(),
+                    slot.dims()
+                )));
+            }
+            *slot = saved.to_device(slot.device())?;
         }
         self.step = step;
         Ok(())
@@ -168,7 +275,13 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
         };
-        let mut opt = AdamW::new(cfg, &[&var])?;
+        let cfg = OptimizerConfig {
+            kind: OptimizerKind::AdamW,
+            adam: cfg,
+            prodigy: ProdigySettings::default(),
+            adafactor: AdafactorSettings::default(),
+        };
+        let mut opt = Optimizer::new(&cfg, &[&var])?;
         let g = Tensor::new(&[0.5f32, 0.25], &dev)?;
         opt.step(&[&var], &[g], 0.01)?;
         // m̂ = g, v̂ = g², update = g/|g| = ±1 ⇒ p ← p(1 − lr·wd) − lr·sign(g)

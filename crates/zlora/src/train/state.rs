@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::lora::TrainableLora;
-use super::optim::AdamW;
+use super::optim::Optimizer;
 use crate::data::loader::LoaderState;
 use crate::fsutil::{save_safetensors, write_atomic};
 use crate::{Error, Result};
@@ -43,7 +43,7 @@ pub fn save(
     output: &Path,
     state: &RunState,
     lora: &TrainableLora,
-    optimizer: &AdamW,
+    optimizer: &mut Optimizer,
     write_lora: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(output, state.step);
@@ -136,8 +136,8 @@ pub fn read_state(dir: &Path) -> Result<RunState> {
         .map_err(|e| Error::bad_file(&json_path, format!("invalid checkpoint state: {e}")))
 }
 
-/// Restores LoRA values and optimizer moments from a checkpoint folder.
-pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<RunState> {
+/// Restores LoRA values and optimizer state from a checkpoint folder.
+pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut Optimizer) -> Result<RunState> {
     let state = read_state(dir)?;
     let tensor_path = dir.join("state.safetensors");
     let tensors: HashMap<String, Tensor> =

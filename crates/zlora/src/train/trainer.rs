@@ -1,7 +1,7 @@
 //! `zlora train`: the three modes of the workflow on one loop.
 //!
 //! dataset → preflight → cache (text encoder, VAE, then dropped) → transformer (+ frozen
-//! training adapter) + trainable LoRA → steps (flow matching, AdamW) → checkpoints, samples →
+//! training adapter) + trainable LoRA → steps (flow matching, the optimizer) → checkpoints, samples →
 //! `lora.safetensors`.
 
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use super::host;
 use super::log::StepLog;
 use super::lora::{set_enabled, TrainableLora};
 use super::objective::{gaussian_like, noise, SigmaSampler};
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, learning_rate, Optimizer};
 use super::resume;
 use super::samples::Sampler;
 use super::state::{self, RunState};
@@ -99,13 +99,7 @@ pub fn train(
     )));
 
     let t = &cfg.train;
-    let adam = AdamWConfig {
-        beta1: t.betas[0],
-        beta2: t.betas[1],
-        eps: t.eps,
-        weight_decay: t.weight_decay,
-    };
-    let mut optimizer = AdamW::new(adam, &lora.vars())?;
+    let mut optimizer = Optimizer::new(&t.optimizer_config(), &lora.vars())?;
     let mut run = RunState {
         step: 0,
         loader: LoaderState::default(),
@@ -162,7 +156,7 @@ pub fn train(
         )?;
         events(Event::Step(&entry));
         if step.is_multiple_of(t.save_every) || step == t.steps {
-            let dir = state::save(out, &run, &lora, &optimizer, &|p| {
+            let dir = state::save(out, &run, &lora, &mut optimizer, &|p| {
                 writer.write(&lora, step, p)
             })?;
             events(Event::Checkpoint(&dir));
@@ -266,7 +260,7 @@ fn check_resumable(
 fn load_newest_good(
     out: &Path,
     lora: &TrainableLora,
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     events: &mut dyn FnMut(Event),
 ) -> Result<RunState> {
     for (_, dir) in state::complete(out)?.into_iter().rev() {
@@ -374,7 +368,7 @@ fn optimizer_step(
     cfg: &TrainConfig,
     model: &ZImageTransformer,
     lora: &TrainableLora,
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     loader: &mut Loader,
     data: &CachedDataset,
     step: u64,
