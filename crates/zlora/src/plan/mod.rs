@@ -246,6 +246,7 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
             2.0
         },
         sample: sample_shape(cfg, factor),
+        optimizer: t.optimizer_config(),
     })
 }
 

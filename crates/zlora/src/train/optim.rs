@@ -54,8 +54,9 @@ impl Default for AdamWConfig {
 }
 
 /// Everything that chooses and tunes the optimizer: `[train]` betas, eps and weight_decay
-/// (Prodigy shares them with AdamW) and each optimizer's own table.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// (Prodigy shares them with AdamW) and each optimizer's own table. The default is the
+/// default config's: AdamW.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct OptimizerConfig {
     pub kind: OptimizerKind,
     pub adam: AdamWConfig,
