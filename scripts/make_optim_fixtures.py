@@ -3,7 +3,7 @@
 
 Run from the repository root with torch, prodigyopt and transformers installed:
 
-    python -m venv /work/venv && /work/venv/bin/pip install torch prodigyopt transformers safetensors
+    python -m venv /work/venv && /work/venv/bin/pip install torch prodigyopt transformers safetensors bitsandbytes
     /work/venv/bin/python scripts/make_optim_fixtures.py
 
 Each case draws (seed 0) LoRA-like parameters — down factors (rank, in) at random, up factors
@@ -21,6 +21,12 @@ optimizer takes the 20 steps; fixtures/optim/CASE.safetensors holds, in f32:
 and the optimizer's settings as JSON in the metadata ("config"). The Rust test
 (crates/zlora/tests/optim_reference.rs) feeds the same gradients and rates to zlora's
 optimizer with the same settings and compares every step.
+
+With bitsandbytes installed (its CPU build suffices), fixtures/optim/bnb_blockwise.safetensors
+holds what 8-bit AdamW's moments are made of: the signed and unsigned dynamic maps
+(`create_dynamic_map`) and, for a signed tensor (a first moment) and an unsigned one (a
+second moment) of 1000 elements whose scale changes from block to block, bitsandbytes'
+`quantize_blockwise` codes and absmax with blocks of 256.
 """
 
 import json
@@ -94,11 +100,33 @@ def run_case(name, kind, base_lr, settings):
     print(path, config)
 
 
+def blockwise_case():
+    import bitsandbytes
+    import bitsandbytes.functional as F
+
+    gen = torch.Generator().manual_seed(1)
+    scales = torch.tensor([1e-2, 1e-5, 3.0, 1e-3]).repeat_interleave(256)[:1000]
+    x = torch.randn(1000, generator=gen) * scales
+    out = {}
+    for kind, values, signed in [("signed", x, True), ("unsigned", x * x, False)]:
+        code = F.create_dynamic_map(signed=signed)
+        codes, state = F.quantize_blockwise(values, code=code, blocksize=256)
+        out[f"{kind}.map"] = code
+        out[f"{kind}.x"] = values
+        out[f"{kind}.codes"] = codes
+        out[f"{kind}.absmax"] = state.absmax.float()
+    path = os.path.join("fixtures", "optim", "bnb_blockwise.safetensors")
+    meta = {"bitsandbytes": bitsandbytes.__version__, "blocksize": "256"}
+    save_file({k: v.contiguous() for k, v in out.items()}, path, metadata=meta)
+    print(path, meta)
+
+
 def main():
     torch.manual_seed(0)
     os.makedirs(os.path.join("fixtures", "optim"), exist_ok=True)
     for case in CASES:
         run_case(*case)
+    blockwise_case()
 
 
 if __name__ == "__main__":

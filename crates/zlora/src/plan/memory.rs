@@ -401,16 +401,18 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     phase
 }
 
-/// The optimizer's f32 state (train/optim.rs and its neighbours): AdamW two moments per
-/// parameter; Prodigy four (p0, s and the two moments); Adafactor, per matrix, a row and a
-/// column mean of the squared gradient (out + rank for the up factor, rank + in for the
-/// down one) and a first moment only with beta1.
+/// The optimizer's state (train/optim.rs and its neighbours): AdamW two f32 moments per
+/// parameter; 8-bit AdamW one byte per moment and an f32 scale per block of 256, f32 moments
+/// for factors under 4096 elements; Prodigy four f32 tensors (p0, s and the two moments);
+/// Adafactor, per factor, a row and a column mean of the squared gradient (out + rank for
+/// the up factor, rank + in for the down one) and a first moment only with beta1.
 fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
     let o = &work.optimizer;
     let p = params(run.lora);
-    let (what, floats) = match o.kind {
-        OptimizerKind::AdamW => ("2 moments", 2.0 * p),
-        OptimizerKind::Prodigy => ("p0, s, 2 moments", 4.0 * p),
+    let (what, bytes) = match o.kind {
+        OptimizerKind::AdamW => ("2 f32 moments", 8.0 * p),
+        OptimizerKind::AdamW8bit => ("2 block-quantized moments", adamw8bit_bytes(run.lora)),
+        OptimizerKind::Prodigy => ("p0, s, 2 moments (f32)", 16.0 * p),
         OptimizerKind::Adafactor => {
             let factored: f64 = run
                 .lora
@@ -418,15 +420,31 @@ fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
                 .map(|m| (m.out + m.inp) as f64 + 2.0 * m.rank())
                 .sum();
             match o.adafactor.beta1 {
-                Some(_) => ("factored second moment, first moment", factored + p),
-                None => ("factored second moment", factored),
+                Some(_) => (
+                    "factored second moment, first moment (f32)",
+                    4.0 * (factored + p),
+                ),
+                None => ("factored second moment (f32)", 4.0 * factored),
             }
         }
     };
-    phase.push(
-        format!("optimizer state: {} {what} (f32)", o.kind.name()),
-        floats * 4.0,
-    );
+    phase.push(format!("optimizer state: {} {what}", o.kind.name()), bytes);
+}
+
+/// Both moments of each factor of each module as train/adamw8bit.rs stores them.
+fn adamw8bit_bytes(modules: &[LowRank]) -> f64 {
+    use crate::train::adamw8bit::{BLOCK, MIN_8BIT_SIZE};
+    let factor = |n: usize| match n < MIN_8BIT_SIZE {
+        true => 8.0 * n as f64,
+        false => 2.0 * (n + 4 * n.div_ceil(BLOCK)) as f64,
+    };
+    modules
+        .iter()
+        .map(|m| {
+            let rank = m.rank().round() as usize;
+            factor(rank * m.inp) + factor(m.out * rank)
+        })
+        .sum()
 }
 
 fn params(modules: &[LowRank]) -> f64 {
@@ -642,7 +660,7 @@ mod tests {
 
     /// Each optimizer's state against its tensors: AdamW 2 and Prodigy 4 f32 copies of the
     /// LoRA; Adafactor a row and a column per factor (out + in + 2·rank per module) and one
-    /// copy more with beta1.
+    /// copy more with beta1; 8-bit AdamW 2 bytes per parameter and the blocks' scales.
     #[test]
     fn the_optimizer_state_is_counted_per_optimizer() {
         let state = |kind: OptimizerKind, beta1: Option<f64>| {

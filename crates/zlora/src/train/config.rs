@@ -102,7 +102,7 @@ pub struct TrainSection {
     pub warmup_steps: u64,
     #[serde(default = "default_schedule")]
     pub lr_schedule: LrSchedule,
-    /// "adamw", "prodigy" or "adafactor" (docs/training.md).
+    /// "adamw", "adamw8bit", "prodigy" or "adafactor" (docs/training.md).
     #[serde(default, skip_serializing_if = "is_adamw")]
     pub optimizer: OptimizerKind,
     /// Prodigy's own knobs (only with optimizer = "prodigy").

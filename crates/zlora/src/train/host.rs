@@ -40,7 +40,7 @@ mod tests {
     /// each optimizer (Prodigy's d and Adafactor's RMS stay on the device).
     #[test]
     fn a_training_step_reads_from_the_device_at_most_twice() -> Result<()> {
-        for optimizer in ["adamw", "prodigy", "adafactor"] {
+        for optimizer in ["adamw", "adamw8bit", "prodigy", "adafactor"] {
             let per_step = reads_per_step(optimizer)?;
             assert_eq!(per_step.len(), 3);
             assert!(
@@ -104,6 +104,7 @@ optimizer = "{optimizer}"
             ("optim.rs", include_str!("optim.rs")),
             ("prodigy.rs", include_str!("prodigy.rs")),
             ("adafactor.rs", include_str!("adafactor.rs")),
+            ("adamw8bit.rs", include_str!("adamw8bit.rs")),
             ("trainer.rs", include_str!("trainer.rs")),
         ];
         for (file, text) in sources {

@@ -1,8 +1,9 @@
 //! LoRA training: configuration, the trainable LoRA, the flow-matching objective, the
-//! optimizers (AdamW, Prodigy, Adafactor), gradients with block checkpointing, checkpoints,
+//! optimizers (AdamW, 8-bit AdamW, Prodigy, Adafactor), gradients with block checkpointing, checkpoints,
 //! samples and the training loop.
 
 pub mod adafactor;
+pub mod adamw8bit;
 pub mod backprop;
 pub mod config;
 pub(crate) mod host;
