@@ -149,6 +149,7 @@ mod tests {
             base_bytes: 2.0,
             sample: None,
             optimizer: OptimizerConfig::default(),
+            ema: false,
         }
     }
 

@@ -31,6 +31,8 @@ pub struct Workload {
     pub sample: Option<SampleShape>,
     /// Decides the size of the optimizer's state.
     pub optimizer: OptimizerConfig,
+    /// `[train] ema`: one more f32 copy of the LoRA.
+    pub ema: bool,
 }
 
 /// One denoising forward of the samples taken during training.
@@ -363,6 +365,7 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
         params(run.lora) * 4.0 * copies,
     );
     optimizer_item(&mut phase, run, work);
+    ema_item(&mut phase, run, work);
     let acts = Activations::new(run, work, profile);
     if work.checkpointing {
         phase.push("block inputs kept for recomputation", acts.saved_inputs());
@@ -385,6 +388,7 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     adapter_item(&mut phase, run, profile);
     phase.push("LoRA: f32 weights, gradients", params(run.lora) * 8.0);
     optimizer_item(&mut phase, run, work);
+    ema_item(&mut phase, run, work);
     phase.push(
         "VAE weights",
         run.dims.vae_params as f64 * profile.encoder_bytes,
@@ -429,6 +433,12 @@ fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
         }
     };
     phase.push(format!("optimizer state: {} {what}", o.kind.name()), bytes);
+}
+
+fn ema_item(phase: &mut Phase, run: &Run, work: &Workload) {
+    if work.ema {
+        phase.push("EMA of the LoRA (f32)", params(run.lora) * 4.0);
+    }
 }
 
 /// Both moments of each factor of each module as train/adamw8bit.rs stores them.
@@ -624,6 +634,7 @@ mod tests {
         checkpointing: bool,
         base_bytes: f64,
         optimizer: OptimizerConfig,
+        ema: bool,
     ) -> Phase {
         let dims = ModelDims::built_in(Variant::Turbo).unwrap();
         let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
@@ -643,6 +654,7 @@ mod tests {
             base_bytes,
             sample: None,
             optimizer,
+            ema,
         };
         let phases = estimate(&run, &work, profile);
         phases.into_iter().find(|p| p.name == "training").unwrap()
@@ -654,6 +666,7 @@ mod tests {
             checkpointing,
             base_bytes,
             OptimizerConfig::default(),
+            false,
         )
         .total()
     }
@@ -669,7 +682,7 @@ mod tests {
                 ..OptimizerConfig::default()
             };
             o.adafactor.beta1 = beta1;
-            let phase = training(&Profile::cpu(2), true, 2.0, o);
+            let phase = training(&Profile::cpu(2), true, 2.0, o, false);
             let item = phase
                 .items
                 .iter()
@@ -687,6 +700,16 @@ mod tests {
             state(OptimizerKind::Adafactor, Some(0.9)),
             4.0 * (factored + p)
         );
+        // An EMA adds one f32 copy of the LoRA.
+        let with = training(
+            &Profile::cpu(2),
+            true,
+            2.0,
+            OptimizerConfig::default(),
+            true,
+        );
+        let ema = with.items.iter().find(|i| i.what.starts_with("EMA"));
+        assert_eq!(ema.unwrap().bytes, 4.0 * p);
         // The factored moment is about 1/(2·rank) of AdamW's.
         assert!(state(OptimizerKind::Adafactor, None) < 8.0 * p / 30.0);
     }

@@ -111,6 +111,9 @@ pub struct TrainSection {
     /// Adafactor's own knobs (only with optimizer = "adafactor").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adafactor: Option<AdafactorSettings>,
+    /// Decay of an exponential moving average of the LoRA, saved beside it (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     #[serde(default = "default_betas")]
@@ -157,6 +160,9 @@ pub struct SampleSection {
     pub steps: Option<usize>,
     #[serde(default)]
     pub guidance: Option<f64>,
+    /// Sample from the EMA of the LoRA (needs `[train] ema`) instead of the trained one.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ema: bool,
 }
 
 impl SampleSection {
@@ -197,6 +203,7 @@ impl Default for SampleSection {
             height: None,
             steps: None,
             guidance: None,
+            ema: false,
         }
     }
 }
@@ -218,6 +225,10 @@ fn default_save_every() -> u64 {
 }
 fn default_schedule() -> LrSchedule {
     LrSchedule::Constant
+}
+/// Left out of the saved config when off, which older checkpoints (before the key) match.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 /// AdamW is left out of the saved config, which older checkpoints (before the key) match.
 fn is_adamw(kind: &OptimizerKind) -> bool {
@@ -282,6 +293,12 @@ impl TrainConfig {
         }
         if self.sample.every > 0 && self.sample.prompts.is_empty() {
             return bad("[sample] every > 0 needs at least one prompt");
+        }
+        if self.sample.ema && t.ema.is_none() {
+            return bad("[sample] ema = true needs an EMA: set [train] ema (e.g. 0.999)");
+        }
+        if t.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
+            return bad("[train] ema must be a decay between 0 and 1 (e.g. 0.999)");
         }
         self.check_numbers()?;
         self.check_optimizer()?;
@@ -466,5 +483,7 @@ mod tests {
         assert!(e.contains("decay_rate must be negative"), "{e}");
         let e = error("optimizer = \"adafactor\"\n[train.adafactor]\nbeta2 = 0.9");
         assert!(e.contains("unknown field"), "{e}");
+        assert!(error("ema = 1.0").contains("[train] ema must be a decay"));
+        assert!(error("[sample]\nema = true").contains("set [train] ema"));
     }
 }

@@ -6,6 +6,7 @@ pub mod adafactor;
 pub mod adamw8bit;
 pub mod backprop;
 pub mod config;
+pub mod ema;
 pub(crate) mod host;
 pub mod log;
 pub mod lora;

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::backprop::{loss_and_grads, MicroBatch};
 use super::config::{Mode, TrainConfig};
+use super::ema::Ema;
 use super::host;
 use super::log::StepLog;
 use super::lora::{set_enabled, TrainableLora};
@@ -100,6 +101,7 @@ pub fn train(
 
     let t = &cfg.train;
     let mut optimizer = Optimizer::new(&t.optimizer_config(), &lora.vars())?;
+    let mut ema = t.ema.map(|d| Ema::new(d, &lora.vars())).transpose()?;
     let mut run = RunState {
         step: 0,
         loader: LoaderState::default(),
@@ -107,7 +109,7 @@ pub fn train(
         config: None,
     };
     if opts.resume {
-        run = load_newest_good(out, &lora, &mut optimizer, events)?;
+        run = load_newest_good(out, &lora, &mut optimizer, ema.as_mut(), events)?;
     }
     run.config = Some(toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?);
     let log = StepLog::open(&out.join("log.jsonl"), run.step, &device)?;
@@ -119,7 +121,8 @@ pub fn train(
     let writer = LoraWriter { cfg, mode };
 
     if run.step == 0 && cfg.sample.every > 0 {
-        sample_now(&sampler, &mut model, 0, out, events)?;
+        let from = sample_from(cfg, ema.as_ref(), &lora);
+        sample_now(&sampler, &mut model, from, 0, out, events)?;
     }
     while run.step < t.steps {
         let started = Instant::now();
@@ -134,6 +137,9 @@ pub fn train(
             step,
             &device,
         )?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&lora.vars())?;
+        }
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "loss became {loss} at step {step}: training stopped; {}",
@@ -156,17 +162,22 @@ pub fn train(
         )?;
         events(Event::Step(&entry));
         if step.is_multiple_of(t.save_every) || step == t.steps {
-            let dir = state::save(out, &run, &lora, &mut optimizer, &|p| {
+            let dir = state::save(out, &run, &lora, &mut optimizer, ema.as_ref(), &|p| {
                 writer.write(&lora, step, p)
             })?;
             events(Event::Checkpoint(&dir));
         }
         if step.is_multiple_of(cfg.sample.every) {
-            sample_now(&sampler, &mut model, step, out, events)?;
+            let from = sample_from(cfg, ema.as_ref(), &lora);
+            sample_now(&sampler, &mut model, from, step, out, events)?;
         }
     }
     let final_path = out.join("lora.safetensors");
     writer.write(&lora, run.step, &final_path)?;
+    if let Some(ema) = &ema {
+        let path = out.join(state::EMA_LORA);
+        ema.swapped_in(&lora, || writer.write(&lora, run.step, &path))?;
+    }
     Ok(Outcome {
         lora: final_path,
         steps: run.step,
@@ -261,10 +272,11 @@ fn load_newest_good(
     out: &Path,
     lora: &TrainableLora,
     optimizer: &mut Optimizer,
+    mut ema: Option<&mut Ema>,
     events: &mut dyn FnMut(Event),
 ) -> Result<RunState> {
     for (_, dir) in state::complete(out)?.into_iter().rev() {
-        match state::load(&dir, lora, optimizer) {
+        match state::load(&dir, lora, optimizer, ema.as_deref_mut()) {
             Ok(run) => {
                 events(Event::Message(format!(
                     "resumed from {} (step {})",
@@ -435,15 +447,29 @@ fn optimizer_step(
     Ok((loss, read[1] as f64, lr))
 }
 
+/// The EMA to sample from with `[sample] ema`, and the LoRA it stands in for.
+fn sample_from<'a>(
+    cfg: &TrainConfig,
+    ema: Option<&'a Ema>,
+    lora: &'a TrainableLora,
+) -> (Option<&'a Ema>, &'a TrainableLora) {
+    (ema.filter(|_| cfg.sample.ema), lora)
+}
+
 fn sample_now(
     sampler: &Sampler,
     model: &mut ZImageTransformer,
+    (ema, lora): (Option<&Ema>, &TrainableLora),
     step: u64,
     out: &Path,
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
     set_enabled(model, TRAINING_ADAPTER, false);
-    let result = sampler.render(model, step, out);
+    let render = || sampler.render(model, step, out);
+    let result = match ema {
+        Some(ema) => ema.swapped_in(lora, render),
+        None => render(),
+    };
     set_enabled(model, TRAINING_ADAPTER, true);
     let path = result?;
     events(Event::Samples(&path));
