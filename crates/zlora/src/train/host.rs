@@ -37,7 +37,7 @@ mod tests {
 
     /// Real steps on the tiny model, with two micro-batches per step (a read per micro-batch
     /// would show) and clipping on (a read per gradient tensor would show: 28 of them), with
-    /// each optimizer (Prodigy's d and Adafactor's RMS stay on the device).
+    /// each optimizer (Prodigy's d and Adafactor's RMS stay on the device) and an EMA.
     #[test]
     fn a_training_step_reads_from_the_device_at_most_twice() -> Result<()> {
         for optimizer in ["adamw", "adamw8bit", "prodigy", "adafactor"] {
@@ -80,6 +80,7 @@ max_grad_norm = 1e-4
 save_every = 2
 output = "{out}"
 optimizer = "{optimizer}"
+ema = 0.99
 "#,
             model = model.display(),
             data = data.display(),
