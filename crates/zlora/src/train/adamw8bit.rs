@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::optim::{adam_update, AdamWConfig};
+use super::optim::{adam_update, device_of, AdamWConfig};
 use crate::Result;
 
 /// Elements per quantization block.
@@ -150,7 +150,7 @@ pub struct AdamW8bit {
 
 impl AdamW8bit {
     pub fn new(cfg: AdamWConfig, vars: &[&Var]) -> Result<Self> {
-        let device = vars.first().map_or(Device::Cpu, |v| v.device().clone());
+        let device = device_of(vars)?;
         let (signed, unsigned) = (Map::new(true, &device)?, Map::new(false, &device)?);
         let zeros = |map: &Map| {
             vars.iter()

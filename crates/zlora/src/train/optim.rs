@@ -76,6 +76,13 @@ pub struct AdamW {
     v: Vec<Tensor>,
 }
 
+/// The parameters' device (an optimizer's own scalars and maps live there).
+pub(crate) fn device_of(vars: &[&Var]) -> Result<candle_core::Device> {
+    vars.first()
+        .map(|v| v.device().clone())
+        .ok_or_else(|| Error::Invalid("the optimizer has no parameters to train".into()))
+}
+
 /// f32 zeros shaped like each parameter, on its device.
 pub(crate) fn zeros_like(vars: &[&Var]) -> Result<Vec<Tensor>> {
     Ok(vars

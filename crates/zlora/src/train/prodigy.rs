@@ -9,7 +9,7 @@
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::optim::{named, zeros_like, AdamWConfig};
+use super::optim::{device_of, named, zeros_like, AdamWConfig};
 use crate::Result;
 
 /// `[train.prodigy]`: the knobs the peers set, with prodigyopt's defaults.
@@ -56,9 +56,7 @@ pub struct Prodigy {
 
 impl Prodigy {
     pub fn new(adam: AdamWConfig, cfg: ProdigySettings, vars: &[&Var]) -> Result<Self> {
-        let device = vars
-            .first()
-            .map_or(candle_core::Device::Cpu, |v| v.device().clone());
+        let device = device_of(vars)?;
         // A deep copy: Var::set writes into the variable's storage, which a clone shares.
         let p0 = vars
             .iter()
