@@ -61,16 +61,18 @@ enum Moment {
 /// A dynamic map on the device with the midpoints between its neighbours (nearest rounding).
 struct Map {
     values: Tensor,
+    /// Entry k is the midpoint between codes k − 1 and k (entry 0, below every code, is −∞).
     midpoints: Tensor,
 }
 
 impl Map {
     fn new(signed: bool, device: &Device) -> Result<Self> {
         let v = dynamic_map(signed);
-        let mids: Vec<f32> = v.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let mut mids = vec![f32::NEG_INFINITY];
+        mids.extend(v.windows(2).map(|w| (w[0] + w[1]) / 2.0));
         Ok(Self {
             values: Tensor::new(v, device)?,
-            midpoints: Tensor::new(mids, device)?.unsqueeze(0)?,
+            midpoints: Tensor::new(mids, device)?,
         })
     }
 
@@ -84,14 +86,24 @@ impl Map {
         let absmax = blocked.abs()?.max_keepdim(1)?;
         // An all-zero block divides by 1 instead of 0 (every code is then 0's).
         let safe = absmax.eq(0f64)?.where_cond(&absmax.ones_like()?, &absmax)?;
-        let scaled = blocked.broadcast_div(&safe)?.flatten_all()?.unsqueeze(1)?;
-        let codes = scaled
-            .broadcast_gt(&self.midpoints)?
-            .to_dtype(DType::U32)?
-            .sum(1)?
-            .to_dtype(DType::U8)?
-            .reshape((blocks, BLOCK))?;
-        Ok((codes, absmax))
+        let scaled = blocked.broadcast_div(&safe)?.flatten_all()?;
+        let codes = self.nearest(&scaled)?.to_dtype(DType::U8)?;
+        Ok((codes.reshape((blocks, BLOCK))?, absmax))
+    }
+
+    /// Each value's nearest code: the number of midpoints below it, found by a binary search
+    /// over the sorted midpoints (8 halvings of 256 codes), so the work and memory stay
+    /// proportional to the tensor.
+    fn nearest(&self, x: &Tensor) -> Result<Tensor> {
+        let mut code = Tensor::zeros(x.elem_count(), DType::U32, x.device())?;
+        for half in [128u32, 64, 32, 16, 8, 4, 2, 1] {
+            let candidate = code.affine(1.0, half as f64)?;
+            let below = self
+                .midpoints
+                .index_select(&candidate.affine(1.0, -1.0)?, 0)?;
+            code = x.gt(&below)?.where_cond(&candidate, &code)?;
+        }
+        Ok(code)
     }
 
     fn dequantize(&self, codes: &Tensor, absmax: &Tensor, like: &Tensor) -> Result<Tensor> {
