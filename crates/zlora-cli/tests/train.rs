@@ -1,5 +1,5 @@
 //! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
-//! determinism, resume after SIGKILL, refusal to overwrite a run without --force, NaN stop, training adapter, and
+//! determinism, resume after SIGKILL (with each optimizer), refusal to overwrite a run without --force, NaN stop, training adapter, and
 //! the dataset check.
 
 mod common;
@@ -156,11 +156,13 @@ fn the_same_seed_gives_the_same_lora_bit_for_bit() {
     assert_same_tensors(&s.path("a/lora.safetensors"), &s.path("b/lora.safetensors"));
 }
 
-#[test]
-fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
+/// A run with `optimizer` (`[train]` lines) killed three times at random moments and resumed
+/// ends with the uninterrupted run's LoRA and optimizer state, bit for bit; the state holds
+/// the optimizer's own tensor `kept`.
+fn killed_runs_resume_exactly(optimizer: &str, kept: &str) {
     let s = Setup::new();
     let steps = ["--steps", "40"];
-    let reference = s.config("reference", "", "", "");
+    let reference = s.config("reference", "", optimizer, "");
     let started = Instant::now();
     stderr(&zlora(&[
         "train",
@@ -168,11 +170,24 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
         steps[0],
         steps[1],
     ]));
-    let cfg = s.config("killed", "", "", "");
+    let cfg = s.config("killed", "", optimizer, "");
     train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 3);
     assert_same_tensors(
         &s.path("killed/lora.safetensors"),
         &s.path("reference/lora.safetensors"),
+    );
+    if s.path("reference/lora.ema.safetensors").exists() {
+        assert_same_tensors(
+            &s.path("killed/lora.ema.safetensors"),
+            &s.path("reference/lora.ema.safetensors"),
+        );
+    }
+    let state = "checkpoints/step-000040/state.safetensors";
+    let names = tensor_bytes(&s.path(&format!("reference/{state}")));
+    assert!(names.iter().any(|(n, _)| n.ends_with(kept)), "no {kept}");
+    assert_same_tensors(
+        &s.path(&format!("killed/{state}")),
+        &s.path(&format!("reference/{state}")),
     );
 }
 
@@ -275,6 +290,78 @@ fn a_run_on_a_quantized_base_learns_as_the_dense_one_and_resumes_to_the_same_lor
     assert_same_tensors(
         &s.path("killed/lora.safetensors"),
         &s.path("reference/lora.safetensors"),
+    );
+}
+
+#[test]
+fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
+    killed_runs_resume_exactly("", ".exp_avg_sq");
+}
+
+#[test]
+fn a_prodigy_run_killed_at_random_moments_resumes_exactly() {
+    killed_runs_resume_exactly(
+        "optimizer = \"prodigy\"\n[train.prodigy]\nd_coef = 2.0\nuse_bias_correction = true",
+        "prodigy.d",
+    );
+}
+
+#[test]
+fn an_adafactor_run_killed_at_random_moments_resumes_exactly() {
+    killed_runs_resume_exactly(
+        "optimizer = \"adafactor\"\n[train.adafactor]\nbeta1 = 0.9",
+        ".exp_avg_sq_row",
+    );
+}
+
+/// The EMA of the LoRA resumes exactly too; it is written beside the LoRA, and differs from
+/// it (it averages), in the output folder and in each checkpoint.
+#[test]
+fn a_run_with_an_ema_killed_at_random_moments_resumes_exactly() {
+    killed_runs_resume_exactly("ema = 0.9", ".ema");
+}
+
+/// With `[train] ema` the averaged LoRA is written beside the raw one (and differs from
+/// it), in the output folder and in each checkpoint; with `[sample] ema` the samples are
+/// drawn from it: the same grid as the raw LoRA's at step 0 (the EMA starts as the LoRA),
+/// another at step 2. A large learning rate makes the difference show in 8-bit pixels.
+#[test]
+fn the_ema_is_saved_beside_the_lora_and_can_be_sampled_from() {
+    let s = Setup::new();
+    let run = |name: &str, sample_ema: bool| {
+        let sample = format!(
+            "[sample]\nevery = 2\nprompts = [\"a zkchar\"]\nseeds = [1]\nsteps = 2\nema = {sample_ema}"
+        );
+        let cfg = s.config(name, "", "ema = 0.5", &sample);
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            text.replace("learning_rate = 1e-3", "learning_rate = 0.3"),
+        )
+        .unwrap();
+        stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "2"]));
+    };
+    run("ema", true);
+    run("raw", false);
+    for dir in ["ema", "ema/checkpoints/step-000002"] {
+        let (raw, ema) = (
+            tensor_bytes(&s.path(&format!("{dir}/lora.safetensors"))),
+            tensor_bytes(&s.path(&format!("{dir}/lora.ema.safetensors"))),
+        );
+        assert_eq!(raw.len(), ema.len());
+        let differ = raw.iter().zip(&ema).filter(|(a, b)| a.1 != b.1).count();
+        assert!(differ > 0, "{dir}: the EMA equals the LoRA");
+        LoraFile::read_for_dim(s.path(&format!("{dir}/lora.ema.safetensors")), 32).unwrap();
+    }
+    let grid = |run: &str, step: &str| {
+        let path = s.path(run).join(format!("samples/step-{step}.png"));
+        zlora::sample::image::read_png(&path).unwrap().0.pixels
+    };
+    assert_eq!(grid("ema", "000000"), grid("raw", "000000"));
+    assert_ne!(
+        grid("ema", "000002"),
+        grid("raw", "000002"),
+        "sampled from the raw LoRA"
     );
 }
 

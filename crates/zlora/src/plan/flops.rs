@@ -136,6 +136,7 @@ mod tests {
     use crate::plan::dims::ModelDims;
     use crate::train::config::Variant;
     use crate::train::lora::LoraConfig;
+    use crate::train::optim::OptimizerConfig;
 
     fn work(checkpointing: bool, accumulation: usize) -> Workload {
         Workload {
@@ -148,6 +149,8 @@ mod tests {
             base_bytes: 2.0,
             compute_bytes: 2.0,
             sample: None,
+            optimizer: OptimizerConfig::default(),
+            ema: false,
         }
     }
 

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::dims::{LowRank, ModelDims};
 use crate::nn::attention::MAX_CHUNK_SCORES;
+use crate::train::optim::{OptimizerConfig, OptimizerKind};
 
 /// One micro-batch and what else the run does.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -31,6 +32,10 @@ pub struct Workload {
     /// Bytes per activation value: the compute dtype's, 4 (f32) or 2 (bf16).
     pub compute_bytes: f64,
     pub sample: Option<SampleShape>,
+    /// Decides the size of the optimizer's state.
+    pub optimizer: OptimizerConfig,
+    /// `[train] ema`: one more f32 copy of the LoRA.
+    pub ema: bool,
 }
 
 /// One denoising forward of the samples taken during training.
@@ -354,11 +359,13 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let mut phase = Phase::new("training");
     weights_item(&mut phase, run, work);
     adapter_item(&mut phase, run, profile);
-    let state_copies = if work.accumulation > 1 { 5.0 } else { 4.0 };
+    let copies = if work.accumulation > 1 { 3.0 } else { 2.0 };
     phase.push(
-        "LoRA: f32 weights, gradients, 2 AdamW moments",
-        params(run.lora) * 4.0 * state_copies,
+        "LoRA: f32 weights, gradients",
+        params(run.lora) * 4.0 * copies,
     );
+    optimizer_item(&mut phase, run, work);
+    ema_item(&mut phase, run, work);
     let acts = Activations::new(run, work, profile);
     if work.checkpointing {
         phase.push("block inputs kept for recomputation", acts.saved_inputs());
@@ -379,7 +386,9 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     };
     weights_item(&mut phase, run, work);
     adapter_item(&mut phase, run, profile);
-    phase.push("LoRA state", params(run.lora) * 16.0);
+    phase.push("LoRA: f32 weights, gradients", params(run.lora) * 8.0);
+    optimizer_item(&mut phase, run, work);
+    ema_item(&mut phase, run, work);
     phase.push(
         "VAE weights",
         run.dims.vae_params as f64 * profile.encoder_bytes,
@@ -394,6 +403,58 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let decode = vae_transient(run.dims, sample.pixels, profile);
     phase.push("denoising forward or VAE decode", forward.max(decode));
     phase
+}
+
+/// The optimizer's state (train/optim.rs and its neighbours): AdamW two f32 moments per
+/// parameter; 8-bit AdamW one byte per moment and an f32 scale per block of 256, f32 moments
+/// for factors under 4096 elements; Prodigy four f32 tensors (p0, s and the two moments);
+/// Adafactor, per factor, a row and a column mean of the squared gradient (out + rank for
+/// the up factor, rank + in for the down one) and a first moment only with beta1.
+fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
+    let o = &work.optimizer;
+    let p = params(run.lora);
+    let (what, bytes) = match o.kind {
+        OptimizerKind::AdamW => ("2 f32 moments", 8.0 * p),
+        OptimizerKind::AdamW8bit => ("2 block-quantized moments", adamw8bit_bytes(run.lora)),
+        OptimizerKind::Prodigy => ("p0, s, 2 moments (f32)", 16.0 * p),
+        OptimizerKind::Adafactor => {
+            let factored: f64 = run
+                .lora
+                .iter()
+                .map(|m| (m.out + m.inp) as f64 + 2.0 * m.rank())
+                .sum();
+            match o.adafactor.beta1 {
+                Some(_) => (
+                    "factored second moment, first moment (f32)",
+                    4.0 * (factored + p),
+                ),
+                None => ("factored second moment (f32)", 4.0 * factored),
+            }
+        }
+    };
+    phase.push(format!("optimizer state: {} {what}", o.kind.name()), bytes);
+}
+
+fn ema_item(phase: &mut Phase, run: &Run, work: &Workload) {
+    if work.ema {
+        phase.push("EMA of the LoRA (f32)", params(run.lora) * 4.0);
+    }
+}
+
+/// Both moments of each factor of each module as train/adamw8bit.rs stores them.
+fn adamw8bit_bytes(modules: &[LowRank]) -> f64 {
+    use crate::train::adamw8bit::{BLOCK, MIN_8BIT_SIZE};
+    let factor = |n: usize| match n < MIN_8BIT_SIZE {
+        true => 8.0 * n as f64,
+        false => 2.0 * (n + 4 * n.div_ceil(BLOCK)) as f64,
+    };
+    modules
+        .iter()
+        .map(|m| {
+            let rank = m.rank().round() as usize;
+            factor(rank * m.inp) + factor(m.out * rank)
+        })
+        .sum()
 }
 
 fn params(modules: &[LowRank]) -> f64 {
@@ -568,7 +629,14 @@ mod tests {
     use crate::train::config::Variant;
     use crate::train::lora::LoraConfig;
 
-    fn training_peak(profile: &Profile, checkpointing: bool, base_bytes: f64) -> f64 {
+    /// The training phase of a rank-16 LoRA on Turbo at 1024 px.
+    fn training(
+        profile: &Profile,
+        checkpointing: bool,
+        base_bytes: f64,
+        optimizer: OptimizerConfig,
+        ema: bool,
+    ) -> Phase {
         let dims = ModelDims::built_in(Variant::Turbo).unwrap();
         let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
         let lora = dims.lora(&cfg);
@@ -587,13 +655,65 @@ mod tests {
             base_bytes,
             compute_bytes: base_bytes.max(2.0),
             sample: None,
+            optimizer,
+            ema,
         };
         let phases = estimate(&run, &work, profile);
-        phases
-            .iter()
-            .find(|p| p.name == "training")
-            .map(Phase::total)
-            .unwrap()
+        phases.into_iter().find(|p| p.name == "training").unwrap()
+    }
+
+    fn training_peak(profile: &Profile, checkpointing: bool, base_bytes: f64) -> f64 {
+        training(
+            profile,
+            checkpointing,
+            base_bytes,
+            OptimizerConfig::default(),
+            false,
+        )
+        .total()
+    }
+
+    /// Each optimizer's state against its tensors: AdamW 2 and Prodigy 4 f32 copies of the
+    /// LoRA; Adafactor a row and a column per factor (out + in + 2·rank per module) and one
+    /// copy more with beta1; 8-bit AdamW 2 bytes per parameter and the blocks' scales.
+    #[test]
+    fn the_optimizer_state_is_counted_per_optimizer() {
+        let state = |kind: OptimizerKind, beta1: Option<f64>| {
+            let mut o = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            o.adafactor.beta1 = beta1;
+            let phase = training(&Profile::cpu(2), true, 2.0, o, false);
+            let item = phase
+                .items
+                .iter()
+                .find(|i| i.what.starts_with("optimizer state"));
+            item.unwrap().bytes
+        };
+        let dims = ModelDims::built_in(Variant::Turbo).unwrap();
+        let lora = dims.lora(&toml::from_str("rank = 16\nalpha = 16").unwrap());
+        let p: f64 = lora.iter().map(|m| m.params as f64).sum();
+        let factored: f64 = lora.iter().map(|m| (m.out + m.inp + 32) as f64).sum();
+        assert_eq!(state(OptimizerKind::AdamW, None), 8.0 * p);
+        assert_eq!(state(OptimizerKind::Prodigy, None), 16.0 * p);
+        assert_eq!(state(OptimizerKind::Adafactor, None), 4.0 * factored);
+        assert_eq!(
+            state(OptimizerKind::Adafactor, Some(0.9)),
+            4.0 * (factored + p)
+        );
+        // An EMA adds one f32 copy of the LoRA.
+        let with = training(
+            &Profile::cpu(2),
+            true,
+            2.0,
+            OptimizerConfig::default(),
+            true,
+        );
+        let ema = with.items.iter().find(|i| i.what.starts_with("EMA"));
+        assert_eq!(ema.unwrap().bytes, 4.0 * p);
+        // The factored moment is about 1/(2·rank) of AdamW's.
+        assert!(state(OptimizerKind::Adafactor, None) < 8.0 * p / 30.0);
     }
 
     #[test]

@@ -256,6 +256,8 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         },
         compute_bytes,
         sample: sample_shape(cfg, factor),
+        optimizer: t.optimizer_config(),
+        ema: t.ema.is_some(),
     })
 }
 

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::lora::LoraConfig;
 use super::objective::{LossWeighting, TimestepSampling};
-use super::optim::LrSchedule;
+use super::optim::{
+    AdafactorSettings, AdamWConfig, LrSchedule, OptimizerConfig, OptimizerKind, ProdigySettings,
+};
 use crate::data::DatasetConfig;
 use crate::nn::Quantization;
 use crate::{Error, Result};
@@ -105,6 +107,18 @@ pub struct TrainSection {
     pub warmup_steps: u64,
     #[serde(default = "default_schedule")]
     pub lr_schedule: LrSchedule,
+    /// "adamw", "adamw8bit", "prodigy" or "adafactor" (docs/training.md).
+    #[serde(default, skip_serializing_if = "is_adamw")]
+    pub optimizer: OptimizerKind,
+    /// Prodigy's own knobs (only with optimizer = "prodigy").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prodigy: Option<ProdigySettings>,
+    /// Adafactor's own knobs (only with optimizer = "adafactor").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adafactor: Option<AdafactorSettings>,
+    /// Decay of an exponential moving average of the LoRA, saved beside it (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<f64>,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     #[serde(default = "default_betas")]
@@ -151,6 +165,9 @@ pub struct SampleSection {
     pub steps: Option<usize>,
     #[serde(default)]
     pub guidance: Option<f64>,
+    /// Sample from the EMA of the LoRA (needs `[train] ema`) instead of the trained one.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ema: bool,
 }
 
 impl SampleSection {
@@ -191,6 +208,7 @@ impl Default for SampleSection {
             height: None,
             steps: None,
             guidance: None,
+            ema: false,
         }
     }
 }
@@ -212,6 +230,14 @@ fn default_save_every() -> u64 {
 }
 fn default_schedule() -> LrSchedule {
     LrSchedule::Constant
+}
+/// Left out of the saved config when off, which older checkpoints (before the key) match.
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+/// AdamW is left out of the saved config, which older checkpoints (before the key) match.
+fn is_adamw(kind: &OptimizerKind) -> bool {
+    *kind == OptimizerKind::AdamW
 }
 fn default_weight_decay() -> f64 {
     0.01
@@ -273,8 +299,65 @@ impl TrainConfig {
         if self.sample.every > 0 && self.sample.prompts.is_empty() {
             return bad("[sample] every > 0 needs at least one prompt");
         }
+        if self.sample.ema && t.ema.is_none() {
+            return bad("[sample] ema = true needs an EMA: set [train] ema (e.g. 0.999)");
+        }
+        if t.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
+            return bad("[train] ema must be a decay between 0 and 1 (e.g. 0.999)");
+        }
         self.check_numbers()?;
+        self.check_optimizer()?;
         self.sample.check()
+    }
+
+    /// An optimizer's table only beside that optimizer, its numbers in their ranges.
+    fn check_optimizer(&self) -> Result<()> {
+        let t = &self.train;
+        let kind = t.optimizer;
+        let bad = |m: String| Err(Error::Invalid(m));
+        let stray = [
+            ("prodigy", t.prodigy.is_some(), OptimizerKind::Prodigy),
+            ("adafactor", t.adafactor.is_some(), OptimizerKind::Adafactor),
+        ];
+        if let Some((name, _, _)) = stray.iter().find(|(_, set, k)| *set && *k != kind) {
+            return bad(format!(
+                "[train.{name}] is only used with optimizer = \"{name}\" (the run uses \"{}\")",
+                kind.name()
+            ));
+        }
+        let p = t.prodigy.unwrap_or_default();
+        let in_unit = |b: Option<f64>| b.is_none_or(|b| (0.0..1.0).contains(&b));
+        if !(p.d_coef > 0.0 && p.d_coef.is_finite() && p.d0 > 0.0 && p.d0.is_finite()) {
+            return bad("[train.prodigy] d_coef and d0 must be positive numbers".into());
+        }
+        if !in_unit(p.beta3) {
+            return bad(format!(
+                "[train.prodigy] beta3 must be in [0, 1), got {:?}",
+                p.beta3
+            ));
+        }
+        let a = t.adafactor.unwrap_or_default();
+        if !in_unit(a.beta1) {
+            return bad(format!(
+                "[train.adafactor] beta1 must be in [0, 1), got {:?}",
+                a.beta1
+            ));
+        }
+        // 1 − t^decay_rate is a decay in [0, 1) only for a negative exponent.
+        if !(a.decay_rate < 0.0 && a.decay_rate.is_finite()) {
+            return bad(format!(
+                "[train.adafactor] decay_rate must be negative (default -0.8), got {}",
+                a.decay_rate
+            ));
+        }
+        if !(a.clip_threshold > 0.0
+            && a.clip_threshold.is_finite()
+            && a.eps > 0.0
+            && a.eps.is_finite())
+        {
+            return bad("[train.adafactor] clip_threshold and eps must be positive numbers".into());
+        }
+        Ok(())
     }
 
     /// Every float of `[model]` and `[train]` is finite and in its range: a NaN would
@@ -321,6 +404,22 @@ impl TrainConfig {
     }
 }
 
+impl TrainSection {
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            adam: AdamWConfig {
+                beta1: self.betas[0],
+                beta2: self.betas[1],
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            },
+            prodigy: self.prodigy.unwrap_or_default(),
+            adafactor: self.adafactor.unwrap_or_default(),
+        }
+    }
+}
+
 impl Mode {
     /// Validation sampling of the mode: (steps, guidance). Turbo modes sample plain Turbo at
     /// 8 steps without CFG (the adapter switched off); Base 50 steps at 4 (classic 5);
@@ -340,5 +439,56 @@ impl Mode {
             Mode::TurboAdapter => "turbo-adapter",
             Mode::TurboDirect => "turbo-direct",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(train_extra: &str) -> Result<TrainConfig> {
+        TrainConfig::parse(&format!(
+            "[model]\npath = \"m\"\nvariant = \"turbo\"\n[dataset]\npath = \"d\"\nresolution = 32\n\
+             [lora]\nrank = 2\nalpha = 2\n[train]\nsteps = 6\nlearning_rate = 1\noutput = \"o\"\n\
+             {train_extra}\n"
+        ))
+    }
+
+    fn error(train_extra: &str) -> String {
+        parse(train_extra).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_optimizer_and_its_table_reach_the_optimizer_config() -> Result<()> {
+        assert_eq!(
+            parse("")?.train.optimizer_config().kind,
+            OptimizerKind::AdamW
+        );
+        let cfg = parse("optimizer = \"prodigy\"\n[train.prodigy]\nd_coef = 0.5")?;
+        let opt = cfg.train.optimizer_config();
+        assert_eq!(opt.kind, OptimizerKind::Prodigy);
+        assert_eq!(opt.prodigy.d_coef, 0.5);
+        assert_eq!(opt.prodigy.d0, 1e-6);
+        let cfg = parse("optimizer = \"adafactor\"\n[train.adafactor]\nbeta1 = 0.9")?;
+        assert_eq!(cfg.train.optimizer_config().adafactor.beta1, Some(0.9));
+        Ok(())
+    }
+
+    #[test]
+    fn a_wrong_optimizer_or_setting_is_refused_by_name() {
+        assert!(error("optimizer = \"lion\"").contains("unknown variant"));
+        let e = error("[train.prodigy]\nd_coef = 2.0");
+        assert!(
+            e.contains("[train.prodigy] is only used with optimizer = \"prodigy\""),
+            "{e}"
+        );
+        let e = error("optimizer = \"prodigy\"\n[train.prodigy]\nd_coef = 0.0");
+        assert!(e.contains("d_coef"), "{e}");
+        let e = error("optimizer = \"adafactor\"\n[train.adafactor]\ndecay_rate = 0.8");
+        assert!(e.contains("decay_rate must be negative"), "{e}");
+        let e = error("optimizer = \"adafactor\"\n[train.adafactor]\nbeta2 = 0.9");
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(error("ema = 1.0").contains("[train] ema must be a decay"));
+        assert!(error("[sample]\nema = true").contains("set [train] ema"));
     }
 }

@@ -36,9 +36,22 @@ mod tests {
     use crate::train::trainer::{train, Event, TrainOptions};
 
     /// Real steps on the tiny model, with two micro-batches per step (a read per micro-batch
-    /// would show) and clipping on (a read per gradient tensor would show: 28 of them).
+    /// would show) and clipping on (a read per gradient tensor would show: 28 of them), with
+    /// each optimizer (Prodigy's d and Adafactor's RMS stay on the device) and an EMA.
     #[test]
     fn a_training_step_reads_from_the_device_at_most_twice() -> Result<()> {
+        for optimizer in ["adamw", "adamw8bit", "prodigy", "adafactor"] {
+            let per_step = reads_per_step(optimizer)?;
+            assert_eq!(per_step.len(), 3);
+            assert!(
+                per_step.iter().all(|&n| (1..=2).contains(&n)),
+                "{optimizer}: device→host reads per step: {per_step:?}"
+            );
+        }
+        Ok(())
+    }
+
+    fn reads_per_step(optimizer: &str) -> Result<Vec<u64>> {
         let dir = tempfile::tempdir().unwrap();
         let (model, data) = (dir.path().join("model"), dir.path().join("data"));
         let spec = TinySpec {
@@ -66,6 +79,8 @@ gradient_accumulation = 2
 max_grad_norm = 1e-4
 save_every = 2
 output = "{out}"
+optimizer = "{optimizer}"
+ema = 0.99
 "#,
             model = model.display(),
             data = data.display(),
@@ -77,13 +92,7 @@ output = "{out}"
                 counts.push(reads());
             }
         })?;
-        let per_step: Vec<u64> = counts.windows(2).map(|w| w[1] - w[0]).collect();
-        assert_eq!(per_step.len(), 3);
-        assert!(
-            per_step.iter().all(|&n| (1..=2).contains(&n)),
-            "device→host reads per step: {per_step:?}"
-        );
-        Ok(())
+        Ok(counts.windows(2).map(|w| w[1] - w[0]).collect())
     }
 
     /// The step's own modules read only through [`read`] (a raw `to_scalar` would bypass
@@ -94,6 +103,9 @@ output = "{out}"
             ("backprop.rs", include_str!("backprop.rs")),
             ("objective.rs", include_str!("objective.rs")),
             ("optim.rs", include_str!("optim.rs")),
+            ("prodigy.rs", include_str!("prodigy.rs")),
+            ("adafactor.rs", include_str!("adafactor.rs")),
+            ("adamw8bit.rs", include_str!("adamw8bit.rs")),
             ("trainer.rs", include_str!("trainer.rs")),
         ];
         for (file, text) in sources {

@@ -1,13 +1,18 @@
-//! LoRA training: configuration, the trainable LoRA, the flow-matching objective, AdamW,
-//! gradients with block checkpointing, checkpoints, samples and the training loop.
+//! LoRA training: configuration, the trainable LoRA, the flow-matching objective, the
+//! optimizers (AdamW, 8-bit AdamW, Prodigy, Adafactor), gradients with block checkpointing, checkpoints,
+//! samples and the training loop.
 
+pub mod adafactor;
+pub mod adamw8bit;
 pub mod backprop;
 pub mod config;
+pub mod ema;
 pub(crate) mod host;
 pub mod log;
 pub mod lora;
 pub mod objective;
 pub mod optim;
+pub mod prodigy;
 pub mod resume;
 pub mod samples;
 pub mod state;

@@ -180,6 +180,17 @@ output = "out"
         assert!(e.to_string().contains("--allow-changes rank"), "{e}");
     }
 
+    /// Another optimizer's state would not even load; its change is refused up front.
+    #[test]
+    fn a_change_of_optimizer_is_refused() {
+        let now = cfg(
+            "output = \"out\"",
+            "output = \"out\"\noptimizer = \"prodigy\"",
+        );
+        let e = check_changes(&saved(), &now, &[]).unwrap_err().to_string();
+        assert!(e.contains("train.optimizer"), "{e}");
+    }
+
     #[test]
     fn safe_changes_need_to_be_named() {
         let now = cfg("steps = 6", "steps = 9");

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::ema::Ema;
 use super::lora::TrainableLora;
-use super::optim::AdamW;
+use super::optim::Optimizer;
 use crate::data::loader::LoaderState;
 use crate::fsutil::{save_safetensors, write_atomic};
 use crate::{Error, Result};
@@ -38,12 +39,17 @@ pub fn checkpoint_dir(output: &Path, step: u64) -> PathBuf {
     checkpoints_dir(output).join(format!("step-{step:06}"))
 }
 
-/// Writes a checkpoint; `write_lora` writes the user-facing LoRA file into the given path.
+/// The EMA's LoRA file beside the raw one (in the output folder and in each checkpoint).
+pub const EMA_LORA: &str = "lora.ema.safetensors";
+
+/// Writes a checkpoint; `write_lora` writes the user-facing LoRA file into the given path
+/// (with an EMA, once more from the averages).
 pub fn save(
     output: &Path,
     state: &RunState,
     lora: &TrainableLora,
-    optimizer: &AdamW,
+    optimizer: &mut Optimizer,
+    ema: Option<&Ema>,
     write_lora: &dyn Fn(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let dir = checkpoint_dir(output, state.step);
@@ -56,6 +62,10 @@ pub fn save(
     let names = lora.var_names();
     let (mut tensors, _) = optimizer.state(&names);
     tensors.extend(lora.values());
+    if let Some(ema) = ema {
+        tensors.extend(ema.state(&names));
+        ema.swapped_in(lora, || write_lora(&partial.join(EMA_LORA)))?;
+    }
     save_safetensors(&partial.join("state.safetensors"), &tensors, None, false)?;
     let json = serde_json::to_string_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&partial.join("state.json"), json.as_bytes(), false)?;
@@ -136,8 +146,13 @@ pub fn read_state(dir: &Path) -> Result<RunState> {
         .map_err(|e| Error::bad_file(&json_path, format!("invalid checkpoint state: {e}")))
 }
 
-/// Restores LoRA values and optimizer moments from a checkpoint folder.
-pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<RunState> {
+/// Restores LoRA values, optimizer state and the EMA from a checkpoint folder.
+pub fn load(
+    dir: &Path,
+    lora: &TrainableLora,
+    optimizer: &mut Optimizer,
+    ema: Option<&mut Ema>,
+) -> Result<RunState> {
     let state = read_state(dir)?;
     let tensor_path = dir.join("state.safetensors");
     let tensors: HashMap<String, Tensor> =
@@ -150,5 +165,8 @@ pub fn load(dir: &Path, lora: &TrainableLora, optimizer: &mut AdamW) -> Result<R
     optimizer
         .load_state(&lora.var_names(), &tensors, state.step)
         .map_err(fail)?;
+    if let Some(ema) = ema {
+        ema.load_state(&lora.var_names(), &tensors).map_err(fail)?;
+    }
     Ok(state)
 }

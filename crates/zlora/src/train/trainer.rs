@@ -1,7 +1,7 @@
 //! `zlora train`: the three modes of the workflow on one loop.
 //!
 //! dataset → preflight → cache (text encoder, VAE, then dropped) → transformer (+ frozen
-//! training adapter) + trainable LoRA → steps (flow matching, AdamW) → checkpoints, samples →
+//! training adapter) + trainable LoRA → steps (flow matching, the optimizer) → checkpoints, samples →
 //! `lora.safetensors`.
 
 use std::path::{Path, PathBuf};
@@ -14,11 +14,12 @@ use serde_json::json;
 
 use super::backprop::{loss_and_grads, MicroBatch};
 use super::config::{Mode, TrainConfig};
+use super::ema::Ema;
 use super::host;
 use super::log::StepLog;
 use super::lora::{set_enabled, TrainableLora};
 use super::objective::{gaussian_like, noise, SigmaSampler};
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, learning_rate, Optimizer};
 use super::resume;
 use super::samples::Sampler;
 use super::state::{self, RunState};
@@ -111,13 +112,8 @@ pub fn train(
     )));
 
     let t = &cfg.train;
-    let adam = AdamWConfig {
-        beta1: t.betas[0],
-        beta2: t.betas[1],
-        eps: t.eps,
-        weight_decay: t.weight_decay,
-    };
-    let mut optimizer = AdamW::new(adam, &lora.vars())?;
+    let mut optimizer = Optimizer::new(&t.optimizer_config(), &lora.vars())?;
+    let mut ema = t.ema.map(|d| Ema::new(d, &lora.vars())).transpose()?;
     let mut run = RunState {
         step: 0,
         loader: LoaderState::default(),
@@ -125,7 +121,7 @@ pub fn train(
         config: None,
     };
     if opts.resume {
-        run = load_newest_good(out, &lora, &mut optimizer, events)?;
+        run = load_newest_good(out, &lora, &mut optimizer, ema.as_mut(), events)?;
     }
     run.config = Some(toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?);
     let log = StepLog::open(&out.join("log.jsonl"), run.step, &device)?;
@@ -137,7 +133,8 @@ pub fn train(
     let writer = LoraWriter { cfg, mode };
 
     if run.step == 0 && cfg.sample.every > 0 {
-        sample_now(&sampler, &mut model, 0, out, events)?;
+        let from = sample_from(cfg, ema.as_ref(), &lora);
+        sample_now(&sampler, &mut model, from, 0, out, events)?;
     }
     while run.step < t.steps {
         let started = Instant::now();
@@ -152,6 +149,9 @@ pub fn train(
             step,
             &device,
         )?;
+        if let Some(ema) = ema.as_mut() {
+            ema.update(&lora.vars())?;
+        }
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "loss became {loss} at step {step}: training stopped; {}",
@@ -174,17 +174,22 @@ pub fn train(
         )?;
         events(Event::Step(&entry));
         if step.is_multiple_of(t.save_every) || step == t.steps {
-            let dir = state::save(out, &run, &lora, &optimizer, &|p| {
+            let dir = state::save(out, &run, &lora, &mut optimizer, ema.as_ref(), &|p| {
                 writer.write(&lora, step, p)
             })?;
             events(Event::Checkpoint(&dir));
         }
         if step.is_multiple_of(cfg.sample.every) {
-            sample_now(&sampler, &mut model, step, out, events)?;
+            let from = sample_from(cfg, ema.as_ref(), &lora);
+            sample_now(&sampler, &mut model, from, step, out, events)?;
         }
     }
     let final_path = out.join("lora.safetensors");
     writer.write(&lora, run.step, &final_path)?;
+    if let Some(ema) = &ema {
+        let path = out.join(state::EMA_LORA);
+        ema.swapped_in(&lora, || writer.write(&lora, run.step, &path))?;
+    }
     Ok(Outcome {
         lora: final_path,
         steps: run.step,
@@ -278,11 +283,12 @@ fn check_resumable(
 fn load_newest_good(
     out: &Path,
     lora: &TrainableLora,
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
+    mut ema: Option<&mut Ema>,
     events: &mut dyn FnMut(Event),
 ) -> Result<RunState> {
     for (_, dir) in state::complete(out)?.into_iter().rev() {
-        match state::load(&dir, lora, optimizer) {
+        match state::load(&dir, lora, optimizer, ema.as_deref_mut()) {
             Ok(run) => {
                 events(Event::Message(format!(
                     "resumed from {} (step {})",
@@ -386,7 +392,7 @@ fn optimizer_step(
     cfg: &TrainConfig,
     model: &ZImageTransformer,
     lora: &TrainableLora,
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     loader: &mut Loader,
     data: &CachedDataset,
     step: u64,
@@ -453,15 +459,29 @@ fn optimizer_step(
     Ok((loss, read[1] as f64, lr))
 }
 
+/// The EMA to sample from with `[sample] ema`, and the LoRA it stands in for.
+fn sample_from<'a>(
+    cfg: &TrainConfig,
+    ema: Option<&'a Ema>,
+    lora: &'a TrainableLora,
+) -> (Option<&'a Ema>, &'a TrainableLora) {
+    (ema.filter(|_| cfg.sample.ema), lora)
+}
+
 fn sample_now(
     sampler: &Sampler,
     model: &mut ZImageTransformer,
+    (ema, lora): (Option<&Ema>, &TrainableLora),
     step: u64,
     out: &Path,
     events: &mut dyn FnMut(Event),
 ) -> Result<()> {
     set_enabled(model, TRAINING_ADAPTER, false);
-    let result = sampler.render(model, step, out);
+    let render = || sampler.render(model, step, out);
+    let result = match ema {
+        Some(ema) => ema.swapped_in(lora, render),
+        None => render(),
+    };
     set_enabled(model, TRAINING_ADAPTER, true);
     let path = result?;
     events(Event::Samples(&path));
