@@ -4,33 +4,18 @@
 mod common;
 
 use std::ffi::OsStr;
+use std::path::Path;
 
 use common::parity::fixtures;
-use common::{stderr, zlora_env};
+use common::{generate_small, stderr, zlora_env};
 
 fn model() -> String {
     fixtures().join("model").to_string_lossy().into_owned()
 }
 
 fn generate(env: &[(&str, &OsStr)], out: &str) -> std::process::Output {
-    let args = [
-        "generate",
-        "--model",
-        &model(),
-        "--prompt",
-        "a red circle",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "1",
-        "--seed",
-        "1",
-        "--out",
-        out,
-    ];
-    zlora_env(&args, env)
+    let args = ["--steps", "1", "--seed", "1"];
+    generate_small(Path::new(&model()), Path::new(out), &args, env)
 }
 
 #[test]

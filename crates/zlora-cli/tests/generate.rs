@@ -6,7 +6,7 @@
 mod common;
 
 use common::parity::{fixtures, reference, rel_err};
-use common::{stdout, zlora, zlora_env};
+use common::{copy_tree, generate_small, stdout, zlora, zlora_env};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
@@ -285,20 +285,6 @@ fn bad_sizes_and_missing_models_fail_with_a_message() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/model"));
 }
 
-/// Copies a folder tree (the fixture model) into place.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let p = entry.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_repo_id_resolves_from_the_local_hugging_face_cache() {
     let home = tempfile::tempdir().unwrap();
@@ -487,21 +473,7 @@ fn a_quantization_whose_blocks_do_not_divide_the_widths_is_refused_before_loadin
     let model = fixtures().join("model");
     let out = tempfile::tempdir().unwrap();
     let png = out.path().join("x.png");
-    let res = zlora(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--quantize",
-        "q4_k",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let res = generate_small(&model, &png, &["--quantize", "q4_k"], &[]);
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     let last = err.trim().lines().last().unwrap();
@@ -514,23 +486,13 @@ fn a_quantization_whose_blocks_do_not_divide_the_widths_is_refused_before_loadin
 
     // A single-file transformer has no config to check first: it is refused when it loads.
     let comfy = fixtures().join("comfy_transformer.safetensors");
-    let res = zlora(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
+    let args = [
         "--transformer",
         comfy.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--width",
-        "32",
-        "--height",
-        "32",
         "--quantize",
         "q8_0",
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    ];
+    let res = generate_small(&model, &png, &args, &[]);
     assert!(!res.status.success());
     let err = String::from_utf8_lossy(&res.stderr);
     let last = err.trim().lines().last().unwrap();

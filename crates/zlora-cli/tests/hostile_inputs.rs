@@ -5,7 +5,7 @@
 mod common;
 
 use common::parity::fixtures;
-use common::{stderr, tiny_model_and_data, zlora};
+use common::{copy_tree, generate_small, stderr, tiny_model_and_data, zlora};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -38,23 +38,7 @@ fn refused(out: &Output, parts: &[&str]) -> String {
 /// `zlora generate` on the fixture model with `extra` arguments; 32×32, 2 steps and
 /// DIR/out.png unless `extra` sets them.
 fn generate(dir: &Path, extra: &[&str]) -> Output {
-    let (out, model) = (dir.join("out.png"), model());
-    let mut args = ["generate", "--model", s(&model), "--prompt", "a red fox"]
-        .map(str::to_owned)
-        .to_vec();
-    let defaults = [
-        ("--width", "32"),
-        ("--height", "32"),
-        ("--steps", "2"),
-        ("--out", s(&out)),
-    ];
-    for (flag, value) in defaults {
-        if !extra.iter().any(|a| a.starts_with(flag)) {
-            args.extend([flag.to_owned(), value.to_owned()]);
-        }
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
-    zlora(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    generate_small(&model(), &dir.join("out.png"), extra, &[])
 }
 
 #[test]
@@ -162,27 +146,13 @@ fn a_strength_whose_result_overflows_gives_no_image() {
 fn a_scheduler_config_with_shift_zero_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("model");
-    copy_dir(&model(), &copy);
+    copy_tree(&model(), &copy);
     let config = copy.join("scheduler/scheduler_config.json");
     let text = std::fs::read_to_string(&config).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
     json["shift"] = 0.0.into();
     std::fs::write(&config, json.to_string()).unwrap();
-    let out = zlora(&[
-        "generate",
-        "--model",
-        s(&copy),
-        "--prompt",
-        "x",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "2",
-        "--out",
-        s(&dir.path().join("a.png")),
-    ]);
+    let out = generate_small(&copy, &dir.path().join("a.png"), &[], &[]);
     refused(
         &out,
         &[
@@ -208,21 +178,7 @@ fn a_long_prompt_is_cut_with_a_warning_naming_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = "fox ".repeat(2625);
     assert_eq!(prompt.len(), 10_500);
-    let out = zlora(&[
-        "generate",
-        "--model",
-        s(&model()),
-        "--prompt",
-        &prompt,
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "1",
-        "--out",
-        s(&dir.path().join("a.png")),
-    ]);
+    let out = generate(dir.path(), &["--prompt", &prompt, "--steps", "1"]);
     let err = stderr(&out);
     assert!(
         err.contains("warning: the prompt is") && err.contains("reads the first 512"),
@@ -620,25 +576,11 @@ fn extract_clamps_the_rank_to_the_layer_width_with_a_warning() {
     assert!(report.contains("energy 100.0000%"), "{report}");
 }
 
-/// Copies a folder tree.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let dest = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &dest);
-        } else {
-            std::fs::copy(&path, &dest).unwrap();
-        }
-    }
-}
-
 #[test]
 fn a_misshapen_text_encoder_is_one_message_naming_its_folder() {
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("model");
-    copy_dir(&model(), &copy);
+    copy_tree(&model(), &copy);
     let file = copy.join("text_encoder/model.safetensors");
     let mut tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu).unwrap();
     let name = "embed_tokens.weight";
@@ -646,21 +588,7 @@ fn a_misshapen_text_encoder_is_one_message_naming_its_folder() {
     let cut = embed.narrow(1, 0, embed.dim(1).unwrap() / 2).unwrap();
     tensors.insert(name.into(), cut);
     candle_core::safetensors::save(&tensors, &file).unwrap();
-    let out = zlora(&[
-        "generate",
-        "--model",
-        s(&copy),
-        "--prompt",
-        "x",
-        "--width",
-        "32",
-        "--height",
-        "32",
-        "--steps",
-        "2",
-        "--out",
-        s(&dir.path().join("a.png")),
-    ]);
+    let out = generate_small(&copy, &dir.path().join("a.png"), &[], &[]);
     let line = refused(&out, &["text_encoder: ", name]);
     assert_eq!(line.matches("shape mismatch").count(), 1, "{line}");
     assert!(!line.contains("tensor error"), "{line}");

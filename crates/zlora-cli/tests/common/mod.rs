@@ -63,3 +63,42 @@ pub fn tiny_model_and_data(dir: &std::path::Path, dim: usize, count: usize, size
         &size.to_string(),
     ]));
 }
+
+/// Copies a folder tree (e.g. the fixture model, to alter a copy).
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
+/// `zlora generate` of `model` into `out`, 32×32 px, 2 steps, prompt "a red fox", with `env`:
+/// `extra` arguments are appended, and a flag given in `extra` replaces its default.
+pub fn generate_small(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &OsStr)],
+) -> Output {
+    let mut args = vec!["generate", "--model", model.to_str().unwrap()];
+    let defaults = [
+        ("--prompt", "a red fox"),
+        ("--width", "32"),
+        ("--height", "32"),
+        ("--steps", "2"),
+        ("--out", out.to_str().unwrap()),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    zlora_env(&args, env)
+}
