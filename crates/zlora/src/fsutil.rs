@@ -73,10 +73,7 @@ pub fn write_atomic_with(
             "already exists (pass --force to overwrite it)",
         ));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     remove_stale_temps_of(path)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
@@ -97,16 +94,21 @@ pub fn write_atomic_with(
     result
 }
 
+/// The folder a file path is in (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 /// Checks before any work that `path` can be written: not a folder, and its folder exists
 /// (it is created) and takes a file (a probe named like a temporary file is made and removed).
 pub fn check_writable(path: &Path) -> Result<()> {
     if path.is_dir() {
         return Err(Error::bad_file(path, "is a folder: name a file to write"));
     }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let probe = dir.join(format!(".zlora-probe.tmp{}", std::process::id()));
     std::fs::File::create(&probe).map_err(|e| Error::io(dir, e))?;
@@ -124,7 +126,7 @@ fn temp_pid(name: &str) -> Option<u32> {
 /// folders `depth` levels down (symlinks are not followed); returns how many.
 pub fn remove_stale_temps(dir: &Path, depth: usize) -> Result<usize> {
     let mut removed = 0;
-    for path in crate::fsutil::sorted_entries(dir)? {
+    for path in sorted_entries(dir)? {
         let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
         if meta.is_dir() && depth > 0 {
             removed += remove_stale_temps(&path, depth - 1)?;
@@ -138,16 +140,13 @@ pub fn remove_stale_temps(dir: &Path, depth: usize) -> Result<usize> {
 
 /// Removes the temporary files of dead writers of one output file (`.NAME.tmpPID` beside it).
 pub fn remove_stale_temps_of(file: &Path) -> Result<usize> {
-    let dir = match file.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(file);
     if !dir.is_dir() {
         return Ok(0);
     }
     let name = file.file_name().and_then(|n| n.to_str());
     let mut removed = 0;
-    for path in crate::fsutil::sorted_entries(dir)? {
+    for path in sorted_entries(dir)? {
         if path.is_file() && is_stale_temp(&path, name) {
             std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             removed += 1;

@@ -30,6 +30,25 @@ impl FrozenWeight {
         }
     }
 
+    /// (out_features, in_features).
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            Self::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// x·Wᵀ, attached to x's autograd graph (if any) with only the input gradient.
+    fn frozen_product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(w) => super::fused::frozen_matmul(x, &w.to_dtype(x.dtype())?.t()?),
+            Self::Quantized(q) => super::fused::quantized_matmul(x, q),
+        }
+    }
+
     /// The weight as a dense tensor of `dtype`: the input gradient's matrix (one Linear's
     /// weight at a time for a quantized base).
     fn dense(&self, dtype: DType) -> candle_core::Result<Tensor> {
@@ -66,13 +85,7 @@ impl Linear {
 
     /// (out_features, in_features).
     pub fn shape(&self) -> (usize, usize) {
-        match &self.weight {
-            FrozenWeight::Dense(w) => {
-                let d = w.dims();
-                (d[0], d[1])
-            }
-            FrozenWeight::Quantized(q) => q.shape(),
-        }
+        self.weight.shape()
     }
 
     /// Stores the base weight as `q` (a no-op on an already quantized one); `Err` says why the
@@ -138,12 +151,7 @@ impl Linear {
         let mut y = match self.low_rank_terms(x, track)? {
             Some(terms) => self.base_plus(x, &terms)?,
             None => {
-                let mut y = match &self.weight {
-                    FrozenWeight::Dense(w) => {
-                        super::fused::frozen_matmul(x, &w.to_dtype(x.dtype())?.t()?)?
-                    }
-                    FrozenWeight::Quantized(q) => super::fused::quantized_matmul(x, q)?,
-                };
+                let mut y = self.weight.frozen_product(x)?;
                 for a in self.enabled() {
                     let delta = if track {
                         a.forward(x)?

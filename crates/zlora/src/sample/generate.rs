@@ -11,7 +11,7 @@ use serde_json::json;
 use super::guidance::Guidance;
 use super::image::{save_png, to_rgb8};
 use super::limits::ImageLimits;
-use super::pipeline::{denoise, seeded_noise, Conditioning, DenoiseSettings};
+use super::pipeline::{denoise, encode_conditions, seeded_noise, Conditioning, DenoiseSettings};
 use crate::fsutil::save_safetensors;
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
@@ -156,7 +156,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     let starts = initial_latents(req, &seeds, h, w, &device)?;
 
     events(Event::Stage("encoding the prompt"));
-    let cond = encode_prompts(&folder, req, dtype, &device, events)?;
+    let cond = encode_prompt(&folder, req, (dtype, &device), events)?;
 
     events(Event::Stage(&match req.quantize {
         Some(q) => format!("loading the transformer, its blocks stored as {q}"),
@@ -326,31 +326,20 @@ fn check_outputs(req: &GenerateRequest, seeds: &[Option<u64>]) -> Result<()> {
     Ok(())
 }
 
-fn encode_prompts(
+/// The prompt's features (and the negative prompt's when CFG runs), through the one
+/// encoding path every command uses.
+fn encode_prompt(
     folder: &ModelFolder,
     req: &GenerateRequest,
-    dtype: DType,
-    device: &Device,
+    (dtype, device): (DType, &Device),
     events: &mut dyn FnMut(Event),
 ) -> Result<Conditioning> {
-    let encoder = folder.load_prompt_encoder(dtype, device)?;
-    if let Some(warning) = encoder.tokenizer().cut_warning(&req.prompt)? {
-        events(Event::Stage(&warning));
-    }
-    let cfg = req.guidance.scale > 0.0;
-    let prompts: Vec<&str> = if cfg {
-        vec![&req.prompt, &req.negative_prompt]
-    } else {
-        vec![&req.prompt]
-    };
-    let mut feats = encoder.encode(&prompts)?.into_iter();
-    let positive = feats
-        .next()
-        .ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))?;
-    Ok(Conditioning {
-        positive,
-        negative: feats.next(),
-    })
+    let negative = (req.guidance.scale > 0.0).then_some(req.negative_prompt.as_str());
+    let prompts = std::slice::from_ref(&req.prompt);
+    let mut warn = |w: &str| events(Event::Stage(w));
+    encode_conditions(folder, prompts, negative, (dtype, device), &mut warn)?
+        .pop()
+        .ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))
 }
 
 fn load_transformer(

@@ -133,7 +133,7 @@ pub fn train(
     let writer = LoraWriter { cfg, mode };
 
     if run.step == 0 && cfg.sample.every > 0 {
-        let from = sample_from(cfg, ema.as_ref(), &lora);
+        let from = (ema.as_ref().filter(|_| cfg.sample.ema), &lora);
         sample_now(&sampler, &mut model, from, 0, out, events)?;
     }
     while run.step < t.steps {
@@ -180,7 +180,7 @@ pub fn train(
             events(Event::Checkpoint(&dir));
         }
         if step.is_multiple_of(cfg.sample.every) {
-            let from = sample_from(cfg, ema.as_ref(), &lora);
+            let from = (ema.as_ref().filter(|_| cfg.sample.ema), &lora);
             sample_now(&sampler, &mut model, from, step, out, events)?;
         }
     }
@@ -459,18 +459,10 @@ fn optimizer_step(
     Ok((loss, read[1] as f64, lr))
 }
 
-/// The EMA to sample from with `[sample] ema`, and the LoRA it stands in for.
-fn sample_from<'a>(
-    cfg: &TrainConfig,
-    ema: Option<&'a Ema>,
-    lora: &'a TrainableLora,
-) -> (Option<&'a Ema>, &'a TrainableLora) {
-    (ema.filter(|_| cfg.sample.ema), lora)
-}
-
 fn sample_now(
     sampler: &Sampler,
     model: &mut ZImageTransformer,
+    // The EMA to sample from with `[sample] ema`, and the LoRA it stands in for.
     (ema, lora): (Option<&Ema>, &TrainableLora),
     step: u64,
     out: &Path,
