@@ -85,6 +85,7 @@ fn build(data: &Path, cache: &Path) -> Run {
         dir: cache.to_path_buf(),
         dtype: DType::F32,
         device: Device::Cpu,
+        class_captions: Vec::new(),
     };
     let mut progress = Vec::new();
     let (cached, stats) = CachedDataset::build(&dataset, &model, &opts, |s, done, total| {

@@ -36,6 +36,9 @@ pub struct Workload {
     pub optimizer: OptimizerConfig,
     /// `[train] ema`: one more f32 copy of the LoRA.
     pub ema: bool,
+    /// `[train] preservation`: a prior prediction and a second pass's gradients per
+    /// micro-batch.
+    pub preservation: bool,
 }
 
 /// One denoising forward of the samples taken during training.
@@ -366,6 +369,7 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     );
     optimizer_item(&mut phase, run, work);
     ema_item(&mut phase, run, work);
+    preservation_items(&mut phase, run, work);
     let acts = Activations::new(run, work, profile);
     if work.checkpointing {
         phase.push("block inputs kept for recomputation", acts.saved_inputs());
@@ -439,6 +443,27 @@ fn ema_item(phase: &mut Phase, run: &Run, work: &Workload) {
     if work.ema {
         phase.push("EMA of the LoRA (f32)", params(run.lora) * 4.0);
     }
+}
+
+/// Differential output preservation (train/preservation.rs) runs its pass after the main
+/// one, through the same blocks with the same tokens (a class caption is about as long as
+/// the caption it replaces): its activations take the main pass's place, but the main pass's
+/// gradients stay beside its own, and the prior prediction (f32 latents) beside both.
+fn preservation_items(phase: &mut Phase, run: &Run, work: &Workload) {
+    if !work.preservation {
+        return;
+    }
+    let factor = run.dims.vae_factor() as f64;
+    let latents = work.image_pixels as f64 / (factor * factor);
+    let channels = run.dims.vae.latent_channels as f64;
+    phase.push(
+        "preservation: prior prediction (f32)",
+        work.batch as f64 * channels * latents * 4.0,
+    );
+    phase.push(
+        "preservation: its LoRA gradients beside the main pass's (f32)",
+        params(run.lora) * 4.0,
+    );
 }
 
 /// Both moments of each factor of each module as train/adamw8bit.rs stores them.
@@ -637,6 +662,17 @@ mod tests {
         optimizer: OptimizerConfig,
         ema: bool,
     ) -> Phase {
+        training_with(profile, checkpointing, base_bytes, optimizer, ema, false)
+    }
+
+    fn training_with(
+        profile: &Profile,
+        checkpointing: bool,
+        base_bytes: f64,
+        optimizer: OptimizerConfig,
+        ema: bool,
+        preservation: bool,
+    ) -> Phase {
         let dims = ModelDims::built_in(Variant::Turbo).unwrap();
         let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
         let lora = dims.lora(&cfg);
@@ -657,6 +693,7 @@ mod tests {
             sample: None,
             optimizer,
             ema,
+            preservation,
         };
         let phases = estimate(&run, &work, profile);
         phases.into_iter().find(|p| p.name == "training").unwrap()
@@ -714,6 +751,32 @@ mod tests {
         assert_eq!(ema.unwrap().bytes, 4.0 * p);
         // The factored moment is about 1/(2·rank) of AdamW's.
         assert!(state(OptimizerKind::Adafactor, None) < 8.0 * p / 30.0);
+    }
+
+    /// Preservation adds the prior prediction (1 × 16 × 128 × 128 f32 latents at 1024 px)
+    /// and one more f32 copy of the LoRA (its gradients), nothing else.
+    #[test]
+    fn preservation_adds_its_prior_and_a_second_set_of_gradients() {
+        let run = |preservation| {
+            let o = OptimizerConfig::default();
+            training_with(&Profile::cpu(2), true, 2.0, o, false, preservation)
+        };
+        let (with, without) = (run(true), run(false));
+        let dims = ModelDims::built_in(Variant::Turbo).unwrap();
+        let lora = dims.lora(&toml::from_str("rank = 16\nalpha = 16").unwrap());
+        let p: f64 = lora.iter().map(|m| m.params as f64).sum();
+        let extra: Vec<_> = with
+            .items
+            .iter()
+            .filter(|i| !without.items.contains(i))
+            .collect();
+        assert_eq!(extra.len(), 2, "{extra:?}");
+        assert_eq!(extra[0].bytes, 16.0 * 128.0 * 128.0 * 4.0);
+        assert_eq!(extra[1].bytes, 4.0 * p);
+        assert_eq!(
+            with.total() - without.total(),
+            extra[0].bytes + extra[1].bytes
+        );
     }
 
     #[test]
