@@ -654,6 +654,24 @@ mod tests {
     use crate::train::config::Variant;
     use crate::train::lora::LoraConfig;
 
+    /// One 1024 px item, AdamW, nothing optional.
+    fn test_workload() -> Workload {
+        Workload {
+            batch: 1,
+            image_tokens: 4096,
+            caption_tokens: 256,
+            image_pixels: 1024 * 1024,
+            checkpointing: true,
+            accumulation: 1,
+            base_bytes: 2.0,
+            compute_bytes: 2.0,
+            sample: None,
+            optimizer: OptimizerConfig::default(),
+            ema: false,
+            preservation: false,
+        }
+    }
+
     /// The training phase of a rank-16 LoRA on Turbo at 1024 px.
     fn training(
         profile: &Profile,
@@ -682,18 +700,13 @@ mod tests {
             adapter: &[],
         };
         let work = Workload {
-            batch: 1,
-            image_tokens: 4096,
-            caption_tokens: 256,
-            image_pixels: 1024 * 1024,
             checkpointing,
-            accumulation: 1,
             base_bytes,
             compute_bytes: base_bytes.max(2.0),
-            sample: None,
             optimizer,
             ema,
             preservation,
+            ..test_workload()
         };
         let phases = estimate(&run, &work, profile);
         phases.into_iter().find(|p| p.name == "training").unwrap()
@@ -751,6 +764,81 @@ mod tests {
         assert_eq!(ema.unwrap().bytes, 4.0 * p);
         // The factored moment is about 1/(2·rank) of AdamW's.
         assert!(state(OptimizerKind::Adafactor, None) < 8.0 * p / 30.0);
+    }
+
+    /// The optimizer state counted for each optimizer is the bytes of the state tensors it
+    /// keeps (what a checkpoint saves), for factors on both sides of 8-bit AdamW's 4096-value
+    /// threshold; only Prodigy's few scalar tensors are left out of the count.
+    #[test]
+    fn the_counted_optimizer_state_is_what_each_optimizer_holds() -> crate::Result<()> {
+        use candle_core::{DType, Device, Tensor, Var};
+        // (out, in, rank): 64·4 + 4·64 values, below 4096; 512·16 + 16·384, above.
+        let shapes = [(64, 64, 4), (512, 384, 16)];
+        let modules: Vec<LowRank> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(out, inp, rank))| LowRank {
+                path: format!("layers.{i}.attention.to_q"),
+                out,
+                inp,
+                params: (rank * (out + inp)) as u64,
+            })
+            .collect();
+        let vars: Vec<Var> = shapes
+            .iter()
+            .flat_map(|&(out, inp, rank)| [(rank, inp), (out, rank)])
+            .map(|shape| Var::ones(shape, DType::F32, &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let refs: Vec<&Var> = vars.iter().collect();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| v.as_tensor().affine(0.5, 0.0))
+            .collect::<candle_core::Result<_>>()?;
+        let names: Vec<String> = (0..vars.len()).map(|i| format!("v{i}")).collect();
+        let dims = ModelDims::built_in(Variant::Turbo)?;
+        let run = Run {
+            dims: &dims,
+            lora: &modules,
+            adapter: &[],
+        };
+        let kinds = [
+            OptimizerKind::AdamW,
+            OptimizerKind::AdamW8bit,
+            OptimizerKind::Prodigy,
+            OptimizerKind::Adafactor,
+        ];
+        for (kind, beta1) in kinds
+            .into_iter()
+            .map(|k| (k, None))
+            .chain([(OptimizerKind::Adafactor, Some(0.9))])
+        {
+            let mut cfg = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            cfg.adafactor.beta1 = beta1;
+            let mut optimizer = crate::train::optim::Optimizer::new(&cfg, &refs)?;
+            optimizer.step(&refs, &grads, 1e-3)?;
+            let (state, _) = optimizer.state(&names);
+            let held: usize = state
+                .values()
+                .filter(|t| t.elem_count() > 1)
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
+            let work = Workload {
+                optimizer: cfg,
+                ..test_workload()
+            };
+            let mut phase = Phase::new("training");
+            optimizer_item(&mut phase, &run, &work);
+            assert_eq!(
+                phase.items[0].bytes,
+                held as f64,
+                "{} beta1 {beta1:?}",
+                kind.name()
+            );
+        }
+        Ok(())
     }
 
     /// Preservation adds the prior prediction (1 × 16 × 128 × 128 f32 latents at 1024 px)
