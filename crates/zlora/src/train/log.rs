@@ -56,8 +56,10 @@ impl Log {
                 .collect();
             write_atomic(&path, kept.as_bytes(), true)?;
         }
+        let events = out.join(tensorboard::DIR);
+        tensorboard::drop_after(&events, resumed_step)?;
         let tensorboard = tensorboard
-            .then(|| EventWriter::open(&out.join(tensorboard::DIR), resumed_step))
+            .then(|| EventWriter::open(&events))
             .transpose()?;
         Ok(Log {
             path,

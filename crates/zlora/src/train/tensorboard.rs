@@ -81,13 +81,10 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// Opens a new event file in `dir` for a run that has completed `resumed_step` steps;
-    /// the events of later steps in the folder's older files are dropped first.
-    pub fn open(dir: &Path, resumed_step: u64) -> Result<Self> {
+    /// Opens a new event file in `dir` (the older files' events past the resumed step
+    /// dropped first: [`drop_after`]).
+    pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        for old in event_files(dir)? {
-            keep_until(&old, resumed_step)?;
-        }
         let name = format!("{FILE_PREFIX}{}.{}", unix_seconds(), hostname());
         let path = dir.join(name);
         let file = OpenOptions::new()
@@ -163,6 +160,18 @@ impl EventWriter {
             .and_then(|()| self.file.flush())
             .map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// Drops the events of steps after `step` from the event files in `dir` (a run resumed at
+/// `step`, with TensorBoard on or not now); nothing to do when there is no such folder.
+pub fn drop_after(dir: &Path, step: u64) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for file in event_files(dir)? {
+        keep_until(&file, step)?;
+    }
+    Ok(())
 }
 
 /// TFRecord framing of one serialized event.
@@ -286,7 +295,7 @@ mod tests {
     fn resuming_drops_later_events_and_a_cut_record() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io(Path::new("tmp"), e))?;
         let path = {
-            let mut w = EventWriter::open(dir.path(), 0)?;
+            let mut w = EventWriter::open(dir.path())?;
             for step in 1..=5 {
                 w.scalars(step, &[("loss", step as f64)])?;
             }
@@ -298,7 +307,7 @@ mod tests {
         bytes.extend_from_slice(&record(&Event::default().encode_to_vec())[..10]);
         std::fs::write(&path, &bytes).map_err(|e| Error::io(&path, e))?;
         assert_eq!(read_records(&bytes).len(), 6);
-        keep_until(&path, 3)?;
+        drop_after(dir.path(), 3)?;
         let kept = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let steps: Vec<i64> = read_records(&kept).iter().map(|(_, e)| e.step).collect();
         assert_eq!(steps, [0, 1, 2, 3]);

@@ -355,7 +355,7 @@ fn prepare_data(
         // bf16 on a GPU (Qwen3-4B in f32 would take 16 GB), f32 on the CPU.
         dtype: crate::device::default_dtype(device),
         device: device.clone(),
-        class_captions: class_captions(cfg, &dataset),
+        class_captions: class_captions(cfg, &dataset)?,
     };
     let (data, stats) = CachedDataset::build(&dataset, folder, &opts, |stage, done, total| {
         events(Event::Cache { stage, done, total })
@@ -368,14 +368,16 @@ fn prepare_data(
 }
 
 /// Differential output preservation's captions, one per item (none without it).
-fn class_captions(cfg: &TrainConfig, dataset: &Dataset) -> Vec<String> {
+fn class_captions(cfg: &TrainConfig, dataset: &Dataset) -> Result<Vec<String>> {
     let Some(p) = &cfg.train.preservation else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
+    let no_trigger = || Error::Invalid("[train] preservation needs [dataset] trigger".into());
     dataset
         .items()
         .iter()
-        .filter_map(|item| cfg.dataset.caption_with_class(&item.caption, &p.class))
+        .map(|item| cfg.dataset.caption_with_class(&item.caption, &p.class))
+        .map(|caption| caption.ok_or_else(no_trigger))
         .collect()
 }
 
@@ -452,13 +454,8 @@ fn optimizer_step(
             target: &noised.target,
             weights: &weights,
         };
-        // The class captions are never dropped: the prior is the class prompt's.
         let class_captions = match &t.preservation {
-            Some(_) => batch
-                .indices
-                .iter()
-                .map(|&i| data.class_caption(i, device))
-                .collect::<Result<Vec<_>>>()?,
+            Some(_) => class_features(&batch.indices, data, device)?,
             None => Vec::new(),
         };
         let class = t.preservation.as_ref().map(|p| ClassCaptions {
@@ -512,6 +509,15 @@ fn optimizer_step(
         grad_norm: read[1] as f64,
         lr,
     })
+}
+
+/// The items' class caption features. They are never dropped by caption dropout: the prior
+/// is the class prompt's, whatever the main caption.
+fn class_features(items: &[usize], data: &CachedDataset, device: &Device) -> Result<Vec<Tensor>> {
+    items
+        .iter()
+        .map(|&i| data.class_caption(i, device))
+        .collect()
 }
 
 /// A running sum of 0-d losses, left on the device.
