@@ -133,11 +133,16 @@ fn compute_section(out: &mut String, p: &Plan) {
     let f = &p.flops;
     let _ = writeln!(
         out,
-        "\nFLOPs per step (counted): {:.3e} = forward {:.3e} + backward {:.3e} + recompute {:.3e}{}",
+        "\nFLOPs per step (counted): {:.3e} = forward {:.3e} + backward {:.3e} + recompute {:.3e}{}{}",
         f.per_step,
         f.forward,
         f.backward,
         f.recompute,
+        if f.preservation > 0.0 {
+            format!(" + preservation {:.3e}", f.preservation)
+        } else {
+            String::new()
+        },
         if p.workload.accumulation > 1 {
             format!(", × {} micro-batches", p.workload.accumulation)
         } else {

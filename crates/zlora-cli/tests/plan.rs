@@ -1,5 +1,5 @@
 //! `zlora plan`: the --json contract, advice when a run does not fit, the GPU table override,
-//! and the calibration of the CPU memory model against real tiny training runs.
+//! what differential output preservation costs, and the calibration of the CPU memory model against real tiny training runs.
 
 mod common;
 
@@ -158,6 +158,51 @@ fn a_gpu_table_file_replaces_the_built_in_one() {
         let out = zlora(&bad, dir.path());
         assert!(!out.status.success(), "{bad:?}");
     }
+}
+
+/// The Base example trains with differential output preservation: its plan counts the prior
+/// forward and the second forward and backward (a little over twice the step's FLOPs), and
+/// the prior prediction and second set of gradients in the training phase.
+#[test]
+fn preservation_is_counted_in_time_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let line = "preservation = { class = \"woman\", weight = 1.0 }\n";
+    let without = variant_of("base.toml", dir.path(), &[(line, "")]);
+    let json = |config: &str| -> serde_json::Value {
+        let out = zlora(&["plan", config, "--gpu", "h100", "--json"], dir.path());
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let (with, plain) = (json(&example("base.toml")), json(&without));
+    let ratio =
+        with["flops_per_step"].as_f64().unwrap() / plain["flops_per_step"].as_f64().unwrap();
+    // Checkpointed: forward 1 + backward ~2 + recompute ~1 per pass; the prior adds ~1.
+    assert!((2.2..2.3).contains(&ratio), "{ratio}");
+    let items = |plan: &serde_json::Value| -> Vec<String> {
+        let training = plan["memory"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "training");
+        let items = training.unwrap()["items"].as_array().unwrap();
+        items
+            .iter()
+            .map(|i| i["what"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let added: Vec<String> = items(&with)
+        .into_iter()
+        .filter(|i| !items(&plain).contains(i))
+        .collect();
+    assert_eq!(added.len(), 2, "{added:?}");
+    assert!(
+        added.iter().all(|i| i.starts_with("preservation")),
+        "{added:?}"
+    );
+    let text = stdout(&zlora(
+        &["plan", &example("base.toml"), "--gpu", "h100"],
+        dir.path(),
+    ));
+    assert!(text.contains("+ preservation "), "{text}");
 }
 
 /// One calibration run: a tiny model and training settings.

@@ -1,6 +1,7 @@
 //! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
-//! determinism, resume after SIGKILL (with each optimizer), refusal to overwrite a run without --force, NaN stop, training adapter, and
-//! the dataset check.
+//! determinism, resume after SIGKILL (with each optimizer, with differential output
+//! preservation), refusal to overwrite a run without --force, NaN stop, training adapter,
+//! TensorBoard event files read back by TensorBoard's own reader, and the dataset check.
 
 mod common;
 
@@ -623,4 +624,179 @@ fn a_bad_dataset_fails_before_step_one_naming_the_file() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("broken.png"), "{err}");
     assert!(!s.path("bad/log.jsonl").exists(), "nothing was trained");
+}
+
+/// A run's TensorBoard folder as TensorBoard's own readers see it (`read_tensorboard.py`),
+/// read with the Python that `ZLORA_PYTHON` names (default `python3`). Without Python or its
+/// `tensorboard` package the test fails saying so (.ci/run installs them).
+fn read_tensorboard(run: &Path) -> serde_json::Value {
+    let python = std::env::var_os("ZLORA_PYTHON").unwrap_or_else(|| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_tensorboard.py");
+    let needs = "this test reads the event files with TensorBoard's Python package: set \
+                 ZLORA_PYTHON to a Python that has it (pip install tensorboard)";
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(run.join("tensorboard"))
+        .output()
+        .unwrap_or_else(|e| panic!("{} cannot run ({e}); {needs}", python.display()));
+    assert!(
+        out.status.success(),
+        "{} could not read the event files; {needs}:\n{}",
+        python.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (step, value) of one scalar tag.
+fn scalar_series(tb: &serde_json::Value, tag: &str) -> Vec<(u64, f32)> {
+    let series = tb["scalars"][tag].as_array();
+    let series = series.unwrap_or_else(|| panic!("no scalar {tag}: {}", tb["scalars"]));
+    series
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap() as f32))
+        .collect()
+}
+
+/// Every step's loss in a run's log, as the f32 it was written from.
+fn losses_f32(run: &Path) -> Vec<f32> {
+    losses(run).into_iter().map(|l| l as f32).collect()
+}
+
+/// The event files hold each step's numbers (the JSONL's, loss for loss) and each sample
+/// grid as a PNG that decodes to the grid; a resume from an earlier checkpoint drops the
+/// events it redoes, so every step appears once.
+#[test]
+fn tensorboard_holds_the_logs_numbers_and_the_sample_grids_once_per_step() {
+    let s = Setup::new();
+    let sample = "[sample]\nevery = 2\nprompts = [\"zkchar\"]\nseeds = [1]\nsteps = 2";
+    let cfg = s.config("tb", "", "[log]\ntensorboard = true", sample);
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", cfg.to_str().unwrap(), "--steps", "4"];
+        args.extend_from_slice(extra);
+        stderr(&zlora(&args));
+    };
+    train(&[]);
+    // As if killed after step 4's events but before its checkpoint: steps 3 and 4 run again.
+    std::fs::remove_dir_all(s.path("tb/checkpoints/step-000004")).unwrap();
+    train(&["--resume"]);
+
+    let run = s.path("tb");
+    let tb = read_tensorboard(&run);
+    let versions = tb["file_versions"].as_array().unwrap();
+    assert!(!versions.is_empty() && versions.iter().all(|v| v == "brain.Event:2"));
+    let loss = scalar_series(&tb, "loss");
+    let steps: Vec<u64> = loss.iter().map(|e| e.0).collect();
+    assert_eq!(steps, [1, 2, 3, 4], "each step once");
+    let values: Vec<f32> = loss.iter().map(|e| e.1).collect();
+    assert_eq!(values, losses_f32(&run), "the JSONL's losses");
+    for tag in [
+        "lr",
+        "grad_norm",
+        "step_seconds",
+        "loss_smoothed",
+        "peak_memory_mib",
+    ] {
+        assert_eq!(scalar_series(&tb, tag).len(), 4, "{tag}");
+    }
+    let images = tb["images"].as_array().unwrap();
+    let steps: Vec<u64> = images.iter().map(|i| i[1].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 2, 4], "{images:?}");
+    for image in images {
+        let step = image[1].as_u64().unwrap();
+        let grid_path = run.join(format!("samples/step-{step:06}.png"));
+        let grid = zlora::sample::image::read_png(&grid_path).unwrap().0;
+        let hex = image[4].as_str().unwrap();
+        let png: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let decoded_path = s.path("decoded.png");
+        std::fs::write(&decoded_path, png).unwrap();
+        let decoded = zlora::sample::image::read_png(&decoded_path).unwrap().0;
+        assert_eq!(image[0], "samples");
+        assert_eq!(
+            (image[2].as_u64(), image[3].as_u64()),
+            (Some(grid.width as u64), Some(grid.height as u64))
+        );
+        assert_eq!(decoded, grid, "step {step}: the image is the sample grid");
+    }
+}
+
+/// Every step's `preservation_loss` in a run's log (None where the line has none).
+fn preservation_losses(run: &Path) -> Vec<Option<f64>> {
+    std::fs::read_to_string(run.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["preservation_loss"].as_f64()
+        })
+        .collect()
+}
+
+/// Preservation at weight 0 computes its pass but moves nothing: the LoRA and optimizer
+/// state equal the run without it bit for bit; at weight 1 it changes the LoRA, and its
+/// loss is logged as a share of the step's loss.
+#[test]
+fn preservation_at_weight_zero_leaves_the_run_bit_for_bit_and_at_one_changes_it() {
+    let s = Setup::new();
+    let preservation = |w: &str| format!("preservation = {{ class = \"woman\", weight = {w} }}");
+    for (name, extra) in [
+        ("plain", String::new()),
+        ("zero", preservation("0.0")),
+        ("one", preservation("1.0")),
+    ] {
+        let cfg = s.config(name, "", &extra, "");
+        stderr(&zlora(&["train", cfg.to_str().unwrap(), "--steps", "4"]));
+    }
+    let state = "checkpoints/step-000004/state.safetensors";
+    for file in ["lora.safetensors", state] {
+        assert_same_tensors(
+            &s.path(&format!("zero/{file}")),
+            &s.path(&format!("plain/{file}")),
+        );
+    }
+    assert_eq!(losses(&s.path("zero")), losses(&s.path("plain")));
+    assert_eq!(preservation_losses(&s.path("zero")), vec![Some(0.0); 4]);
+    assert_eq!(preservation_losses(&s.path("plain")), vec![None; 4]);
+    assert_ne!(
+        tensor_bytes(&s.path("one/lora.safetensors")),
+        tensor_bytes(&s.path("plain/lora.safetensors"))
+    );
+    let one = preservation_losses(&s.path("one"));
+    assert!(one.last().unwrap().unwrap() > 0.0, "{one:?}");
+}
+
+/// A run with preservation and TensorBoard, killed three times at random moments, ends
+/// with the uninterrupted run's LoRA and optimizer state bit for bit, and its event files
+/// hold each step once with the uninterrupted run's losses.
+#[test]
+fn a_preserving_run_killed_at_random_moments_resumes_exactly_and_logs_each_step_once() {
+    let s = Setup::new();
+    let steps = ["--steps", "30"];
+    let extra = "preservation = { class = \"woman\" }\n[log]\ntensorboard = true";
+    let reference = s.config("reference", "", extra, "");
+    let started = Instant::now();
+    stderr(&zlora(&[
+        "train",
+        reference.to_str().unwrap(),
+        steps[0],
+        steps[1],
+    ]));
+    let cfg = s.config("killed", "", extra, "");
+    train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 3);
+    for file in [
+        "lora.safetensors",
+        "checkpoints/step-000030/state.safetensors",
+    ] {
+        assert_same_tensors(
+            &s.path(&format!("killed/{file}")),
+            &s.path(&format!("reference/{file}")),
+        );
+    }
+    let loss = scalar_series(&read_tensorboard(&s.path("killed")), "loss");
+    let steps: Vec<u64> = loss.iter().map(|e| e.0).collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<u64>>(), "each step once");
+    let values: Vec<f32> = loss.iter().map(|e| e.1).collect();
+    assert_eq!(values, losses_f32(&s.path("reference")));
 }

@@ -72,6 +72,11 @@ struct Run {
 }
 
 fn build(data: &Path, cache: &Path) -> Run {
+    build_with_class(data, cache, None)
+}
+
+/// With `class`, preservation's class captions (the trigger replaced by it) are cached too.
+fn build_with_class(data: &Path, cache: &Path, class: Option<&str>) -> Run {
     let cfg = DatasetConfig {
         resolution: 64,
         trigger: Some("zkchar".into()),
@@ -85,6 +90,15 @@ fn build(data: &Path, cache: &Path) -> Run {
         dir: cache.to_path_buf(),
         dtype: DType::F32,
         device: Device::Cpu,
+        class_captions: class.map_or_else(Vec::new, |class| {
+            let items = dataset.items().iter();
+            items
+                .map(|i| {
+                    cfg.caption_with_class(&i.caption, class)
+                        .expect("a trigger")
+                })
+                .collect()
+        }),
     };
     let mut progress = Vec::new();
     let (cached, stats) = CachedDataset::build(&dataset, &model, &opts, |s, done, total| {
@@ -206,6 +220,34 @@ fn cached_entries_equal_direct_encodes() {
     }
     let empty = encoder.encode(&[""]).expect("encode").remove(0);
     assert!(max_diff(run.cached.empty_caption(), &empty) < 1e-6);
+}
+
+/// Preservation's class captions are cached with the others, keyed by their text: each is
+/// encoded once (two items share one), reused by the next build, and reads back as the
+/// direct encode of its text; a cache built without them says so when asked for one.
+#[test]
+fn class_captions_are_cached_by_their_text() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    folder(data.path());
+    let plain = build(data.path(), cache.path());
+    let e = plain.cached.class_caption(0, &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("[train] preservation"), "{e}");
+
+    // "zkchar, a photo of a cat" → "cat, a photo of a cat": four new distinct texts.
+    let first = build_with_class(data.path(), cache.path(), Some("cat"));
+    assert_eq!(first.stats, stats(4, 5, 0, 5));
+    let again = build_with_class(data.path(), cache.path(), Some("cat"));
+    assert_eq!(again.stats, stats(0, 9, 0, 5));
+    let encoder = model()
+        .load_prompt_encoder(DType::F32, &Device::Cpu)
+        .expect("encoder");
+    for (i, item) in first.dataset.items().iter().enumerate() {
+        let text = item.caption.replacen("zkchar", "cat", 1);
+        let direct = encoder.encode(&[&text]).expect("encode").remove(0);
+        let cached = first.cached.class_caption(i, &Device::Cpu).expect("cached");
+        assert!(max_diff(&cached, &direct) < 1e-6, "{text:?}");
+    }
 }
 
 fn indices(batches: &[zlora::data::Batch]) -> Vec<(Vec<usize>, Vec<bool>)> {

@@ -14,8 +14,9 @@ use zlora::model::tiny::TinySpec;
 use zlora::model::ZImageTransformer;
 use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets, Quantization};
 use zlora::train::backprop::{loss_and_grads, MicroBatch};
-use zlora::train::lora::{LoraConfig, TrainableLora};
+use zlora::train::lora::{set_enabled, LoraConfig, TrainableLora, TRAINED};
 use zlora::train::objective::{gaussian_like, loss};
+use zlora::train::preservation::{loss_and_grads_with, ClassCaptions};
 
 fn model() -> ZImageTransformer {
     parity::transformer(DType::F32)
@@ -370,5 +371,86 @@ fn lora_gradients_on_a_quantized_base_point_where_the_dense_ones_do() {
         let mean = cosines.iter().sum::<f64>() / cosines.len() as f64;
         eprintln!("{q}: LoRA gradient cosine similarity: worst {worst:.4}, mean {mean:.4}");
         assert!(worst >= min_cos, "{q}: cosine {worst}");
+    }
+}
+
+/// candle's autograd: the loss of the model's prediction on (x, t, `caps`) against `target`
+/// with per-item `weights`, and its gradient per LoRA tensor.
+fn autograd(
+    model: &ZImageTransformer,
+    lora: &TrainableLora,
+    i: &Inputs,
+    (caps, target, weights): (&[Tensor], &Tensor, &[f32]),
+) -> (f32, Vec<Tensor>) {
+    let out = model.forward_autograd(&i.x, &i.t, caps).unwrap();
+    let l = loss(&out, target, weights).unwrap();
+    let store = l.backward().unwrap();
+    let grads = lora
+        .vars()
+        .into_iter()
+        .map(|v| store.get(v.as_tensor()).expect("autograd gradient").clone())
+        .collect();
+    (scalar(&l), grads)
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.into_iter().map(f32::to_bits).collect()
+}
+
+/// With differential output preservation a micro-batch's gradient is the main loss's plus
+/// weight × the gradient of the mean squared error between the LoRA's prediction on the
+/// class captions and the prior (the model with the LoRA off), each computed separately
+/// with candle's autograd; at weight 0 it is the main gradient bit for bit.
+#[test]
+fn preservation_adds_its_weighted_gradient_to_the_main_one() {
+    let mut model = model();
+    let lora = full_lora(&mut model);
+    let i = inputs();
+    // Class captions: other features of the same lengths.
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let class: Vec<Tensor> = i
+        .caps
+        .iter()
+        .map(|c| gaussian_like(c, &mut rng).unwrap())
+        .collect();
+    set_enabled(&mut model, TRAINED, false);
+    let prior = model.forward(&i.x, &i.t, &class).unwrap();
+    set_enabled(&mut model, TRAINED, true);
+    let (main_loss, main) = autograd(&model, &lora, &i, (&i.caps, &i.target, &i.weights));
+    let (kept_loss, kept) = autograd(&model, &lora, &i, (&class, &prior, &[1.0, 1.0]));
+    assert!(kept_loss > 0.0 && kept.iter().all(|g| norm(g) > 0.0));
+
+    let weight = 0.7;
+    let mut with = |weight| {
+        let class = ClassCaptions {
+            captions: &class,
+            weight,
+        };
+        loss_and_grads_with(&mut model, &lora, &batch(&i), Some(&class), true).unwrap()
+    };
+    let got = with(weight);
+    let rel = |a: f32, b: f32| ((a - b) / b).abs();
+    assert!(rel(scalar(&got.main), main_loss) < 1e-5);
+    let preservation = scalar(got.preservation.as_ref().unwrap());
+    assert!(rel(preservation, weight as f32 * kept_loss) < 1e-5);
+    let mut worst = 0f64;
+    for (((g, m), k), name) in got.grads.iter().zip(&main).zip(&kept).zip(lora.var_names()) {
+        let want = (m + (k * weight).unwrap()).unwrap();
+        let err = norm(&(g - &want).unwrap()) / norm(&want);
+        worst = worst.max(err);
+        assert!(
+            err < 1e-5,
+            "{name}: differs from the analytic sum by {err:e}"
+        );
+    }
+    eprintln!("worst relative difference from main + {weight} × preservation: {worst:.2e}");
+
+    let zero = with(0.0);
+    let plain = loss_and_grads_with(&mut model, &lora, &batch(&i), None, true).unwrap();
+    assert!(plain.preservation.is_none());
+    assert_eq!(scalar(zero.preservation.as_ref().unwrap()), 0.0);
+    for (a, b) in zero.grads.iter().zip(&plain.grads) {
+        assert_eq!(bits(a), bits(b));
     }
 }

@@ -41,6 +41,9 @@ pub struct CacheOptions {
     /// encodes differ).
     pub dtype: DType,
     pub device: Device,
+    /// Differential output preservation's captions (one per item: its caption with the
+    /// trigger replaced by the class word), cached beside the items' own; empty without it.
+    pub class_captions: Vec<String>,
 }
 
 /// Which encoder a progress report is about.
@@ -64,6 +67,8 @@ pub struct CacheStats {
 pub struct CachedItem {
     pub latent: PathBuf,
     pub caption: PathBuf,
+    /// The class caption's features (with `CacheOptions::class_captions`).
+    pub class_caption: Option<PathBuf>,
     pub bucket: Bucket,
 }
 
@@ -85,19 +90,29 @@ impl CachedDataset {
     ) -> Result<(Self, CacheStats)> {
         let keys = Keys::new(model, opts)?;
         let mut stats = CacheStats::default();
+        let n = dataset.len();
+        if !opts.class_captions.is_empty() && opts.class_captions.len() != n {
+            return Err(Error::Invalid(format!(
+                "{} class captions for {n} items",
+                opts.class_captions.len()
+            )));
+        }
         // The empty caption comes first: caption dropout trains on its features.
         let texts: Vec<&str> = std::iter::once("")
             .chain(dataset.items().iter().map(|i| i.caption.as_str()))
+            .chain(opts.class_captions.iter().map(String::as_str))
             .collect();
         let caption_paths = encode_captions(&keys, model, opts, &texts, &mut stats, &mut progress)?;
         let latent_paths = encode_latents(&keys, model, opts, dataset, &mut stats, &mut progress)?;
+        let mut class_paths = caption_paths[1 + n..].iter().cloned().map(Some);
         let items = dataset
             .items()
             .iter()
-            .zip(caption_paths.into_iter().skip(1).zip(latent_paths))
+            .zip(caption_paths[1..=n].iter().cloned().zip(latent_paths))
             .map(|(item, (caption, latent))| CachedItem {
                 latent,
                 caption,
+                class_caption: class_paths.next().flatten(),
                 bucket: item.bucket,
             })
             .collect();
@@ -131,6 +146,16 @@ impl CachedDataset {
     /// Item `i`'s caption features (L, hidden), f32.
     pub fn caption(&self, i: usize, device: &Device) -> Result<Tensor> {
         load_tensor(&self.item(i)?.caption, CAPTION, device)
+    }
+
+    /// Item `i`'s class caption features (L, hidden), f32: differential output preservation's.
+    pub fn class_caption(&self, i: usize, device: &Device) -> Result<Tensor> {
+        let path = self.item(i)?.class_caption.as_ref().ok_or_else(|| {
+            Error::Invalid(
+                "the cache was built without class captions (no [train] preservation)".into(),
+            )
+        })?;
+        load_tensor(path, CAPTION, device)
     }
 
     /// The features of the empty prompt, used for dropped captions (on the CPU).

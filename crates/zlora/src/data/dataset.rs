@@ -151,17 +151,39 @@ impl DatasetConfig {
             _ => text.to_string(),
         }
     }
+
+    /// Differential output preservation's caption: `caption` (as trained) with every
+    /// whole-word occurrence of the trigger replaced by `class` (ai-toolkit replaces every
+    /// substring; a whole word keeps "zk" from changing "zkchar"). None without a trigger.
+    pub fn caption_with_class(&self, caption: &str, class: &str) -> Option<String> {
+        let trigger = self.trigger.as_deref()?;
+        let mut out = String::with_capacity(caption.len());
+        let mut from = 0;
+        for at in word_positions(caption, trigger) {
+            out.push_str(&caption[from..at]);
+            out.push_str(class);
+            from = at + trigger.len();
+        }
+        out.push_str(&caption[from..]);
+        Some(out)
+    }
 }
 
-/// True when `word` occurs in `text` with no letter, digit or underscore right before or
-/// after it (so "zk" is not found inside "zkchar").
-fn contains_word(text: &str, word: &str) -> bool {
+/// Where `word` occurs in `text` with no letter, digit or underscore right before or after
+/// it (so "zk" is not found inside "zkchar").
+fn word_positions<'a>(text: &'a str, word: &'a str) -> impl Iterator<Item = usize> + 'a {
     let is_word = |c: char| c.is_alphanumeric() || c == '_';
-    text.match_indices(word).any(|(at, _)| {
-        let before = text[..at].chars().next_back();
-        let after = text[at + word.len()..].chars().next();
-        !before.is_some_and(is_word) && !after.is_some_and(is_word)
-    })
+    text.match_indices(word)
+        .map(|(at, _)| at)
+        .filter(move |&at| {
+            let before = text[..at].chars().next_back();
+            let after = text[at + word.len()..].chars().next();
+            !before.is_some_and(is_word) && !after.is_some_and(is_word)
+        })
+}
+
+fn contains_word(text: &str, word: &str) -> bool {
+    word_positions(text, word).next().is_some()
 }
 
 /// One training image, checked.
@@ -515,7 +537,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trigger_is_added_once_and_only_as_a_word() {
+    fn trigger_is_added_once_and_replaced_by_the_class_only_as_a_word() {
         let mut cfg = DatasetConfig::new("x");
         cfg.trigger = Some("zk".into());
         assert_eq!(cfg.caption_with_trigger("a photo"), "zk, a photo");
@@ -524,8 +546,16 @@ mod tests {
         assert_eq!(cfg.caption_with_trigger("zkchar, hat"), "zk, zkchar, hat");
         assert_eq!(cfg.caption_with_trigger("Zk smiling"), "zk, Zk smiling");
         assert_eq!(cfg.caption_with_trigger(""), "zk");
+        let class = |c: &str| cfg.caption_with_class(c, "woman");
+        assert_eq!(class("zk, a photo").as_deref(), Some("woman, a photo"));
+        assert_eq!(
+            class("zk, zkchar with zk's hat, Zk").as_deref(),
+            Some("woman, zkchar with woman's hat, Zk")
+        );
+        assert_eq!(class("zk").as_deref(), Some("woman"));
         cfg.trigger = None;
         assert_eq!(cfg.caption_with_trigger("a photo"), "a photo");
+        assert_eq!(cfg.caption_with_class("a photo", "woman"), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! token counts: a Linear costs 2 · in · out per token it sees, attention 4 · tokens² · dim per
 //! block (q·kᵀ and probabilities · v), a low-rank module 2 · its parameters per token. The
 //! backward pass costs twice the forward of the part it walks; checkpointing adds one more
-//! forward of the trained blocks. Element-wise work (norms, rope, softmax) is left out: it is
+//! forward of the trained blocks. Differential output preservation adds, per micro-batch, a
+//! forward without the LoRA (the prior) and a second forward and backward. Element-wise work (norms, rope, softmax) is left out: it is
 //! memory-bound and a few percent of the matmuls at Z-Image's width.
 
 use serde::Serialize;
@@ -18,7 +19,10 @@ pub struct Flops {
     pub backward: f64,
     /// The trained blocks once more (checkpointing), else 0.
     pub recompute: f64,
-    /// (forward + backward + recompute) × gradient accumulation.
+    /// Differential output preservation: the prior's forward without the LoRA, then forward
+    /// + backward + recompute once more; else 0.
+    pub preservation: f64,
+    /// (forward + backward + recompute + preservation) × gradient accumulation.
     pub per_step: f64,
 }
 
@@ -122,11 +126,19 @@ pub fn step(run: &Run, work: &Workload) -> Flops {
     let final_layer = forward(run, tokens, |p| p == Part::FinalLayer);
     let backward = 2.0 * (blocks + final_layer);
     let recompute = if work.checkpointing { blocks } else { 0.0 };
+    let pass = all + backward + recompute;
+    let preservation = if work.preservation {
+        let base = Run { lora: &[], ..*run };
+        forward(&base, tokens, |_| true) + pass
+    } else {
+        0.0
+    };
     Flops {
         forward: all,
         backward,
         recompute,
-        per_step: work.accumulation as f64 * (all + backward + recompute),
+        preservation,
+        per_step: work.accumulation as f64 * (pass + preservation),
     }
 }
 
@@ -151,6 +163,7 @@ mod tests {
             sample: None,
             optimizer: OptimizerConfig::default(),
             ema: false,
+            preservation: false,
         }
     }
 
@@ -179,5 +192,22 @@ mod tests {
         assert!(checkpointed.recompute > 0.9 * plain.forward);
         let per_micro = checkpointed.forward + checkpointed.backward + checkpointed.recompute;
         assert_eq!(checkpointed.per_step, 2.0 * per_micro);
+
+        // Preservation: a prior forward without the LoRA (a little under the forward) and the
+        // whole pass again, in each micro-batch.
+        let preserving = step(
+            &run,
+            &Workload {
+                preservation: true,
+                ..work(true, 2)
+            },
+        );
+        let prior = preserving.preservation - per_micro;
+        let share = prior / checkpointed.forward;
+        assert!((0.99..1.0).contains(&share), "{share}");
+        assert_eq!(
+            preserving.per_step,
+            2.0 * (per_micro + preserving.preservation)
+        );
     }
 }

@@ -36,6 +36,9 @@ pub struct Workload {
     pub optimizer: OptimizerConfig,
     /// `[train] ema`: one more f32 copy of the LoRA.
     pub ema: bool,
+    /// `[train] preservation`: a prior prediction and a second pass's gradients per
+    /// micro-batch.
+    pub preservation: bool,
 }
 
 /// One denoising forward of the samples taken during training.
@@ -366,6 +369,7 @@ fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     );
     optimizer_item(&mut phase, run, work);
     ema_item(&mut phase, run, work);
+    preservation_items(&mut phase, run, work);
     let acts = Activations::new(run, work, profile);
     if work.checkpointing {
         phase.push("block inputs kept for recomputation", acts.saved_inputs());
@@ -439,6 +443,27 @@ fn ema_item(phase: &mut Phase, run: &Run, work: &Workload) {
     if work.ema {
         phase.push("EMA of the LoRA (f32)", params(run.lora) * 4.0);
     }
+}
+
+/// Differential output preservation (train/preservation.rs) runs its pass after the main
+/// one, through the same blocks with the same tokens (a class caption is about as long as
+/// the caption it replaces): its activations take the main pass's place, but the main pass's
+/// gradients stay beside its own, and the prior prediction (f32 latents) beside both.
+fn preservation_items(phase: &mut Phase, run: &Run, work: &Workload) {
+    if !work.preservation {
+        return;
+    }
+    let factor = run.dims.vae_factor() as f64;
+    let latents = work.image_pixels as f64 / (factor * factor);
+    let channels = run.dims.vae.latent_channels as f64;
+    phase.push(
+        "preservation: prior prediction (f32)",
+        work.batch as f64 * channels * latents * 4.0,
+    );
+    phase.push(
+        "preservation: its LoRA gradients beside the main pass's (f32)",
+        params(run.lora) * 4.0,
+    );
 }
 
 /// Both moments of each factor of each module as train/adamw8bit.rs stores them.
@@ -629,6 +654,24 @@ mod tests {
     use crate::train::config::Variant;
     use crate::train::lora::LoraConfig;
 
+    /// One 1024 px item, AdamW, nothing optional.
+    fn test_workload() -> Workload {
+        Workload {
+            batch: 1,
+            image_tokens: 4096,
+            caption_tokens: 256,
+            image_pixels: 1024 * 1024,
+            checkpointing: true,
+            accumulation: 1,
+            base_bytes: 2.0,
+            compute_bytes: 2.0,
+            sample: None,
+            optimizer: OptimizerConfig::default(),
+            ema: false,
+            preservation: false,
+        }
+    }
+
     /// The training phase of a rank-16 LoRA on Turbo at 1024 px.
     fn training(
         profile: &Profile,
@@ -636,6 +679,17 @@ mod tests {
         base_bytes: f64,
         optimizer: OptimizerConfig,
         ema: bool,
+    ) -> Phase {
+        training_with(profile, checkpointing, base_bytes, optimizer, ema, false)
+    }
+
+    fn training_with(
+        profile: &Profile,
+        checkpointing: bool,
+        base_bytes: f64,
+        optimizer: OptimizerConfig,
+        ema: bool,
+        preservation: bool,
     ) -> Phase {
         let dims = ModelDims::built_in(Variant::Turbo).unwrap();
         let cfg: LoraConfig = toml::from_str("rank = 16\nalpha = 16").unwrap();
@@ -646,17 +700,13 @@ mod tests {
             adapter: &[],
         };
         let work = Workload {
-            batch: 1,
-            image_tokens: 4096,
-            caption_tokens: 256,
-            image_pixels: 1024 * 1024,
             checkpointing,
-            accumulation: 1,
             base_bytes,
             compute_bytes: base_bytes.max(2.0),
-            sample: None,
             optimizer,
             ema,
+            preservation,
+            ..test_workload()
         };
         let phases = estimate(&run, &work, profile);
         phases.into_iter().find(|p| p.name == "training").unwrap()
@@ -714,6 +764,107 @@ mod tests {
         assert_eq!(ema.unwrap().bytes, 4.0 * p);
         // The factored moment is about 1/(2·rank) of AdamW's.
         assert!(state(OptimizerKind::Adafactor, None) < 8.0 * p / 30.0);
+    }
+
+    /// The optimizer state counted for each optimizer is the bytes of the state tensors it
+    /// keeps (what a checkpoint saves), for factors on both sides of 8-bit AdamW's 4096-value
+    /// threshold; only Prodigy's few scalar tensors are left out of the count.
+    #[test]
+    fn the_counted_optimizer_state_is_what_each_optimizer_holds() -> crate::Result<()> {
+        use candle_core::{DType, Device, Tensor, Var};
+        // (out, in, rank): 64·4 + 4·64 values, below 4096; 512·16 + 16·384, above.
+        let shapes = [(64, 64, 4), (512, 384, 16)];
+        let modules: Vec<LowRank> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(out, inp, rank))| LowRank {
+                path: format!("layers.{i}.attention.to_q"),
+                out,
+                inp,
+                params: (rank * (out + inp)) as u64,
+            })
+            .collect();
+        let vars: Vec<Var> = shapes
+            .iter()
+            .flat_map(|&(out, inp, rank)| [(rank, inp), (out, rank)])
+            .map(|shape| Var::ones(shape, DType::F32, &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let refs: Vec<&Var> = vars.iter().collect();
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|v| v.as_tensor().affine(0.5, 0.0))
+            .collect::<candle_core::Result<_>>()?;
+        let names: Vec<String> = (0..vars.len()).map(|i| format!("v{i}")).collect();
+        let dims = ModelDims::built_in(Variant::Turbo)?;
+        let run = Run {
+            dims: &dims,
+            lora: &modules,
+            adapter: &[],
+        };
+        let kinds = [
+            OptimizerKind::AdamW,
+            OptimizerKind::AdamW8bit,
+            OptimizerKind::Prodigy,
+            OptimizerKind::Adafactor,
+        ];
+        for (kind, beta1) in kinds
+            .into_iter()
+            .map(|k| (k, None))
+            .chain([(OptimizerKind::Adafactor, Some(0.9))])
+        {
+            let mut cfg = OptimizerConfig {
+                kind,
+                ..OptimizerConfig::default()
+            };
+            cfg.adafactor.beta1 = beta1;
+            let mut optimizer = crate::train::optim::Optimizer::new(&cfg, &refs)?;
+            optimizer.step(&refs, &grads, 1e-3)?;
+            let (state, _) = optimizer.state(&names);
+            let held: usize = state
+                .values()
+                .filter(|t| t.elem_count() > 1)
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
+            let work = Workload {
+                optimizer: cfg,
+                ..test_workload()
+            };
+            let mut phase = Phase::new("training");
+            optimizer_item(&mut phase, &run, &work);
+            assert_eq!(
+                phase.items[0].bytes,
+                held as f64,
+                "{} beta1 {beta1:?}",
+                kind.name()
+            );
+        }
+        Ok(())
+    }
+
+    /// Preservation adds the prior prediction (1 × 16 × 128 × 128 f32 latents at 1024 px)
+    /// and one more f32 copy of the LoRA (its gradients), nothing else.
+    #[test]
+    fn preservation_adds_its_prior_and_a_second_set_of_gradients() {
+        let run = |preservation| {
+            let o = OptimizerConfig::default();
+            training_with(&Profile::cpu(2), true, 2.0, o, false, preservation)
+        };
+        let (with, without) = (run(true), run(false));
+        let dims = ModelDims::built_in(Variant::Turbo).unwrap();
+        let lora = dims.lora(&toml::from_str("rank = 16\nalpha = 16").unwrap());
+        let p: f64 = lora.iter().map(|m| m.params as f64).sum();
+        let extra: Vec<_> = with
+            .items
+            .iter()
+            .filter(|i| !without.items.contains(i))
+            .collect();
+        assert_eq!(extra.len(), 2, "{extra:?}");
+        assert_eq!(extra[0].bytes, 16.0 * 128.0 * 128.0 * 4.0);
+        assert_eq!(extra[1].bytes, 4.0 * p);
+        assert_eq!(
+            with.total() - without.total(),
+            extra[0].bytes + extra[1].bytes
+        );
     }
 
     #[test]

@@ -258,6 +258,7 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         sample: sample_shape(cfg, factor),
         optimizer: t.optimizer_config(),
         ema: t.ema.is_some(),
+        preservation: t.preservation.is_some(),
     })
 }
 

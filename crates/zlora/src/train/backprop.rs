@@ -239,3 +239,11 @@ pub fn loss_and_grads(
     }
     Ok((l.detach(), collect(grads, lora)?))
 }
+
+/// Element-wise sums of two gradient lists (micro-batches, or a loss's terms).
+pub fn add_grads(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(a.iter()
+        .zip(b)
+        .map(|(a, b)| a + b)
+        .collect::<candle_core::Result<_>>()?)
+}

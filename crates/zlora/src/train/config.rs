@@ -13,6 +13,7 @@ use super::objective::{LossWeighting, TimestepSampling};
 use super::optim::{
     AdafactorSettings, AdamWConfig, LrSchedule, OptimizerConfig, OptimizerKind, ProdigySettings,
 };
+use super::preservation::Preservation;
 use crate::data::DatasetConfig;
 use crate::nn::Quantization;
 use crate::{Error, Result};
@@ -28,6 +29,24 @@ pub struct TrainConfig {
     pub sample: SampleSection,
     #[serde(default, skip_serializing_if = "OutputSection::is_default")]
     pub output: OutputSection,
+    #[serde(default, skip_serializing_if = "LogSection::is_default")]
+    pub log: LogSection,
+}
+
+/// Where the run's numbers go besides `log.jsonl` (always written).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// TensorBoard event files in `<output>/tensorboard/`: every number of the JSONL log per
+    /// step and the sample grids as images.
+    #[serde(default)]
+    pub tensorboard: bool,
+}
+
+impl LogSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What the written LoRA files may say about this machine.
@@ -116,6 +135,10 @@ pub struct TrainSection {
     /// Adafactor's own knobs (only with optimizer = "adafactor").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adafactor: Option<AdafactorSettings>,
+    /// Differential output preservation: the class prompt's prediction held to the base
+    /// model's (train/preservation.rs; none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation: Option<Preservation>,
     /// Decay of an exponential moving average of the LoRA, saved beside it (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<f64>,
@@ -305,6 +328,9 @@ impl TrainConfig {
         if t.ema.is_some_and(|d| !(d > 0.0 && d < 1.0)) {
             return bad("[train] ema must be a decay between 0 and 1 (e.g. 0.999)");
         }
+        if let Some(p) = &t.preservation {
+            p.validate(self.dataset.trigger.as_deref())?;
+        }
         self.check_numbers()?;
         self.check_optimizer()?;
         self.sample.check()
@@ -490,5 +516,40 @@ mod tests {
         assert!(e.contains("unknown field"), "{e}");
         assert!(error("ema = 1.0").contains("[train] ema must be a decay"));
         assert!(error("[sample]\nema = true").contains("set [train] ema"));
+    }
+
+    #[test]
+    fn preservation_needs_a_trigger_and_a_sane_class_and_weight() -> Result<()> {
+        let e = error("preservation = { class = \"woman\" }");
+        assert!(
+            e.contains("[train] preservation") && e.contains("set [dataset] trigger"),
+            "{e}"
+        );
+        let with_trigger = |extra: &str| {
+            TrainConfig::parse(&format!(
+                "[model]\npath = \"m\"\nvariant = \"base\"\n[dataset]\npath = \"d\"\n\
+                 trigger = \"zk\"\n[lora]\nrank = 2\nalpha = 2\n[train]\nsteps = 6\n\
+                 learning_rate = 1\noutput = \"o\"\n{extra}\n"
+            ))
+        };
+        let p = with_trigger("preservation = { class = \"woman\" }")?
+            .train
+            .preservation;
+        assert_eq!(p.map(|p| (p.class, p.weight)), Some(("woman".into(), 1.0)));
+        for (bad, says) in [
+            ("{ class = \"\" }", "class must be a word"),
+            ("{ class = \"zk\" }", "is the trigger itself"),
+            ("{ class = \"woman\", weight = -1.0 }", "weight must be"),
+            ("{ class = \"woman\", weight = nan }", "weight must be"),
+            ("{ class = \"woman\", multiplier = 1.0 }", "unknown field"),
+        ] {
+            let e = with_trigger(&format!("preservation = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let log = with_trigger("[log]\ntensorboard = true")?;
+        assert!(log.log.tensorboard);
+        Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The per-step JSONL log: one JSON object per optimizer step.
+//! The per-step JSONL log (one JSON object per optimizer step) and, with `[log] tensorboard`,
+//! the same numbers and the sample grids as TensorBoard events (tensorboard.rs).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -6,13 +7,19 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use super::tensorboard::{self, EventWriter};
 use crate::fsutil::write_atomic;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepLog {
     pub step: u64,
+    /// The loss the step minimised: the flow-matching loss plus the weighted preservation
+    /// loss when differential output preservation is on.
     pub loss: f32,
+    /// Differential output preservation's share of `loss` (its weight applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preservation_loss: Option<f32>,
     /// Exponential moving average of the loss (factor 0.9), what the progress bar shows.
     pub loss_smoothed: f64,
     pub lr: f64,
@@ -29,14 +36,17 @@ pub struct StepLog {
 pub struct Log {
     path: PathBuf,
     device: Device,
+    tensorboard: Option<EventWriter>,
 }
 
-impl StepLog {
-    /// Opens the log of a run that has completed `resumed_step` steps: lines of later steps
-    /// (written before a crash, then undone by resuming) are dropped.
-    pub fn open(path: &Path, resumed_step: u64, device: &Device) -> Result<Log> {
+impl Log {
+    /// Opens the logs of the run in `out` that has completed `resumed_step` steps: lines and
+    /// events of later steps (written before a crash, then undone by resuming) are dropped.
+    /// With `tensorboard`, events go to `out/tensorboard/` too.
+    pub fn open(out: &Path, resumed_step: u64, device: &Device, tensorboard: bool) -> Result<Self> {
+        let path = out.join("log.jsonl");
         if path.exists() {
-            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             let kept: String = text
                 .lines()
                 .filter(|l| {
@@ -44,43 +54,54 @@ impl StepLog {
                 })
                 .map(|l| format!("{l}\n"))
                 .collect();
-            write_atomic(path, kept.as_bytes(), true)?;
+            write_atomic(&path, kept.as_bytes(), true)?;
         }
+        let events = out.join(tensorboard::DIR);
+        tensorboard::drop_after(&events, resumed_step)?;
+        let tensorboard = tensorboard
+            .then(|| EventWriter::open(&events))
+            .transpose()?;
         Ok(Log {
-            path: path.to_path_buf(),
+            path,
             device: device.clone(),
+            tensorboard,
         })
     }
-}
 
-impl Log {
-    pub fn append(
-        &self,
-        step: u64,
-        loss: f32,
-        loss_smoothed: f64,
-        lr: f64,
-        grad_norm: f64,
-        step_seconds: f64,
-    ) -> Result<StepLog> {
-        let entry = StepLog {
-            step,
-            loss,
-            loss_smoothed,
-            lr,
-            grad_norm,
-            step_seconds,
-            peak_memory_mib: peak_rss_mib(),
-            gpu_memory_mib: crate::device::gpu_memory_in_use_mib(&self.device),
-        };
-        let line = serde_json::to_string(&entry).map_err(|e| Error::Invalid(e.to_string()))?;
+    /// Appends a step's entry with the memory in use now filled in; every number of it is a
+    /// TensorBoard scalar of the same name.
+    pub fn append(&mut self, mut entry: StepLog) -> Result<StepLog> {
+        entry.peak_memory_mib = peak_rss_mib();
+        entry.gpu_memory_mib = crate::device::gpu_memory_in_use_mib(&self.device);
+        let bad = |e: serde_json::Error| Error::Invalid(e.to_string());
+        let line = serde_json::to_string(&entry).map_err(bad)?;
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)
             .map_err(|e| Error::io(&self.path, e))?;
         writeln!(f, "{line}").map_err(|e| Error::io(&self.path, e))?;
+        let json = serde_json::to_value(&entry).map_err(bad)?;
+        if let (Some(tb), serde_json::Value::Object(fields)) = (&mut self.tensorboard, &json) {
+            let scalars: Vec<(&str, f64)> = fields
+                .iter()
+                .filter(|(k, _)| k.as_str() != "step")
+                .filter_map(|(k, v)| Some((k.as_str(), v.as_f64()?)))
+                .collect();
+            tb.scalars(entry.step, &scalars)?;
+        }
         Ok(entry)
+    }
+
+    /// The sample grid of `step` (a PNG file) as a TensorBoard image, with `[log] tensorboard`.
+    pub fn samples(&mut self, step: u64, png: &Path) -> Result<()> {
+        let Some(tb) = &mut self.tensorboard else {
+            return Ok(());
+        };
+        let size = image::image_dimensions(png)
+            .map_err(|e| Error::bad_file(png, format!("cannot read the sample grid: {e}")))?;
+        let bytes = std::fs::read(png).map_err(|e| Error::io(png, e))?;
+        tb.image(step, "samples", bytes, size)
     }
 }
 

@@ -1,7 +1,7 @@
 //! What `--resume` accepts: the config saved with the newest checkpoint against the current
 //! one. A change to anything a step computes (learning rate, rank, data, seed, model, ...)
 //! would mix two trainings in one LoRA and is refused; the keys that only decide when the run
-//! stops, how often it saves or what it samples change when `--allow-changes` names them.
+//! stops, how often it saves, what it samples or where it logs change when `--allow-changes` names them.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,7 @@ pub const SAFE_KEYS: &[&str] = &[
     "train.gradient_checkpointing",
     "sample",
     "output",
+    "log",
 ];
 
 /// Never a change: the output folder is the one being resumed, wherever it now is.

@@ -12,14 +12,15 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::backprop::{loss_and_grads, MicroBatch};
+use super::backprop::{add_grads, MicroBatch};
 use super::config::{Mode, TrainConfig};
 use super::ema::Ema;
 use super::host;
-use super::log::StepLog;
+use super::log::{Log, StepLog};
 use super::lora::{set_enabled, TrainableLora};
 use super::objective::{gaussian_like, noise, SigmaSampler};
 use super::optim::{clip_grad_norm, learning_rate, Optimizer};
+use super::preservation::{loss_and_grads_with, ClassCaptions};
 use super::resume;
 use super::samples::Sampler;
 use super::state::{self, RunState};
@@ -124,7 +125,7 @@ pub fn train(
         run = load_newest_good(out, &lora, &mut optimizer, ema.as_mut(), events)?;
     }
     run.config = Some(toml::to_string(cfg).map_err(|e| Error::Invalid(e.to_string()))?);
-    let log = StepLog::open(&out.join("log.jsonl"), run.step, &device)?;
+    let mut log = Log::open(out, run.step, &device, cfg.log.tensorboard)?;
     let mut loader = Loader::for_cached(
         &data,
         LoaderOptions::new(&cfg.dataset, t.batch_size, t.seed),
@@ -134,14 +135,15 @@ pub fn train(
 
     if run.step == 0 && cfg.sample.every > 0 {
         let from = (ema.as_ref().filter(|_| cfg.sample.ema), &lora);
-        sample_now(&sampler, &mut model, from, 0, out, events)?;
+        let grid = sample_now(&sampler, &mut model, from, 0, out, events)?;
+        log.samples(0, &grid)?;
     }
     while run.step < t.steps {
         let started = Instant::now();
         let step = run.step + 1;
-        let (loss, grad_norm, lr) = optimizer_step(
+        let done = optimizer_step(
             cfg,
-            &model,
+            &mut model,
             &lora,
             &mut optimizer,
             &mut loader,
@@ -152,6 +154,7 @@ pub fn train(
         if let Some(ema) = ema.as_mut() {
             ema.update(&lora.vars())?;
         }
+        let loss = done.loss;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!(
                 "loss became {loss} at step {step}: training stopped; {}",
@@ -164,14 +167,17 @@ pub fn train(
             run.loss_ema
                 .map_or(loss as f64, |e| 0.9 * e + 0.1 * loss as f64),
         );
-        let entry = log.append(
+        let entry = log.append(StepLog {
             step,
             loss,
-            run.loss_ema.unwrap_or(0.0),
-            lr,
-            grad_norm,
-            started.elapsed().as_secs_f64(),
-        )?;
+            preservation_loss: done.preservation_loss,
+            loss_smoothed: run.loss_ema.unwrap_or(0.0),
+            lr: done.lr,
+            grad_norm: done.grad_norm,
+            step_seconds: started.elapsed().as_secs_f64(),
+            peak_memory_mib: None,
+            gpu_memory_mib: None,
+        })?;
         events(Event::Step(&entry));
         if step.is_multiple_of(t.save_every) || step == t.steps {
             let dir = state::save(out, &run, &lora, &mut optimizer, ema.as_ref(), &|p| {
@@ -181,7 +187,8 @@ pub fn train(
         }
         if step.is_multiple_of(cfg.sample.every) {
             let from = (ema.as_ref().filter(|_| cfg.sample.ema), &lora);
-            sample_now(&sampler, &mut model, from, step, out, events)?;
+            let grid = sample_now(&sampler, &mut model, from, step, out, events)?;
+            log.samples(step, &grid)?;
         }
     }
     let final_path = out.join("lora.safetensors");
@@ -348,6 +355,7 @@ fn prepare_data(
         // bf16 on a GPU (Qwen3-4B in f32 would take 16 GB), f32 on the CPU.
         dtype: crate::device::default_dtype(device),
         device: device.clone(),
+        class_captions: class_captions(cfg, &dataset)?,
     };
     let (data, stats) = CachedDataset::build(&dataset, folder, &opts, |stage, done, total| {
         events(Event::Cache { stage, done, total })
@@ -357,6 +365,20 @@ fn prepare_data(
         stats.captions_encoded, stats.latents_encoded, stats.captions_reused, stats.latents_reused
     )));
     Ok(data)
+}
+
+/// Differential output preservation's captions, one per item (none without it).
+fn class_captions(cfg: &TrainConfig, dataset: &Dataset) -> Result<Vec<String>> {
+    let Some(p) = &cfg.train.preservation else {
+        return Ok(Vec::new());
+    };
+    let no_trigger = || Error::Invalid("[train] preservation needs [dataset] trigger".into());
+    dataset
+        .items()
+        .iter()
+        .map(|item| cfg.dataset.caption_with_class(&item.caption, &p.class))
+        .map(|caption| caption.ok_or_else(no_trigger))
+        .collect()
 }
 
 /// Applies the training adapter frozen, as its own adapter on each Linear (not merged: the
@@ -387,17 +409,25 @@ fn step_rng(seed: u64, step: u64, micro: usize) -> ChaCha8Rng {
     rng
 }
 
+/// What one optimizer step reports.
+struct StepDone {
+    loss: f32,
+    preservation_loss: Option<f32>,
+    grad_norm: f64,
+    lr: f64,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn optimizer_step(
     cfg: &TrainConfig,
-    model: &ZImageTransformer,
+    model: &mut ZImageTransformer,
     lora: &TrainableLora,
     optimizer: &mut Optimizer,
     loader: &mut Loader,
     data: &CachedDataset,
     step: u64,
     device: &Device,
-) -> Result<(f32, f64, f64)> {
+) -> Result<StepDone> {
     let t = &cfg.train;
     let sampler = SigmaSampler {
         sampling: t.timestep_sampling,
@@ -406,7 +436,8 @@ fn optimizer_step(
         logit_std: t.logit_std,
     };
     let mut total: Option<Vec<Tensor>> = None;
-    let mut loss_sum: Option<Tensor> = None;
+    let mut loss_sum = Summed::default();
+    let mut preservation_sum = Summed::default();
     for micro in 0..t.gradient_accumulation {
         let batch = loader.next_batch(data, device)?;
         let mut rng = step_rng(t.seed, step, micro);
@@ -423,18 +454,28 @@ fn optimizer_step(
             target: &noised.target,
             weights: &weights,
         };
-        let (loss, grads) = loss_and_grads(model, lora, &micro_batch, t.gradient_checkpointing)?;
-        loss_sum = Some(match loss_sum {
-            None => loss,
-            Some(sum) => (sum + loss)?,
+        let class_captions = match &t.preservation {
+            Some(_) => class_features(&batch.indices, data, device)?,
+            None => Vec::new(),
+        };
+        let class = t.preservation.as_ref().map(|p| ClassCaptions {
+            captions: &class_captions,
+            weight: p.weight,
         });
+        let losses = loss_and_grads_with(
+            model,
+            lora,
+            &micro_batch,
+            class.as_ref(),
+            t.gradient_checkpointing,
+        )?;
+        loss_sum.add(losses.main)?;
+        if let Some(loss) = losses.preservation {
+            preservation_sum.add(loss)?;
+        }
         total = Some(match total {
-            None => grads,
-            Some(acc) => acc
-                .iter()
-                .zip(&grads)
-                .map(|(a, g)| a + g)
-                .collect::<candle_core::Result<_>>()?,
+            None => losses.grads,
+            Some(acc) => add_grads(&acc, &losses.grads)?,
         });
     }
     let n = t.gradient_accumulation as f64;
@@ -452,11 +493,45 @@ fn optimizer_step(
         t.steps,
     );
     optimizer.step(&lora.vars(), &grads, lr)?;
-    // The step's one device→host read: its loss sum and gradient norm together.
-    let sum = loss_sum.ok_or_else(|| Error::Invalid("gradient_accumulation is 0".into()))?;
-    let read = host::read(&Tensor::stack(&[sum, grad_norm], 0)?)?;
-    let loss = read[0] / t.gradient_accumulation as f32;
-    Ok((loss, read[1] as f64, lr))
+    // The step's one device→host read: its loss sums and gradient norm together.
+    let sum = loss_sum
+        .0
+        .ok_or_else(|| Error::Invalid("gradient_accumulation is 0".into()))?;
+    let mut read = vec![sum, grad_norm];
+    read.extend(preservation_sum.0.clone());
+    let read = host::read(&Tensor::stack(&read, 0)?)?;
+    let n = t.gradient_accumulation as f32;
+    let preservation_loss = preservation_sum.0.map(|_| read[2] / n);
+    Ok(StepDone {
+        // The loss the step minimised: the flow-matching loss plus the preservation term.
+        loss: read[0] / n + preservation_loss.unwrap_or(0.0),
+        preservation_loss,
+        grad_norm: read[1] as f64,
+        lr,
+    })
+}
+
+/// The items' class caption features. They are never dropped by caption dropout: the prior
+/// is the class prompt's, whatever the main caption.
+fn class_features(items: &[usize], data: &CachedDataset, device: &Device) -> Result<Vec<Tensor>> {
+    items
+        .iter()
+        .map(|&i| data.class_caption(i, device))
+        .collect()
+}
+
+/// A running sum of 0-d losses, left on the device.
+#[derive(Default)]
+struct Summed(Option<Tensor>);
+
+impl Summed {
+    fn add(&mut self, loss: Tensor) -> Result<()> {
+        self.0 = Some(match self.0.take() {
+            None => loss,
+            Some(sum) => (sum + loss)?,
+        });
+        Ok(())
+    }
 }
 
 fn sample_now(
@@ -467,7 +542,7 @@ fn sample_now(
     step: u64,
     out: &Path,
     events: &mut dyn FnMut(Event),
-) -> Result<()> {
+) -> Result<PathBuf> {
     set_enabled(model, TRAINING_ADAPTER, false);
     let render = || sampler.render(model, step, out);
     let result = match ema {
@@ -477,7 +552,7 @@ fn sample_now(
     set_enabled(model, TRAINING_ADAPTER, true);
     let path = result?;
     events(Event::Samples(&path));
-    Ok(())
+    Ok(path)
 }
 
 /// Writes the trained LoRA in the layout that loads everywhere, with its metadata.
