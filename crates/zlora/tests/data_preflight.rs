@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageFormat, RgbImage};
 use zlora::data::{
-    Bucket, Buckets, Dataset, DatasetConfig, MissingCaption, Preflight, ProblemKind, Severity,
+    Bucket, Buckets, Dataset, DatasetConfig, MissingCaption, Preflight, ProblemKind, Resolution,
+    Severity,
 };
 use zlora::model::text::PromptTokenizer;
 
@@ -76,14 +77,14 @@ fn problem_folder(dir: &Path) {
 
 fn config(dir: &Path) -> DatasetConfig {
     DatasetConfig {
-        resolution: 64,
+        resolution: Resolution::One(64),
         trigger: Some("zkchar".into()),
         ..DatasetConfig::new(dir)
     }
 }
 
 fn scan(cfg: &DatasetConfig) -> (Dataset, Preflight) {
-    Dataset::scan(cfg, &buckets(), &tokenizer()).expect("scan")
+    Dataset::scan(cfg, &[buckets()], &tokenizer()).expect("scan")
 }
 
 fn kinds_of<'a>(report: &'a Preflight, file: &str) -> Vec<(&'a ProblemKind, Severity)> {
@@ -170,7 +171,7 @@ fn captions_get_the_trigger_once_and_images_their_bucket() {
     let (dataset, _) = scan(&config(dir.path()));
     let caption = |name: &str| {
         let item = dataset.items().iter().find(|i| i.image.ends_with(name));
-        item.map(|i| (i.caption.clone(), i.bucket, (i.width, i.height)))
+        item.map(|i| (i.caption.clone(), i.buckets[0], (i.width, i.height)))
             .expect(name)
     };
     let (a, a_bucket, _) = caption("a.png");
@@ -244,7 +245,7 @@ fn an_empty_or_missing_folder_is_reported() {
     assert!(report.to_string().contains("no image can be trained"));
 
     let missing = config(&dir.path().join("nope"));
-    let err = Dataset::scan(&missing, &buckets(), &tokenizer()).expect_err("no folder");
+    let err = Dataset::scan(&missing, &[buckets()], &tokenizer()).expect_err("no folder");
     assert!(err.to_string().contains("nope"), "{err}");
 }
 
@@ -253,7 +254,7 @@ fn the_dataset_table_parses_with_defaults_and_rejects_unknown_keys() {
     let cfg: DatasetConfig =
         serde_json::from_str(r#"{"path": "DIR", "resolution": 768, "trigger": "zkchar"}"#)
             .expect("parse");
-    assert_eq!(cfg.resolution, 768);
+    assert_eq!(cfg.resolution, Resolution::One(768));
     assert_eq!(cfg.caption_dropout, 0.05);
     assert_eq!(cfg.repeats, 1);
     assert_eq!(cfg.caption_extension, "txt");
@@ -291,5 +292,6 @@ fn exif_orientation_is_applied_before_bucketing() {
     assert!(!report.is_fatal(), "{report}");
     let item = &dataset.items()[0];
     assert_eq!((item.width, item.height), (64, 128));
-    assert!(item.bucket.height > item.bucket.width, "{}", item.bucket);
+    let bucket = item.buckets[0];
+    assert!(bucket.height > bucket.width, "{bucket}");
 }
