@@ -34,17 +34,29 @@ impl Setup {
 
     /// Writes a config (with `extra` TOML appended to [train]) and returns its path.
     fn config(&self, name: &str, model_extra: &str, train_extra: &str, sample: &str) -> PathBuf {
+        let dataset = format!(
+            "[dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n",
+            self.path("data").display()
+        );
+        self.config_with(name, &dataset, model_extra, train_extra, sample)
+    }
+
+    /// A config with `dataset` (TOML) as its dataset tables.
+    fn config_with(
+        &self,
+        name: &str,
+        dataset: &str,
+        model_extra: &str,
+        train_extra: &str,
+        sample: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"[model]
 path = "{model}"
 variant = "turbo"
 base_dtype = "f32"
 {model_extra}
-[dataset]
-path = "{data}"
-resolution = 32
-trigger = "zkchar"
-
+{dataset}
 [lora]
 rank = 2
 alpha = 2
@@ -60,7 +72,6 @@ output = "{out}"
 {sample}
 "#,
             model = self.path("model").display(),
-            data = self.path("data").display(),
             out = self.path(name).display(),
         );
         let path = self.path(&format!("{name}.toml"));
@@ -290,6 +301,74 @@ fn a_run_on_a_quantized_base_learns_as_the_dense_one_and_resumes_to_the_same_lor
     assert_same_tensors(
         &s.path("killed/lora.safetensors"),
         &s.path("reference/lora.safetensors"),
+    );
+}
+
+/// Masks on two training images, a regularization set mixed in at half the training items
+/// (at a random one of two sizes per epoch, half weight) and two resolutions in one run: the
+/// log reports the masks, the run trains, and after SIGKILLs it resumes to the uninterrupted
+/// run's LoRA and optimizer state bit for bit.
+#[test]
+fn masks_regularization_and_two_resolutions_train_and_resume_exactly() {
+    use zlora::sample::canvas::Canvas;
+    let s = Setup::new();
+    let reg = s.path("reg");
+    let reg_arg = reg.to_str().unwrap();
+    stderr(&zlora(&[
+        "tiny-dataset",
+        "--out",
+        reg_arg,
+        "--count",
+        "3",
+        "--size",
+        "48",
+    ]));
+    // The right half of one image, the bottom half of another, out of the loss.
+    for (name, (x, y, w, h)) in [("000", (32, 0, 32, 64)), ("003", (0, 32, 64, 32))] {
+        let mut mask = Canvas::new(64, 64);
+        mask.fill_rect(x, y, w, h, [0, 0, 0]);
+        let path = s.path(&format!("data/{name}.mask.png"));
+        zlora::sample::image::save_png(&path, &mask.into_image(), &[], false).unwrap();
+    }
+    let datasets = format!(
+        "[[dataset]]\npath = \"{}\"\nresolution = [32, 48]\ntrigger = \"zkchar\"\n\
+         unmasked_weight = 0.1\n\n[[dataset]]\npath = \"{}\"\nkind = \"regularization\"\n\
+         resolution = [32, 48]\nresolution_mode = \"random\"\nratio = 0.5\nloss_weight = 0.5\n",
+        s.path("data").display(),
+        reg.display()
+    );
+    let steps = ["--steps", "30"];
+    let reference = s.config_with("reference", &datasets, "", "", "");
+    let started = Instant::now();
+    let log = stderr(&zlora(&[
+        "train",
+        reference.to_str().unwrap(),
+        steps[0],
+        steps[1],
+    ]));
+    assert!(
+        log.contains("masks: 2 images have one, 4 have none"),
+        "{log}"
+    );
+    assert!(
+        log.contains("; 4 masks made, 0 reused"),
+        "two masks at two sizes: {log}"
+    );
+    assert!(
+        log.contains("captions and 18 images encoded"),
+        "6 + 3 images at two sizes: {log}"
+    );
+    assert!(losses(&s.path("reference")).iter().all(|l| l.is_finite()));
+    let cfg = s.config_with("killed", &datasets, "", "", "");
+    train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 2);
+    assert_same_tensors(
+        &s.path("killed/lora.safetensors"),
+        &s.path("reference/lora.safetensors"),
+    );
+    let state = "checkpoints/step-000030/state.safetensors";
+    assert_same_tensors(
+        &s.path(&format!("killed/{state}")),
+        &s.path(&format!("reference/{state}")),
     );
 }
 

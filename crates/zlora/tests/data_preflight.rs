@@ -295,3 +295,80 @@ fn exif_orientation_is_applied_before_bucketing() {
     let bucket = item.buckets[0];
     assert!(bucket.height > bucket.width, "{bucket}");
 }
+
+/// Masks beside their images are found and counted; a misshapen or unreadable mask is an
+/// error on the mask file, a mask without an image a warning; `masks = DIR` reads them from a
+/// folder by the image's name instead.
+#[test]
+fn masks_are_found_checked_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for (name, w, h) in [("a", 64, 64), ("b", 128, 64), ("c", 64, 64), ("d", 64, 64)] {
+        save(d, &format!("{name}.png"), &image(w, h), ImageFormat::Png);
+        write(d, &format!("{name}.txt"), name);
+    }
+    save(d, "a.mask.png", &image(32, 32), ImageFormat::Png);
+    save(d, "b.mask.png", &image(64, 64), ImageFormat::Png);
+    write(d, "c.mask.png", b"not a png");
+    save(d, "lost.mask.png", &image(8, 8), ImageFormat::Png);
+    let (dataset, report) = scan(&config(d));
+    assert_eq!(
+        (report.images, report.usable, report.masked),
+        (4, 2, 1),
+        "{report}"
+    );
+    assert_eq!(
+        kinds_of(&report, "b.mask.png"),
+        [(
+            &ProblemKind::MaskMismatch {
+                mask: (64, 64),
+                image: (128, 64)
+            },
+            Severity::Error
+        )]
+    );
+    assert!(matches!(
+        kinds_of(&report, "c.mask.png")[..],
+        [(ProblemKind::MaskUnreadable(_), Severity::Error)]
+    ));
+    assert_eq!(
+        kinds_of(&report, "lost.mask.png"),
+        [(&ProblemKind::OrphanMask, Severity::Warning)]
+    );
+    let text = report.to_string();
+    assert!(
+        text.contains("masks: 1 images have one, 1 have none"),
+        "{text}"
+    );
+    assert!(
+        text.contains("error: b.mask.png: mask is 64×64 but its image is 128×64"),
+        "{text}"
+    );
+    let a = dataset.items().iter().find(|i| i.image.ends_with("a.png"));
+    assert_eq!(a.and_then(|i| i.mask.clone()), Some(d.join("a.mask.png")));
+
+    let masks = tempfile::tempdir().expect("tempdir");
+    save(masks.path(), "d.png", &image(64, 64), ImageFormat::Png);
+    let from_folder = DatasetConfig {
+        masks: Some(masks.path().to_path_buf()),
+        skip_problems: true,
+        ..config(d)
+    };
+    let (dataset, report) = scan(&from_folder);
+    assert_eq!(report.masked, 1, "{report}");
+    let with_mask: Vec<_> = dataset
+        .items()
+        .iter()
+        .filter_map(|i| i.mask.clone())
+        .collect();
+    assert_eq!(with_mask, [masks.path().join("d.png")]);
+    let missing = DatasetConfig {
+        masks: Some(d.join("nope")),
+        ..config(d)
+    };
+    let err = Dataset::scan(&missing, &[buckets()], &tokenizer()).expect_err("no masks folder");
+    assert!(
+        err.to_string().contains("nope") && err.to_string().contains("masks"),
+        "{err}"
+    );
+}
