@@ -61,7 +61,8 @@ pub struct DatasetConfig {
     /// A folder of loss masks named like the images; default: `NAME.mask.png` beside each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub masks: Option<PathBuf>,
-    /// The loss weight where a mask is black (OneTrainer's `unmasked_weight`). Default 0.
+    /// The least loss weight of a pixel, where the mask is black (OneTrainer's
+    /// `unmasked_weight`: the mask is clamped to [unmasked_weight, 1]). Default 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub unmasked_weight: f64,
     /// Every item's loss is multiplied by this (kohya's `prior_loss_weight` for a

@@ -114,12 +114,12 @@ pub fn loss(
 }
 
 /// A batch's per-pixel loss weights from its masks (B, 1, h, w) and each item's weight where
-/// the mask is black: floor + (1 − floor)·mask (OneTrainer's `unmasked_weight`).
+/// the mask is black: max(mask, floor), OneTrainer's clamp of the mask to
+/// [`unmasked_weight`, 1].
 pub fn mask_weights(masks: &Tensor, floors: &[f32]) -> Result<Tensor> {
     let b = masks.dim(0)?;
     let floor = Tensor::from_vec(floors.to_vec(), (b, 1, 1, 1), masks.device())?;
-    let keep = (1.0 - &floor)?;
-    masks.broadcast_mul(&keep)?.broadcast_add(&floor)
+    masks.broadcast_maximum(&floor)
 }
 
 /// Standard normal noise shaped like `like`, from the trainer's stream.
@@ -194,6 +194,9 @@ mod tests {
             loss(&out, &target, &[2.0], Some(&w))?.to_scalar::<f32>()?,
             2.0 * (1.0 + 0.25 * 9.0) / 2.0
         );
+        let grey = Tensor::new(&[[[[0.1f32, 0.5]]], [[[0.1, 0.5]]]], &dev)?;
+        let w = mask_weights(&grey, &[0.25, 0.0])?;
+        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, vec![0.25, 0.5, 0.1, 0.5]);
         Ok(())
     }
 
