@@ -196,7 +196,10 @@ mod tests {
         );
         let grey = Tensor::new(&[[[[0.1f32, 0.5]]], [[[0.1, 0.5]]]], &dev)?;
         let w = mask_weights(&grey, &[0.25, 0.0])?;
-        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, vec![0.25, 0.5, 0.1, 0.5]);
+        assert_eq!(
+            w.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.25, 0.5, 0.1, 0.5]
+        );
         Ok(())
     }
 
