@@ -205,11 +205,12 @@ fn prepare_output(
 ) -> Result<OutputDir> {
     let out = outdir::resolve(&cfg.train.output)?;
     let model = Path::new(&cfg.model.path);
-    let mut inputs = vec![("the model", model)];
+    let mut inputs = Vec::new();
     for d in &cfg.datasets {
         inputs.push(("the dataset", d.path.as_path()));
         inputs.extend(d.masks.as_deref().map(|m| ("the masks", m)));
     }
+    inputs.push(("the model", model));
     inputs.extend(opts.config_file.as_deref().map(|c| ("the config file", c)));
     inputs.extend(
         cfg.model
