@@ -320,8 +320,8 @@ fn make_masks(
         paths.push(Some(path));
     }
     stats.masks_made = made.len();
-    stats.masks_reused =
-        distinct_count(&paths.iter().flatten().cloned().collect::<Vec<_>>()) - made.len();
+    let distinct: BTreeSet<&PathBuf> = paths.iter().flatten().collect();
+    stats.masks_reused = distinct.len() - made.len();
     Ok(paths)
 }
 

@@ -25,7 +25,7 @@ use super::samples::Sampler;
 use super::state::{self, RunState};
 use crate::data::cache::{CacheOptions, CachedDataset, Stage};
 use crate::data::dataset::{Dataset, DatasetConfig};
-use crate::data::loader::{Loader, LoaderOptions, LoaderState};
+use crate::data::loader::{Batch, Loader, LoaderOptions, LoaderState};
 use crate::lora::write::{save, Metadata};
 use crate::lora::{Layout, LoraFile};
 use crate::model::folder::ModelFolder;
@@ -433,22 +433,7 @@ fn optimizer_step(
             .collect();
         let eps = gaussian_like(&batch.latents, &mut rng)?;
         let noised = noise(&batch.latents, &eps, &sigmas)?;
-        let sources: Vec<&DatasetConfig> = batch
-            .indices
-            .iter()
-            .map(|&i| &cfg.datasets[data.items()[i].source])
-            .collect();
-        let weights: Vec<f32> = sigmas
-            .iter()
-            .zip(&sources)
-            .map(|(&s, d)| t.loss_weighting.weight(s) * d.loss_weight as f32)
-            .collect();
-        let floors: Vec<f32> = sources.iter().map(|d| d.unmasked_weight as f32).collect();
-        let pixel_weights = batch
-            .masks
-            .as_ref()
-            .map(|m| mask_weights(m, &floors))
-            .transpose()?;
+        let (weights, pixel_weights) = loss_weights(cfg, data, &batch, &sigmas)?;
         let micro_batch = MicroBatch {
             x: &noised.x,
             t: &noised.t,
@@ -491,6 +476,33 @@ fn optimizer_step(
     let read = host::read(&Tensor::stack(&[sum, grad_norm], 0)?)?;
     let loss = read[0] / t.gradient_accumulation as f32;
     Ok((loss, read[1] as f64, lr))
+}
+
+/// The batch's loss weights: per item, the σ weighting times its dataset's `loss_weight`;
+/// per pixel, its mask clamped to its dataset's `unmasked_weight` (None without masks).
+fn loss_weights(
+    cfg: &TrainConfig,
+    data: &CachedDataset,
+    batch: &Batch,
+    sigmas: &[f32],
+) -> Result<(Vec<f32>, Option<Tensor>)> {
+    let sources: Vec<&DatasetConfig> = batch
+        .indices
+        .iter()
+        .map(|&i| &cfg.datasets[data.items()[i].source])
+        .collect();
+    let weights = sigmas
+        .iter()
+        .zip(&sources)
+        .map(|(&s, d)| cfg.train.loss_weighting.weight(s) * d.loss_weight as f32)
+        .collect();
+    let floors: Vec<f32> = sources.iter().map(|d| d.unmasked_weight as f32).collect();
+    let pixel_weights = batch
+        .masks
+        .as_ref()
+        .map(|m| mask_weights(m, &floors))
+        .transpose()?;
+    Ok((weights, pixel_weights))
 }
 
 fn sample_now(
