@@ -372,6 +372,45 @@ fn masks_regularization_and_two_resolutions_train_and_resume_exactly() {
     );
 }
 
+/// The largest absolute value of any module's delta in a LoRA file.
+fn largest_delta(lora: &Path) -> f32 {
+    let lora = LoraFile::read_for_dim(lora, 32).unwrap();
+    lora.modules
+        .values()
+        .map(|m| {
+            let d = m.delta().unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+/// All-black masks on every image take every pixel out of the loss: the logged loss is 0 and
+/// the LoRA stays exactly the base (zero delta); the same masks with `unmasked_weight = 0.5`
+/// train again.
+#[test]
+fn black_masks_take_every_pixel_out_of_the_loss() {
+    use zlora::sample::canvas::Canvas;
+    let s = Setup::new();
+    for i in 0..6 {
+        let mut mask = Canvas::new(64, 64);
+        mask.fill_rect(0, 0, 64, 64, [0, 0, 0]);
+        let path = s.path(&format!("data/{i:03}.mask.png"));
+        zlora::sample::image::save_png(&path, &mask.into_image(), &[], false).unwrap();
+    }
+    let black = s.config("black", "", "", "");
+    stderr(&zlora(&["train", black.to_str().unwrap()]));
+    assert!(losses(&s.path("black")).iter().all(|&l| l == 0.0));
+    assert_eq!(largest_delta(&s.path("black/lora.safetensors")), 0.0);
+    let dataset = format!(
+        "[dataset]\npath = \"{}\"\nresolution = 32\nunmasked_weight = 0.5\n",
+        s.path("data").display()
+    );
+    let floor = s.config_with("floor", &dataset, "", "", "");
+    stderr(&zlora(&["train", floor.to_str().unwrap()]));
+    assert!(losses(&s.path("floor")).iter().all(|&l| l > 0.0));
+    assert!(largest_delta(&s.path("floor/lora.safetensors")) > 0.0);
+}
+
 #[test]
 fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
     killed_runs_resume_exactly("", ".exp_avg_sq");
