@@ -362,6 +362,18 @@ fn masks_are_found_checked_and_reported() {
         .filter_map(|i| i.mask.clone())
         .collect();
     assert_eq!(with_mask, [masks.path().join("d.png")]);
+    let empty = tempfile::tempdir().expect("tempdir");
+    let unmatched = DatasetConfig {
+        masks: Some(empty.path().to_path_buf()),
+        ..config(d)
+    };
+    let (_, report) = scan(&unmatched);
+    let warned = report.problems.iter().any(|p| {
+        p.kind == ProblemKind::NoMaskMatches
+            && p.file == empty.path()
+            && p.severity == Severity::Warning
+    });
+    assert!(warned, "{report}");
     let missing = DatasetConfig {
         masks: Some(d.join("nope")),
         ..config(d)

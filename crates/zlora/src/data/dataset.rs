@@ -438,12 +438,17 @@ impl Dataset {
                 push(&mut problems, mask.clone(), kind, Severity::Warning);
             }
         }
+        let masked = items.iter().filter(|i| i.mask.is_some()).count();
+        if let (Some(dir), 0) = (&cfg.masks, masked) {
+            let kind = ProblemKind::NoMaskMatches;
+            push(&mut problems, dir.clone(), kind, Severity::Warning);
+        }
         problems.sort_by(|a, b| a.file.cmp(&b.file));
         let report = Preflight {
             root: cfg.path.clone(),
             images: listing.images.values().map(Vec::len).sum(),
             usable: items.len(),
-            masked: items.iter().filter(|i| i.mask.is_some()).count(),
+            masked,
             ignored: listing.ignored,
             problems,
             skip: cfg.skip_problems,

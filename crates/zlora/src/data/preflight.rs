@@ -42,6 +42,8 @@ pub enum ProblemKind {
     MaskMismatch { mask: (u32, u32), image: (u32, u32) },
     /// A `NAME.mask.*` file with no image `NAME.*`.
     OrphanMask,
+    /// The `masks` folder holds no mask named like any image.
+    NoMaskMatches,
 }
 
 /// How a problem affects the run.
@@ -188,6 +190,11 @@ impl fmt::Display for ProblemKind {
                 mask.0, mask.1, image.0, image.1
             ),
             Self::OrphanMask => write!(f, "mask without an image of the same name"),
+            Self::NoMaskMatches => write!(
+                f,
+                "the masks folder has no mask named like an image (for NAME.jpg: NAME.jpg or \
+                 NAME.png); every image trains unmasked"
+            ),
         }
     }
 }
