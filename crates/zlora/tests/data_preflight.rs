@@ -311,10 +311,16 @@ fn masks_are_found_checked_and_reported() {
     save(d, "b.mask.png", &image(64, 64), ImageFormat::Png);
     write(d, "c.mask.png", b"not a png");
     save(d, "lost.mask.png", &image(8, 8), ImageFormat::Png);
+    save(d, "d.mask.png", &image(64, 64), ImageFormat::Png);
+    save(d, "d.mask.webp", &image(64, 64), ImageFormat::WebP);
     let (dataset, report) = scan(&config(d));
+    assert!(matches!(
+        kinds_of(&report, "d.mask.png")[..],
+        [(ProblemKind::DuplicateMask { .. }, Severity::Error)]
+    ));
     assert_eq!(
         (report.images, report.usable, report.masked),
-        (4, 2, 1),
+        (4, 1, 1),
         "{report}"
     );
     assert_eq!(
@@ -337,7 +343,7 @@ fn masks_are_found_checked_and_reported() {
     );
     let text = report.to_string();
     assert!(
-        text.contains("masks: 1 images have one, 1 have none"),
+        text.contains("masks: 1 images have one, 0 have none"),
         "{text}"
     );
     assert!(

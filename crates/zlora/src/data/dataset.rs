@@ -432,10 +432,12 @@ impl Dataset {
                 push(&mut problems, caption.clone(), kind, Severity::Warning);
             }
         }
-        for (stem, mask) in &listing.masks {
+        for (stem, masks) in &listing.masks {
             if !listing.images.contains_key(stem) {
-                let kind = ProblemKind::OrphanMask;
-                push(&mut problems, mask.clone(), kind, Severity::Warning);
+                for mask in masks {
+                    let kind = ProblemKind::OrphanMask;
+                    push(&mut problems, mask.clone(), kind, Severity::Warning);
+                }
             }
         }
         let masked = items.iter().filter(|i| i.mask.is_some()).count();
@@ -497,8 +499,9 @@ struct Listing {
     /// Image files by stem; more than one per stem is a duplicate.
     images: BTreeMap<OsString, Vec<PathBuf>>,
     captions: BTreeSet<PathBuf>,
-    /// `NAME.mask.*` files by the stem of the image they belong to.
-    masks: BTreeMap<OsString, PathBuf>,
+    /// `NAME.mask.*` files by the stem of the image they belong to (more than one is an
+    /// error).
+    masks: BTreeMap<OsString, Vec<PathBuf>>,
     ignored: usize,
 }
 
@@ -535,7 +538,7 @@ impl Listing {
                     .and_then(|s| s.strip_suffix(MASK_SUFFIX))
                     .map(OsString::from);
                 if let (true, Some(of)) = (image, mask_of) {
-                    self.masks.insert(of, path);
+                    self.masks.entry(of).or_default().push(path);
                 } else if image {
                     self.images.entry(stem).or_default().push(path);
                 } else if ext == caption_extension {
@@ -555,7 +558,7 @@ struct ItemCheck<'a> {
     buckets: &'a [Buckets],
     tokenizer: &'a PromptTokenizer,
     /// The dataset folder's `NAME.mask.*` files.
-    beside: &'a BTreeMap<OsString, PathBuf>,
+    beside: &'a BTreeMap<OsString, Vec<PathBuf>>,
 }
 
 impl ItemCheck<'_> {
@@ -563,9 +566,16 @@ impl ItemCheck<'_> {
         let caption = self.caption(image, problems);
         let size = self.image_size(image, problems);
         let (caption, (width, height)) = (caption?, size?);
-        let mask = match self.mask_file(image) {
-            Some(mask) => Some(check_mask(&mask, (width, height), problems)?),
-            None => None,
+        let mask = match self.mask_files(image).as_slice() {
+            [] => None,
+            [mask] => Some(check_mask(mask, (width, height), problems)?),
+            [mask, other, ..] => {
+                let kind = ProblemKind::DuplicateMask {
+                    other: other.clone(),
+                };
+                push(problems, mask.clone(), kind, Severity::Error);
+                return None;
+            }
         };
         Some(Item {
             image: image.to_path_buf(),
@@ -581,17 +591,22 @@ impl ItemCheck<'_> {
         })
     }
 
-    /// The image's mask: with `masks = DIR`, `DIR/<image file name>` or `DIR/<stem>.png`;
-    /// otherwise `<stem>.mask.*` beside the image.
-    fn mask_file(&self, image: &Path) -> Option<PathBuf> {
-        let stem = image.file_stem()?;
+    /// The image's mask files (one, or none): with `masks = DIR`, `DIR/<image file name>`,
+    /// else `DIR/<stem>.png`; otherwise every `<stem>.mask.*` beside the image.
+    fn mask_files(&self, image: &Path) -> Vec<PathBuf> {
+        let (Some(stem), Some(name)) = (image.file_stem(), image.file_name()) else {
+            return Vec::new();
+        };
         match &self.cfg.masks {
             Some(dir) => {
-                let same = dir.join(image.file_name()?);
                 let png = dir.join(stem).with_extension("png");
-                [same, png].into_iter().find(|p| p.is_file())
+                [dir.join(name), png]
+                    .into_iter()
+                    .find(|p| p.is_file())
+                    .into_iter()
+                    .collect()
             }
-            None => self.beside.get(stem).cloned(),
+            None => self.beside.get(stem).cloned().unwrap_or_default(),
         }
     }
 

@@ -44,6 +44,8 @@ pub enum ProblemKind {
     OrphanMask,
     /// The `masks` folder holds no mask named like any image.
     NoMaskMatches,
+    /// Another `NAME.mask.*` file belongs to the same image.
+    DuplicateMask { other: PathBuf },
 }
 
 /// How a problem affects the run.
@@ -190,6 +192,11 @@ impl fmt::Display for ProblemKind {
                 mask.0, mask.1, image.0, image.1
             ),
             Self::OrphanMask => write!(f, "mask without an image of the same name"),
+            Self::DuplicateMask { other } => write!(
+                f,
+                "{} is a mask for the same image; keep one",
+                file_name(other)
+            ),
             Self::NoMaskMatches => write!(
                 f,
                 "the masks folder has no mask named like an image (for NAME.jpg: NAME.jpg or \
