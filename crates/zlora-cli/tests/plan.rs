@@ -418,3 +418,31 @@ fn the_cpu_memory_model_is_within_25_percent_of_measured_training_runs() {
     }
     println!("worst error {:.0} %", 100.0 * worst);
 }
+
+/// The peak memory in GB on the first GPU of `zlora plan CONFIG --gpu 4090 --json`.
+fn peak_gb(config: &str, cache: &Path) -> f64 {
+    let out = zlora(&["plan", config, "--gpu", "4090", "--json"], cache);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    plan["gpus"][0]["peak_memory_gb"].as_f64().unwrap()
+}
+
+/// Several resolutions plan as their largest (its biggest bucket sets the peak): [512, 768,
+/// 1024] as 1024, [512, 768] as 768; the example with masks and a regularization set plans
+/// as the same run without them (a mask is one (h, w) f32 per item).
+#[test]
+fn several_resolutions_plan_as_the_largest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let at = |resolution: &str| {
+        let edit = format!("resolution = {resolution}");
+        peak_gb(
+            &variant_of("base.toml", d, &[("resolution = 1024", &edit)]),
+            d,
+        )
+    };
+    let (full, at_768) = (at("1024"), at("768"));
+    assert!(at_768 < full, "{at_768} < {full}");
+    assert_eq!(at("[512, 768, 1024]"), full);
+    assert_eq!(at("[512, 768]"), at_768);
+    assert_eq!(peak_gb(&example("masked-regularized.toml"), d), full);
+}

@@ -36,17 +36,29 @@ impl Setup {
 
     /// Writes a config (with `extra` TOML appended to [train]) and returns its path.
     fn config(&self, name: &str, model_extra: &str, train_extra: &str, sample: &str) -> PathBuf {
+        let dataset = format!(
+            "[dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n",
+            self.path("data").display()
+        );
+        self.config_with(name, &dataset, model_extra, train_extra, sample)
+    }
+
+    /// A config with `dataset` (TOML) as its dataset tables.
+    fn config_with(
+        &self,
+        name: &str,
+        dataset: &str,
+        model_extra: &str,
+        train_extra: &str,
+        sample: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"[model]
 path = "{model}"
 variant = "turbo"
 base_dtype = "f32"
 {model_extra}
-[dataset]
-path = "{data}"
-resolution = 32
-trigger = "zkchar"
-
+{dataset}
 [lora]
 rank = 2
 alpha = 2
@@ -62,7 +74,6 @@ output = "{out}"
 {sample}
 "#,
             model = self.path("model").display(),
-            data = self.path("data").display(),
             out = self.path(name).display(),
         );
         let path = self.path(&format!("{name}.toml"));
@@ -375,6 +386,113 @@ fn a_lora_trained_on_a_quantized_base_learns_the_dense_ones_effect() {
             "{q}: the LoRA's effect differs from the dense one's: cosine {cos}"
         );
     }
+}
+
+/// Masks on two training images, a regularization set mixed in at half the training items
+/// (at a random one of two sizes per epoch, half weight) and two resolutions in one run: the
+/// log reports the masks, the run trains, and after SIGKILLs it resumes to the uninterrupted
+/// run's LoRA and optimizer state bit for bit.
+#[test]
+fn masks_regularization_and_two_resolutions_train_and_resume_exactly() {
+    use zlora::sample::canvas::Canvas;
+    let s = Setup::new();
+    let reg = s.path("reg");
+    let reg_arg = reg.to_str().unwrap();
+    stderr(&zlora(&[
+        "tiny-dataset",
+        "--out",
+        reg_arg,
+        "--count",
+        "3",
+        "--size",
+        "48",
+    ]));
+    // The right half of one image, the bottom half of another, out of the loss.
+    for (name, (x, y, w, h)) in [("000", (32, 0, 32, 64)), ("003", (0, 32, 64, 32))] {
+        let mut mask = Canvas::new(64, 64);
+        mask.fill_rect(x, y, w, h, [0, 0, 0]);
+        let path = s.path(&format!("data/{name}.mask.png"));
+        zlora::sample::image::save_png(&path, &mask.into_image(), &[], false).unwrap();
+    }
+    let datasets = format!(
+        "[[dataset]]\npath = \"{}\"\nresolution = [32, 48]\ntrigger = \"zkchar\"\n\
+         unmasked_weight = 0.1\n\n[[dataset]]\npath = \"{}\"\nkind = \"regularization\"\n\
+         resolution = [32, 48]\nresolution_mode = \"random\"\nratio = 0.5\nloss_weight = 0.5\n",
+        s.path("data").display(),
+        reg.display()
+    );
+    let steps = ["--steps", "30"];
+    let reference = s.config_with("reference", &datasets, "", "", "");
+    let started = Instant::now();
+    let log = stderr(&zlora(&[
+        "train",
+        reference.to_str().unwrap(),
+        steps[0],
+        steps[1],
+    ]));
+    assert!(
+        log.contains("masks: 2 images have one, 4 have none"),
+        "{log}"
+    );
+    assert!(
+        log.contains("; 4 masks made, 0 reused"),
+        "two masks at two sizes: {log}"
+    );
+    assert!(
+        log.contains("captions and 18 images encoded"),
+        "6 + 3 images at two sizes: {log}"
+    );
+    assert!(losses(&s.path("reference")).iter().all(|l| l.is_finite()));
+    let cfg = s.config_with("killed", &datasets, "", "", "");
+    train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 2);
+    assert_same_tensors(
+        &s.path("killed/lora.safetensors"),
+        &s.path("reference/lora.safetensors"),
+    );
+    let state = "checkpoints/step-000030/state.safetensors";
+    assert_same_tensors(
+        &s.path(&format!("killed/{state}")),
+        &s.path(&format!("reference/{state}")),
+    );
+}
+
+/// The largest absolute value of any module's delta in a LoRA file.
+fn largest_delta(lora: &Path) -> f32 {
+    let lora = LoraFile::read_for_dim(lora, 32).unwrap();
+    lora.modules
+        .values()
+        .map(|m| {
+            let d = m.delta().unwrap().abs().unwrap().max_all().unwrap();
+            d.to_scalar::<f32>().unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+/// All-black masks on every image take every pixel out of the loss: the logged loss is 0 and
+/// the LoRA stays exactly the base (zero delta); the same masks with `unmasked_weight = 0.5`
+/// train again.
+#[test]
+fn black_masks_take_every_pixel_out_of_the_loss() {
+    use zlora::sample::canvas::Canvas;
+    let s = Setup::new();
+    for i in 0..6 {
+        let mut mask = Canvas::new(64, 64);
+        mask.fill_rect(0, 0, 64, 64, [0, 0, 0]);
+        let path = s.path(&format!("data/{i:03}.mask.png"));
+        zlora::sample::image::save_png(&path, &mask.into_image(), &[], false).unwrap();
+    }
+    let black = s.config("black", "", "", "");
+    stderr(&zlora(&["train", black.to_str().unwrap()]));
+    assert!(losses(&s.path("black")).iter().all(|&l| l == 0.0));
+    assert_eq!(largest_delta(&s.path("black/lora.safetensors")), 0.0);
+    let dataset = format!(
+        "[dataset]\npath = \"{}\"\nresolution = 32\nunmasked_weight = 0.5\n",
+        s.path("data").display()
+    );
+    let floor = s.config_with("floor", &dataset, "", "", "");
+    stderr(&zlora(&["train", floor.to_str().unwrap()]));
+    assert!(losses(&s.path("floor")).iter().all(|&l| l > 0.0));
+    assert!(largest_delta(&s.path("floor/lora.safetensors")) > 0.0);
 }
 
 #[test]

@@ -7,8 +7,8 @@ use image::{DynamicImage, ImageFormat, RgbImage};
 use zlora::data::cache::image_tensor;
 use zlora::data::dataset::open_image;
 use zlora::data::{
-    Buckets, CacheOptions, CacheStats, CachedDataset, Dataset, DatasetConfig, Loader,
-    LoaderOptions, LoaderState, Stage,
+    Buckets, CacheOptions, CacheStats, CachedDataset, Dataset, DatasetConfig, DatasetKind, Loader,
+    LoaderOptions, LoaderState, Resolution, Stage,
 };
 use zlora::model::folder::ModelFolder;
 use zlora::model::text::PromptTokenizer;
@@ -77,36 +77,48 @@ fn build(data: &Path, cache: &Path) -> Run {
 
 /// With `class`, preservation's class captions (the trigger replaced by it) are cached too.
 fn build_with_class(data: &Path, cache: &Path, class: Option<&str>) -> Run {
-    let cfg = DatasetConfig {
-        resolution: 64,
-        trigger: Some("zkchar".into()),
+    build_sets(
+        &[DatasetConfig {
+            trigger: Some("zkchar".into()),
+            ..config(data, cache, Resolution::One(64))
+        }],
+        class,
+    )
+}
+
+fn config(data: &Path, cache: &Path, resolution: Resolution) -> DatasetConfig {
+    DatasetConfig {
+        resolution,
+        cache_dir: Some(cache.to_path_buf()),
         ..DatasetConfig::new(data)
-    };
+    }
+}
+
+/// Scans and caches the datasets (with preservation's class word, if any); `dataset` is
+/// the first one.
+fn build_sets(cfgs: &[DatasetConfig], class: Option<&str>) -> Run {
     let model = model();
-    let buckets = Buckets::for_vae(64, 4).expect("buckets");
-    let (dataset, report) = Dataset::scan(&cfg, &buckets, &tokenizer()).expect("scan");
-    assert!(!report.is_fatal(), "{report}");
+    let datasets: Vec<Dataset> = cfgs
+        .iter()
+        .map(|cfg| {
+            let buckets = cfg.buckets(4).expect("buckets");
+            let (dataset, report) = Dataset::scan(cfg, &buckets, &tokenizer()).expect("scan");
+            assert!(!report.is_fatal(), "{report}");
+            dataset
+        })
+        .collect();
     let opts = CacheOptions {
-        dir: cache.to_path_buf(),
         dtype: DType::F32,
         device: Device::Cpu,
-        class_captions: class.map_or_else(Vec::new, |class| {
-            let items = dataset.items().iter();
-            items
-                .map(|i| {
-                    cfg.caption_with_class(&i.caption, class)
-                        .expect("a trigger")
-                })
-                .collect()
-        }),
+        class: class.map(str::to_string),
     };
     let mut progress = Vec::new();
-    let (cached, stats) = CachedDataset::build(&dataset, &model, &opts, |s, done, total| {
+    let (cached, stats) = CachedDataset::build(&datasets, &model, &opts, |s, done, total| {
         progress.push((s, done, total))
     })
     .expect("cache");
     Run {
-        dataset,
+        dataset: datasets[0].clone(),
         cached,
         stats,
         progress,
@@ -131,6 +143,7 @@ fn stats(
         captions_reused,
         latents_encoded,
         latents_reused,
+        ..CacheStats::default()
     }
 }
 
@@ -186,8 +199,12 @@ fn cached_entries_equal_direct_encodes() {
 
     let vae = model.load_vae(DType::F32, &cpu).expect("vae");
     for (i, item) in run.dataset.items().iter().enumerate() {
-        let x = image_tensor(&open_image(&item.image).expect("image"), item.bucket, &cpu)
-            .expect("tensor");
+        let x = image_tensor(
+            &open_image(&item.image).expect("image"),
+            item.buckets[0],
+            &cpu,
+        )
+        .expect("tensor");
         let direct = vae
             .encode(&x)
             .and_then(|z| vae.to_transformer_space(&z))
@@ -195,8 +212,8 @@ fn cached_entries_equal_direct_encodes() {
             .expect("encode");
         let cached = run.cached.latent(i, &cpu).expect("latent");
         let (h, w) = (
-            item.bucket.height as usize / 4,
-            item.bucket.width as usize / 4,
+            item.buckets[0].height as usize / 4,
+            item.buckets[0].width as usize / 4,
         );
         assert_eq!(cached.dims(), [16, h, w]);
         assert!(
@@ -264,12 +281,12 @@ fn loader_batches_one_bucket_with_per_item_captions_and_resumes_exactly() {
     folder(data.path());
     let run = build(data.path(), cache.path());
     let cpu = Device::Cpu;
-    let opts = LoaderOptions {
-        batch_size: 2,
+    let source = DatasetConfig {
         repeats: 3,
         caption_dropout: 0.25,
-        seed: 42,
+        ..DatasetConfig::new(data.path())
     };
+    let opts = LoaderOptions::new(&[source], 2, 42);
     let next = |loader: &mut Loader, n: usize| {
         (0..n)
             .map(|_| loader.next_batch(&run.cached, &cpu).expect("batch"))
@@ -330,10 +347,190 @@ fn the_default_cache_folder_is_ignored_by_the_scan() {
     std::fs::create_dir_all(cache.join("latents")).expect("cache dir");
     let buckets = Buckets::for_vae(64, 4).expect("buckets");
     let cfg = DatasetConfig {
-        resolution: 64,
+        resolution: Resolution::One(64),
         ..cfg
     };
-    let (dataset, report) = Dataset::scan(&cfg, &buckets, &tokenizer()).expect("scan");
+    let (dataset, report) = Dataset::scan(&cfg, &[buckets], &tokenizer()).expect("scan");
     assert_eq!(dataset.len(), 5);
     assert_eq!(report.ignored, 1, "{report}");
+}
+
+/// A grayscale mask `w`×`h`: white left of column `edge`, black from it on.
+fn half_mask(dir: &Path, name: &str, w: u32, h: u32, edge: u32) {
+    let mask =
+        image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x < edge { 255 } else { 0 }]));
+    mask.save_with_format(dir.join(name), ImageFormat::Png)
+        .expect(name);
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.to_vec2::<f32>().expect("2-d mask")
+}
+
+/// Masks reach the cache on each resolution's latent grid as cell averages, and each
+/// resolution has its own latent entry.
+#[test]
+fn masks_are_cached_per_resolution_as_latent_cell_averages() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    folder(data.path());
+    // a.png is 64×64: white up to column 34, so latent column 8 (pixels 32..36 at factor 4)
+    // is half covered. The RGB mask is read as luminance.
+    half_mask(data.path(), "a.mask.png", 64, 64, 34);
+    let rgb = DynamicImage::ImageLuma8(
+        image::open(data.path().join("a.mask.png"))
+            .expect("mask")
+            .to_luma8(),
+    )
+    .to_rgb8();
+    rgb.save(data.path().join("c.mask.png")).expect("rgb mask");
+    let run = build_sets(
+        &[config(
+            data.path(),
+            cache.path(),
+            Resolution::Several(vec![64, 32]),
+        )],
+        None,
+    );
+    assert_eq!(run.stats.latents_encoded, 10, "five images at two sizes");
+    assert_eq!((run.stats.masks_made, run.stats.masks_reused), (4, 0));
+    let items = run.cached.items();
+    assert_eq!(items.len(), 10);
+    let cpu = Device::Cpu;
+    let (full, small) = (&items[0], &items[1]);
+    assert_eq!((full.image, small.image), (0, 0), "a.png at both sizes");
+    assert_ne!(full.latent, small.latent, "one latent entry per size");
+    assert_eq!((full.bucket.width, small.bucket.width), (64, 32));
+
+    let at_64 = rows(
+        &run.cached
+            .mask(0, &cpu)
+            .expect("read")
+            .expect("a has a mask"),
+    );
+    assert_eq!((at_64.len(), at_64[0].len()), (16, 16));
+    for row in &at_64 {
+        assert!(row[..8].iter().all(|&v| v == 1.0), "{row:?}");
+        assert!((row[8] - 0.5).abs() < 1e-6, "half-covered cell: {}", row[8]);
+        assert!(row[9..].iter().all(|&v| v == 0.0), "{row:?}");
+    }
+    // At 32 px each latent cell covers 8 source columns: cell 4 holds columns 32..40, a
+    // quarter white (the triangle filter's blur stays inside the cell's neighbours).
+    let at_32 = rows(
+        &run.cached
+            .mask(1, &cpu)
+            .expect("read")
+            .expect("a has a mask"),
+    );
+    assert_eq!((at_32.len(), at_32[0].len()), (8, 8));
+    for row in &at_32 {
+        assert!(row[..4].iter().all(|&v| (v - 1.0).abs() < 1e-6), "{row:?}");
+        assert!((row[4] - 0.25).abs() < 0.05, "{row:?}");
+        assert!(row[5..].iter().all(|&v| v.abs() < 1e-6), "{row:?}");
+    }
+    let c = items.iter().position(|i| i.image == 2).expect("c.png");
+    let c_mask = run.cached.mask(c, &cpu).expect("read").expect("c");
+    let a_mask = run.cached.mask(0, &cpu).expect("read").expect("a");
+    assert!(
+        max_diff(&c_mask, &a_mask) < 1e-6,
+        "RGB white reads as luminance 1"
+    );
+    assert!(
+        run.cached.mask(2, &cpu).expect("read").is_none(),
+        "b.png has no mask"
+    );
+
+    let again = build_sets(
+        &[config(
+            data.path(),
+            cache.path(),
+            Resolution::Several(vec![64, 32]),
+        )],
+        None,
+    );
+    assert_eq!((again.stats.masks_made, again.stats.masks_reused), (0, 4));
+}
+
+/// A training set with masks and a regularization set through the cache and the loader:
+/// batches carry masks (ones for the unmasked items), regularization items come in at their
+/// ratio, and a resumed loader serves the same batches.
+#[test]
+fn a_training_and_a_regularization_set_load_together_and_resume() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let reg = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("tempdir");
+    folder(data.path());
+    half_mask(data.path(), "a.mask.png", 64, 64, 32);
+    half_mask(data.path(), "b.mask.png", 96, 48, 48);
+    save_image(reg.path(), "r1.png", 64, 64, 50);
+    save_image(reg.path(), "r2.png", 64, 64, 60);
+    write(reg.path(), "r1.txt", "a photo of a dog");
+    write(reg.path(), "r2.txt", "a dog");
+    let train = config(data.path(), cache.path(), Resolution::One(64));
+    let regularization = DatasetConfig {
+        kind: DatasetKind::Regularization,
+        ratio: Some(0.8),
+        ..config(reg.path(), cache.path(), Resolution::One(64))
+    };
+    let cfgs = [train, regularization];
+    let run = build_sets(&cfgs, None);
+    let opts = LoaderOptions::new(&cfgs, 2, 5);
+    let cpu = Device::Cpu;
+    let mut loader =
+        Loader::for_cached(&run.cached, opts.clone(), LoaderState::default()).expect("loader");
+    let per_epoch = loader.batches_per_epoch();
+    let batches: Vec<_> = (0..2 * per_epoch)
+        .map(|_| loader.next_batch(&run.cached, &cpu).expect("batch"))
+        .collect();
+    let epoch: Vec<usize> = batches[..per_epoch]
+        .iter()
+        .flat_map(|b| b.indices.clone())
+        .collect();
+    assert_eq!(
+        epoch
+            .iter()
+            .filter(|&&i| run.cached.items()[i].source == 1)
+            .count(),
+        4,
+        "5 × 0.8"
+    );
+    assert_eq!(
+        epoch
+            .iter()
+            .filter(|&&i| run.cached.items()[i].source == 0)
+            .count(),
+        5
+    );
+    for batch in &batches {
+        let masked: Vec<bool> = batch
+            .indices
+            .iter()
+            .map(|&i| run.cached.items()[i].mask.is_some())
+            .collect();
+        let Some(masks) = &batch.masks else {
+            assert!(!masked.contains(&true));
+            continue;
+        };
+        let (_, _, h, w) = batch.latents.dims4().expect("4-d");
+        assert_eq!(masks.dims(), [batch.indices.len(), 1, h, w]);
+        for (k, (&i, has)) in batch.indices.iter().zip(&masked).enumerate() {
+            let got = masks.get(k).and_then(|m| m.squeeze(0)).expect("mask");
+            let want = match has {
+                true => run.cached.mask(i, &cpu).expect("read").expect("mask"),
+                false => Tensor::ones((h, w), DType::F32, &cpu).expect("ones"),
+            };
+            assert_eq!(max_diff(&got, &want), 0.0);
+        }
+    }
+    assert!(batches.iter().any(|b| b.masks.is_some()));
+
+    let k = per_epoch + 1;
+    let mut first =
+        Loader::for_cached(&run.cached, opts.clone(), LoaderState::default()).expect("loader");
+    (0..k).for_each(|_| drop(first.next_plan()));
+    let mut resumed = Loader::for_cached(&run.cached, opts, first.state()).expect("loader");
+    let rest: Vec<_> = (k..2 * per_epoch)
+        .map(|_| resumed.next_batch(&run.cached, &cpu).expect("batch"))
+        .collect();
+    assert_eq!(indices(&rest), indices(&batches[k..]));
 }

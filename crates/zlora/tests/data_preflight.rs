@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageFormat, RgbImage};
 use zlora::data::{
-    Bucket, Buckets, Dataset, DatasetConfig, MissingCaption, Preflight, ProblemKind, Severity,
+    Bucket, Buckets, Dataset, DatasetConfig, MissingCaption, Preflight, ProblemKind, Resolution,
+    Severity,
 };
 use zlora::model::text::PromptTokenizer;
 
@@ -76,14 +77,14 @@ fn problem_folder(dir: &Path) {
 
 fn config(dir: &Path) -> DatasetConfig {
     DatasetConfig {
-        resolution: 64,
+        resolution: Resolution::One(64),
         trigger: Some("zkchar".into()),
         ..DatasetConfig::new(dir)
     }
 }
 
 fn scan(cfg: &DatasetConfig) -> (Dataset, Preflight) {
-    Dataset::scan(cfg, &buckets(), &tokenizer()).expect("scan")
+    Dataset::scan(cfg, &[buckets()], &tokenizer()).expect("scan")
 }
 
 fn kinds_of<'a>(report: &'a Preflight, file: &str) -> Vec<(&'a ProblemKind, Severity)> {
@@ -170,7 +171,7 @@ fn captions_get_the_trigger_once_and_images_their_bucket() {
     let (dataset, _) = scan(&config(dir.path()));
     let caption = |name: &str| {
         let item = dataset.items().iter().find(|i| i.image.ends_with(name));
-        item.map(|i| (i.caption.clone(), i.bucket, (i.width, i.height)))
+        item.map(|i| (i.caption.clone(), i.buckets[0], (i.width, i.height)))
             .expect(name)
     };
     let (a, a_bucket, _) = caption("a.png");
@@ -244,7 +245,7 @@ fn an_empty_or_missing_folder_is_reported() {
     assert!(report.to_string().contains("no image can be trained"));
 
     let missing = config(&dir.path().join("nope"));
-    let err = Dataset::scan(&missing, &buckets(), &tokenizer()).expect_err("no folder");
+    let err = Dataset::scan(&missing, &[buckets()], &tokenizer()).expect_err("no folder");
     assert!(err.to_string().contains("nope"), "{err}");
 }
 
@@ -253,7 +254,7 @@ fn the_dataset_table_parses_with_defaults_and_rejects_unknown_keys() {
     let cfg: DatasetConfig =
         serde_json::from_str(r#"{"path": "DIR", "resolution": 768, "trigger": "zkchar"}"#)
             .expect("parse");
-    assert_eq!(cfg.resolution, 768);
+    assert_eq!(cfg.resolution, Resolution::One(768));
     assert_eq!(cfg.caption_dropout, 0.05);
     assert_eq!(cfg.repeats, 1);
     assert_eq!(cfg.caption_extension, "txt");
@@ -291,5 +292,101 @@ fn exif_orientation_is_applied_before_bucketing() {
     assert!(!report.is_fatal(), "{report}");
     let item = &dataset.items()[0];
     assert_eq!((item.width, item.height), (64, 128));
-    assert!(item.bucket.height > item.bucket.width, "{}", item.bucket);
+    let bucket = item.buckets[0];
+    assert!(bucket.height > bucket.width, "{bucket}");
+}
+
+/// Masks beside their images are found and counted; a misshapen or unreadable mask is an
+/// error on the mask file, a mask without an image a warning; `masks = DIR` reads them from a
+/// folder by the image's name instead.
+#[test]
+fn masks_are_found_checked_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    for (name, w, h) in [("a", 64, 64), ("b", 128, 64), ("c", 64, 64), ("d", 64, 64)] {
+        save(d, &format!("{name}.png"), &image(w, h), ImageFormat::Png);
+        write(d, &format!("{name}.txt"), name);
+    }
+    save(d, "a.mask.png", &image(32, 32), ImageFormat::Png);
+    save(d, "b.mask.png", &image(64, 64), ImageFormat::Png);
+    write(d, "c.mask.png", b"not a png");
+    save(d, "lost.mask.png", &image(8, 8), ImageFormat::Png);
+    save(d, "d.mask.png", &image(64, 64), ImageFormat::Png);
+    save(d, "d.mask.webp", &image(64, 64), ImageFormat::WebP);
+    let (dataset, report) = scan(&config(d));
+    assert!(matches!(
+        kinds_of(&report, "d.mask.png")[..],
+        [(ProblemKind::DuplicateMask { .. }, Severity::Error)]
+    ));
+    assert_eq!(
+        (report.images, report.usable, report.masked),
+        (4, 1, 1),
+        "{report}"
+    );
+    assert_eq!(
+        kinds_of(&report, "b.mask.png"),
+        [(
+            &ProblemKind::MaskMismatch {
+                mask: (64, 64),
+                image: (128, 64)
+            },
+            Severity::Error
+        )]
+    );
+    assert!(matches!(
+        kinds_of(&report, "c.mask.png")[..],
+        [(ProblemKind::MaskUnreadable(_), Severity::Error)]
+    ));
+    assert_eq!(
+        kinds_of(&report, "lost.mask.png"),
+        [(&ProblemKind::OrphanMask, Severity::Warning)]
+    );
+    let text = report.to_string();
+    assert!(
+        text.contains("masks: 1 images have one, 0 have none"),
+        "{text}"
+    );
+    assert!(
+        text.contains("error: b.mask.png: mask is 64×64 but its image is 128×64"),
+        "{text}"
+    );
+    let a = dataset.items().iter().find(|i| i.image.ends_with("a.png"));
+    assert_eq!(a.and_then(|i| i.mask.clone()), Some(d.join("a.mask.png")));
+
+    let masks = tempfile::tempdir().expect("tempdir");
+    save(masks.path(), "d.png", &image(64, 64), ImageFormat::Png);
+    let from_folder = DatasetConfig {
+        masks: Some(masks.path().to_path_buf()),
+        skip_problems: true,
+        ..config(d)
+    };
+    let (dataset, report) = scan(&from_folder);
+    assert_eq!(report.masked, 1, "{report}");
+    let with_mask: Vec<_> = dataset
+        .items()
+        .iter()
+        .filter_map(|i| i.mask.clone())
+        .collect();
+    assert_eq!(with_mask, [masks.path().join("d.png")]);
+    let empty = tempfile::tempdir().expect("tempdir");
+    let unmatched = DatasetConfig {
+        masks: Some(empty.path().to_path_buf()),
+        ..config(d)
+    };
+    let (_, report) = scan(&unmatched);
+    let warned = report.problems.iter().any(|p| {
+        p.kind == ProblemKind::NoMaskMatches
+            && p.file == empty.path()
+            && p.severity == Severity::Warning
+    });
+    assert!(warned, "{report}");
+    let missing = DatasetConfig {
+        masks: Some(d.join("nope")),
+        ..config(d)
+    };
+    let err = Dataset::scan(&missing, &[buckets()], &tokenizer()).expect_err("no masks folder");
+    assert!(
+        err.to_string().contains("nope") && err.to_string().contains("masks"),
+        "{err}"
+    );
 }

@@ -76,12 +76,13 @@ fn batch(i: &Inputs) -> MicroBatch<'_> {
         captions: &i.caps,
         target: &i.target,
         weights: &i.weights,
+        pixel_weights: None,
     }
 }
 
 fn loss_at(model: &ZImageTransformer, i: &Inputs) -> f64 {
     let out = model.forward_autograd(&i.x, &i.t, &i.caps).unwrap();
-    loss(&out, &i.target, &i.weights)
+    loss(&out, &i.target, &i.weights, None)
         .unwrap()
         .to_scalar::<f32>()
         .unwrap() as f64
@@ -227,7 +228,7 @@ fn equals_autograd(model: &ZImageTransformer, lora: &TrainableLora) {
     let i = inputs();
     let (l_hand, g_hand) = loss_and_grads(model, lora, &batch(&i), false).unwrap();
     let out = model.forward_autograd(&i.x, &i.t, &i.caps).unwrap();
-    let l_auto = loss(&out, &i.target, &i.weights).unwrap();
+    let l_auto = loss(&out, &i.target, &i.weights, None).unwrap();
     let store = l_auto.backward().unwrap();
     assert_eq!(scalar(&l_hand), l_auto.to_scalar::<f32>().unwrap());
     let mut worst = 0f64;
@@ -335,6 +336,7 @@ fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor
         captions: &caps,
         target: &noised.target,
         weights: &[1.0, 1.0],
+        pixel_weights: None,
     };
     loss_and_grads(&model, &lora, &batch, true).unwrap().1
 }
@@ -383,7 +385,7 @@ fn autograd(
     (caps, target, weights): (&[Tensor], &Tensor, &[f32]),
 ) -> (f32, Vec<Tensor>) {
     let out = model.forward_autograd(&i.x, &i.t, caps).unwrap();
-    let l = loss(&out, target, weights).unwrap();
+    let l = loss(&out, target, weights, None).unwrap();
     let store = l.backward().unwrap();
     let grads = lora
         .vars()
@@ -452,5 +454,62 @@ fn preservation_adds_its_weighted_gradient_to_the_main_one() {
     assert_eq!(scalar(zero.preservation.as_ref().unwrap()), 0.0);
     for (a, b) in zero.grads.iter().zip(&plain.grads) {
         assert_eq!(bits(a), bits(b));
+    }
+}
+
+/// A mask over the left half of the latent: the LoRA gradient of the masked loss equals
+/// candle's autograd gradient of the squared error of the left half alone (cut out with
+/// `narrow`, divided by every pixel as the masked loss is), and moving the target in the
+/// right half changes no gradient value.
+#[test]
+fn a_half_mask_trains_on_the_masked_half_only() {
+    let mut model = model();
+    let lora = full_lora(&mut model);
+    let i = inputs();
+    let (b, c, h, w) = i.x.dims4().unwrap();
+    let half = w / 2;
+    let ones = Tensor::ones((b, 1, h, half), DType::F32, &Device::Cpu).unwrap();
+    let zeros = Tensor::zeros((b, 1, h, w - half), DType::F32, &Device::Cpu).unwrap();
+    let mask = Tensor::cat(&[&ones, &zeros], 3).unwrap();
+    let masked = MicroBatch {
+        pixel_weights: Some(&mask),
+        ..batch(&i)
+    };
+    let (_, g_masked) = loss_and_grads(&model, &lora, &masked, false).unwrap();
+
+    let out = model.forward_autograd(&i.x, &i.t, &i.caps).unwrap();
+    let left = |t: &Tensor| t.narrow(3, 0, half).unwrap();
+    let per_item = (left(&out) - left(&i.target))
+        .and_then(|d| d.sqr()?.flatten_from(1)?.sum(1))
+        .unwrap();
+    let weights = Tensor::new(i.weights.as_slice(), &Device::Cpu).unwrap();
+    let l_half = ((per_item / (c * h * w) as f64).unwrap() * weights)
+        .and_then(|l| l.mean_all())
+        .unwrap();
+    let store = l_half.backward().unwrap();
+    for ((var, g), name) in lora.vars().into_iter().zip(&g_masked).zip(lora.var_names()) {
+        let want = store.get(var.as_tensor()).expect("autograd gradient");
+        let rel = norm(&(want - g).unwrap()) / norm(want).max(1e-12);
+        assert!(
+            rel < 1e-5,
+            "{name}: differs from the left half's gradient by {rel:e}"
+        );
+        assert!(norm(g) > 0.0, "{name}: the masked half trains");
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let right = i.target.narrow(3, half, w - half).unwrap();
+    let moved = (&right + gaussian_like(&right, &mut rng).unwrap() * 5.0).unwrap();
+    let target = Tensor::cat(&[&left(&i.target), &moved], 3).unwrap();
+    let other = MicroBatch {
+        target: &target,
+        ..masked
+    };
+    let (_, g_other) = loss_and_grads(&model, &lora, &other, false).unwrap();
+    for ((a, b), name) in g_masked.iter().zip(&g_other).zip(lora.var_names()) {
+        assert!(
+            bits(a) == bits(b),
+            "{name}: the unmasked half changed a gradient"
+        );
     }
 }

@@ -135,9 +135,20 @@ fn log_aspect(width: u32, height: u32) -> f64 {
 /// in f32 RGB in [0, 1]. Transparent pixels are composited over white, so the colour a PNG
 /// happens to store under alpha 0 never reaches the model.
 pub fn crop_resize(image: &DynamicImage, bucket: Bucket) -> Rgb32FImage {
-    let (w, h) = (image.width(), image.height());
-    // Crop the side that is too long for the bucket's aspect ratio; keep the other whole.
     // Cropping before the f32 conversion keeps a large photo's copy small.
+    let crop = center_crop(image, bucket);
+    imageops::resize(
+        &over_white(&crop),
+        bucket.width,
+        bucket.height,
+        RESIZE_FILTER,
+    )
+}
+
+/// The part of `image` a bucket keeps: the side that is too long for the bucket's aspect
+/// ratio is cut equally on both ends, the other kept whole.
+fn center_crop(image: &DynamicImage, bucket: Bucket) -> DynamicImage {
+    let (w, h) = (image.width(), image.height());
     let bucket_wide =
         u64::from(bucket.width) * u64::from(h) >= u64::from(bucket.height) * u64::from(w);
     let (cw, ch) = if bucket_wide {
@@ -147,13 +158,31 @@ pub fn crop_resize(image: &DynamicImage, bucket: Bucket) -> Rgb32FImage {
         let cw = (u64::from(h) * u64::from(bucket.width) / u64::from(bucket.height)) as u32;
         (cw.clamp(1, w), h)
     };
-    let crop = image.crop_imm((w - cw) / 2, (h - ch) / 2, cw, ch);
-    imageops::resize(
-        &over_white(&crop),
-        bucket.width,
-        bucket.height,
-        RESIZE_FILTER,
-    )
+    image.crop_imm((w - cw) / 2, (h - ch) / 2, cw, ch)
+}
+
+/// A loss mask on the latent grid of `bucket`: (height/factor)·(width/factor) weights in
+/// [0, 1], row-major. The mask is read as luminance (any PNG mode; alpha is ignored), cropped
+/// like its image, resized to the bucket with a triangle filter (which, unlike Lanczos, never
+/// overshoots [0, 1]) and then averaged over each factor×factor cell: a latent pixel weighs
+/// as much as the share of its image pixels the mask covers.
+pub fn mask_grid(mask: &DynamicImage, bucket: Bucket, factor: u32) -> Vec<f32> {
+    let luma = center_crop(mask, bucket).to_luma32f();
+    let full = imageops::resize(&luma, bucket.width, bucket.height, FilterType::Triangle);
+    let (gw, gh) = (bucket.width / factor, bucket.height / factor);
+    let cell = (factor * factor) as f32;
+    (0..gh)
+        .flat_map(|gy| (0..gw).map(move |gx| (gx, gy)))
+        .map(|(gx, gy)| {
+            let sum: f32 = (0..factor * factor)
+                .map(|k| {
+                    full.get_pixel(gx * factor + k % factor, gy * factor + k / factor)
+                        .0[0]
+                })
+                .sum();
+            (sum / cell).clamp(0.0, 1.0)
+        })
+        .collect()
 }
 
 fn over_white(image: &DynamicImage) -> Rgb32FImage {

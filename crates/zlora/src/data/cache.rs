@@ -2,7 +2,9 @@
 //! encoder or the VAE.
 //!
 //! Entries are named by a hash of everything that determines them, not by file name:
-//! a latent by the image bytes, its bucket, the VAE's identity and the encode dtype; caption
+//! a latent by the image bytes, its bucket (so each resolution has its own), the VAE's
+//! identity and the encode dtype; a loss mask by the mask bytes, the bucket and the latent
+//! grid's factor; caption
 //! features by the caption text as trained (trigger included), the text encoder's and the
 //! tokenizer's identity and the encode dtype. An edited image or caption therefore gets a new
 //! entry and is re-encoded, an unchanged one is reused, and a renamed file costs nothing.
@@ -19,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::buckets::{crop_resize, Bucket};
-use super::dataset::{decode_image, Dataset};
+use super::buckets::{crop_resize, mask_grid, Bucket};
+use super::dataset::{decode_image, Dataset, Item};
 use crate::fsutil::save_safetensors;
 use crate::model::folder::ModelFolder;
 use crate::model::text::TextEncoderConfig;
@@ -32,18 +34,18 @@ use crate::{Error, Result};
 const FORMAT: &str = "zlora-cache-v1";
 const LATENT: &str = "latent";
 const CAPTION: &str = "caption";
+const MASK: &str = "mask";
 
-/// Where the cache lives and how the encoders run.
+/// How the encoders run (each dataset's entries go to its own `cache_dir`).
 #[derive(Debug, Clone)]
 pub struct CacheOptions {
-    pub dir: PathBuf,
     /// The dtype the text encoder and VAE are loaded in (part of the keys: bf16 and f32
     /// encodes differ).
     pub dtype: DType,
     pub device: Device,
-    /// Differential output preservation's captions (one per item: its caption with the
-    /// trigger replaced by the class word), cached beside the items' own; empty without it.
-    pub class_captions: Vec<String>,
+    /// Differential output preservation's class word: each item's caption with its
+    /// dataset's trigger replaced by it is cached beside the item's own; None without it.
+    pub class: Option<String>,
 }
 
 /// Which encoder a progress report is about.
@@ -60,63 +62,96 @@ pub struct CacheStats {
     pub captions_reused: usize,
     pub latents_encoded: usize,
     pub latents_reused: usize,
+    pub masks_made: usize,
+    pub masks_reused: usize,
 }
 
-/// One item's cache entries.
+/// One item's cache entries: an image at one of its resolutions.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedItem {
     pub latent: PathBuf,
     pub caption: PathBuf,
-    /// The class caption's features (with `CacheOptions::class_captions`).
+    /// The class caption's features (with `CacheOptions::class`).
     pub class_caption: Option<PathBuf>,
+    /// The loss mask on the latent grid, when the image has one.
+    pub mask: Option<PathBuf>,
     pub bucket: Bucket,
+    /// The dataset it comes from (its index in the list the cache was built from).
+    pub source: usize,
+    /// The image it comes from, numbered over all datasets: an image's items at its
+    /// several resolutions share the number.
+    pub image: usize,
 }
 
-/// A dataset whose latents and caption features are all on disk.
+/// Datasets whose latents, masks and caption features are all on disk.
 #[derive(Debug, Clone)]
 pub struct CachedDataset {
     items: Vec<CachedItem>,
     empty_caption: Tensor,
 }
 
+/// One image at one resolution, before encoding.
+struct Variant<'a> {
+    dir: PathBuf,
+    item: &'a Item,
+    bucket: Bucket,
+    source: usize,
+    image: usize,
+}
+
 impl CachedDataset {
-    /// Encodes what is missing from the cache and returns the dataset over it. `progress` is
-    /// called after each encode with the stage, the number done and the stage's total.
+    /// Encodes what is missing from the datasets' caches and returns the items over them:
+    /// each image once per resolution, datasets in order. `progress` is called after each
+    /// encode with the stage, the number done and the stage's total.
     pub fn build(
-        dataset: &Dataset,
+        datasets: &[Dataset],
         model: &ModelFolder,
         opts: &CacheOptions,
         mut progress: impl FnMut(Stage, usize, usize),
     ) -> Result<(Self, CacheStats)> {
+        let first = datasets
+            .first()
+            .ok_or_else(|| Error::Invalid("no dataset to cache".into()))?;
         let keys = Keys::new(model, opts)?;
+        let variants = variants(datasets);
         let mut stats = CacheStats::default();
-        let n = dataset.len();
-        if !opts.class_captions.is_empty() && opts.class_captions.len() != n {
-            return Err(Error::Invalid(format!(
-                "{} class captions for {n} items",
-                opts.class_captions.len()
-            )));
-        }
+        let class_texts = class_captions(datasets, &variants, opts.class.as_deref());
         // The empty caption comes first: caption dropout trains on its features.
-        let texts: Vec<&str> = std::iter::once("")
-            .chain(dataset.items().iter().map(|i| i.caption.as_str()))
-            .chain(opts.class_captions.iter().map(String::as_str))
+        let empty_dir = first.config().cache_dir();
+        let texts: Vec<(&Path, &str)> = std::iter::once((empty_dir.as_path(), ""))
+            .chain(
+                variants
+                    .iter()
+                    .map(|v| (v.dir.as_path(), v.item.caption.as_str())),
+            )
+            .chain(
+                variants
+                    .iter()
+                    .zip(&class_texts)
+                    .map(|(v, c)| (v.dir.as_path(), c.as_str())),
+            )
             .collect();
         let caption_paths = encode_captions(&keys, model, opts, &texts, &mut stats, &mut progress)?;
-        let latent_paths = encode_latents(&keys, model, opts, dataset, &mut stats, &mut progress)?;
-        let mut class_paths = caption_paths[1 + n..].iter().cloned().map(Some);
-        let items = dataset
-            .items()
+        let latent_paths =
+            encode_latents(&keys, model, opts, &variants, &mut stats, &mut progress)?;
+        let mask_paths = make_masks(&keys, &variants, &mut stats)?;
+        let n = variants.len();
+        let mut class_paths = caption_paths[1 + n..].iter().cloned();
+        let items = variants
             .iter()
-            .zip(caption_paths[1..=n].iter().cloned().zip(latent_paths))
-            .map(|(item, (caption, latent))| CachedItem {
+            .zip(caption_paths[1..=n].iter().cloned())
+            .zip(latent_paths.into_iter().zip(mask_paths))
+            .map(|((v, caption), (latent, mask))| CachedItem {
                 latent,
                 caption,
-                class_caption: class_paths.next().flatten(),
-                bucket: item.bucket,
+                class_caption: class_paths.next(),
+                mask,
+                bucket: v.bucket,
+                source: v.source,
+                image: v.image,
             })
             .collect();
-        let empty_caption = load_tensor(&keys.caption_path(""), CAPTION, &Device::Cpu)?;
+        let empty_caption = load_tensor(&keys.caption_path(&empty_dir, ""), CAPTION, &Device::Cpu)?;
         Ok((
             Self {
                 items,
@@ -141,6 +176,15 @@ impl CachedDataset {
     /// Item `i`'s latent (16, h, w) in the transformer's space, f32.
     pub fn latent(&self, i: usize, device: &Device) -> Result<Tensor> {
         load_tensor(&self.item(i)?.latent, LATENT, device)
+    }
+
+    /// Item `i`'s loss mask (h, w) on its latent grid, f32 in [0, 1], if it has one.
+    pub fn mask(&self, i: usize, device: &Device) -> Result<Option<Tensor>> {
+        let item = self.item(i)?;
+        item.mask
+            .as_deref()
+            .map(|p| load_tensor(p, MASK, device))
+            .transpose()
     }
 
     /// Item `i`'s caption features (L, hidden), f32.
@@ -178,12 +222,15 @@ fn encode_captions(
     keys: &Keys,
     model: &ModelFolder,
     opts: &CacheOptions,
-    texts: &[&str],
+    texts: &[(&Path, &str)],
     stats: &mut CacheStats,
     progress: &mut impl FnMut(Stage, usize, usize),
 ) -> Result<Vec<PathBuf>> {
-    let paths: Vec<PathBuf> = texts.iter().map(|t| keys.caption_path(t)).collect();
-    let distinct: BTreeMap<&PathBuf, &str> = paths.iter().zip(texts.iter().copied()).collect();
+    let paths: Vec<PathBuf> = texts
+        .iter()
+        .map(|(dir, t)| keys.caption_path(dir, t))
+        .collect();
+    let distinct: BTreeMap<&PathBuf, &str> = paths.iter().zip(texts.iter().map(|t| t.1)).collect();
     let hidden = keys.text_hidden;
     let shape_ok = |s: &[usize]| matches!(s, [len, h] if *len > 0 && *h == hidden);
     let (_, todo): (Vec<_>, Vec<_>) = distinct
@@ -208,21 +255,61 @@ fn encode_captions(
     Ok(paths)
 }
 
-/// Encodes every image whose latent is not cached; returns one entry path per item.
+/// Every image of every dataset at each of its dataset's resolutions, datasets in order.
+/// Differential output preservation's caption of each variant: its caption with its
+/// dataset's trigger replaced by `class` (unchanged for a dataset without a trigger, such as
+/// a regularization set); none without preservation.
+fn class_captions(datasets: &[Dataset], variants: &[Variant], class: Option<&str>) -> Vec<String> {
+    let Some(class) = class else {
+        return Vec::new();
+    };
+    variants
+        .iter()
+        .map(|v| {
+            let caption = &v.item.caption;
+            datasets[v.source]
+                .config()
+                .caption_with_class(caption, class)
+                .unwrap_or_else(|| caption.clone())
+        })
+        .collect()
+}
+
+fn variants(datasets: &[Dataset]) -> Vec<Variant<'_>> {
+    let images = datasets.iter().enumerate().flat_map(|(source, d)| {
+        d.items()
+            .iter()
+            .map(move |item| (source, d.config().cache_dir(), item))
+    });
+    images
+        .enumerate()
+        .flat_map(|(image, (source, dir, item))| {
+            item.buckets.iter().map(move |&bucket| Variant {
+                dir: dir.clone(),
+                item,
+                bucket,
+                source,
+                image,
+            })
+        })
+        .collect()
+}
+
+/// Encodes every image whose latent is not cached; returns one entry path per variant.
 fn encode_latents(
     keys: &Keys,
     model: &ModelFolder,
     opts: &CacheOptions,
-    dataset: &Dataset,
+    variants: &[Variant],
     stats: &mut CacheStats,
     progress: &mut impl FnMut(Stage, usize, usize),
 ) -> Result<Vec<PathBuf>> {
-    let mut paths = Vec::with_capacity(dataset.len());
+    let mut paths = Vec::with_capacity(variants.len());
     let mut todo = BTreeMap::new();
-    for (i, item) in dataset.items().iter().enumerate() {
-        let bytes = crate::fsutil::read_regular(&item.image)?;
-        let path = keys.latent_path(&bytes, item.bucket);
-        let shape = keys.latent_shape(item.bucket);
+    for (i, v) in variants.iter().enumerate() {
+        let bytes = crate::fsutil::read_regular(&v.item.image)?;
+        let path = keys.latent_path(&v.dir, &bytes, v.bucket);
+        let shape = keys.latent_shape(v.bucket);
         if !todo.contains_key(&path) && !entry_ok(&path, LATENT, |s| s == shape) {
             todo.insert(path.clone(), i);
         }
@@ -234,23 +321,56 @@ fn encode_latents(
     }
     let vae = model.load_vae(opts.dtype, &opts.device)?;
     for (n, (path, &i)) in todo.iter().enumerate() {
-        let item = &dataset.items()[i];
-        let bytes = crate::fsutil::read_regular(&item.image)?;
-        if &keys.latent_path(&bytes, item.bucket) != path {
-            return Err(Error::bad_file(
-                &item.image,
-                "changed while the cache was being built; run again",
-            ));
+        let v = &variants[i];
+        let bytes = crate::fsutil::read_regular(&v.item.image)?;
+        if &keys.latent_path(&v.dir, &bytes, v.bucket) != path {
+            return Err(changed(&v.item.image));
         }
         let image = decode_image(&bytes)
-            .map_err(|e| Error::bad_file(&item.image, format!("cannot decode image: {e}")))?;
-        let x = image_tensor(&image, item.bucket, &opts.device)?;
+            .map_err(|e| Error::bad_file(&v.item.image, format!("cannot decode image: {e}")))?;
+        let x = image_tensor(&image, v.bucket, &opts.device)?;
         let latent = vae.to_transformer_space(&vae.encode(&x)?)?.squeeze(0)?;
         save_entry(path, LATENT, latent)?;
         stats.latents_encoded += 1;
         progress(Stage::Images, n + 1, todo.len());
     }
     Ok(paths)
+}
+
+/// Brings every variant's mask onto its latent grid (no model needed); returns one entry path
+/// per variant, None for an image without a mask.
+fn make_masks(
+    keys: &Keys,
+    variants: &[Variant],
+    stats: &mut CacheStats,
+) -> Result<Vec<Option<PathBuf>>> {
+    let mut made = BTreeSet::new();
+    let mut paths = Vec::with_capacity(variants.len());
+    for v in variants {
+        let Some(file) = &v.item.mask else {
+            paths.push(None);
+            continue;
+        };
+        let bytes = crate::fsutil::read_regular(file)?;
+        let path = keys.mask_path(&v.dir, &bytes, v.bucket);
+        let [_, h, w] = keys.latent_shape(v.bucket);
+        if !made.contains(&path) && !entry_ok(&path, MASK, |s| s == [h, w]) {
+            let mask = decode_image(&bytes)
+                .map_err(|e| Error::bad_file(file, format!("cannot decode mask: {e}")))?;
+            let grid = mask_grid(&mask, v.bucket, keys.vae_factor as u32);
+            save_entry(&path, MASK, Tensor::from_vec(grid, (h, w), &Device::Cpu)?)?;
+            made.insert(path.clone());
+        }
+        paths.push(Some(path));
+    }
+    stats.masks_made = made.len();
+    let distinct: BTreeSet<&PathBuf> = paths.iter().flatten().collect();
+    stats.masks_reused = distinct.len() - made.len();
+    Ok(paths)
+}
+
+fn changed(file: &Path) -> Error {
+    Error::bad_file(file, "changed while the cache was being built; run again")
 }
 
 fn distinct_count(paths: &[PathBuf]) -> usize {
@@ -273,7 +393,6 @@ pub fn image_tensor(
 
 /// What the keys are made of, computed once per build.
 struct Keys {
-    dir: PathBuf,
     vae: blake3::Hash,
     text: blake3::Hash,
     vae_factor: usize,
@@ -297,7 +416,6 @@ impl Keys {
         identify_folder(&root.join("text_encoder"), &mut text)?;
         identify_folder(&root.join("tokenizer"), &mut text)?;
         Ok(Self {
-            dir: opts.dir.clone(),
             vae: vae.finalize(),
             text: text.finalize(),
             vae_factor: vae_cfg.spatial_factor(),
@@ -306,20 +424,32 @@ impl Keys {
         })
     }
 
-    fn caption_path(&self, text: &str) -> PathBuf {
+    fn caption_path(&self, dir: &Path, text: &str) -> PathBuf {
         let mut h = blake3::Hasher::new();
         h.update(self.text.as_bytes());
         h.update(text.as_bytes());
-        self.entry("captions", h.finalize())
+        entry(dir, "captions", h.finalize())
     }
 
-    fn latent_path(&self, image_bytes: &[u8], bucket: Bucket) -> PathBuf {
+    fn latent_path(&self, dir: &Path, image_bytes: &[u8], bucket: Bucket) -> PathBuf {
         let mut h = blake3::Hasher::new();
         h.update(self.vae.as_bytes());
         h.update(&bucket.width.to_le_bytes());
         h.update(&bucket.height.to_le_bytes());
         h.update(image_bytes);
-        self.entry("latents", h.finalize())
+        entry(dir, "latents", h.finalize())
+    }
+
+    /// A mask's entry depends on its bytes, the bucket and the grid, not on any model.
+    fn mask_path(&self, dir: &Path, mask_bytes: &[u8], bucket: Bucket) -> PathBuf {
+        let mut h = blake3::Hasher::new();
+        h.update(FORMAT.as_bytes());
+        h.update(MASK.as_bytes());
+        h.update(&(self.vae_factor as u64).to_le_bytes());
+        h.update(&bucket.width.to_le_bytes());
+        h.update(&bucket.height.to_le_bytes());
+        h.update(mask_bytes);
+        entry(dir, "masks", h.finalize())
     }
 
     fn latent_shape(&self, bucket: Bucket) -> [usize; 3] {
@@ -330,12 +460,11 @@ impl Keys {
             bucket.width as usize / f,
         ]
     }
+}
 
-    fn entry(&self, kind: &str, hash: blake3::Hash) -> PathBuf {
-        self.dir
-            .join(kind)
-            .join(format!("{}.safetensors", hash.to_hex()))
-    }
+fn entry(dir: &Path, kind: &str, hash: blake3::Hash) -> PathBuf {
+    dir.join(kind)
+        .join(format!("{}.safetensors", hash.to_hex()))
 }
 
 /// Feeds a model component's identity to `hasher`: the content of its small files (configs,

@@ -23,9 +23,17 @@ pub const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 pub struct DatasetConfig {
     /// The folder of images and captions (not searched recursively).
     pub path: PathBuf,
-    /// Buckets hold about resolution² pixels. Default 1024, Z-Image's native size.
-    #[serde(default = "default_resolution")]
-    pub resolution: u32,
+    /// Training images, or regularization images mixed in at `ratio`. Default "train".
+    #[serde(default, skip_serializing_if = "DatasetKind::is_train")]
+    pub kind: DatasetKind,
+    /// Buckets hold about resolution² pixels; a list trains each image at several sizes.
+    /// Default 1024, Z-Image's native size.
+    #[serde(default)]
+    pub resolution: Resolution,
+    /// With several resolutions: every image at each ("all") or at one drawn per epoch
+    /// ("random"). Default "all".
+    #[serde(default, skip_serializing_if = "ResolutionMode::is_all")]
+    pub resolution_mode: ResolutionMode,
     /// Added at the front of every caption that does not already contain it as a whole word.
     #[serde(default)]
     pub trigger: Option<String>,
@@ -50,6 +58,123 @@ pub struct DatasetConfig {
     /// Where encoded latents and caption features are kept. Default `<path>/.zlora-cache`.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// A folder of loss masks named like the images; default: `NAME.mask.png` beside each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masks: Option<PathBuf>,
+    /// The least loss weight of a pixel, where the mask is black (OneTrainer's
+    /// `unmasked_weight`: the mask is clamped to [unmasked_weight, 1]). Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unmasked_weight: f64,
+    /// Every item's loss is multiplied by this (kohya's `prior_loss_weight` for a
+    /// regularization set). Default 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub loss_weight: f64,
+    /// Regularization only: its items per epoch as a share of the training items per epoch
+    /// (drawn in a seeded cycle). Default 1, kohya's one regularization image per training image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+}
+
+/// What a dataset is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatasetKind {
+    /// What the LoRA learns.
+    #[default]
+    Train,
+    /// Images of the class without the subject, which keep the model's prior (DreamBooth's
+    /// prior preservation).
+    Regularization,
+}
+
+impl DatasetKind {
+    fn is_train(&self) -> bool {
+        *self == Self::Train
+    }
+}
+
+/// How an image is used when several resolutions are listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResolutionMode {
+    /// Every image at every resolution, each epoch.
+    #[default]
+    All,
+    /// Every image once per epoch, at a resolution drawn from the seeded stream.
+    Random,
+}
+
+impl ResolutionMode {
+    fn is_all(&self) -> bool {
+        *self == Self::All
+    }
+}
+
+/// `resolution = 1024` or `resolution = [512, 768, 1024]`: the bucket areas an image trains at.
+/// One size is written back as a number, so configs and checkpoints of before the list read
+/// and compare the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Resolution {
+    One(u32),
+    Several(Vec<u32>),
+}
+
+impl Default for Resolution {
+    fn default() -> Self {
+        Self::One(1024)
+    }
+}
+
+impl Resolution {
+    /// The sizes in the order written.
+    pub fn sizes(&self) -> &[u32] {
+        match self {
+            Self::One(r) => std::slice::from_ref(r),
+            Self::Several(v) => v,
+        }
+    }
+
+    pub fn largest(&self) -> u32 {
+        self.sizes().iter().copied().max().unwrap_or(0)
+    }
+
+    pub fn smallest(&self) -> u32 {
+        self.sizes().iter().copied().min().unwrap_or(0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Resolution {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Resolution;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a resolution in pixels (1024) or a list of them ([512, 768, 1024])")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Resolution, E> {
+                u32::try_from(v)
+                    .map(Resolution::One)
+                    .map_err(|_| E::custom(format!("resolution {v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Resolution, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("resolution {v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<Resolution, A::Error> {
+                let mut sizes = Vec::new();
+                while let Some(r) = seq.next_element::<u32>()? {
+                    sizes.push(r);
+                }
+                Ok(Resolution::Several(sizes))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// The policy for an image without a caption file.
@@ -63,8 +188,14 @@ pub enum MissingCaption {
     Empty,
 }
 
-fn default_resolution() -> u32 {
-    1024
+fn one() -> f64 {
+    1.0
+}
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
+}
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 fn default_caption_dropout() -> f64 {
     0.05
@@ -81,7 +212,9 @@ impl DatasetConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            resolution: default_resolution(),
+            kind: DatasetKind::default(),
+            resolution: Resolution::default(),
+            resolution_mode: ResolutionMode::default(),
             trigger: None,
             caption_dropout: default_caption_dropout(),
             repeats: default_repeats(),
@@ -90,6 +223,10 @@ impl DatasetConfig {
             missing_caption: MissingCaption::default(),
             skip_problems: false,
             cache_dir: None,
+            masks: None,
+            unmasked_weight: 0.0,
+            loss_weight: 1.0,
+            ratio: None,
         }
     }
 
@@ -123,11 +260,75 @@ impl DatasetConfig {
         if self.min_side == Some(0) {
             return bad("min_side must be at least 1".into());
         }
+        self.check_resolution()?;
+        self.check_weights()
+    }
+
+    fn check_resolution(&self) -> Result<()> {
+        let sizes = self.resolution.sizes();
+        if sizes.is_empty() {
+            return Err(Error::Invalid(
+                "[dataset] resolution is an empty list; give at least one size, e.g. [1024]".into(),
+            ));
+        }
+        if let Some(r) = sizes
+            .iter()
+            .find(|r| sizes.iter().filter(|s| s == r).count() > 1)
+        {
+            return Err(Error::Invalid(format!(
+                "[dataset] resolution {r} is listed twice"
+            )));
+        }
         Ok(())
     }
 
+    /// The loss weights and the regularization ratio: finite and in range, the ratio only on
+    /// a regularization set.
+    fn check_weights(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::Invalid(format!("[dataset] {msg}")));
+        if !(0.0..=1.0).contains(&self.unmasked_weight) {
+            return bad(format!(
+                "unmasked_weight must be in [0, 1], got {}",
+                self.unmasked_weight
+            ));
+        }
+        if !(self.loss_weight > 0.0 && self.loss_weight.is_finite()) {
+            return bad(format!(
+                "loss_weight must be a positive number, got {}",
+                self.loss_weight
+            ));
+        }
+        match (self.kind, self.ratio) {
+            (DatasetKind::Train, Some(_)) => bad(
+                "ratio is only used with kind = \"regularization\" (it sets how many of its \
+                 images are mixed in per training image)"
+                    .into(),
+            ),
+            (_, Some(r)) if !(r > 0.0 && r.is_finite()) => {
+                bad(format!("ratio must be a positive number, got {r}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The buckets of each listed resolution, for a VAE that shrinks by `vae_factor`.
+    pub fn buckets(&self, vae_factor: usize) -> Result<Vec<Buckets>> {
+        self.resolution
+            .sizes()
+            .iter()
+            .map(|&r| Buckets::for_vae(r, vae_factor))
+            .collect()
+    }
+
+    /// Regularization items per epoch per training item.
+    pub fn regularization_ratio(&self) -> f64 {
+        self.ratio.unwrap_or(1.0)
+    }
+
+    /// Default: half the smallest resolution, so every image is usable at every size
+    /// without more than about 2× upscaling at the smallest.
     pub fn min_side(&self) -> u32 {
-        self.min_side.unwrap_or(self.resolution / 2)
+        self.min_side.unwrap_or(self.resolution.smallest() / 2)
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -195,13 +396,17 @@ pub struct Item {
     /// Size after EXIF orientation.
     pub width: u32,
     pub height: u32,
-    pub bucket: Bucket,
+    /// One bucket per listed resolution, in the config's order.
+    pub buckets: Vec<Bucket>,
+    /// The loss mask, checked to decode and to match the image's shape.
+    pub mask: Option<PathBuf>,
 }
 
-/// The checked items of a dataset folder, sorted by file name.
+/// The checked items of a dataset folder, sorted by file name, with the settings they were
+/// scanned with.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    root: PathBuf,
+    config: DatasetConfig,
     items: Vec<Item>,
 }
 
@@ -212,10 +417,16 @@ impl Dataset {
     /// check `Preflight::is_fatal` before training.
     pub fn scan(
         cfg: &DatasetConfig,
-        buckets: &Buckets,
+        buckets: &[Buckets],
         tokenizer: &PromptTokenizer,
     ) -> Result<(Self, Preflight)> {
         cfg.validate()?;
+        if let Some(dir) = cfg.masks.as_deref().filter(|d| !d.is_dir()) {
+            return Err(Error::bad_file(
+                dir,
+                "[dataset] masks is not a folder (it holds one mask per image, named like the image)",
+            ));
+        }
         let listing = Listing::read(&cfg.path, &cfg.caption_extension)?;
         let mut problems = Vec::new();
         let mut items = Vec::new();
@@ -225,6 +436,7 @@ impl Dataset {
                     cfg,
                     buckets,
                     tokenizer,
+                    beside: &listing.masks,
                 };
                 if let Some(item) = check.run(image, &mut problems) {
                     items.push(item);
@@ -242,24 +454,42 @@ impl Dataset {
                 push(&mut problems, caption.clone(), kind, Severity::Warning);
             }
         }
+        for (stem, masks) in &listing.masks {
+            if !listing.images.contains_key(stem) {
+                for mask in masks {
+                    let kind = ProblemKind::OrphanMask;
+                    push(&mut problems, mask.clone(), kind, Severity::Warning);
+                }
+            }
+        }
+        let masked = items.iter().filter(|i| i.mask.is_some()).count();
+        if let (Some(dir), 0) = (&cfg.masks, masked) {
+            let kind = ProblemKind::NoMaskMatches;
+            push(&mut problems, dir.clone(), kind, Severity::Warning);
+        }
         problems.sort_by(|a, b| a.file.cmp(&b.file));
         let report = Preflight {
             root: cfg.path.clone(),
             images: listing.images.values().map(Vec::len).sum(),
             usable: items.len(),
+            masked,
             ignored: listing.ignored,
             problems,
             skip: cfg.skip_problems,
         };
         let dataset = Self {
-            root: cfg.path.clone(),
+            config: cfg.clone(),
             items,
         };
         Ok((dataset, report))
     }
 
     pub fn root(&self) -> &Path {
-        &self.root
+        &self.config.path
+    }
+
+    pub fn config(&self) -> &DatasetConfig {
+        &self.config
     }
 
     pub fn items(&self) -> &[Item] {
@@ -283,11 +513,17 @@ fn duplicates(images: &[PathBuf], problems: &mut Vec<Problem>) {
     }
 }
 
+/// A mask beside its image is `NAME.mask.png` (any image extension) for image `NAME.*`.
+const MASK_SUFFIX: &str = ".mask";
+
 /// The folder's entries, sorted.
 struct Listing {
     /// Image files by stem; more than one per stem is a duplicate.
     images: BTreeMap<OsString, Vec<PathBuf>>,
     captions: BTreeSet<PathBuf>,
+    /// `NAME.mask.*` files by the stem of the image they belong to (more than one is an
+    /// error).
+    masks: BTreeMap<OsString, Vec<PathBuf>>,
     ignored: usize,
 }
 
@@ -297,6 +533,7 @@ impl Listing {
         let mut listing = Self {
             images: BTreeMap::new(),
             captions: BTreeSet::new(),
+            masks: BTreeMap::new(),
             ignored: 0,
         };
         for path in paths {
@@ -317,7 +554,14 @@ impl Listing {
         let stem = path.file_stem().map(OsString::from);
         match stem {
             Some(stem) if !hidden && path.is_file() => {
-                if IMAGE_EXTENSIONS.iter().any(|e| ext.eq_ignore_ascii_case(e)) {
+                let image = IMAGE_EXTENSIONS.iter().any(|e| ext.eq_ignore_ascii_case(e));
+                let mask_of = stem
+                    .to_str()
+                    .and_then(|s| s.strip_suffix(MASK_SUFFIX))
+                    .map(OsString::from);
+                if let (true, Some(of)) = (image, mask_of) {
+                    self.masks.entry(of).or_default().push(path);
+                } else if image {
                     self.images.entry(stem).or_default().push(path);
                 } else if ext == caption_extension {
                     self.captions.insert(path);
@@ -333,8 +577,10 @@ impl Listing {
 /// The checks of one image and its caption; every problem is recorded, not just the first.
 struct ItemCheck<'a> {
     cfg: &'a DatasetConfig,
-    buckets: &'a Buckets,
+    buckets: &'a [Buckets],
     tokenizer: &'a PromptTokenizer,
+    /// The dataset folder's `NAME.mask.*` files.
+    beside: &'a BTreeMap<OsString, Vec<PathBuf>>,
 }
 
 impl ItemCheck<'_> {
@@ -342,13 +588,48 @@ impl ItemCheck<'_> {
         let caption = self.caption(image, problems);
         let size = self.image_size(image, problems);
         let (caption, (width, height)) = (caption?, size?);
+        let mask = match self.mask_files(image).as_slice() {
+            [] => None,
+            [mask] => Some(check_mask(mask, (width, height), problems)?),
+            [mask, other, ..] => {
+                let kind = ProblemKind::DuplicateMask {
+                    other: other.clone(),
+                };
+                push(problems, mask.clone(), kind, Severity::Error);
+                return None;
+            }
+        };
         Some(Item {
             image: image.to_path_buf(),
             caption,
             width,
             height,
-            bucket: self.buckets.assign(width, height),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.assign(width, height))
+                .collect(),
+            mask,
         })
+    }
+
+    /// The image's mask files (one, or none): with `masks = DIR`, `DIR/<image file name>`,
+    /// else `DIR/<stem>.png`; otherwise every `<stem>.mask.*` beside the image.
+    fn mask_files(&self, image: &Path) -> Vec<PathBuf> {
+        let (Some(stem), Some(name)) = (image.file_stem(), image.file_name()) else {
+            return Vec::new();
+        };
+        match &self.cfg.masks {
+            Some(dir) => {
+                let png = dir.join(stem).with_extension("png");
+                [dir.join(name), png]
+                    .into_iter()
+                    .find(|p| p.is_file())
+                    .into_iter()
+                    .collect()
+            }
+            None => self.beside.get(stem).cloned().unwrap_or_default(),
+        }
     }
 
     fn caption(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<String> {
@@ -424,6 +705,30 @@ impl ItemCheck<'_> {
         }
         Some((width, height))
     }
+}
+
+/// `mask` decodes and has the image's aspect ratio (to within a pixel, so a mask painted at a
+/// smaller scale fits); otherwise the problem is recorded on the mask file.
+fn check_mask(mask: &Path, image: (u32, u32), problems: &mut Vec<Problem>) -> Option<PathBuf> {
+    let decoded = crate::fsutil::read_regular(mask)
+        .map_err(|e| Decode::Failed(e.to_string()))
+        .and_then(|bytes| decode_image(&bytes));
+    let kind = match decoded {
+        Err(e) => ProblemKind::MaskUnreadable(e.to_string()),
+        Ok(m) if !same_aspect((m.width(), m.height()), image) => ProblemKind::MaskMismatch {
+            mask: (m.width(), m.height()),
+            image,
+        },
+        Ok(_) => return Some(mask.to_path_buf()),
+    };
+    push(problems, mask.to_path_buf(), kind, Severity::Error);
+    None
+}
+
+/// The mask's height, scaled to the image's width, is the image's height within a pixel.
+fn same_aspect((mw, mh): (u32, u32), (iw, ih): (u32, u32)) -> bool {
+    let scaled = f64::from(mh) * f64::from(iw) / f64::from(mw.max(1));
+    (scaled - f64::from(ih)).abs() <= 1.0
 }
 
 fn push(problems: &mut Vec<Problem>, file: PathBuf, kind: ProblemKind, severity: Severity) {

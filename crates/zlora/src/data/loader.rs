@@ -1,11 +1,15 @@
-//! The training order: each epoch is every item `repeats` times, shuffled by a seeded RNG,
-//! then cut into batches of one bucket each (one latent size per batch; captions may differ
-//! in length, the transformer takes them per item). Caption dropout is drawn from the same
-//! seeded stream.
+//! The training order: each epoch is every training image `repeats` times (at each of its
+//! resolutions, or at one drawn per epoch), plus the regularization items mixed in at their
+//! ratio, shuffled by a seeded RNG, then cut into batches of one bucket each (one latent size
+//! per batch; captions may differ in length, the transformer takes them per item). Caption
+//! dropout is drawn from the same seeded stream.
 //!
-//! Epoch `e` uses ChaCha8 seeded with the run's seed on stream `e`, so any epoch's plan is
-//! computed directly from (seed, e): `LoaderState { epoch, cursor }` is all a checkpoint needs
-//! to continue with exactly the batches an uninterrupted run would have seen.
+//! Epoch `e` uses ChaCha8 seeded with the run's seed on stream `e` for the shuffle and the
+//! dropout, and on stream `e + 2⁶³` for the draws of resolutions and regularization items, so
+//! any epoch's plan is computed directly from (seed, e): `LoaderState { epoch, cursor }` is
+//! all a checkpoint needs to continue with exactly the batches an uninterrupted run would
+//! have seen. (A single dataset at a single resolution draws nothing from the second stream,
+//! so its order is the one of the loader before these features.)
 
 use std::collections::BTreeMap;
 
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::buckets::Bucket;
 use super::cache::CachedDataset;
-use super::dataset::DatasetConfig;
+use super::dataset::{DatasetConfig, DatasetKind, ResolutionMode};
 use crate::{Error, Result};
 
 /// Where the loader is: the next batch is batch `cursor` of epoch `epoch`.
@@ -27,24 +31,55 @@ pub struct LoaderState {
     pub cursor: usize,
 }
 
+/// How one dataset's items enter the epochs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceOptions {
+    pub repeats: usize,
+    pub caption_dropout: f64,
+    /// None for a training set; a regularization set's items per epoch per training item.
+    pub regularization_ratio: Option<f64>,
+    pub resolution_mode: ResolutionMode,
+}
+
+impl SourceOptions {
+    pub fn new(dataset: &DatasetConfig) -> Self {
+        Self {
+            repeats: dataset.repeats,
+            caption_dropout: dataset.caption_dropout,
+            regularization_ratio: (dataset.kind == DatasetKind::Regularization)
+                .then(|| dataset.regularization_ratio()),
+            resolution_mode: dataset.resolution_mode,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoaderOptions {
     pub batch_size: usize,
-    pub repeats: usize,
-    pub caption_dropout: f64,
     pub seed: u64,
+    /// One per dataset, in the order of `Entry::source`.
+    pub sources: Vec<SourceOptions>,
 }
 
 impl LoaderOptions {
-    /// Repeats and caption dropout from `[dataset]`, batch size and seed from `[train]`.
-    pub fn new(dataset: &DatasetConfig, batch_size: usize, seed: u64) -> Self {
+    /// Repeats, caption dropout, kind and resolution mode from each `[dataset]`, batch size
+    /// and seed from `[train]`.
+    pub fn new(datasets: &[DatasetConfig], batch_size: usize, seed: u64) -> Self {
         Self {
             batch_size,
-            repeats: dataset.repeats,
-            caption_dropout: dataset.caption_dropout,
             seed,
+            sources: datasets.iter().map(SourceOptions::new).collect(),
         }
     }
+}
+
+/// One item the loader orders: its bucket, its dataset and its image (an image's items at
+/// several resolutions share the image number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub bucket: Bucket,
+    pub source: usize,
+    pub image: usize,
 }
 
 /// Which items make one batch, and which of them train on the empty caption.
@@ -60,6 +95,8 @@ pub struct BatchPlan {
 pub struct Batch {
     /// (B, 16, h, w) in the transformer's latent space, f32.
     pub latents: Tensor,
+    /// (B, 1, h, w) loss masks, ones for an item without one; None when no item has one.
+    pub masks: Option<Tensor>,
     /// One (L_i, hidden) f32 tensor per item; the empty caption's where dropped.
     pub captions: Vec<Tensor>,
     pub indices: Vec<usize>,
@@ -68,44 +105,44 @@ pub struct Batch {
 
 pub struct Loader {
     opts: LoaderOptions,
-    buckets: Vec<Bucket>,
+    entries: Vec<Entry>,
+    /// Per image (in first-appearance order): its dataset and its entries.
+    images: Vec<(usize, Vec<usize>)>,
     state: LoaderState,
     plan: Vec<BatchPlan>,
 }
 
 impl Loader {
-    /// A loader over items with the given buckets (one per item), positioned at `state`
-    /// (`LoaderState::default()` for a new run).
-    pub fn new(buckets: Vec<Bucket>, opts: LoaderOptions, state: LoaderState) -> Result<Self> {
-        if buckets.is_empty() {
-            return Err(Error::Invalid("the dataset has no items to train".into()));
+    /// A loader over the given items, positioned at `state` (`LoaderState::default()` for a
+    /// new run).
+    pub fn new(entries: Vec<Entry>, opts: LoaderOptions, state: LoaderState) -> Result<Self> {
+        check(&entries, &opts)?;
+        let mut images: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut index: BTreeMap<usize, usize> = BTreeMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            let at = *index.entry(e.image).or_insert_with(|| {
+                images.push((e.source, Vec::new()));
+                images.len() - 1
+            });
+            images[at].1.push(i);
         }
-        if opts.batch_size == 0 || opts.repeats == 0 {
-            return Err(Error::Invalid(
-                "batch size and repeats must be at least 1".into(),
-            ));
-        }
-        if !(0.0..1.0).contains(&opts.caption_dropout) {
-            return Err(Error::Invalid(format!(
-                "caption dropout must be in [0, 1), got {}",
-                opts.caption_dropout
-            )));
-        }
-        let plan = epoch_plan(&buckets, &opts, state.epoch);
-        if state.cursor > plan.len() {
+        let mut loader = Self {
+            opts,
+            entries,
+            images,
+            state,
+            plan: Vec::new(),
+        };
+        loader.plan = loader.epoch_plan(state.epoch);
+        if state.cursor > loader.plan.len() {
             return Err(Error::Invalid(format!(
                 "the saved data order is at batch {} of an epoch that now has {}: the dataset \
                  changed since the checkpoint",
                 state.cursor,
-                plan.len()
+                loader.plan.len()
             )));
         }
-        Ok(Self {
-            opts,
-            buckets,
-            state,
-            plan,
-        })
+        Ok(loader)
     }
 
     /// A loader over a cached dataset's items.
@@ -114,7 +151,16 @@ impl Loader {
         opts: LoaderOptions,
         state: LoaderState,
     ) -> Result<Self> {
-        Self::new(data.items().iter().map(|i| i.bucket).collect(), opts, state)
+        let entries = data
+            .items()
+            .iter()
+            .map(|i| Entry {
+                bucket: i.bucket,
+                source: i.source,
+                image: i.image,
+            })
+            .collect();
+        Self::new(entries, opts, state)
     }
 
     /// The state to save in a checkpoint: resuming from it yields the batches that follow.
@@ -122,6 +168,7 @@ impl Loader {
         self.state
     }
 
+    /// Batches in the current epoch (with `resolution_mode = "random"` epochs differ).
     pub fn batches_per_epoch(&self) -> usize {
         self.plan.len()
     }
@@ -133,7 +180,7 @@ impl Loader {
                 epoch: self.state.epoch + 1,
                 cursor: 0,
             };
-            self.plan = epoch_plan(&self.buckets, &self.opts, self.state.epoch);
+            self.plan = self.epoch_plan(self.state.epoch);
         }
         let plan = self.plan[self.state.cursor].clone();
         self.state.cursor += 1;
@@ -157,35 +204,138 @@ impl Loader {
                 false => data.caption(i, device),
             })
             .collect::<Result<Vec<_>>>()?;
+        let latents = Tensor::stack(&latents, 0)?;
         Ok(Batch {
-            latents: Tensor::stack(&latents, 0)?,
+            masks: batch_masks(data, &plan.indices, &latents, device)?,
+            latents,
             captions,
             indices: plan.indices,
             drop_caption: plan.drop_caption,
         })
     }
+
+    /// Epoch `epoch`'s batches. Batches are emitted as soon as they fill, walking the
+    /// shuffled order, so bucket order is as random as item order; unfilled batches close the
+    /// epoch rather than being dropped, so every image is seen every epoch.
+    fn epoch_plan(&self, epoch: u64) -> Vec<BatchPlan> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.opts.seed);
+        rng.set_stream(epoch);
+        let mut draws = ChaCha8Rng::seed_from_u64(self.opts.seed);
+        draws.set_stream(epoch | 1 << 63);
+        let mut order = self.pool(None, &mut draws);
+        let trained = order.len();
+        for (source, o) in self.opts.sources.iter().enumerate() {
+            if let Some(ratio) = o.regularization_ratio {
+                let want = (ratio * trained as f64).round() as usize;
+                order.extend(cycle(self.pool(Some(source), &mut draws), want, &mut draws));
+            }
+        }
+        order.shuffle(&mut rng);
+        let dropout = |i: usize| self.opts.sources[self.entries[i].source].caption_dropout;
+        fill_batches(&order, &self.entries, self.opts.batch_size)
+            .into_iter()
+            .map(|(bucket, indices)| {
+                let drop_caption = indices
+                    .iter()
+                    .map(|&i| rng.random::<f64>() < dropout(i))
+                    .collect();
+                BatchPlan {
+                    bucket,
+                    indices,
+                    drop_caption,
+                }
+            })
+            .collect()
+    }
+
+    /// The entries of one epoch's pass over the training sets (`None`) or over one
+    /// regularization set: each image `repeats` times, at every resolution or at one drawn.
+    fn pool(&self, regularization: Option<usize>, draws: &mut ChaCha8Rng) -> Vec<usize> {
+        let mut pool = Vec::new();
+        for (source, variants) in &self.images {
+            let o = &self.opts.sources[*source];
+            let wanted = match regularization {
+                None => o.regularization_ratio.is_none(),
+                Some(r) => r == *source,
+            };
+            if !wanted {
+                continue;
+            }
+            for _ in 0..o.repeats {
+                match o.resolution_mode {
+                    ResolutionMode::Random if variants.len() > 1 => {
+                        pool.push(variants[draws.random_range(0..variants.len())])
+                    }
+                    _ => pool.extend_from_slice(variants),
+                }
+            }
+        }
+        pool
+    }
 }
 
-/// Epoch `epoch`'s batches. Batches are emitted as soon as they fill, walking the shuffled
-/// order, so bucket order is as random as item order; unfilled batches close the epoch
-/// rather than being dropped, so every image is seen every epoch.
-fn epoch_plan(buckets: &[Bucket], opts: &LoaderOptions, epoch: u64) -> Vec<BatchPlan> {
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    rng.set_stream(epoch);
-    let mut order: Vec<usize> = (0..buckets.len())
-        .flat_map(|i| std::iter::repeat_n(i, opts.repeats))
-        .collect();
-    order.shuffle(&mut rng);
+/// The loader's inputs are consistent: items to train, options in range.
+fn check(entries: &[Entry], opts: &LoaderOptions) -> Result<()> {
+    let trains = |e: &Entry| {
+        opts.sources
+            .get(e.source)
+            .is_some_and(|s| s.regularization_ratio.is_none())
+    };
+    if entries.iter().any(|e| e.source >= opts.sources.len()) {
+        return Err(Error::Invalid(
+            "an item names a dataset the loader has no options for".into(),
+        ));
+    }
+    if !entries.iter().any(trains) {
+        return Err(Error::Invalid("the dataset has no items to train".into()));
+    }
+    if opts.batch_size == 0 || opts.sources.iter().any(|s| s.repeats == 0) {
+        return Err(Error::Invalid(
+            "batch size and repeats must be at least 1".into(),
+        ));
+    }
+    if let Some(s) = opts
+        .sources
+        .iter()
+        .find(|s| !(0.0..1.0).contains(&s.caption_dropout))
+    {
+        return Err(Error::Invalid(format!(
+            "caption dropout must be in [0, 1), got {}",
+            s.caption_dropout
+        )));
+    }
+    Ok(())
+}
 
+/// `want` entries from `pool`, walking it in a fresh shuffle each time it runs out, so every
+/// item is used as evenly as the count allows.
+fn cycle(pool: Vec<usize>, want: usize, draws: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut out = Vec::with_capacity(want);
+    while !pool.is_empty() && out.len() < want {
+        let mut round = pool.clone();
+        round.shuffle(draws);
+        round.truncate(want - out.len());
+        out.extend(round);
+    }
+    out
+}
+
+/// Cuts the shuffled order into batches of one bucket, each emitted when it fills; the
+/// unfilled ones follow in the order of their first item.
+fn fill_batches(
+    order: &[usize],
+    entries: &[Entry],
+    batch_size: usize,
+) -> Vec<(Bucket, Vec<usize>)> {
     let mut batches = Vec::new();
     // Per bucket: the position of its first waiting item (for the order of leftovers) and
     // the items waiting.
     let mut open: BTreeMap<Bucket, (usize, Vec<usize>)> = BTreeMap::new();
     for (pos, &i) in order.iter().enumerate() {
-        let bucket = buckets[i];
+        let bucket = entries[i].bucket;
         let waiting = open.entry(bucket).or_insert_with(|| (pos, Vec::new()));
         waiting.1.push(i);
-        if waiting.1.len() == opts.batch_size {
+        if waiting.1.len() == batch_size {
             if let Some((_, indices)) = open.remove(&bucket) {
                 batches.push((bucket, indices));
             }
@@ -194,47 +344,70 @@ fn epoch_plan(buckets: &[Bucket], opts: &LoaderOptions, epoch: u64) -> Vec<Batch
     let mut leftovers: Vec<_> = open.into_iter().collect();
     leftovers.sort_by_key(|(_, (first, _))| *first);
     batches.extend(leftovers.into_iter().map(|(b, (_, indices))| (b, indices)));
-
     batches
+}
+
+/// The batch's masks as (B, 1, h, w), ones for the items without one; None when none has one.
+fn batch_masks(
+    data: &CachedDataset,
+    indices: &[usize],
+    latents: &Tensor,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let masks = indices
+        .iter()
+        .map(|&i| data.mask(i, device))
+        .collect::<Result<Vec<_>>>()?;
+    if masks.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let (_, _, h, w) = latents.dims4()?;
+    let ones = Tensor::ones((h, w), candle_core::DType::F32, device)?;
+    let masks: Vec<Tensor> = masks
         .into_iter()
-        .map(|(bucket, indices)| {
-            let drop_caption = indices
-                .iter()
-                .map(|_| rng.random::<f64>() < opts.caption_dropout)
-                .collect();
-            BatchPlan {
-                bucket,
-                indices,
-                drop_caption,
-            }
-        })
-        .collect()
+        .map(|m| m.unwrap_or_else(|| ones.clone()))
+        .collect();
+    Ok(Some(Tensor::stack(&masks, 0)?.unsqueeze(1)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn buckets() -> Vec<Bucket> {
-        let square = Bucket {
-            width: 64,
-            height: 64,
-        };
-        let wide = Bucket {
-            width: 96,
-            height: 40,
-        };
+    const SQUARE: Bucket = Bucket {
+        width: 64,
+        height: 64,
+    };
+    const WIDE: Bucket = Bucket {
+        width: 96,
+        height: 40,
+    };
+
+    /// 11 images of one training set, every third wide.
+    fn buckets() -> Vec<Entry> {
         (0..11)
-            .map(|i| if i % 3 == 0 { wide } else { square })
+            .map(|i| Entry {
+                bucket: if i % 3 == 0 { WIDE } else { SQUARE },
+                source: 0,
+                image: i,
+            })
             .collect()
+    }
+
+    fn source(repeats: usize, caption_dropout: f64) -> SourceOptions {
+        SourceOptions {
+            repeats,
+            caption_dropout,
+            regularization_ratio: None,
+            resolution_mode: ResolutionMode::All,
+        }
     }
 
     fn opts(batch_size: usize) -> LoaderOptions {
         LoaderOptions {
             batch_size,
-            repeats: 2,
-            caption_dropout: 0.3,
             seed: 7,
+            sources: vec![source(2, 0.3)],
         }
     }
 
@@ -253,7 +426,7 @@ mod tests {
             assert!(!plan.indices.is_empty() && plan.indices.len() <= 3);
             assert_eq!(plan.indices.len(), plan.drop_caption.len());
             for &i in &plan.indices {
-                assert_eq!(b[i], plan.bucket, "one bucket per batch");
+                assert_eq!(b[i].bucket, plan.bucket, "one bucket per batch");
                 seen[i] += 1;
             }
         }
@@ -327,7 +500,7 @@ mod tests {
         let dropped = plans.iter().filter(|p| p.drop_caption[0]).count() as f64 / 2000.0;
         assert!((dropped - 0.3).abs() < 0.05, "{dropped}");
         let none = LoaderOptions {
-            caption_dropout: 0.0,
+            sources: vec![source(2, 0.0)],
             ..opts(1)
         };
         let mut loader = Loader::new(buckets(), none, LoaderState::default())?;
@@ -342,5 +515,112 @@ mod tests {
             cursor: 1000,
         };
         assert!(Loader::new(buckets(), opts(2), state).is_err());
+    }
+
+    /// 4 training images at two resolutions (entries 2i, 2i+1) and 3 regularization images
+    /// at one (entries 8..11).
+    fn two_sets(mode: ResolutionMode, ratio: f64) -> (Vec<Entry>, LoaderOptions) {
+        let mut entries: Vec<Entry> = (0..8)
+            .map(|i| Entry {
+                bucket: if i % 2 == 0 { SQUARE } else { WIDE },
+                source: 0,
+                image: i / 2,
+            })
+            .collect();
+        entries.extend((0..3).map(|i| Entry {
+            bucket: SQUARE,
+            source: 1,
+            image: 4 + i,
+        }));
+        let train = SourceOptions {
+            resolution_mode: mode,
+            ..source(1, 0.0)
+        };
+        let reg = SourceOptions {
+            regularization_ratio: Some(ratio),
+            ..source(1, 0.0)
+        };
+        let opts = LoaderOptions {
+            batch_size: 2,
+            seed: 3,
+            sources: vec![train, reg],
+        };
+        (entries, opts)
+    }
+
+    fn counts(plans: &[BatchPlan], n: usize) -> Vec<usize> {
+        let mut seen = vec![0; n];
+        for i in plans.iter().flat_map(|p| &p.indices) {
+            seen[*i] += 1;
+        }
+        seen
+    }
+
+    #[test]
+    fn regularization_items_are_mixed_in_at_their_ratio() -> Result<()> {
+        let (entries, opts) = two_sets(ResolutionMode::All, 1.5);
+        let loader = Loader::new(entries.clone(), opts, LoaderState::default())?;
+        for e in 0..3 {
+            let seen = counts(&loader.epoch_plan(e), entries.len());
+            assert_eq!(seen[..8], [1; 8], "each training image at each size");
+            // 8 training items at ratio 1.5: 12 regularization items from 3 images, 4 each.
+            assert_eq!(seen[8..], [4, 4, 4], "{seen:?}");
+        }
+        let mixed = loader
+            .epoch_plan(1)
+            .iter()
+            .any(|p| p.indices.iter().any(|&i| i < 8) && p.indices.iter().any(|&i| i >= 8));
+        assert!(mixed, "training and regularization items share batches");
+        Ok(())
+    }
+
+    #[test]
+    fn random_resolution_takes_each_image_once_per_epoch_at_a_drawn_size() -> Result<()> {
+        let (entries, opts) = two_sets(ResolutionMode::Random, 0.5);
+        let loader = Loader::new(entries.clone(), opts, LoaderState::default())?;
+        let mut sizes = std::collections::BTreeSet::new();
+        for e in 0..20 {
+            let epoch = loader.epoch_plan(e);
+            let seen = counts(&epoch, entries.len());
+            for image in 0..4 {
+                assert_eq!(seen[2 * image] + seen[2 * image + 1], 1, "{seen:?}");
+                sizes.insert((image, seen[2 * image]));
+            }
+            assert_eq!(
+                seen[8..].iter().sum::<usize>(),
+                2,
+                "4 × 0.5 regularization items"
+            );
+        }
+        assert_eq!(
+            sizes.len(),
+            8,
+            "every image was drawn at both sizes over twenty epochs"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn two_datasets_resume_exactly_across_epochs() -> Result<()> {
+        for mode in [ResolutionMode::All, ResolutionMode::Random] {
+            let (entries, opts) = two_sets(mode, 0.75);
+            let new = |state| Loader::new(entries.clone(), opts.clone(), state);
+            let whole = take(&mut new(LoaderState::default())?, 40);
+            for k in [1, 6, 7, 13, 29] {
+                let mut first = new(LoaderState::default())?;
+                take(&mut first, k);
+                let mut resumed = new(first.state())?;
+                assert_eq!(take(&mut resumed, 40 - k), whole[k..], "{mode:?} after {k}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_loader_without_training_items_is_refused() {
+        let (entries, opts) = two_sets(ResolutionMode::All, 1.0);
+        let reg_only: Vec<Entry> = entries.into_iter().filter(|e| e.source == 1).collect();
+        let err = Loader::new(reg_only, opts, LoaderState::default()).err();
+        assert!(err.is_some_and(|e| e.to_string().contains("no items to train")));
     }
 }

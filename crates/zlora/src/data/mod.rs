@@ -11,6 +11,8 @@ pub mod synthetic;
 
 pub use buckets::{Bucket, Buckets};
 pub use cache::{CacheOptions, CacheStats, CachedDataset, Stage};
-pub use dataset::{Dataset, DatasetConfig, Item, MissingCaption};
-pub use loader::{Batch, BatchPlan, Loader, LoaderOptions, LoaderState};
+pub use dataset::{
+    Dataset, DatasetConfig, DatasetKind, Item, MissingCaption, Resolution, ResolutionMode,
+};
+pub use loader::{Batch, BatchPlan, Entry, Loader, LoaderOptions, LoaderState, SourceOptions};
 pub use preflight::{Preflight, Problem, ProblemKind, Severity};

@@ -36,6 +36,16 @@ pub enum ProblemKind {
     DuplicateStem { other: PathBuf },
     /// A caption file with no image of the same stem.
     OrphanCaption,
+    /// The loss mask cannot be opened or decoded.
+    MaskUnreadable(String),
+    /// The loss mask's shape is not its image's (width, height).
+    MaskMismatch { mask: (u32, u32), image: (u32, u32) },
+    /// A `NAME.mask.*` file with no image `NAME.*`.
+    OrphanMask,
+    /// The `masks` folder holds no mask named like any image.
+    NoMaskMatches,
+    /// Another `NAME.mask.*` file belongs to the same image.
+    DuplicateMask { other: PathBuf },
 }
 
 /// How a problem affects the run.
@@ -62,6 +72,8 @@ pub struct Preflight {
     pub images: usize,
     /// Images that will be trained.
     pub usable: usize,
+    /// Usable images with a loss mask (the others train on every pixel).
+    pub masked: usize,
     /// Files and folders that are neither images nor captions, or are hidden.
     pub ignored: usize,
     pub problems: Vec<Problem>,
@@ -102,6 +114,14 @@ impl fmt::Display for Preflight {
             self.warnings().count(),
             self.ignored
         )?;
+        if self.masked > 0 {
+            write!(
+                f,
+                "\n  masks: {} images have one, {} have none (trained on every pixel)",
+                self.masked,
+                self.usable - self.masked
+            )?;
+        }
         for p in &self.problems {
             let label = match (p.severity, self.skip) {
                 (Severity::Error, false) => "error",
@@ -164,6 +184,24 @@ impl fmt::Display for ProblemKind {
                 file_name(other)
             ),
             Self::OrphanCaption => write!(f, "caption without an image of the same name"),
+            Self::MaskUnreadable(msg) => write!(f, "mask cannot be decoded: {msg}"),
+            Self::MaskMismatch { mask, image } => write!(
+                f,
+                "mask is {}×{} but its image is {}×{}: a mask must have its image's shape \
+                 (the same size, or scaled); repaint or resize it",
+                mask.0, mask.1, image.0, image.1
+            ),
+            Self::OrphanMask => write!(f, "mask without an image of the same name"),
+            Self::DuplicateMask { other } => write!(
+                f,
+                "{} is a mask for the same image; keep one",
+                file_name(other)
+            ),
+            Self::NoMaskMatches => write!(
+                f,
+                "the masks folder has no mask named like an image (for NAME.jpg: NAME.jpg or \
+                 NAME.png); every image trains unmasked"
+            ),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod memory;
 use serde::Serialize;
 
 use crate::data::buckets::Buckets;
+use crate::data::dataset::Resolution;
 use crate::hub::known;
 use crate::model::config::SEQ_MULTI_OF;
 use crate::train::config::{Mode, TrainConfig};
@@ -226,10 +227,11 @@ fn image_tokens(height: usize, width: usize, vae_factor: usize) -> usize {
     round_up((height / side) * (width / side))
 }
 
-/// The micro-batch of `cfg`: the bucket with the most tokens at the configured resolution.
+/// The micro-batch of `cfg`: the bucket with the most tokens at the largest configured
+/// resolution (with several, the peak is the largest one's; the others cost less).
 pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> Result<Workload> {
     let factor = dims.vae_factor();
-    let buckets = Buckets::for_vae(cfg.dataset.resolution, factor)?;
+    let buckets = Buckets::for_vae(cfg.resolution(), factor)?;
     let largest = buckets
         .all()
         .iter()
@@ -267,7 +269,7 @@ fn sample_shape(cfg: &TrainConfig, factor: usize) -> Option<SampleShape> {
     if s.every == 0 {
         return None;
     }
-    let res = cfg.dataset.resolution as usize;
+    let res = cfg.resolution() as usize;
     let (h, w) = (s.height.unwrap_or(res), s.width.unwrap_or(res));
     Some(SampleShape {
         pixels: h * w,
@@ -434,11 +436,15 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
         }));
     }
     for res in [768, 512] {
-        if cfg.dataset.resolution > res {
+        if cfg.resolution() > res {
             out.push(candidate(
                 "resolution",
                 &format!("resolution = {res}"),
-                move |c| c.dataset.resolution = res,
+                move |c| {
+                    for d in &mut c.datasets {
+                        d.resolution = Resolution::One(res);
+                    }
+                },
             ));
         }
     }

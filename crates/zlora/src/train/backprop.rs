@@ -17,13 +17,16 @@ use crate::model::ZImageTransformer;
 use crate::nn::Grads;
 use crate::{Error, Result};
 
-/// One micro-batch: noised latents, model times, captions, targets and per-item weights.
+/// One micro-batch: noised latents, model times, captions, targets, per-item weights and
+/// per-pixel loss weights (from masks).
 pub struct MicroBatch<'a> {
     pub x: &'a Tensor,
     pub t: &'a Tensor,
     pub captions: &'a [Tensor],
     pub target: &'a Tensor,
     pub weights: &'a [f32],
+    /// (B, 1, h, w); None weighs every pixel 1.
+    pub pixel_weights: Option<&'a Tensor>,
 }
 
 /// What a block keeps from the forward pass for its backward.
@@ -189,6 +192,7 @@ pub fn loss_and_grads(
         &model.finish(head.as_tensor(), &c, grid)?,
         batch.target,
         batch.weights,
+        batch.pixel_weights,
     )?;
     let grad = backward_stack(
         model.layers(),

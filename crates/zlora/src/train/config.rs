@@ -14,6 +14,7 @@ use super::optim::{
     AdafactorSettings, AdamWConfig, LrSchedule, OptimizerConfig, OptimizerKind, ProdigySettings,
 };
 use super::preservation::Preservation;
+use crate::data::dataset::DatasetKind;
 use crate::data::DatasetConfig;
 use crate::nn::Quantization;
 use crate::{Error, Result};
@@ -22,7 +23,10 @@ use crate::{Error, Result};
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: ModelSection,
-    pub dataset: DatasetConfig,
+    /// `[dataset]` (one table) or `[[dataset]]` (several, training and regularization sets);
+    /// one is written back as a table, so older configs and checkpoints compare the same.
+    #[serde(rename = "dataset", with = "one_or_many")]
+    pub datasets: Vec<DatasetConfig>,
     pub lora: LoraConfig,
     pub train: TrainSection,
     #[serde(default)]
@@ -300,7 +304,7 @@ impl TrainConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        self.dataset.validate()?;
+        self.check_datasets()?;
         self.lora.validate()?;
         let t = &self.train;
         let bad = |m: &str| Err(Error::Invalid(m.to_string()));
@@ -329,11 +333,63 @@ impl TrainConfig {
             return bad("[train] ema must be a decay between 0 and 1 (e.g. 0.999)");
         }
         if let Some(p) = &t.preservation {
-            p.validate(self.dataset.trigger.as_deref())?;
+            for d in self.training_sets() {
+                p.validate(d.trigger.as_deref())?;
+            }
         }
         self.check_numbers()?;
         self.check_optimizer()?;
         self.sample.check()
+    }
+
+    /// Each dataset valid (named by its folder when there are several), one at least a
+    /// training set.
+    fn check_datasets(&self) -> Result<()> {
+        for d in &self.datasets {
+            d.validate().map_err(|e| match (e, self.datasets.len()) {
+                (Error::Invalid(m), n) if n > 1 => Error::Invalid(format!(
+                    "{m} (in the [[dataset]] of {})",
+                    crate::error::shown(&d.path)
+                )),
+                (e, _) => e,
+            })?;
+        }
+        if !self.datasets.iter().any(|d| d.kind == DatasetKind::Train) {
+            return Err(Error::Invalid(
+                "no [dataset] with kind = \"train\": regularization images alone teach nothing; \
+                 add the training set"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The training sets (not the regularization ones).
+    pub fn training_sets(&self) -> impl Iterator<Item = &DatasetConfig> {
+        self.datasets
+            .iter()
+            .filter(|d| d.kind == DatasetKind::Train)
+    }
+
+    /// The largest resolution of any dataset: what sizes the peak memory, and the default
+    /// sample size.
+    pub fn resolution(&self) -> u32 {
+        self.datasets
+            .iter()
+            .map(|d| d.resolution.largest())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The training sets' trigger words, each once, in order.
+    pub fn triggers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for t in self.training_sets().filter_map(|d| d.trigger.clone()) {
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
     }
 
     /// An optimizer's table only beside that optimizer, its numbers in their ranges.
@@ -468,6 +524,41 @@ impl Mode {
     }
 }
 
+/// `dataset` as one table or an array of tables, written back as a table when there is one.
+/// A visitor rather than an untagged enum, so that a typo inside a table is still reported
+/// by its key name.
+mod one_or_many {
+    use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::data::DatasetConfig;
+
+    pub fn serialize<S: Serializer>(v: &[DatasetConfig], s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<DatasetConfig>, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Vec<DatasetConfig>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [dataset] table or [[dataset]] tables")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                DatasetConfig::deserialize(MapAccessDeserializer::new(map)).map(|d| vec![d])
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                Vec::deserialize(SeqAccessDeserializer::new(seq))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -551,5 +642,86 @@ mod tests {
         let log = with_trigger("[log]\ntensorboard = true")?;
         assert!(log.log.tensorboard);
         Ok(())
+    }
+
+    /// A config with `datasets` (TOML) in place of the `[dataset]` table.
+    fn with_datasets(datasets: &str) -> Result<TrainConfig> {
+        TrainConfig::parse(&format!(
+            "[model]\npath = \"m\"\nvariant = \"turbo\"\n{datasets}\n\
+             [lora]\nrank = 2\nalpha = 2\n[train]\nsteps = 6\nlearning_rate = 1\noutput = \"o\"\n"
+        ))
+    }
+
+    #[test]
+    fn one_dataset_table_still_parses_and_is_written_back_as_one() -> Result<()> {
+        let cfg = parse("")?;
+        assert_eq!(cfg.datasets.len(), 1);
+        assert_eq!(cfg.datasets[0].resolution, crate::data::Resolution::One(32));
+        assert_eq!(cfg.resolution(), 32);
+        let text = toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        assert!(
+            text.contains("[dataset]\npath = \"d\"\nresolution = 32\n"),
+            "{text}"
+        );
+        for new_key in ["kind", "loss_weight =", "ratio", "masks", "resolution_mode"] {
+            assert!(
+                !text.contains(new_key),
+                "{new_key} at its default is left out: {text}"
+            );
+        }
+        assert_eq!(TrainConfig::parse(&text)?, cfg);
+        Ok(())
+    }
+
+    #[test]
+    fn several_datasets_with_resolutions_and_masks_parse() -> Result<()> {
+        let cfg = with_datasets(
+            "[[dataset]]\npath = \"d\"\nresolution = [512, 768, 1024]\nresolution_mode = \"random\"\n\
+             masks = \"d/masks\"\nunmasked_weight = 0.1\ntrigger = \"zk\"\n\
+             [[dataset]]\npath = \"reg\"\nkind = \"regularization\"\nratio = 0.5\nloss_weight = 0.8\n",
+        )?;
+        let [train, reg] = cfg.datasets.as_slice() else {
+            return Err(Error::Invalid(format!("{:?}", cfg.datasets)));
+        };
+        assert_eq!(train.resolution.sizes(), [512, 768, 1024]);
+        assert_eq!(train.resolution_mode, crate::data::ResolutionMode::Random);
+        assert_eq!(train.min_side(), 256);
+        assert_eq!(reg.kind, DatasetKind::Regularization);
+        assert_eq!((reg.regularization_ratio(), reg.loss_weight), (0.5, 0.8));
+        assert_eq!(cfg.resolution(), 1024);
+        assert_eq!(cfg.triggers(), ["zk"]);
+        let text = toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        assert!(text.contains("[[dataset]]"), "{text}");
+        assert_eq!(TrainConfig::parse(&text)?, cfg);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_dataset_lists_are_refused_by_name() {
+        let error = |d: &str| with_datasets(d).unwrap_err().to_string();
+        let e = error("[[dataset]]\npath = \"d\"\nresolutoin = 512\n");
+        assert!(e.contains("unknown field `resolutoin`"), "{e}");
+        let e = error("[[dataset]]\npath = \"d\"\nkind = \"regularization\"\n");
+        assert!(e.contains("no [dataset] with kind = \"train\""), "{e}");
+        let e = error("[dataset]\npath = \"d\"\nratio = 2.0\n");
+        assert!(
+            e.contains("ratio is only used with kind = \"regularization\""),
+            "{e}"
+        );
+        let e = error("[[dataset]]\npath = \"d\"\n[[dataset]]\npath = \"r\"\nkind = \"regularization\"\nratio = -1.0\n");
+        assert!(
+            e.contains("ratio must be a positive number") && e.contains("r"),
+            "{e}"
+        );
+        let e = error("[dataset]\npath = \"d\"\nresolution = []\n");
+        assert!(e.contains("resolution is an empty list"), "{e}");
+        let e = error("[dataset]\npath = \"d\"\nresolution = [512, 512]\n");
+        assert!(e.contains("resolution 512 is listed twice"), "{e}");
+        let e = error("[dataset]\npath = \"d\"\nresolution = \"big\"\n");
+        assert!(e.contains("a resolution in pixels"), "{e}");
+        let e = error("[dataset]\npath = \"d\"\nunmasked_weight = 2.0\n");
+        assert!(e.contains("unmasked_weight must be in [0, 1]"), "{e}");
+        let e = error("[dataset]\npath = \"d\"\nloss_weight = 0.0\n");
+        assert!(e.contains("loss_weight must be a positive number"), "{e}");
     }
 }

@@ -91,15 +91,35 @@ pub fn noise(x0: &Tensor, eps: &Tensor, sigmas: &[f32]) -> Result<Noised> {
     })
 }
 
-/// Mean squared error per item (f32), weighted per item, averaged over the batch.
-pub fn loss(out: &Tensor, target: &Tensor, weights: &[f32]) -> Result<Tensor> {
+/// Mean squared error per item (f32), weighted per item, averaged over the batch. With
+/// `pixel_weights` (B, 1, h, w), each latent pixel's squared error (every channel) is
+/// multiplied by its weight before the mean over all pixels, as OneTrainer and ai-toolkit do:
+/// a pixel of weight 0 contributes nothing, and the loss is not renormalised by the masked
+/// area (so a small mask trains with a proportionally smaller step).
+pub fn loss(
+    out: &Tensor,
+    target: &Tensor,
+    weights: &[f32],
+    pixel_weights: Option<&Tensor>,
+) -> Result<Tensor> {
     let b = out.dim(0)?;
-    let per_item = (out.to_dtype(DType::F32)? - target)?
-        .sqr()?
-        .flatten_from(1)?
-        .mean(D::Minus1)?;
+    let err = (out.to_dtype(DType::F32)? - target)?.sqr()?;
+    let err = match pixel_weights {
+        Some(w) => err.broadcast_mul(w)?,
+        None => err,
+    };
+    let per_item = err.flatten_from(1)?.mean(D::Minus1)?;
     let w = Tensor::from_vec(weights.to_vec(), b, out.device())?;
     (per_item * w)?.mean_all()
+}
+
+/// A batch's per-pixel loss weights from its masks (B, 1, h, w) and each item's weight where
+/// the mask is black: max(mask, floor), OneTrainer's clamp of the mask to
+/// [`unmasked_weight`, 1].
+pub fn mask_weights(masks: &Tensor, floors: &[f32]) -> Result<Tensor> {
+    let b = masks.dim(0)?;
+    let floor = Tensor::from_vec(floors.to_vec(), (b, 1, 1, 1), masks.device())?;
+    masks.broadcast_maximum(&floor)
 }
 
 /// Standard normal noise shaped like `like`, from the trainer's stream.
@@ -152,6 +172,35 @@ mod tests {
         assert!((mean(&plain) - 0.5).abs() < 0.02);
         assert!(mean(&shifted) > 0.65, "{}", mean(&shifted));
         assert!((mean(&uniform) - 0.5).abs() < 0.02);
+    }
+
+    #[test]
+    fn pixel_weights_scale_each_pixels_error_and_floors_lift_black() -> Result<()> {
+        let dev = Device::Cpu;
+        // One item, one channel, 1×2 latent: errors 1 and 3 (squared 1 and 9).
+        let out = Tensor::new(&[[[[1.0f32, 3.0]]]], &dev)?;
+        let target = Tensor::zeros((1, 1, 1, 2), DType::F32, &dev)?;
+        let masks = Tensor::new(&[[[[1.0f32, 0.0]]]], &dev)?;
+        let plain = loss(&out, &target, &[1.0], None)?.to_scalar::<f32>()?;
+        assert_eq!(plain, 5.0);
+        let w = mask_weights(&masks, &[0.0])?;
+        assert_eq!(
+            loss(&out, &target, &[1.0], Some(&w))?.to_scalar::<f32>()?,
+            0.5
+        );
+        let w = mask_weights(&masks, &[0.25])?;
+        assert_eq!(w.flatten_all()?.to_vec1::<f32>()?, vec![1.0, 0.25]);
+        assert_eq!(
+            loss(&out, &target, &[2.0], Some(&w))?.to_scalar::<f32>()?,
+            2.0 * (1.0 + 0.25 * 9.0) / 2.0
+        );
+        let grey = Tensor::new(&[[[[0.1f32, 0.5]]], [[[0.1, 0.5]]]], &dev)?;
+        let w = mask_weights(&grey, &[0.25, 0.0])?;
+        assert_eq!(
+            w.flatten_all()?.to_vec1::<f32>()?,
+            vec![0.25, 0.5, 0.1, 0.5]
+        );
+        Ok(())
     }
 
     #[test]

@@ -100,10 +100,13 @@ pub fn loss_and_grads_with(
     // objective::loss averages per item, then over the batch; the items of a batch share a
     // bucket, so equal weights give the mean over every element, as torch's mse_loss.
     let weights = vec![class.weight as f32; class.captions.len()];
+    // Every pixel is held to the prior: a loss mask marks the subject of the training
+    // image, while preservation is about the whole picture of the class.
     let preserve = MicroBatch {
         captions: class.captions,
         target: &prior,
         weights: &weights,
+        pixel_weights: None,
         ..*batch
     };
     let (preservation, extra) = loss_and_grads(model, lora, &preserve, checkpointing)?;

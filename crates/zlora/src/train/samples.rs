@@ -48,7 +48,7 @@ impl Sampler {
         } else {
             Vec::new()
         };
-        let res = cfg.dataset.resolution as usize;
+        let res = cfg.resolution() as usize;
         let latent_hw = ImageLimits::of_folder(folder, device)?
             .latent_size(s.height.unwrap_or(res), s.width.unwrap_or(res))
             .map_err(|e| Error::Invalid(format!("[sample] size: {e}")))?;

@@ -18,16 +18,15 @@ use super::ema::Ema;
 use super::host;
 use super::log::{Log, StepLog};
 use super::lora::{set_enabled, TrainableLora};
-use super::objective::{gaussian_like, noise, SigmaSampler};
+use super::objective::{gaussian_like, mask_weights, noise, SigmaSampler};
 use super::optim::{clip_grad_norm, learning_rate, Optimizer};
 use super::preservation::{loss_and_grads_with, ClassCaptions};
 use super::resume;
 use super::samples::Sampler;
 use super::state::{self, RunState};
-use crate::data::buckets::Buckets;
 use crate::data::cache::{CacheOptions, CachedDataset, Stage};
-use crate::data::dataset::Dataset;
-use crate::data::loader::{Loader, LoaderOptions, LoaderState};
+use crate::data::dataset::{Dataset, DatasetConfig};
+use crate::data::loader::{Batch, Loader, LoaderOptions, LoaderState};
 use crate::lora::write::{save, Metadata};
 use crate::lora::{Layout, LoraFile};
 use crate::model::folder::ModelFolder;
@@ -128,7 +127,7 @@ pub fn train(
     let mut log = Log::open(out, run.step, &device, cfg.log.tensorboard)?;
     let mut loader = Loader::for_cached(
         &data,
-        LoaderOptions::new(&cfg.dataset, t.batch_size, t.seed),
+        LoaderOptions::new(&cfg.datasets, t.batch_size, t.seed),
         run.loader,
     )?;
     let writer = LoraWriter { cfg, mode };
@@ -213,10 +212,12 @@ fn prepare_output(
 ) -> Result<OutputDir> {
     let out = outdir::resolve(&cfg.train.output)?;
     let model = Path::new(&cfg.model.path);
-    let mut inputs = vec![
-        ("the dataset", cfg.dataset.path.as_path()),
-        ("the model", model),
-    ];
+    let mut inputs = Vec::new();
+    for d in &cfg.datasets {
+        inputs.push(("the dataset", d.path.as_path()));
+        inputs.extend(d.masks.as_deref().map(|m| ("the masks", m)));
+    }
+    inputs.push(("the model", model));
     inputs.extend(opts.config_file.as_deref().map(|c| ("the config file", c)));
     inputs.extend(
         cfg.model
@@ -340,45 +341,48 @@ fn prepare_data(
 ) -> Result<CachedDataset> {
     let tokenizer = PromptTokenizer::from_file(&folder.root().join("tokenizer/tokenizer.json"))?;
     let vae_cfg = crate::model::vae::VaeConfig::from_file(&folder.root().join("vae/config.json"))?;
-    let buckets = Buckets::for_vae(cfg.dataset.resolution, vae_cfg.spatial_factor())?;
-    ImageLimits::of_folder(folder, device)?.check_buckets(&buckets)?;
-    let (dataset, report) = Dataset::scan(&cfg.dataset, &buckets, &tokenizer)?;
-    events(Event::Message(report.to_string()));
-    if report.is_fatal() {
-        return Err(Error::bad_file(
-            &cfg.dataset.path,
-            "the dataset check found problems (listed above); nothing was trained",
-        ));
+    let limits = ImageLimits::of_folder(folder, device)?;
+    let mut datasets = Vec::with_capacity(cfg.datasets.len());
+    for d in &cfg.datasets {
+        let buckets = d.buckets(vae_cfg.spatial_factor())?;
+        for b in &buckets {
+            limits.check_buckets(b)?;
+        }
+        let (dataset, report) = Dataset::scan(d, &buckets, &tokenizer)?;
+        events(Event::Message(report.to_string()));
+        if report.is_fatal() {
+            return Err(Error::bad_file(
+                &d.path,
+                "the dataset check found problems (listed above); nothing was trained",
+            ));
+        }
+        datasets.push(dataset);
     }
     let opts = CacheOptions {
-        dir: cfg.dataset.cache_dir(),
         // bf16 on a GPU (Qwen3-4B in f32 would take 16 GB), f32 on the CPU.
         dtype: crate::device::default_dtype(device),
         device: device.clone(),
-        class_captions: class_captions(cfg, &dataset)?,
+        class: cfg.train.preservation.as_ref().map(|p| p.class.clone()),
     };
-    let (data, stats) = CachedDataset::build(&dataset, folder, &opts, |stage, done, total| {
+    let (data, stats) = CachedDataset::build(&datasets, folder, &opts, |stage, done, total| {
         events(Event::Cache { stage, done, total })
     })?;
     events(Event::Message(format!(
-        "cache: {} captions and {} images encoded, {} and {} reused",
-        stats.captions_encoded, stats.latents_encoded, stats.captions_reused, stats.latents_reused
+        "cache: {} captions and {} images encoded, {} and {} reused{}",
+        stats.captions_encoded,
+        stats.latents_encoded,
+        stats.captions_reused,
+        stats.latents_reused,
+        if stats.masks_made + stats.masks_reused > 0 {
+            format!(
+                "; {} masks made, {} reused",
+                stats.masks_made, stats.masks_reused
+            )
+        } else {
+            String::new()
+        }
     )));
     Ok(data)
-}
-
-/// Differential output preservation's captions, one per item (none without it).
-fn class_captions(cfg: &TrainConfig, dataset: &Dataset) -> Result<Vec<String>> {
-    let Some(p) = &cfg.train.preservation else {
-        return Ok(Vec::new());
-    };
-    let no_trigger = || Error::Invalid("[train] preservation needs [dataset] trigger".into());
-    dataset
-        .items()
-        .iter()
-        .map(|item| cfg.dataset.caption_with_class(&item.caption, &p.class))
-        .map(|caption| caption.ok_or_else(no_trigger))
-        .collect()
 }
 
 /// Applies the training adapter frozen, as its own adapter on each Linear (not merged: the
@@ -446,13 +450,14 @@ fn optimizer_step(
             .collect();
         let eps = gaussian_like(&batch.latents, &mut rng)?;
         let noised = noise(&batch.latents, &eps, &sigmas)?;
-        let weights: Vec<f32> = sigmas.iter().map(|&s| t.loss_weighting.weight(s)).collect();
+        let (weights, pixel_weights) = loss_weights(cfg, data, &batch, &sigmas)?;
         let micro_batch = MicroBatch {
             x: &noised.x,
             t: &noised.t,
             captions: &batch.captions,
             target: &noised.target,
             weights: &weights,
+            pixel_weights: pixel_weights.as_ref(),
         };
         let class_captions = match &t.preservation {
             Some(_) => class_features(&batch.indices, data, device)?,
@@ -534,6 +539,33 @@ impl Summed {
     }
 }
 
+/// The batch's loss weights: per item, the σ weighting times its dataset's `loss_weight`;
+/// per pixel, its mask clamped to its dataset's `unmasked_weight` (None without masks).
+fn loss_weights(
+    cfg: &TrainConfig,
+    data: &CachedDataset,
+    batch: &Batch,
+    sigmas: &[f32],
+) -> Result<(Vec<f32>, Option<Tensor>)> {
+    let sources: Vec<&DatasetConfig> = batch
+        .indices
+        .iter()
+        .map(|&i| &cfg.datasets[data.items()[i].source])
+        .collect();
+    let weights = sigmas
+        .iter()
+        .zip(&sources)
+        .map(|(&s, d)| cfg.train.loss_weighting.weight(s) * d.loss_weight as f32)
+        .collect();
+    let floors: Vec<f32> = sources.iter().map(|d| d.unmasked_weight as f32).collect();
+    let pixel_weights = batch
+        .masks
+        .as_ref()
+        .map(|m| mask_weights(m, &floors))
+        .transpose()?;
+    Ok((weights, pixel_weights))
+}
+
 fn sample_now(
     sampler: &Sampler,
     model: &mut ZImageTransformer,
@@ -568,13 +600,13 @@ impl LoraWriter<'_> {
             "mode": self.mode.name(),
             "base_model": cfg.model.path,
             "variant": cfg.model.variant,
-            "trigger": cfg.dataset.trigger,
+            "trigger": cfg.triggers().first(),
             "steps": step,
         });
         let config = toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
         let metadata = Metadata {
             base_model: Some(cfg.model.path.clone()),
-            trigger_words: cfg.dataset.trigger.iter().cloned().collect(),
+            trigger_words: cfg.triggers(),
             title: None,
             carried: [
                 ("zlora.training".to_string(), training.to_string()),
@@ -605,8 +637,11 @@ impl LoraWriter<'_> {
             cfg.model.path = last_name(model).display().to_string();
         }
         cfg.model.training_adapter = cfg.model.training_adapter.as_deref().map(last_name);
-        cfg.dataset.path = last_name(&cfg.dataset.path);
-        cfg.dataset.cache_dir = cfg.dataset.cache_dir.as_deref().map(last_name);
+        for d in &mut cfg.datasets {
+            d.path = last_name(&d.path);
+            d.cache_dir = d.cache_dir.as_deref().map(last_name);
+            d.masks = d.masks.as_deref().map(last_name);
+        }
         cfg.train.output = last_name(&cfg.train.output);
         cfg
     }

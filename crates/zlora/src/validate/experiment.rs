@@ -412,8 +412,8 @@ learning_rate = 1e-4
         assert_eq!(modes, WAYS);
         for c in &cfgs[1..] {
             assert_eq!(
-                (&c.dataset, &c.lora, &c.sample),
-                (&cfgs[0].dataset, &cfgs[0].lora, &cfgs[0].sample)
+                (&c.datasets, &c.lora, &c.sample),
+                (&cfgs[0].datasets, &cfgs[0].lora, &cfgs[0].sample)
             );
             let mut train = c.train.clone();
             train.output = cfgs[0].train.output.clone();

@@ -150,7 +150,7 @@ fn render_settings(req: &SweepRequest, cfg: &TrainConfig, trigger: Option<&str>)
     } else {
         default_prompts(trigger)
     };
-    let resolution = cfg.dataset.resolution as usize;
+    let resolution = cfg.resolution() as usize;
     RenderSettings {
         prompts,
         seeds: if req.seeds.is_empty() {

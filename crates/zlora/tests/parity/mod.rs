@@ -251,6 +251,7 @@ pub fn train_step(dtype: DType) -> (f32, Vec<(String, Tensor)>) {
         captions: &caps,
         target: &noised.target,
         weights: &[1.0, 1.0],
+        pixel_weights: None,
     };
     let (loss, grads) = loss_and_grads(&model, &lora, &batch, true).unwrap();
     let loss = loss.to_scalar::<f32>().unwrap();
