@@ -539,6 +539,87 @@ mod tests {
         assert!(!cfg.targets("t_embedder.mlp.0"));
     }
 
+    /// What lycoris-lora 4.1.3's `factorization` returns for these (run in /work/venv; its
+    /// docstring's 360 rows are out of date), the Z-Image widths among them.
+    #[test]
+    fn factorization_follows_lycoris() {
+        let cases = [
+            ((127, -1), (1, 127)),
+            ((128, -1), (8, 16)),
+            ((128, 2), (2, 64)),
+            ((250, 8), (5, 50)),
+            ((360, -1), (18, 20)),
+            ((360, 16), (15, 24)),
+            ((3840, 16), (16, 240)),
+            ((1024, 4), (4, 256)),
+            ((3840, -1), (60, 64)),
+            ((10240, -1), (80, 128)),
+            ((15360, -1), (120, 128)),
+            ((256, -1), (16, 16)),
+            ((11520, -1), (96, 120)),
+        ];
+        for ((dim, factor), want) in cases {
+            assert_eq!(
+                factorization(dim, factor),
+                want,
+                "{dim} with factor {factor}"
+            );
+        }
+    }
+
+    /// Z-Image's to_q (3840 × 3840): w1 [60, 60] full, w2 [64, 64] a product below rank 32,
+    /// full from 32 on, both products with decompose_both, both full with full_matrix.
+    #[test]
+    fn lokr_factor_shapes_follow_lycoris() {
+        let shapes = |extra: &str| {
+            let cfg: LoraConfig =
+                toml::from_str(&format!("alpha = 1\nalgorithm = \"lokr\"\n{extra}")).unwrap();
+            cfg.factor_shapes(3840, 3840)
+        };
+        use FactorShape::*;
+        assert_eq!(shapes("rank = 16"), [Full(60, 60), Product(64, 16, 64)]);
+        assert_eq!(shapes("rank = 32"), [Full(60, 60), Full(64, 64)]);
+        assert_eq!(
+            shapes("rank = 16\ndecompose_both = true"),
+            [Product(60, 16, 60), Product(64, 16, 64)]
+        );
+        assert_eq!(
+            shapes("rank = 16\nfull_matrix = true"),
+            [Full(60, 60), Full(64, 64)]
+        );
+        assert_eq!(
+            shapes("rank = 4\nfactor = 16"),
+            [Full(16, 16), Product(240, 4, 240)]
+        );
+    }
+
+    #[test]
+    fn bad_algorithm_options_are_one_line_errors_naming_the_field() {
+        let err = |text: &str| {
+            let cfg: LoraConfig = toml::from_str(&format!("rank = 4\nalpha = 4\n{text}")).unwrap();
+            cfg.validate().unwrap_err().to_string()
+        };
+        for (text, field) in [
+            ("dora = true", "dora"),
+            ("use_dora = true", "dora"),
+            ("factor = 4", "factor"),
+            (
+                "algorithm = \"loha\"\ndecompose_both = true",
+                "decompose_both",
+            ),
+            ("full_matrix = false", "full_matrix"),
+            ("algorithm = \"lokr\"\nfactor = 0", "factor"),
+            ("algorithm = \"lokr\"\nfactor = -2", "factor"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(field) && !e.contains('\n'), "{text}: {e}");
+        }
+        assert!(err("dora = true").contains("ai-toolkit #596"));
+        let unknown = toml::from_str::<LoraConfig>("rank = 4\nalpha = 4\nalgorithm = \"lycoris\"");
+        let e = unknown.unwrap_err().to_string();
+        assert!(e.contains("algorithm") && e.contains("lokr"), "{e}");
+    }
+
     #[test]
     fn unknown_names_are_rejected() {
         let mut cfg: LoraConfig = toml::from_str("rank = 4\nalpha = 4").unwrap();
