@@ -123,20 +123,6 @@ impl AdapterWeights {
         }
     }
 
-    /// How many numbers the factors hold (what the adapter costs in memory).
-    pub fn param_count(&self) -> usize {
-        let factor = |f: &Factor| match f {
-            Factor::Full(m) => m.elem_count(),
-            Factor::Product(a, b) => a.elem_count() + b.elem_count(),
-        };
-        match self {
-            AdapterWeights::LowRank { down, up } => down.elem_count() + up.elem_count(),
-            AdapterWeights::Kronecker { w1, w2 } | AdapterWeights::Hadamard { w1, w2 } => {
-                factor(w1) + factor(w2)
-            }
-        }
-    }
-
     /// The rank the producer's alpha is divided by, as LyCORIS and ComfyUI define it: the
     /// LoRA rank, the LoHa rank of w1, the LoKr rank of the decomposed factor (w2 first);
     /// `None` for a LoKr whose factors are both full (its scale is 1 whatever alpha says).

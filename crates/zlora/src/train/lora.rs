@@ -84,6 +84,13 @@ pub enum FactorShape {
 }
 
 impl FactorShape {
+    /// (rows, cols) of the matrix it stands for.
+    pub fn dims(self) -> (usize, usize) {
+        match self {
+            FactorShape::Full(r, c) | FactorShape::Product(r, _, c) => (r, c),
+        }
+    }
+
     pub fn params(self) -> usize {
         match self {
             FactorShape::Full(r, c) => r * c,
