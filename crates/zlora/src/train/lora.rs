@@ -34,6 +34,10 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    fn is_lora(&self) -> bool {
+        *self == Algorithm::Lora
+    }
+
     /// "LoRA", "LoKr" or "LoHa", as [`AdapterWeights::kind`] names them.
     pub fn name(self) -> &'static str {
         match self {
@@ -51,8 +55,9 @@ impl Algorithm {
 pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
-    /// "lora" (default), "lokr" or "loha".
-    #[serde(default)]
+    /// "lora" (default), "lokr" or "loha". Left out of a LoRA's saved config, which then
+    /// reads as before, so checkpoints of earlier versions still resume.
+    #[serde(default, skip_serializing_if = "Algorithm::is_lora")]
     pub algorithm: Algorithm,
     /// LoKr: the split of each dimension into (smaller, larger) factors, LyCORIS'
     /// `factorization`: -1 (default) the most balanced pair, f > 0 the pair closest to f.
@@ -625,6 +630,26 @@ mod tests {
         let unknown = toml::from_str::<LoraConfig>("rank = 4\nalpha = 4\nalgorithm = \"lycoris\"");
         let e = unknown.unwrap_err().to_string();
         assert!(e.contains("algorithm") && e.contains("lokr"), "{e}");
+    }
+
+    /// A LoRA's saved config reads as one from before `algorithm` existed (so `--resume`
+    /// finds no change in checkpoints of earlier versions); a LoKr's keeps its options.
+    #[test]
+    fn saved_configs_round_trip() {
+        let lora: LoraConfig = toml::from_str("rank = 4\nalpha = 4").unwrap();
+        let text = toml::to_string(&lora).unwrap();
+        assert!(
+            ["algorithm", "factor", "dora"]
+                .iter()
+                .all(|k| !text.contains(k)),
+            "{text}"
+        );
+        let lokr: LoraConfig = toml::from_str(
+            "rank = 4\nalpha = 4\nalgorithm = \"lokr\"\nfactor = 8\ndecompose_both = true",
+        )
+        .unwrap();
+        let back: LoraConfig = toml::from_str(&toml::to_string(&lokr).unwrap()).unwrap();
+        assert_eq!(back, lokr);
     }
 
     #[test]
