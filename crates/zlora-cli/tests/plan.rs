@@ -428,7 +428,8 @@ fn peak_gb(config: &str, cache: &Path) -> f64 {
 
 /// Several resolutions plan as their largest (its biggest bucket sets the peak): [512, 768,
 /// 1024] as 1024, [512, 768] as 768; the example with masks and a regularization set plans
-/// as the same run without them (a mask is one (h, w) f32 per item).
+/// as the same run without them, base.toml less its preservation (a mask is one (h, w) f32
+/// per item).
 #[test]
 fn several_resolutions_plan_as_the_largest() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,5 +445,53 @@ fn several_resolutions_plan_as_the_largest() {
     assert!(at_768 < full, "{at_768} < {full}");
     assert_eq!(at("[512, 768, 1024]"), full);
     assert_eq!(at("[512, 768]"), at_768);
-    assert_eq!(peak_gb(&example("masked-regularized.toml"), d), full);
+    let plain = variant_of(
+        "base.toml",
+        d,
+        &[("preservation = { class = \"woman\", weight = 1.0 }", "")],
+    );
+    assert_eq!(
+        peak_gb(&example("masked-regularized.toml"), d),
+        peak_gb(&plain, d)
+    );
+}
+
+/// The LoKr example against the same run with the rank-16 LoRA: its 2,092,800 parameters
+/// (30 layers × (4 × (60² + 64²) + 3 × (80·60 + 128·64))) are what the plan keeps as f32
+/// weights and gradients and as AdamW's moments, and its backward through the dense delta
+/// (4 · out · in per token of each adapted Linear) adds to the step's FLOPs.
+#[test]
+fn the_lokr_example_plans_its_parameters_and_dense_backward() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |config: &str| -> serde_json::Value {
+        let out = zlora(&["plan", config, "--json"], dir.path());
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let item = |p: &serde_json::Value, what: &str| -> f64 {
+        let training = p["memory"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|ph| ph["name"] == "training")
+            .unwrap();
+        let items = training["items"].as_array().unwrap();
+        let found = items
+            .iter()
+            .find(|i| i["what"].as_str().unwrap().starts_with(what));
+        found.unwrap()["bytes"].as_f64().unwrap()
+    };
+    let lokr = plan(&example("turbo-lokr.toml"));
+    let lora = plan(&variant_of(
+        "turbo-lokr.toml",
+        dir.path(),
+        &[("algorithm = \"lokr\"\nfull_matrix = true\n", "")],
+    ));
+    let params = 30.0 * (4.0 * (3600.0 + 4096.0) + 3.0 * (4800.0 + 8192.0));
+    assert_eq!(item(&lokr, "LoRA: f32 weights"), 8.0 * params);
+    assert_eq!(item(&lokr, "optimizer state"), 8.0 * params);
+    let lora_params = 30.0 * (4.0 * 16.0 * 7680.0 + 3.0 * 16.0 * 14080.0);
+    assert_eq!(item(&lora, "LoRA: f32 weights"), 8.0 * lora_params);
+    let extra = lokr["flops_per_step"].as_f64().unwrap() - lora["flops_per_step"].as_f64().unwrap();
+    let dense = 4.0 * 30.0 * (4.0 * 3840.0f64.powi(2) + 3.0 * 3840.0 * 10240.0) * 4608.0;
+    assert!((0.9..1.1).contains(&(extra / dense)), "{extra} vs {dense}");
 }

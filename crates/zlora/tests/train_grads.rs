@@ -34,12 +34,20 @@ modules = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_o
     );
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let lora = TrainableLora::new(&cfg, model, &mut rng).unwrap();
-    for m in &lora.modules {
-        let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
-        m.up.set(&up).unwrap();
-    }
+    wake_zero_factors(&lora, &mut rng);
     lora.attach(model).unwrap();
     lora
+}
+
+/// Sets every factor that starts at zero (LoRA up, LoKr w2 or w2_b, LoHa w2_a) to small
+/// noise, so that the other factors get non-zero gradients too.
+fn wake_zero_factors(lora: &TrainableLora, rng: &mut ChaCha8Rng) {
+    for v in lora.vars() {
+        if norm(v.as_tensor()) == 0.0 {
+            let t = (gaussian_like(v.as_tensor(), rng).unwrap() * 0.1).unwrap();
+            v.set(&t).unwrap();
+        }
+    }
 }
 
 fn toml_cfg(text: &str) -> LoraConfig {
@@ -202,6 +210,32 @@ fn the_hand_written_backward_equals_autograd() {
     equals_autograd(&model, &lora);
 }
 
+/// A trained LoKr (w2 a product; both factors products; both full) or LoHa on every Linear
+/// of every block: the hand-written backward carries their factors' gradients as autograd
+/// does through the same forward.
+#[test]
+fn the_hand_written_backward_equals_autograd_for_lokr_and_loha() {
+    for options in [
+        "rank = 2\nalgorithm = \"lokr\"",
+        "rank = 1\nalgorithm = \"lokr\"\ndecompose_both = true",
+        "rank = 2\nalgorithm = \"lokr\"\nfull_matrix = true",
+        "rank = 2\nalgorithm = \"loha\"",
+    ] {
+        let mut model = model();
+        let cfg = toml_cfg(&format!(
+            "{options}\nalpha = 3.0\nstacks = [\"layers\", \"noise_refiner\", \"context_refiner\"]\n\
+             modules = [\"attention.to_q\", \"attention.to_out.0\", \"feed_forward.w2\", \
+             \"adaLN_modulation.0\"]"
+        ));
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let lora = TrainableLora::new(&cfg, &model, &mut rng).unwrap();
+        wake_zero_factors(&lora, &mut rng);
+        lora.attach(&mut model).unwrap();
+        eprintln!("{options}");
+        equals_autograd(&model, &lora);
+    }
+}
+
 /// The default targets (the first main block's input needs no gradient) with adaLN added
 /// (that block's attention input gradient is still needed for the modulation's).
 #[test]
@@ -214,10 +248,7 @@ fn the_hand_written_backward_equals_autograd_for_main_layer_targets() {
         let cfg = toml_cfg(&format!("rank = 2\nalpha = 2.0\n{modules}"));
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let lora = TrainableLora::new(&cfg, &model, &mut rng).unwrap();
-        for m in &lora.modules {
-            let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
-            m.up.set(&up).unwrap();
-        }
+        wake_zero_factors(&lora, &mut rng);
         lora.attach(&mut model).unwrap();
         assert!(lora.modules.iter().all(|m| m.path.starts_with("layers.")));
         equals_autograd(&model, &lora);
@@ -318,10 +349,7 @@ fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let lora = TrainableLora::new(&cfg, &model, &mut rng).unwrap();
-    for m in &lora.modules {
-        let up = (gaussian_like(m.up.as_tensor(), &mut rng).unwrap() * 0.1).unwrap();
-        m.up.set(&up).unwrap();
-    }
+    wake_zero_factors(&lora, &mut rng);
     lora.attach(&mut model).unwrap();
     let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
     let x0 = gaussian_like(&zeros(&[2, 16, 8, 8]), &mut rng).unwrap();

@@ -17,7 +17,7 @@
 //!
 //! LoKr and LoHa keep LyCORIS tensor names (`lokr_w1`, `hada_w1_a`, ...) under the layout's
 //! prefix, their scale folded into w1 and `.alpha` = rank so that every loader's scale is 1
-//! (no `.alpha` for a LoKr with two full factors, whose scale is 1 anyway). diffusers cannot
+//! (1 for a LoKr with two full factors, whose scale is 1 anyway). diffusers cannot
 //! load them, so [`Layout::DiffusersPeft`] refuses them; ComfyUI applies them per q/k/v
 //! slice, so [`Layout::ComfyFused`] leaves a block unfused when one of its q/k/v is not LoRA.
 
@@ -276,11 +276,12 @@ fn lycoris_factor(
     Ok(())
 }
 
-/// `.alpha` = the rank LyCORIS divides by, so the written scale is 1.
+/// `.alpha` = the rank LyCORIS divides by, so the written scale is 1; 1 for a LoKr with two
+/// full factors, whose scale is 1 whatever alpha says but whose `.alpha` LyCORIS' own loader
+/// requires (it reads such a module as rank 1).
 fn unit_alpha(out: &mut BTreeMap<String, Tensor>, stem: &str, w: &AdapterWeights) -> Result<()> {
-    if let Some(rank) = w.alpha_rank() {
-        out.insert(format!("{stem}.alpha"), alpha_tensor(rank as f64)?);
-    }
+    let rank = w.alpha_rank().unwrap_or(1);
+    out.insert(format!("{stem}.alpha"), alpha_tensor(rank as f64)?);
     Ok(())
 }
 

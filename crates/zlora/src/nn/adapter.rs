@@ -123,20 +123,6 @@ impl AdapterWeights {
         }
     }
 
-    /// How many numbers the factors hold (what the adapter costs in memory).
-    pub fn param_count(&self) -> usize {
-        let factor = |f: &Factor| match f {
-            Factor::Full(m) => m.elem_count(),
-            Factor::Product(a, b) => a.elem_count() + b.elem_count(),
-        };
-        match self {
-            AdapterWeights::LowRank { down, up } => down.elem_count() + up.elem_count(),
-            AdapterWeights::Kronecker { w1, w2 } | AdapterWeights::Hadamard { w1, w2 } => {
-                factor(w1) + factor(w2)
-            }
-        }
-    }
-
     /// The rank the producer's alpha is divided by, as LyCORIS and ComfyUI define it: the
     /// LoRA rank, the LoHa rank of w1, the LoKr rank of the decomposed factor (w2 first);
     /// `None` for a LoKr whose factors are both full (its scale is 1 whatever alpha says).
@@ -176,7 +162,7 @@ impl AdapterWeights {
     }
 
     /// The same factors with every tensor mapped by `f`.
-    fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<AdapterWeights> {
+    pub(crate) fn map(&self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<AdapterWeights> {
         let factor = |x: &Factor| -> Result<Factor> {
             Ok(match x {
                 Factor::Full(m) => Factor::Full(f(m)?),
@@ -202,6 +188,11 @@ impl AdapterWeights {
     /// The factors on `device` in `dtype` (how a file's adapter enters a model).
     pub fn placed(&self, device: &Device, dtype: DType) -> Result<AdapterWeights> {
         self.map(|t| t.to_device(device)?.to_dtype(dtype))
+    }
+
+    /// A copy of the factors with storage of their own (a snapshot of trained `Var`s).
+    pub fn copied(&self) -> Result<AdapterWeights> {
+        self.map(|t| t.copy())
     }
 
     /// The same factors, cut from any autograd graph.
@@ -274,6 +265,23 @@ impl AdapterWeights {
     }
 }
 
+/// Adds the gradients of a factor's `Var`s for the gradient `dm` of its matrix.
+fn factor_grads(factor: &Factor, dm: Tensor, grads: &mut Grads) -> Result<()> {
+    match factor {
+        Factor::Full(m) if m.is_variable() => grads.add(m, dm),
+        Factor::Full(_) => Ok(()),
+        Factor::Product(a, b) => {
+            if a.is_variable() {
+                grads.add(a, dm.matmul(&b.detach().t()?)?)?;
+            }
+            if b.is_variable() {
+                grads.add(b, a.detach().t()?.matmul(&dm)?)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// kron(a, b) for matrices: [l, m] ⊗ [k, n] → [l·k, m·n], differentiable.
 pub fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let ((l, m), (k, n)) = (a.dims2()?, b.dims2()?);
@@ -312,9 +320,9 @@ impl Adapter {
         (self.weights.apply(x)? * self.factor())?.to_dtype(x.dtype())
     }
 
-    /// Whether this is a LoRA whose factors are `Var`s (the one being trained).
+    /// Whether any factor is a `Var` (the adapter being trained).
     pub fn is_trainable(&self) -> bool {
-        matches!(&self.weights, AdapterWeights::LowRank { down, up } if down.is_variable() || up.is_variable())
+        self.weights.tensors().iter().any(|t| t.is_variable())
     }
 
     /// `forward` without recording an autograd graph, for passes whose backward is written
@@ -371,11 +379,62 @@ impl Adapter {
         Ok(Some((d, a)))
     }
 
-    /// The input's gradient through a frozen adapter's dense delta, in `x`'s dtype.
+    /// The input's gradient through a LoKr's or LoHa's dense delta, in `x`'s dtype.
     pub(crate) fn dense_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let delta = (self.weights.detached()?.delta()? * self.factor())?;
         dy.to_dtype(DType::F32)?
-            .broadcast_matmul(&self.delta()?.detach())?
+            .broadcast_matmul(&delta)?
             .to_dtype(x.dtype())
+    }
+
+    /// The gradients of a trainable LoKr's or LoHa's factors for the output gradient `dy`,
+    /// added to `grads` (nothing for a frozen adapter or a LoRA, whose backward is
+    /// [`Adapter::low_rank_backward`]). They go through the dense delta: its gradient
+    /// dW = f·dyᵀ·x ([out, in], f32), then the chain rule into the factors. This is exact and
+    /// costs one [out, in] product over the rows, the size of the frozen weight's own input
+    /// gradient. With W = kron(w1, w2), dW viewed as G[i, j, p, q] (row i·k + j, column
+    /// p·n + q): ∂w1[i, p] = Σ G[i, j, p, q]·w2[j, q] and ∂w2[j, q] = Σ G[i, j, p, q]·w1[i, p].
+    /// With W = w1 ⊙ w2: ∂w1 = dW ⊙ w2, ∂w2 = dW ⊙ w1. A product a·b then takes
+    /// ∂a = ∂M·bᵀ, ∂b = aᵀ·∂M.
+    pub(crate) fn dense_factor_grads(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        if !self.is_trainable() {
+            return Ok(());
+        }
+        let rows = |t: &Tensor| -> Result<Tensor> {
+            let w = t.dim(candle_core::D::Minus1)?;
+            t.to_dtype(DType::F32)?.reshape((t.elem_count() / w, w))
+        };
+        let dw = (rows(dy)?.t()?.matmul(&rows(x)?)? * self.factor())?;
+        let fixed = self.weights.detached()?;
+        let (w1, w2) = match (&self.weights, &fixed) {
+            (
+                AdapterWeights::Kronecker { w1, w2 },
+                AdapterWeights::Kronecker { w1: m1, w2: m2 },
+            ) => {
+                let (m1, m2) = (m1.matrix()?, m2.matrix()?);
+                let ((l, m), (k, n)) = (m1.dims2()?, m2.dims2()?);
+                let g = dw
+                    .reshape((l, k, m, n))?
+                    .permute((0, 2, 1, 3))?
+                    .contiguous()?
+                    .reshape((l * m, k * n))?;
+                let d1 = g.matmul(&m2.reshape((k * n, 1))?)?.reshape((l, m))?;
+                let d2 = m1.reshape((1, l * m))?.matmul(&g)?.reshape((k, n))?;
+                ((w1, d1), (w2, d2))
+            }
+            (AdapterWeights::Hadamard { w1, w2 }, AdapterWeights::Hadamard { w1: m1, w2: m2 }) => {
+                let (m1, m2) = (m1.matrix()?, m2.matrix()?);
+                ((w1, (&dw * m2)?), (w2, (&dw * m1)?))
+            }
+            _ => return Ok(()),
+        };
+        factor_grads(w1.0, w1.1, grads)?;
+        factor_grads(w2.0, w2.1, grads)
     }
 }
 

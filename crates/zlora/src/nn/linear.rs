@@ -220,13 +220,15 @@ impl Linear {
         grads: &mut Grads,
     ) -> candle_core::Result<()> {
         for a in self.enabled().filter(|a| a.is_trainable()) {
-            a.low_rank_backward(x, dy, grads)?;
+            if a.low_rank_backward(x, dy, grads)?.is_none() {
+                a.dense_factor_grads(x, dy, grads)?;
+            }
         }
         Ok(())
     }
 
-    /// The gradient of the input `x` for the output gradient `dy`; trainable adapters add
-    /// the gradients of their factors to `grads`. The base weight is frozen.
+    /// The gradient of the input `x` for the output gradient `dy`; trainable adapters (LoRA,
+    /// LoKr, LoHa) add the gradients of their factors to `grads`. The base weight is frozen.
     pub fn backward(
         &self,
         x: &Tensor,
@@ -238,7 +240,10 @@ impl Linear {
         for a in self.enabled() {
             match a.low_rank_backward(x, dy, grads)? {
                 Some(term) => terms.push(term),
-                None => dense.push(a.dense_backward(x, dy)?),
+                None => {
+                    a.dense_factor_grads(x, dy, grads)?;
+                    dense.push(a.dense_backward(x, dy)?);
+                }
             }
         }
         let mut dx = matmul_plus(dy, &w, &terms)?;

@@ -14,8 +14,9 @@ use crate::model::text::{Qwen3TextEncoder, TextEncoderConfig};
 use crate::model::vae::{AutoencoderKL, VaeConfig};
 use crate::model::weights::{component_files, expected_tensors, recorded_tensors};
 use crate::model::TransformerConfig;
+use crate::nn::{AdapterWeights, Factor};
 use crate::train::config::{TrainConfig, Variant};
-use crate::train::lora::LoraConfig;
+use crate::train::lora::{Algorithm, FactorShape, LoraConfig};
 use crate::{Error, Result};
 
 /// One Linear of the transformer: its module path and weight shape.
@@ -49,7 +50,8 @@ pub fn stack_of(path: &str) -> Option<&'static str> {
     STACKS.iter().copied().find(|s| *s == stack)
 }
 
-/// A low-rank adapter on some Linears (the trained LoRA or the frozen training adapter).
+/// An adapter on one Linear (of the trained LoRA, LoKr or LoHa, or of the frozen training
+/// adapter).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LowRank {
     pub path: String,
@@ -57,9 +59,75 @@ pub struct LowRank {
     pub inp: usize,
     /// Parameters of this module's factors.
     pub params: u64,
+    /// Each factor tensor's (rows, cols): what the optimizers keep state for.
+    pub tensors: Vec<(usize, usize)>,
+    /// Floating-point operations per token of its forward, as nn/adapter.rs computes it:
+    /// 2 · params for a LoRA (x·Aᵀ, then ·Bᵀ), 2 · (m·n·k + l·m·k) for a LoKr (the input
+    /// viewed as [m, n], times w2ᵀ, then w1 ·), 2 · out · in for a LoHa (its dense delta).
+    pub forward_flops: f64,
+    /// The same for its backward when it is trained: twice the forward for a LoRA; for a
+    /// LoKr or LoHa the dense delta's gradient dyᵀ·x and the input's gradient dy·ΔW, each
+    /// 2 · out · in (nn/adapter.rs `dense_factor_grads`).
+    pub backward_flops: f64,
 }
 
 impl LowRank {
+    /// The module on `path`, an [out, in] Linear, made of factors `shapes` of `algorithm`.
+    pub fn new(
+        path: String,
+        (out, inp): (usize, usize),
+        algorithm: Algorithm,
+        shapes: &[FactorShape],
+    ) -> Self {
+        let tensors: Vec<(usize, usize)> = shapes
+            .iter()
+            .flat_map(|s| match *s {
+                FactorShape::Full(r, c) => vec![(r, c)],
+                FactorShape::Product(r, k, c) => vec![(r, k), (k, c)],
+            })
+            .collect();
+        let params = tensors.iter().map(|(r, c)| (r * c) as u64).sum::<u64>();
+        let dense = 2.0 * (out * inp) as f64;
+        let (forward_flops, backward_flops) = match (algorithm, shapes) {
+            (Algorithm::Lora, _) => (2.0 * params as f64, 4.0 * params as f64),
+            (Algorithm::Lokr, [w1, w2]) => {
+                let ((l, m), (k, n)) = (w1.dims(), w2.dims());
+                (2.0 * (m * n * k + l * m * k) as f64, 2.0 * dense)
+            }
+            _ => (dense, 2.0 * dense),
+        };
+        Self {
+            path,
+            out,
+            inp,
+            params,
+            tensors,
+            forward_flops,
+            backward_flops,
+        }
+    }
+
+    /// A file's adapter: its algorithm and factor shapes.
+    fn of_file(path: String, weights: &AdapterWeights) -> Result<Self> {
+        let shape = |f: &Factor| -> Result<FactorShape> {
+            let (rows, cols) = f.dims()?;
+            Ok(match f.rank() {
+                Some(k) => FactorShape::Product(rows, k, cols),
+                None => FactorShape::Full(rows, cols),
+            })
+        };
+        let (algorithm, shapes) = match weights {
+            AdapterWeights::LowRank { down, .. } => {
+                let (out, inp) = weights.shape()?;
+                let rank = down.dims()[0];
+                (Algorithm::Lora, vec![FactorShape::Product(out, rank, inp)])
+            }
+            AdapterWeights::Kronecker { w1, w2 } => (Algorithm::Lokr, vec![shape(w1)?, shape(w2)?]),
+            AdapterWeights::Hadamard { w1, w2 } => (Algorithm::Loha, vec![shape(w1)?, shape(w2)?]),
+        };
+        Ok(Self::new(path, weights.shape()?, algorithm, &shapes))
+    }
+
     /// The rank a LoRA of the same size would have (exact for LoRA).
     pub fn rank(&self) -> f64 {
         self.params as f64 / (self.out + self.inp) as f64
@@ -229,16 +297,14 @@ impl ModelDims {
         self.vae.spatial_factor()
     }
 
-    /// The trained LoRA's modules.
+    /// The trained adapter's modules, with the factor shapes training gives them.
     pub fn lora(&self, cfg: &LoraConfig) -> Vec<LowRank> {
         self.linears
             .iter()
             .filter(|l| cfg.targets(&l.path))
-            .map(|l| LowRank {
-                path: l.path.clone(),
-                out: l.out,
-                inp: l.inp,
-                params: (cfg.rank * (l.out + l.inp)) as u64,
+            .map(|l| {
+                let shapes = cfg.factor_shapes(l.out, l.inp);
+                LowRank::new(l.path.clone(), (l.out, l.inp), cfg.algorithm, &shapes)
             })
             .collect()
     }
@@ -252,15 +318,7 @@ impl ModelDims {
             return file
                 .modules
                 .iter()
-                .map(|(p, m)| {
-                    let (out, inp) = m.shape()?;
-                    Ok(LowRank {
-                        path: p.clone(),
-                        out,
-                        inp,
-                        params: m.weights.param_count() as u64,
-                    })
-                })
+                .map(|(p, m)| LowRank::of_file(p.clone(), &m.weights))
                 .collect();
         }
         const V2_RANK: usize = 64;
@@ -268,11 +326,9 @@ impl ModelDims {
             .linears
             .iter()
             .filter(|l| l.stack() == Some("layers"))
-            .map(|l| LowRank {
-                path: l.path.clone(),
-                out: l.out,
-                inp: l.inp,
-                params: (V2_RANK * (l.out + l.inp)) as u64,
+            .map(|l| {
+                let shape = [FactorShape::Product(l.out, V2_RANK, l.inp)];
+                LowRank::new(l.path.clone(), (l.out, l.inp), Algorithm::Lora, &shape)
             })
             .collect())
     }
@@ -322,5 +378,34 @@ mod tests {
         let params: u64 = lora.iter().map(|m| m.params).sum();
         // q, k, v, out: 16·(3840+3840); w1, w3: 16·(3840+10240); w2 the same.
         assert_eq!(params, 30 * (4 * 16 * 7680 + 3 * 16 * 14080));
+    }
+
+    /// LyCORIS' shapes (lora-formats.md §4): a rank-16 LoKr on q, k, v, out has w1 [60, 60]
+    /// and w2 [64, 16]·[16, 64]; on w1, w3 w1 [80, 60] and w2 [128, 16]·[16, 64]; on w2 the
+    /// transposes. A rank-8 LoHa holds two rank-8 products: a rank-16 LoRA's count.
+    #[test]
+    fn lokr_and_loha_counts_follow_their_factor_shapes() {
+        let dims = ModelDims::built_in(Variant::Base).unwrap();
+        let count = |lora: &str| -> (u64, usize) {
+            let cfg: LoraConfig = toml::from_str(&format!("alpha = 1\n{lora}")).unwrap();
+            let modules = dims.lora(&cfg);
+            let tensors = modules.iter().map(|m| m.tensors.len()).sum();
+            (modules.iter().map(|m| m.params).sum(), tensors)
+        };
+        let attention = 60 * 60 + 16 * (64 + 64);
+        let ffn = 80 * 60 + 16 * (128 + 64);
+        assert_eq!(
+            count("rank = 16\nalgorithm = \"lokr\""),
+            (30 * (4 * attention + 3 * ffn), 30 * 7 * 3)
+        );
+        assert_eq!(
+            count("rank = 8\nalgorithm = \"loha\"").0,
+            30 * (4 * 16 * 7680 + 3 * 16 * 14080)
+        );
+        let full = 60 * 60 + 64 * 64;
+        assert_eq!(
+            count("rank = 16\nalgorithm = \"lokr\"\nfull_matrix = true"),
+            (30 * (4 * full + 3 * (80 * 60 + 128 * 64)), 30 * 7 * 2)
+        );
     }
 }

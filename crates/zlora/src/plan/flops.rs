@@ -1,9 +1,11 @@
 //! Floating-point operations of one training step, counted from the model's Linears and the
 //! token counts: a Linear costs 2 · in · out per token it sees, attention 4 · tokens² · dim per
-//! block (q·kᵀ and probabilities · v), a low-rank module 2 · its parameters per token. The
-//! backward pass costs twice the forward of the part it walks; checkpointing adds one more
-//! forward of the trained blocks. Differential output preservation adds, per micro-batch, a
-//! forward without the LoRA (the prior) and a second forward and backward. Element-wise work (norms, rope, softmax) is left out: it is
+//! block (q·kᵀ and probabilities · v), an adapter module what [`LowRank`] counts per token
+//! (a LoRA 2 · its parameters). The backward pass costs twice the forward of the frozen part
+//! it walks plus the trained adapter's own backward (twice its forward for a LoRA, 4 · out ·
+//! in per token for a LoKr or LoHa); checkpointing adds one more forward of the trained
+//! blocks. Differential output preservation adds, per micro-batch, a forward without the
+//! LoRA (the prior) and a second forward and backward. Element-wise work (norms, rope, softmax) is left out: it is
 //! memory-bound and a few percent of the matmuls at Z-Image's width.
 
 use serde::Serialize;
@@ -79,6 +81,26 @@ fn part_of(path: &str) -> Part {
 
 /// The forward cost of the parts of the model that `include` selects.
 pub fn forward(run: &Run, tokens: Tokens, include: impl Fn(Part) -> bool) -> f64 {
+    frozen_forward(run, tokens, &include) + adapter(run.lora, tokens, include, |m| m.forward_flops)
+}
+
+/// What the adapter `modules` inside the parts `include` selects cost per step, `per_token`
+/// giving a module's cost per token.
+fn adapter(
+    modules: &[LowRank],
+    tokens: Tokens,
+    include: impl Fn(Part) -> bool,
+    per_token: impl Fn(&LowRank) -> f64,
+) -> f64 {
+    modules
+        .iter()
+        .filter(|m| include(part_of(&m.path)))
+        .map(|m| tokens.batch as f64 * tokens.seen_by(&m.path) as f64 * per_token(m))
+        .sum()
+}
+
+/// The forward cost of the parts `include` selects without the trained adapter.
+fn frozen_forward(run: &Run, tokens: Tokens, include: &impl Fn(Part) -> bool) -> f64 {
     let b = tokens.batch as f64;
     let linears: f64 = run
         .dims
@@ -87,13 +109,6 @@ pub fn forward(run: &Run, tokens: Tokens, include: impl Fn(Part) -> bool) -> f64
         .filter(|l| include(part_of(&l.path)))
         .map(|l| 2.0 * b * tokens.seen_by(&l.path) as f64 * l.params() as f64)
         .sum();
-    let lowrank = |modules: &[LowRank]| -> f64 {
-        modules
-            .iter()
-            .filter(|m| include(part_of(&m.path)))
-            .map(|m| 2.0 * b * tokens.seen_by(&m.path) as f64 * m.params as f64)
-            .sum()
-    };
     let cfg = &run.dims.transformer;
     let attention: f64 = STACKS
         .into_iter()
@@ -108,7 +123,7 @@ pub fn forward(run: &Run, tokens: Tokens, include: impl Fn(Part) -> bool) -> f64
             blocks as f64 * 4.0 * b * t * t * cfg.dim as f64
         })
         .sum();
-    linears + lowrank(run.lora) + lowrank(run.adapter) + attention
+    linears + adapter(run.adapter, tokens, include, |m| m.forward_flops) + attention
 }
 
 /// One optimizer step.
@@ -121,10 +136,13 @@ pub fn step(run: &Run, work: &Workload) -> Flops {
     // The backward walks the main layers, the final layer and the refiners that carry a
     // LoRA; the embedders and untrained refiners are constants to it.
     let trained = |s: &str| s == "layers" || run.lora.iter().any(|m| m.stack() == Some(s));
+    let in_blocks = |p: Part| matches!(p, Part::Block(s) if trained(s));
     let all = forward(run, tokens, |_| true);
-    let blocks = forward(run, tokens, |p| matches!(p, Part::Block(s) if trained(s)));
+    let blocks = forward(run, tokens, in_blocks);
     let final_layer = forward(run, tokens, |p| p == Part::FinalLayer);
-    let backward = 2.0 * (blocks + final_layer);
+    // The trained adapter's backward is its own (LoKr and LoHa go through the dense delta).
+    let frozen = frozen_forward(run, tokens, &in_blocks) + final_layer;
+    let backward = 2.0 * frozen + adapter(run.lora, tokens, in_blocks, |m| m.backward_flops);
     let recompute = if work.checkpointing { blocks } else { 0.0 };
     let pass = all + backward + recompute;
     let preservation = if work.preservation {
@@ -209,5 +227,46 @@ mod tests {
             preserving.per_step,
             2.0 * (per_micro + preserving.preservation)
         );
+    }
+
+    /// A LoKr's forward is two small products per token, a few percent of the step's; its
+    /// trained backward (the dense delta's gradient and the input gradient through it) is 4 · out · in
+    /// per token: one more backward's worth of the adapted Linears. A LoHa's forward adds its
+    /// dense delta's product.
+    #[test]
+    fn lokr_and_loha_cost_their_dense_products() {
+        let dims = ModelDims::built_in(Variant::Base).unwrap();
+        let cost = |lora: &str| {
+            let cfg: LoraConfig = toml::from_str(&format!("alpha = 16\n{lora}")).unwrap();
+            let lora = dims.lora(&cfg);
+            let run = Run {
+                dims: &dims,
+                lora: &lora,
+                adapter: &[],
+            };
+            step(&run, &work(false, 1))
+        };
+        let (lora, lokr, loha) = (
+            cost("rank = 16"),
+            cost("rank = 16\nalgorithm = \"lokr\""),
+            cost("rank = 16\nalgorithm = \"loha\""),
+        );
+        // The default targets: 30 layers of q, k, v, out (3840²) and w1, w2, w3 (3840·10240).
+        let adapted = 30.0 * (4.0 * 3840.0 * 3840.0 + 3.0 * 3840.0 * 10240.0);
+        let tokens = 4096.0 + 512.0;
+        // The LoKr forward per token, w1 [l, m] and w2 [k, n]: 2 · (m·n·k + l·m·k); q, k, v,
+        // out (60, 64)², w1 and w3 out (80, 128) in (60, 64), w2 the other way round.
+        let kron = |l: f64, k: f64, m: f64, n: f64| 2.0 * (m * n * k + l * m * k);
+        let lokr_forward = 30.0
+            * (4.0 * kron(60.0, 64.0, 60.0, 64.0)
+                + 2.0 * kron(80.0, 128.0, 60.0, 64.0)
+                + kron(60.0, 64.0, 80.0, 128.0));
+        // Both backwards walk the same frozen part: what differs is the adapter's own.
+        let lokr_own = lokr.backward - (lora.backward - 2.0 * (lora.forward - lokr.forward));
+        let want = (4.0 * adapted - 2.0 * lokr_forward) * tokens;
+        assert!((lokr_own / want - 1.0).abs() < 1e-9, "{lokr_own} vs {want}");
+        assert!((lokr.forward / lora.forward - 1.0).abs() < 0.05);
+        let loha_extra = loha.forward - lora.forward;
+        assert!((loha_extra / (2.0 * adapted * tokens) - 1.0).abs() < 0.01);
     }
 }

@@ -412,8 +412,9 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
 /// The optimizer's state (train/optim.rs and its neighbours): AdamW two f32 moments per
 /// parameter; 8-bit AdamW one byte per moment and an f32 scale per block of 256, f32 moments
 /// for factors under 4096 elements; Prodigy four f32 tensors (p0, s and the two moments);
-/// Adafactor, per factor, a row and a column mean of the squared gradient (out + rank for
-/// the up factor, rank + in for the down one) and a first moment only with beta1.
+/// Adafactor, per factor tensor, a row and a column mean of the squared gradient (rows +
+/// cols: out + rank for a LoRA's up factor, rank + in for its down one) and a first moment
+/// only with beta1.
 fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
     let o = &work.optimizer;
     let p = params(run.lora);
@@ -425,7 +426,8 @@ fn optimizer_item(phase: &mut Phase, run: &Run, work: &Workload) {
             let factored: f64 = run
                 .lora
                 .iter()
-                .map(|m| (m.out + m.inp) as f64 + 2.0 * m.rank())
+                .flat_map(|m| &m.tensors)
+                .map(|(rows, cols)| (rows + cols) as f64)
                 .sum();
             match o.adafactor.beta1 {
                 Some(_) => (
@@ -475,10 +477,8 @@ fn adamw8bit_bytes(modules: &[LowRank]) -> f64 {
     };
     modules
         .iter()
-        .map(|m| {
-            let rank = m.rank().round() as usize;
-            factor(rank * m.inp) + factor(m.out * rank)
-        })
+        .flat_map(|m| &m.tensors)
+        .map(|(rows, cols)| factor(rows * cols))
         .sum()
 }
 
@@ -771,17 +771,17 @@ mod tests {
     /// threshold; only Prodigy's few scalar tensors are left out of the count.
     #[test]
     fn the_counted_optimizer_state_is_what_each_optimizer_holds() -> crate::Result<()> {
+        use crate::train::lora::{Algorithm, FactorShape};
         use candle_core::{DType, Device, Tensor, Var};
         // (out, in, rank): 64·4 + 4·64 values, below 4096; 512·16 + 16·384, above.
         let shapes = [(64, 64, 4), (512, 384, 16)];
         let modules: Vec<LowRank> = shapes
             .iter()
             .enumerate()
-            .map(|(i, &(out, inp, rank))| LowRank {
-                path: format!("layers.{i}.attention.to_q"),
-                out,
-                inp,
-                params: (rank * (out + inp)) as u64,
+            .map(|(i, &(out, inp, rank))| {
+                let path = format!("layers.{i}.attention.to_q");
+                let lora = [FactorShape::Product(out, rank, inp)];
+                LowRank::new(path, (out, inp), Algorithm::Lora, &lora)
             })
             .collect();
         let vars: Vec<Var> = shapes

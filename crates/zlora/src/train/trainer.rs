@@ -105,8 +105,9 @@ pub fn train(
     let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;
     lora.attach(&mut model)?;
     events(Event::Message(format!(
-        "training a rank-{} LoRA on {} modules ({} parameters)",
+        "training a rank-{} {} on {} modules ({} parameters)",
         cfg.lora.rank,
+        cfg.lora.algorithm.name(),
         lora.modules.len(),
         lora.vars().iter().map(|v| v.elem_count()).sum::<usize>()
     )));
