@@ -239,7 +239,7 @@ fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// Grouped-query attention: each key/value head serves `n_rep` consecutive query heads.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x);
     }
