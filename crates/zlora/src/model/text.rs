@@ -458,6 +458,12 @@ impl PromptTokenizer {
         Ok(ids)
     }
 
+    /// Whether the templated prompt reaches the limit, so that its end would be cut (the
+    /// preflight check of captions).
+    pub fn reaches_limit(&self, prompt: &str) -> Result<bool> {
+        Ok(self.all_ids(prompt)?.len() >= self.max_tokens)
+    }
+
     /// A warning naming the limit when `prompt` is longer than the encoder reads; None when
     /// it fits.
     pub fn cut_warning(&self, prompt: &str) -> Result<Option<String>> {

@@ -1,0 +1,140 @@
+//! `zlora caption DIR --model M`: a caption file beside every image of a dataset folder,
+//! written by a local Qwen3-VL (docs/caption.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Style, Summary};
+use zlora::caption::{Captioner, Decoding, VlmFolder};
+use zlora::model::text::PromptTokenizer;
+
+use crate::progress::images_bar;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StyleArg {
+    Natural,
+    Tags,
+    Short,
+    TriggerOnly,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The dataset folder (the images training reads: png, jpg, webp).
+    dir: PathBuf,
+    /// A Qwen3-VL Instruct folder, or its repo id in the Hugging Face cache.
+    #[arg(long)]
+    model: String,
+    /// What to ask for: a detailed paragraph, tags, one short sentence, or the trigger alone.
+    #[arg(long, value_enum, default_value = "natural")]
+    style: StyleArg,
+    /// Put this word first in every caption (trigger-only: the caption is just this word).
+    #[arg(long)]
+    trigger: Option<String>,
+    /// Your own instruction instead of the style's.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// The most tokens one caption may have.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Caption only the images without a caption file.
+    #[arg(long, conflicts_with = "force")]
+    skip_existing: bool,
+    /// Overwrite existing caption files.
+    #[arg(long)]
+    force: bool,
+    /// Print the captions, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Sample at this temperature instead of greedy decoding.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// The sampling seed (with --temperature).
+    #[arg(long, requires = "temperature", default_value_t = 0)]
+    seed: u64,
+}
+
+fn job(a: &Args) -> CaptionJob {
+    let existing = match (a.skip_existing, a.force) {
+        (true, _) => Existing::Skip,
+        (_, true) => Existing::Overwrite,
+        _ => Existing::Refuse,
+    };
+    CaptionJob {
+        dir: a.dir.clone(),
+        style: match a.style {
+            StyleArg::Natural => Style::Natural,
+            StyleArg::Tags => Style::Tags,
+            StyleArg::Short => Style::Short,
+            StyleArg::TriggerOnly => Style::TriggerOnly,
+        },
+        trigger: a.trigger.clone(),
+        prompt: a.prompt.clone(),
+        existing,
+        dry_run: a.dry_run,
+        decoding: Decoding {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            seed: a.seed,
+        },
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let job = job(&a);
+    let planned = job.plan()?;
+    let folder = VlmFolder::open(&a.model)?;
+    let limit = PromptTokenizer::from_file(&folder.tokenizer_file())?;
+    let to_caption = planned.iter().any(|p| p.action == Action::Caption);
+    let mut model = if job.needs_model() && to_caption {
+        let device = zlora::device::select()?;
+        let dtype = zlora::device::default_dtype(&device);
+        eprintln!("{}", zlora::device::describe(&device, dtype));
+        Some(Captioner::load(&folder, dtype, &device)?)
+    } else {
+        None
+    };
+    let bar = images_bar(planned.len() as u64, "captioning".into());
+    let mut summary = Summary::default();
+    for p in &planned {
+        let outcome = job.run_one(p, model.as_mut(), &limit);
+        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, &outcome) {
+            bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
+        }
+        summary.add(p, &outcome);
+        bar.inc(1);
+    }
+    bar.finish();
+    report(&summary, a.dry_run);
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn report(s: &Summary, dry_run: bool) {
+    let written = if dry_run {
+        " (dry run: nothing written)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "captioned {}, skipped {}, failed {}{written}",
+        s.captioned,
+        s.skipped,
+        s.failed.len()
+    );
+    for (image, reason) in &s.failed {
+        eprintln!("  failed {}: {reason}", zlora::error::shown(image));
+    }
+    for file in &s.too_long {
+        eprintln!(
+            "  warning: {} reaches the text encoder's limit of {} tokens (chat template \
+             included): training would cut its end, shorten it",
+            zlora::error::shown(file),
+            zlora::model::text::DEFAULT_MAX_TOKENS
+        );
+    }
+}
