@@ -57,7 +57,7 @@ impl VlmFolder {
         if let Some(missing) = FILES.iter().find(|f| !root.join(f).is_file()) {
             return Err(Error::bad_file(
                 &root,
-                format!("not a Qwen3-VL model folder: no {missing} (point --model at a Qwen3-VL Instruct folder or repo id)"),
+                format!("not a Qwen3-VL model folder: no {missing} (zlora fetch qwen3-vl-4b, or point --model at a Qwen3-VL Instruct folder)"),
             ));
         }
         Ok(Self { root })
