@@ -38,6 +38,10 @@ pub struct Args {
     /// The most tokens one caption may have.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
+    /// Resize larger images to at most this many pixels (the processor's own limit when
+    /// lower). Memory grows with the square of the patch count.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_pixels: usize,
     /// Caption only the images without a caption file.
     #[arg(long, conflicts_with = "force")]
     skip_existing: bool,
@@ -91,7 +95,9 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let device = zlora::device::select()?;
         let dtype = zlora::device::default_dtype(&device);
         eprintln!("{}", zlora::device::describe(&device, dtype));
-        Some(Captioner::load(&folder, dtype, &device)?)
+        let mut model = Captioner::load(&folder, dtype, &device)?;
+        model.limit_pixels(a.max_pixels)?;
+        Some(model)
     } else {
         None
     };

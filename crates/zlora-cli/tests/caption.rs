@@ -161,5 +161,13 @@ fn a_bad_model_folder_or_setting_is_one_line_of_error() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
         assert!(err.contains(expected), "{extra:?}: {err}");
     }
+    let out = caption(dir.path(), &["--max-pixels", "1000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.trim()
+            .ends_with("below the processor's min_pixels 4096"),
+        "{err}"
+    );
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
 }

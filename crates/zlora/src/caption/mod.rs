@@ -157,6 +157,20 @@ impl Captioner {
         })
     }
 
+    /// Caps the resized image area below the processor's `max_pixels` (Qwen3-VL's is
+    /// 16.8 M pixels: a 4K photo becomes 32 k patches, whose attention scores alone would
+    /// take tens of GB). Images under the cap are processed exactly as the reference does.
+    pub fn limit_pixels(&mut self, max_pixels: usize) -> Result<()> {
+        let min = self.processor.min_pixels;
+        if max_pixels < min {
+            return Err(Error::Invalid(format!(
+                "--max-pixels {max_pixels} is below the processor's min_pixels {min}"
+            )));
+        }
+        self.processor.max_pixels = self.processor.max_pixels.min(max_pixels);
+        Ok(())
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
