@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Style, Summary};
+use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style, Summary};
+use zlora::caption::sheet::{review_sheet, SheetRow};
 use zlora::caption::{Captioner, Decoding, VlmFolder};
 use zlora::model::text::PromptTokenizer;
 
@@ -48,9 +49,12 @@ pub struct Args {
     /// Overwrite existing caption files.
     #[arg(long)]
     force: bool,
-    /// Print the captions, write nothing.
+    /// Print the captions, write no caption files.
     #[arg(long)]
     dry_run: bool,
+    /// Also write a review sheet: every image's thumbnail beside its caption, one PNG.
+    #[arg(long)]
+    sheet: Option<PathBuf>,
     /// Sample at this temperature instead of greedy decoding.
     #[arg(long)]
     temperature: Option<f64>,
@@ -88,6 +92,12 @@ fn job(a: &Args) -> CaptionJob {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let job = job(&a);
     let planned = job.plan()?;
+    if let Some(sheet) = a.sheet.as_ref().filter(|s| s.exists() && !a.force) {
+        anyhow::bail!(
+            "{} exists: pass --force to replace the review sheet, or choose another path",
+            zlora::error::shown(sheet)
+        );
+    }
     let folder = VlmFolder::open(&a.model)?;
     let limit = PromptTokenizer::from_file(&folder.tokenizer_file())?;
     let to_caption = planned.iter().any(|p| p.action == Action::Caption);
@@ -103,21 +113,45 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let bar = images_bar(planned.len() as u64, "captioning".into());
     let mut summary = Summary::default();
+    let mut rows = Vec::with_capacity(planned.len());
     for p in &planned {
         let outcome = job.run_one(p, model.as_mut(), &limit);
         if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, &outcome) {
             bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
         }
         summary.add(p, &outcome);
+        rows.push(sheet_row(&a.dir, p, &outcome));
         bar.inc(1);
     }
     bar.finish();
     report(&summary, a.dry_run);
+    if let Some(path) = &a.sheet {
+        zlora::sample::image::save_png(path, &review_sheet(&rows)?, &[], a.force)?;
+        eprintln!("review sheet: {}", zlora::error::shown(path));
+    }
     Ok(if summary.failed.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The sheet's line for one image: its caption, the kept one, or why it has none.
+fn sheet_row(dir: &std::path::Path, p: &Planned, outcome: &Outcome) -> SheetRow {
+    let text = match outcome {
+        Outcome::Captioned { caption, too_long } if *too_long => {
+            format!("[past the 512-token cut] {caption}")
+        }
+        Outcome::Captioned { caption, .. } => caption.clone(),
+        Outcome::Skipped => zlora::fsutil::read_text(&p.caption_file)
+            .unwrap_or_else(|e| format!("[kept caption unreadable: {e}]")),
+        Outcome::Failed(reason) => format!("[failed: {reason}]"),
+    };
+    SheetRow {
+        image: p.image.clone(),
+        name: zlora::error::shown(p.image.strip_prefix(dir).unwrap_or(&p.image)),
+        text,
+    }
 }
 
 fn report(s: &Summary, dry_run: bool) {

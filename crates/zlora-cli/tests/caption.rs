@@ -120,6 +120,34 @@ fn the_trigger_goes_first_and_trigger_only_writes_just_it() {
 }
 
 #[test]
+fn the_review_sheet_shows_every_image_and_is_not_overwritten() {
+    let dir = dataset();
+    fs::write(dir.path().join("wide.txt"), "mine").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sheet = out.path().join("sheet.png");
+    let args = [
+        "--skip-existing",
+        "--max-tokens",
+        "4",
+        "--sheet",
+        sheet.to_str().unwrap(),
+    ];
+    stderr(&caption(dir.path(), &args));
+    let (img, _) = zlora::sample::image::read_png(&sheet).unwrap();
+    // Two rows of at least a 192-px thumbnail each, with the thumbnails' pixels in them.
+    assert!(img.height >= 2 * 192, "{}×{}", img.width, img.height);
+    let non_white = img
+        .pixels
+        .chunks(3)
+        .filter(|p| p != &[255, 255, 255])
+        .count();
+    assert!(non_white > 2 * 100 * 100, "{non_white} drawn pixels");
+    let again = caption(dir.path(), &args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force to replace the review sheet"));
+}
+
+#[test]
 fn a_dry_run_prints_captions_and_writes_nothing() {
     let dir = dataset();
     let out = caption(

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod job;
 pub mod preprocess;
+pub mod sheet;
 pub mod text;
 pub mod vision;
 
