@@ -165,6 +165,20 @@ fn a_dry_run_prints_captions_and_writes_nothing() {
 }
 
 #[test]
+fn sampling_is_seeded_and_differs_from_greedy() {
+    let dir = dataset();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--dry-run", "--max-tokens", "12"];
+        args.extend_from_slice(extra);
+        stdout(&caption(dir.path(), &args))
+    };
+    let sampled = run(&["--temperature", "2.0", "--seed", "7"]);
+    assert_eq!(sampled, run(&["--temperature", "2.0", "--seed", "7"]));
+    assert_ne!(sampled, run(&["--temperature", "2.0", "--seed", "8"]));
+    assert_ne!(sampled, run(&[]));
+}
+
+#[test]
 fn a_bad_model_folder_or_setting_is_one_line_of_error() {
     let dir = dataset();
     let empty = tempfile::tempdir().unwrap();

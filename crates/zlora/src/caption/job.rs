@@ -119,7 +119,7 @@ impl CaptionJob {
         if planned.is_empty() {
             return Err(Error::bad_file(
                 &self.dir,
-                "no images to caption (png, jpg, webp)",
+                "no images to caption (png, jpg, jpeg, webp)",
             ));
         }
         let existing: Vec<_> = planned
