@@ -49,9 +49,8 @@ fn captioner() -> Captioner {
 }
 
 fn image(name: &str) -> image::RgbImage {
-    zlora::data::dataset::open_image(&fixtures().join(format!("{name}.png")))
-        .unwrap()
-        .to_rgb8()
+    let img = zlora::data::dataset::open_image(&fixtures().join(format!("{name}.png"))).unwrap();
+    zlora::caption::preprocess::rgb_on_white(&img)
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {

@@ -229,7 +229,7 @@ impl CaptionJob {
         let text = match (self.instruction(), model) {
             (None, _) => String::new(),
             (Some(instruction), Some(model)) => {
-                let img = open_image(&planned.image)?.to_rgb8();
+                let img = super::preprocess::rgb_on_white(&open_image(&planned.image)?);
                 let text = model.caption(&img, instruction, &self.decoding)?;
                 if text.is_empty() {
                     return Err(Error::Invalid(

@@ -5,7 +5,7 @@
 //! `pixel_values`: one row per patch, in merge-block order, each row (channel, temporal,
 //! patch row, patch column) with the single frame repeated over the temporal axis.
 
-use image::RgbImage;
+use image::{DynamicImage, RgbImage};
 
 use super::config::ProcessorConfig;
 use crate::{Error, Result};
@@ -24,6 +24,33 @@ impl PixelPatches {
     pub fn patches(&self) -> usize {
         self.grid.iter().product()
     }
+}
+
+/// The processor's `convert_to_rgb`: transparency composited onto white (Pillow's 8-bit
+/// `alpha_composite`), then the alpha dropped; images without alpha convert as they are.
+pub fn rgb_on_white(img: &DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.to_rgb8();
+    }
+    let rgba = img.to_rgba8();
+    RgbImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        image::Rgb([r, g, b].map(|c| over_white(c, a)))
+    })
+}
+
+/// One channel of Pillow's alpha_composite over an opaque white pixel (7-bit fixed point,
+/// its rounded division by 255).
+fn over_white(c: u8, a: u8) -> u8 {
+    const BITS: u32 = 7;
+    if a == 0 {
+        return 255;
+    }
+    let (c, a) = (u32::from(c), u32::from(a));
+    let coef1 = a << BITS;
+    let coef2 = (255 << BITS) - coef1;
+    let t = c * coef1 + 255 * coef2 + (0x80 << BITS);
+    ((((t >> 8) + t) >> 8) >> BITS) as u8
 }
 
 /// transformers' `smart_resize`: the (height, width) an image is resized to. Python's
@@ -242,6 +269,24 @@ mod tests {
         // 48 / 32 = 1.5 rounds to 2 and 80 / 32 = 2.5 rounds to 2 (half to even).
         assert_eq!(smart_resize(48, 80, &c).unwrap(), (64, 64));
         assert!(smart_resize(1, 300, &c).is_err());
+    }
+
+    #[test]
+    fn transparency_goes_onto_white_as_pillow_does() {
+        // (r, g, b, a) → Pillow's alpha_composite on white, then convert("RGB").
+        let cases = [
+            ([0, 0, 255, 0], [255, 255, 255]),
+            ([0, 0, 255, 128], [127, 127, 255]),
+            ([100, 50, 155, 77], [208, 193, 225]),
+            ([200, 100, 55, 254], [200, 101, 56]),
+            ([255, 127, 0, 1], [255, 254, 254]),
+            ([13, 6, 242, 200], [65, 60, 245]),
+        ];
+        for (rgba, rgb) in cases {
+            let img =
+                DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(1, 1, image::Rgba(rgba)));
+            assert_eq!(rgb_on_white(&img).get_pixel(0, 0).0, rgb, "{rgba:?}");
+        }
     }
 
     #[test]
