@@ -1,4 +1,4 @@
-//! `zlora fetch base|turbo|adapter|distill-patch|REPO_ID [--revision R]`: downloads what zlora
+//! `zlora fetch base|turbo|adapter|distill-patch|qwen3-vl-{2b,4b,8b}|REPO_ID [--revision R]`: downloads what zlora
 //! needs into the Hugging Face cache and prints the snapshot folder (docs/fetch.md).
 
 use anyhow::Context;
@@ -9,7 +9,7 @@ use crate::progress::bytes_bar;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// base, turbo, adapter, distill-patch, or a repository id (org/name).
+    /// base, turbo, adapter, distill-patch, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b, or a repository id (org/name).
     name: String,
     /// Branch, tag or commit.
     #[arg(long, default_value = "main")]

@@ -1,6 +1,7 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod caption;
 mod doctor;
 mod experiment;
 mod fetch;
@@ -30,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Caption a dataset folder's images with a local Qwen3-VL model (NAME.txt beside each).
+    Caption(caption::Args),
     /// Check this machine first: build, GPU, driver, kernels, memory, and whether a config fits.
     Doctor(doctor::Args),
     /// Generate images with a Z-Image model and any number of LoRAs.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.command {
+        Command::Caption(args) => caption::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),

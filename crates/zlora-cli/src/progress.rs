@@ -21,6 +21,11 @@ pub fn count_bar(total: u64, label: String) -> ProgressBar {
     bar(total, label, "items")
 }
 
+/// A bar counting images, with images/s.
+pub fn images_bar(total: u64, label: String) -> ProgressBar {
+    bar(total, label, "images")
+}
+
 /// A bar counting bytes (downloads).
 pub fn bytes_bar(total: u64, label: String) -> ProgressBar {
     let bar = ProgressBar::new(total);

@@ -7,6 +7,7 @@
 //! differences. `linalg` has the QR and SVD they need.
 
 pub mod bake;
+pub mod caption;
 pub mod data;
 pub mod device;
 pub mod doctor;

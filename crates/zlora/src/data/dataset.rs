@@ -513,6 +513,12 @@ fn duplicates(images: &[PathBuf], problems: &mut Vec<Problem>) {
     }
 }
 
+/// The training images of a folder by file stem, as `Dataset::scan` finds them (its image
+/// formats, hidden files skipped); more than one image per stem would share a caption.
+pub fn images_by_stem(dir: &Path) -> Result<BTreeMap<OsString, Vec<PathBuf>>> {
+    Ok(Listing::read(dir, "txt")?.images)
+}
+
 /// A mask beside its image is `NAME.mask.png` (any image extension) for image `NAME.*`.
 const MASK_SUFFIX: &str = ".mask";
 
@@ -641,9 +647,9 @@ impl ItemCheck<'_> {
         };
         let caption = self.cfg.caption_with_trigger(&text);
         let max = self.tokenizer.max_tokens();
-        let kind = match self.tokenizer.ids(&caption) {
-            Ok(ids) if ids.len() < max => return Some(caption),
-            Ok(_) => ProblemKind::CaptionTooLong { max },
+        let kind = match self.tokenizer.reaches_limit(&caption) {
+            Ok(false) => return Some(caption),
+            Ok(true) => ProblemKind::CaptionTooLong { max },
             Err(e) => ProblemKind::CaptionUnreadable(e.to_string()),
         };
         // A caption past the limit is reported on its file (the image's when there is none).

@@ -7,6 +7,9 @@ pub enum Needed {
     /// A diffusers pipeline: configs, the transformer, text encoder and VAE weights and the
     /// tokenizer; no READMEs, images, `.git*` files or duplicate weight formats.
     Pipeline,
+    /// A transformers vision-language model for `zlora caption`: the top-level configs,
+    /// tokenizer, processor config and safetensors weights (with their shard index).
+    Vlm,
     /// Exactly these files.
     Files(&'static [&'static str]),
     /// A repository zlora has no entry for: a pipeline if it has `model_index.json`, otherwise
@@ -31,7 +34,7 @@ pub const ADAPTER_FILE: &str = "zimage_turbo_training_adapter_v2.safetensors";
 pub const DISTILL_PATCH_REPO: &str = "DiffSynth-Studio/Z-Image-Turbo-DistillPatch";
 pub const DISTILL_PATCH_FILE: &str = "model.safetensors";
 
-pub const KNOWN: [KnownRepo; 4] = [
+pub const KNOWN: [KnownRepo; 7] = [
     KnownRepo {
         alias: "base",
         repo: BASE_REPO,
@@ -55,6 +58,24 @@ pub const KNOWN: [KnownRepo; 4] = [
         repo: DISTILL_PATCH_REPO,
         needed: Needed::Files(&[DISTILL_PATCH_FILE]),
         about: "DiffSynth's DistillPatch LoRA (restores 8-step sampling of direct Turbo LoRAs)",
+    },
+    KnownRepo {
+        alias: "qwen3-vl-2b",
+        repo: "Qwen/Qwen3-VL-2B-Instruct",
+        needed: Needed::Vlm,
+        about: "Qwen3-VL 2B Instruct, the smallest captioner for zlora caption",
+    },
+    KnownRepo {
+        alias: "qwen3-vl-4b",
+        repo: "Qwen/Qwen3-VL-4B-Instruct",
+        needed: Needed::Vlm,
+        about: "Qwen3-VL 4B Instruct, the default captioner for zlora caption",
+    },
+    KnownRepo {
+        alias: "qwen3-vl-8b",
+        repo: "Qwen/Qwen3-VL-8B-Instruct",
+        needed: Needed::Vlm,
+        about: "Qwen3-VL 8B Instruct, the most detailed captioner for zlora caption",
     },
 ];
 
@@ -90,6 +111,7 @@ pub fn wanted(needed: Needed, path: &str, has_index: bool) -> bool {
     match needed {
         Needed::Files(files) => files.contains(&path),
         Needed::Pipeline => pipeline_file(path),
+        Needed::Vlm => vlm_file(path),
         Needed::Guess if has_index => pipeline_file(path),
         Needed::Guess => {
             !path.starts_with('.') && (path.ends_with(".safetensors") || path.ends_with(".json"))
@@ -113,6 +135,21 @@ fn pipeline_file(path: &str) -> bool {
             && (path.ends_with("/config.json")
                 || path.ends_with(".safetensors")
                 || path.ends_with(".safetensors.index.json")))
+}
+
+/// The files of a Qwen3-VL repository that `zlora caption` reads (caption::VlmFolder).
+fn vlm_file(path: &str) -> bool {
+    const CONFIGS: [&str; 5] = [
+        "config.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ];
+    !path.contains('/')
+        && (CONFIGS.contains(&path)
+            || path.ends_with(".safetensors")
+            || path.ends_with(".safetensors.index.json"))
 }
 
 /// One part of a download, with its size and where the size comes from.
@@ -267,6 +304,22 @@ mod tests {
             assert!(!wanted(Needed::Pipeline, p, true), "{p}");
         }
         assert!(wanted(Needed::Guess, "lora.safetensors", false));
+        for p in [
+            "config.json",
+            "preprocessor_config.json",
+            "model-00001-of-00002.safetensors",
+        ] {
+            assert!(wanted(Needed::Vlm, p, false), "{p}");
+        }
+        for p in [
+            "README.md",
+            "vocab.json",
+            "merges.txt",
+            "sub/model.safetensors",
+        ] {
+            assert!(!wanted(Needed::Vlm, p, false), "{p}");
+        }
+        assert_eq!(resolve("qwen3-vl-4b").map(|r| r.1), Some(Needed::Vlm));
         assert!(!wanted(Needed::Guess, "README.md", false));
         assert!(!wanted(Needed::Guess, ".hidden.json", false));
     }

@@ -239,7 +239,7 @@ fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
 }
 
 /// Grouped-query attention: each key/value head serves `n_rep` consecutive query heads.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
     if n_rep == 1 {
         return Ok(x);
     }
@@ -456,6 +456,12 @@ impl PromptTokenizer {
         let mut ids = self.all_ids(prompt)?;
         ids.truncate(self.max_tokens);
         Ok(ids)
+    }
+
+    /// Whether the templated prompt reaches the limit, so that its end would be cut (the
+    /// preflight check of captions).
+    pub fn reaches_limit(&self, prompt: &str) -> Result<bool> {
+        Ok(self.all_ids(prompt)?.len() >= self.max_tokens)
     }
 
     /// A warning naming the limit when `prompt` is longer than the encoder reads; None when

@@ -1,0 +1,180 @@
+//! `zlora caption DIR --model M`: a caption file beside every image of a dataset folder,
+//! written by a local Qwen3-VL (docs/caption.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style, Summary};
+use zlora::caption::sheet::{review_sheet, SheetRow};
+use zlora::caption::{Captioner, Decoding, VlmFolder};
+use zlora::model::text::PromptTokenizer;
+
+use crate::progress::images_bar;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StyleArg {
+    Natural,
+    Tags,
+    Short,
+    TriggerOnly,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The dataset folder (the images training reads: png, jpg, webp).
+    dir: PathBuf,
+    /// A Qwen3-VL Instruct folder, or its repo id in the Hugging Face cache.
+    #[arg(long)]
+    model: String,
+    /// What to ask for: a detailed paragraph, tags, one short sentence, or the trigger alone.
+    #[arg(long, value_enum, default_value = "natural")]
+    style: StyleArg,
+    /// Put this word first in every caption (trigger-only: the caption is just this word).
+    #[arg(long)]
+    trigger: Option<String>,
+    /// Your own instruction instead of the style's.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// The most tokens one caption may have.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Resize larger images to at most this many pixels (the processor's own limit when
+    /// lower). Memory grows with the square of the patch count.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_pixels: usize,
+    /// Caption only the images without a caption file.
+    #[arg(long, conflicts_with = "force")]
+    skip_existing: bool,
+    /// Overwrite existing caption files.
+    #[arg(long)]
+    force: bool,
+    /// Print the captions, write no caption files.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also write a review sheet: every image's thumbnail beside its caption, one PNG.
+    #[arg(long)]
+    sheet: Option<PathBuf>,
+    /// Sample at this temperature instead of greedy decoding.
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// The sampling seed (with --temperature).
+    #[arg(long, requires = "temperature", default_value_t = 0)]
+    seed: u64,
+}
+
+fn job(a: &Args) -> CaptionJob {
+    let existing = match (a.skip_existing, a.force) {
+        (true, _) => Existing::Skip,
+        (_, true) => Existing::Overwrite,
+        _ => Existing::Refuse,
+    };
+    CaptionJob {
+        dir: a.dir.clone(),
+        style: match a.style {
+            StyleArg::Natural => Style::Natural,
+            StyleArg::Tags => Style::Tags,
+            StyleArg::Short => Style::Short,
+            StyleArg::TriggerOnly => Style::TriggerOnly,
+        },
+        trigger: a.trigger.clone(),
+        prompt: a.prompt.clone(),
+        existing,
+        dry_run: a.dry_run,
+        decoding: Decoding {
+            max_tokens: a.max_tokens,
+            temperature: a.temperature,
+            seed: a.seed,
+        },
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let job = job(&a);
+    let planned = job.plan()?;
+    if let Some(sheet) = a.sheet.as_ref().filter(|s| s.exists() && !a.force) {
+        anyhow::bail!(
+            "{} exists: pass --force to replace the review sheet, or choose another path",
+            zlora::error::shown(sheet)
+        );
+    }
+    let folder = VlmFolder::open(&a.model)?;
+    let limit = PromptTokenizer::from_file(&folder.tokenizer_file())?;
+    let to_caption = planned.iter().any(|p| p.action == Action::Caption);
+    let mut model = if job.needs_model() && to_caption {
+        let device = zlora::device::select()?;
+        let dtype = zlora::device::default_dtype(&device);
+        eprintln!("{}", zlora::device::describe(&device, dtype));
+        let mut model = Captioner::load(&folder, dtype, &device)?;
+        model.limit_pixels(a.max_pixels)?;
+        Some(model)
+    } else {
+        None
+    };
+    let bar = images_bar(planned.len() as u64, "captioning".into());
+    let mut summary = Summary::default();
+    let mut rows = Vec::with_capacity(planned.len());
+    for p in &planned {
+        let outcome = job.run_one(p, model.as_mut(), &limit);
+        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, &outcome) {
+            bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
+        }
+        summary.add(p, &outcome);
+        rows.push(sheet_row(&a.dir, p, &outcome));
+        bar.inc(1);
+    }
+    bar.finish();
+    report(&summary, a.dry_run);
+    if let Some(path) = &a.sheet {
+        zlora::sample::image::save_png(path, &review_sheet(&rows)?, &[], a.force)?;
+        eprintln!("review sheet: {}", zlora::error::shown(path));
+    }
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The sheet's line for one image: its caption, the kept one, or why it has none.
+fn sheet_row(dir: &std::path::Path, p: &Planned, outcome: &Outcome) -> SheetRow {
+    let text = match outcome {
+        Outcome::Captioned { caption, too_long } if *too_long => {
+            format!("[past the 512-token cut] {caption}")
+        }
+        Outcome::Captioned { caption, .. } => caption.clone(),
+        Outcome::Skipped => zlora::fsutil::read_text(&p.caption_file)
+            .unwrap_or_else(|e| format!("[kept caption unreadable: {e}]")),
+        Outcome::Failed(reason) => format!("[failed: {reason}]"),
+    };
+    SheetRow {
+        image: p.image.clone(),
+        name: zlora::error::shown(p.image.strip_prefix(dir).unwrap_or(&p.image)),
+        text,
+    }
+}
+
+fn report(s: &Summary, dry_run: bool) {
+    let written = if dry_run {
+        " (dry run: nothing written)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "captioned {}, skipped {}, failed {}{written}",
+        s.captioned,
+        s.skipped,
+        s.failed.len()
+    );
+    for (image, reason) in &s.failed {
+        eprintln!("  failed {}: {reason}", zlora::error::shown(image));
+    }
+    for file in &s.too_long {
+        eprintln!(
+            "  warning: {} reaches the text encoder's limit of {} tokens (chat template \
+             included): training would cut its end, shorten it",
+            zlora::error::shown(file),
+            zlora::model::text::DEFAULT_MAX_TOKENS
+        );
+    }
+}

@@ -1,0 +1,275 @@
+//! Qwen3-VL's text decoder, as transformers' `Qwen3VLTextModel` + `lm_head`: Qwen3 layers
+//! (q/k RMSNorm per head, grouped-query attention, SwiGLU) with interleaved M-RoPE (every
+//! position has a (T, H, W) triple; frequency j follows H when j ≡ 1 mod 3 and W when
+//! j ≡ 2 mod 3 within their sections, T otherwise), DeepStack features added to the image
+//! positions after each of the first layers, and a key/value cache for generation.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::config::TextConfig;
+use crate::model::text::repeat_kv;
+use crate::nn::attention::masked_attention;
+use crate::nn::norm::RmsNorm;
+use crate::Result;
+
+/// Rotary tables for a run of positions: (1, 1, L, head_dim) cos and sin in f32.
+pub struct MRope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl MRope {
+    /// `positions[axis][l]`: the (T, H, W) position of token l.
+    pub fn new(cfg: &TextConfig, positions: &[Vec<i64>; 3], device: &Device) -> Result<Self> {
+        let dim = cfg.head_dim;
+        let theta = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
+            .collect();
+        let axis = |j: usize| -> usize {
+            let [_, h, w] = cfg.mrope_section;
+            match j % 3 {
+                1 if j < 3 * h => 1,
+                2 if j < 3 * w => 2,
+                _ => 0,
+            }
+        };
+        let len = positions[0].len();
+        let angles: Vec<f32> = (0..len)
+            .flat_map(|l| {
+                let half = inv_freq
+                    .iter()
+                    .enumerate()
+                    .map(move |(j, f)| positions[axis(j)][l] as f32 * f);
+                half.clone().chain(half)
+            })
+            .collect();
+        let angles = Tensor::from_vec(angles, (1, 1, len, dim), device)?;
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+
+    /// x: (B, heads, L, head_dim), rotated in f32 and cast back.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let half = xf.dim(D::Minus1)? / 2;
+        let x1 = xf.narrow(D::Minus1, 0, half)?;
+        let x2 = xf.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
+        Ok(out.to_dtype(x.dtype())?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Keys and values of the positions seen so far, (B, kv_heads, S, head_dim).
+    cache: Option<(Tensor, Tensor)>,
+}
+
+impl Attention {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, hd, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
+        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        Ok(Self {
+            q_proj: candle_nn::linear_b(d, heads * hd, bias, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_b(heads * hd, d, bias, vb.pp("o_proj"))?,
+            q_norm: RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?,
+            k_norm: RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            cache: None,
+        })
+    }
+
+    fn split(&self, x: Tensor, heads: usize) -> Result<Tensor> {
+        let (b, len, _) = x.dims3()?;
+        Ok(x.reshape((b, len, heads, self.head_dim))?.transpose(1, 2)?)
+    }
+
+    fn forward(&mut self, x: &Tensor, rope: &MRope, mask: &Tensor) -> Result<Tensor> {
+        let (b, len, _) = x.dims3()?;
+        let q = self.split(self.q_proj.forward(x)?, self.heads)?;
+        let k = self.split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = self.split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = rope.apply(&self.q_norm.forward(&q.contiguous()?)?)?;
+        let k = rope.apply(&self.k_norm.forward(&k.contiguous()?)?)?;
+        let (k, v) = match self.cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v.contiguous()?),
+        };
+        self.cache = Some((k.clone(), v.clone()));
+        let n_rep = self.heads / self.kv_heads;
+        let k = repeat_kv(k, n_rep)?.contiguous()?;
+        let v = repeat_kv(v, n_rep)?.contiguous()?;
+        let out = masked_attention(&q, &k, &v, mask)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, len, self.heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Layer {
+    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
+            gate_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(inter, d, vb.pp("mlp.down_proj"))?,
+        })
+    }
+
+    fn forward(&mut self, x: &Tensor, rope: &MRope, mask: &Tensor) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let x = (x + self.self_attn.forward(&h, rope, mask)?)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let gate = self.gate_proj.forward(&h)?.silu()?;
+        let h = self
+            .down_proj
+            .forward(&(gate * self.up_proj.forward(&h)?)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// What the prompt's image positions receive: the rows that replace the placeholder
+/// embeddings, and the DeepStack rows added after the first layers.
+pub struct ImageInputs<'a> {
+    /// Index into `[token embeddings (L rows); image rows]` for each position.
+    pub rows: &'a Tensor,
+    /// Index into `[a zero row; DeepStack rows]` for each position.
+    pub deepstack_rows: &'a Tensor,
+    pub embeds: &'a Tensor,
+    pub deepstack: &'a [Tensor],
+}
+
+pub struct TextModel {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    cfg: TextConfig,
+}
+
+impl TextModel {
+    /// `vb` at the checkpoint root (`model.language_model.*`, `lm_head.weight`).
+    pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder) -> Result<Self> {
+        let lm = vb.pp("model.language_model");
+        let embed_tokens =
+            candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, lm.pp("embed_tokens"))?;
+        let lm_head = if tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, lm.pp(format!("layers.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(lm.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            lm_head,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    /// Forgets the cached keys and values: the next call starts a new prompt.
+    pub fn clear_cache(&mut self) {
+        for layer in &mut self.layers {
+            layer.self_attn.cache = None;
+        }
+    }
+
+    /// How many positions the key/value cache holds.
+    pub fn cached(&self) -> usize {
+        let cache = self.layers.first().and_then(|l| l.self_attn.cache.as_ref());
+        cache.map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// ids: (1, L) u32 after the cached positions; returns the last position's logits
+    /// (vocab) in f32.
+    pub fn forward(
+        &mut self,
+        ids: &Tensor,
+        positions: &[Vec<i64>; 3],
+        image: Option<ImageInputs>,
+    ) -> Result<Tensor> {
+        let (_, len) = ids.dims2()?;
+        let device = ids.device();
+        let mut x = self.embed_tokens.forward(ids)?;
+        if let Some(image) = &image {
+            let rows = Tensor::cat(&[&x.squeeze(0)?, image.embeds], 0)?;
+            x = rows.index_select(image.rows, 0)?.unsqueeze(0)?;
+        }
+        let rope = MRope::new(&self.cfg, positions, device)?;
+        let mask = causal_mask(self.cached(), len, device)?;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            x = layer.forward(&x, &rope, &mask)?;
+            if let Some(feature) = image
+                .as_ref()
+                .and_then(|im| Some((im, im.deepstack.get(i)?)))
+            {
+                x = add_deepstack(&x, feature.0.deepstack_rows, feature.1)?;
+            }
+        }
+        let last = x.narrow(1, len - 1, 1)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+    }
+}
+
+/// Additive f32 mask (L, cached + L): new token i sees the cached positions and the new
+/// ones up to itself.
+fn causal_mask(cached: usize, len: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..len)
+        .flat_map(|i| {
+            (0..cached + len).map(move |j| {
+                if j > cached + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (len, cached + len), device)?)
+}
+
+/// x + DeepStack rows at the image positions (zero elsewhere, which leaves text exact).
+fn add_deepstack(x: &Tensor, rows: &Tensor, feature: &Tensor) -> Result<Tensor> {
+    let zero = Tensor::zeros((1, feature.dim(1)?), feature.dtype(), feature.device())?;
+    let table = Tensor::cat(&[&zero, feature], 0)?;
+    Ok((x + table.index_select(rows, 0)?.unsqueeze(0)?)?)
+}

@@ -1,0 +1,121 @@
+//! `zlora caption` against transformers on the tiny random Qwen3-VL of
+//! scripts/make_caption_fixtures.py: pixel values and grid, prompt ids, first-step logits and
+//! a 30-token greedy caption, for a wide image (above max_pixels) and a tall one (below
+//! min_pixels).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use zlora::caption::{Captioner, Decoding, VlmFolder};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/caption")
+}
+
+struct Reference {
+    pixels: Vec<f32>,
+    grid: Vec<i64>,
+    ids: Vec<u32>,
+    logits: Vec<f32>,
+    tokens: Vec<u32>,
+    prompt: String,
+}
+
+fn reference(name: &str) -> Reference {
+    let path = fixtures().join(format!("{name}.safetensors"));
+    let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let ints = |k: &str| t[k].to_vec1::<i64>().unwrap();
+    let ids = |k: &str| ints(k).into_iter().map(|v| v as u32).collect::<Vec<_>>();
+    let prompt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("prompt.json")).unwrap())
+            .unwrap();
+    Reference {
+        pixels: t["pixel_values"].flatten_all().unwrap().to_vec1().unwrap(),
+        grid: t["image_grid_thw"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap(),
+        ids: ids("input_ids"),
+        logits: t["logits"].to_vec1().unwrap(),
+        tokens: ids("tokens"),
+        prompt: prompt["prompt"].as_str().unwrap().to_string(),
+    }
+}
+
+fn captioner() -> Captioner {
+    let folder = VlmFolder::open(fixtures().join("model").to_str().unwrap()).unwrap();
+    Captioner::load(&folder, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn image(name: &str) -> image::RgbImage {
+    let img = zlora::data::dataset::open_image(&fixtures().join(format!("{name}.png"))).unwrap();
+    zlora::caption::preprocess::rgb_on_white(&img)
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check(name: &str) {
+    let r = reference(name);
+    let mut model = captioner();
+    let img = image(name);
+
+    let pixels = model.pixels(&img).unwrap();
+    let grid: Vec<i64> = pixels.grid.iter().map(|&g| g as i64).collect();
+    assert_eq!(grid, r.grid, "{name}: grid");
+    assert_eq!(pixels.values, r.pixels, "{name}: pixel values");
+
+    let ids = model.prompt_ids(&r.prompt, pixels.grid).unwrap();
+    assert_eq!(ids, r.ids, "{name}: prompt ids");
+
+    let logits = model
+        .prefill(&pixels, &ids)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = r.logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let rel = max_abs(&logits, &r.logits) / scale;
+    eprintln!("{name}: first-step logits, max |Δ| / max |ref| = {rel:.2e}");
+    assert!(rel <= 1e-4, "{name}: logits differ by {rel:e} relative");
+
+    let decoding = Decoding {
+        max_tokens: 30,
+        temperature: None,
+        seed: 0,
+    };
+    let tokens = model.generate(&img, &r.prompt, &decoding).unwrap();
+    assert_eq!(tokens, r.tokens, "{name}: greedy tokens");
+}
+
+#[test]
+fn wide_image_matches_transformers() {
+    check("wide");
+}
+
+#[test]
+fn tall_image_matches_transformers() {
+    check("tall");
+}
+
+#[test]
+fn a_prompt_without_the_image_placeholders_is_refused() {
+    let r = reference("tall");
+    let mut model = captioner();
+    let pixels = model.pixels(&image("tall")).unwrap();
+    let folder = VlmFolder::open(fixtures().join("model").to_str().unwrap()).unwrap();
+    let image_token = folder.config().unwrap().image_token_id;
+    let first = r.ids.iter().position(|&id| id == image_token).unwrap();
+    let mut one_short = r.ids.clone();
+    one_short.remove(first);
+    let err = model.prefill(&pixels, &one_short).unwrap_err().to_string();
+    assert!(
+        err.contains("5 image placeholders for 6 image features"),
+        "{err}"
+    );
+}
