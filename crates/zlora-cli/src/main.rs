@@ -2,6 +2,7 @@
 //! lives in its own file and calls the library.
 
 mod doctor;
+mod events;
 mod experiment;
 mod fetch;
 mod generate;
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
-        Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
