@@ -10,6 +10,7 @@ mod lora;
 mod plan;
 mod process;
 mod progress;
+mod serve;
 mod tiny;
 mod train;
 mod validate;
@@ -49,6 +50,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
     Plan(plan::Args),
+    /// Start the local web app: datasets, a training queue with live progress (docs/serve.md).
+    Serve(serve::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {
