@@ -572,3 +572,129 @@ fn a_restart_keeps_queued_jobs_and_marks_the_running_one_interrupted() {
     s.request("POST", &format!("/api/jobs/{running}/stop"), &[], b"");
     s.wait_job(running, 60, state_is("stopped"));
 }
+
+/// An attribute the payloads set on <body> if a browser ever runs them.
+const PAYLOAD_IMG: &str = "<img src=x onerror=document.body.dataset.xss=1>";
+const PAYLOAD_SCRIPT: &str = "<script>document.body.dataset.xss=2</script>";
+
+/// The DOM of `url` after Chromium loaded it and ran its scripts. Headless Chromium on this
+/// busy machine sometimes never finishes a load (seen with pages and without the server: a
+/// file:// page too), so a load is given 40 s and tried up to three times, each with a fresh
+/// profile; `done` says when the DOM is the whole page.
+fn browser_dom(url: &str, done: &str) -> String {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("chromium is needed (apt-get install chromium; .ci/run installs it)");
+    let mut last = String::new();
+    for _ in 0..3 {
+        let profile = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("timeout")
+            .args(["40", chromium])
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .output()
+            .unwrap();
+        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+        if dom.contains(done) {
+            return dom;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+    }
+    panic!("Chromium did not load {url} in three tries: {last}");
+}
+
+#[test]
+fn script_payloads_in_every_user_string_never_run_in_a_browser() {
+    let dir = root_with_tiny();
+    // The detector works: the same payloads, unescaped in a file, do run.
+    let control = dir.path().join("control.html");
+    std::fs::write(
+        &control,
+        format!("<body>{PAYLOAD_IMG}{PAYLOAD_SCRIPT}</body>"),
+    )
+    .unwrap();
+    let dom = browser_dom(&format!("file://{}", control.display()), "</body>");
+    assert!(
+        dom.contains("data-xss="),
+        "the payloads run unescaped: {dom}"
+    );
+
+    let s = Server::start(dir.path(), &[]);
+    // A dataset name, an image name and a caption.
+    let name_reply = s.post_json("/api/datasets", &json!({"name": PAYLOAD_IMG, "tiny": true}));
+    assert_eq!(name_reply.status, 201, "{}", name_reply.text());
+    let png = std::fs::read_dir(dir.path().join("datasets/tiny"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let png = std::fs::read(png).unwrap();
+    let enc = |s: &str| s.bytes().map(|b| format!("%{b:02X}")).collect::<String>();
+    let file = format!("{PAYLOAD_IMG}.png");
+    let r = s.request(
+        "PUT",
+        &format!("/api/datasets/tiny/images/{}", enc(&file)),
+        &[],
+        &png,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let caption = format!("{PAYLOAD_SCRIPT}{PAYLOAD_IMG}");
+    let r = s.request(
+        "PUT",
+        &format!("/api/datasets/tiny/captions/{}", enc(&file)),
+        &[],
+        caption.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A prompt and an output folder in a job's config, and a dataset path that makes the job
+    // fail with the payload in its error.
+    let output = format!("runs/{PAYLOAD_IMG}");
+    let config = train_config(&output, 2, 2, 1)
+        .replace("a red circle", &format!("{PAYLOAD_SCRIPT}{PAYLOAD_IMG}"))
+        .replace(
+            "\"datasets/tiny\"",
+            &format!("\"datasets/{PAYLOAD_IMG}-missing\""),
+        );
+    let id = submit(&s, &config);
+    let failed = s.wait_job(id, 60, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert!(
+        failed["error"].as_str().unwrap().contains("onerror"),
+        "{failed}"
+    );
+
+    let base = format!("http://{}", s.host());
+    let pages = [
+        "/datasets".to_string(),
+        format!("/datasets/{}", enc(PAYLOAD_IMG)),
+        "/datasets/tiny".into(),
+        format!("/jobs/{id}"),
+        "/jobs".into(),
+        format!("/datasets/{}", enc(&format!("{PAYLOAD_IMG}-none"))),
+    ];
+    for page in pages {
+        let dom = browser_dom(&format!("{base}{page}"), "</main>");
+        assert!(
+            dom.contains("onerror=document.body"),
+            "{page} does not show the payload"
+        );
+        assert!(!dom.contains("data-xss"), "a payload ran on {page}: {dom}");
+    }
+}
