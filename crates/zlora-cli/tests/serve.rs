@@ -69,6 +69,13 @@ fn a_bind_beyond_loopback_without_a_token_is_refused_at_start() {
     );
     assert!(!root.exists(), "nothing is created before the refusal");
 
+    let out = common::zlora(&["serve", "--root", root.to_str().unwrap(), "--token", "a;b"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("letters, digits"),
+        "{err}"
+    );
+
     // With a token it starts, and makes the folders.
     let s = Server::start(&root, &["--host", "0.0.0.0", "--token", "t0ken"]);
     for sub in ["datasets", "models", "runs", "reports"] {
@@ -91,6 +98,7 @@ fn the_token_guards_every_route_but_health_and_the_login_sets_a_strict_cookie() 
         ("GET", "/api/jobs/1"),
         ("POST", "/api/jobs/1/stop"),
         ("POST", "/api/jobs/1/resume"),
+        ("DELETE", "/api/jobs/1"),
         ("GET", "/api/datasets"),
         ("POST", "/api/datasets"),
         ("GET", "/api/datasets/a"),
@@ -469,6 +477,7 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
         json!({"id": short, "kind": "train", "state": "done", "step": 6, "steps": 6,
                "output": "runs/short", "rate": done["rate"], "error": null})
     );
+    assert!(done["rate"].as_f64().unwrap() > 0.0, "{done}");
     assert!(dir.path().join("runs/short/lora.safetensors").is_file());
     let page = s.get(&format!("/jobs/{short}")).text();
     assert!(
@@ -519,8 +528,29 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
     let log = std::fs::read_to_string(dir.path().join(format!(".zlora-serve/jobs/{long}/log.txt")))
         .unwrap();
     assert!(log.contains(&format!("(step {at})")), "{log}");
+    let r = s.request("DELETE", &format!("/api/jobs/{long}"), &[], b"");
+    assert_eq!(r.status, 409, "a running job is not deleted: {}", r.text());
     s.request("POST", &format!("/api/jobs/{long}/stop"), &[], b"");
     s.wait_job(long, 60, state_is("stopped"));
+
+    // Delete removes the job and its log, not its results.
+    let r = s.request("DELETE", &format!("/api/jobs/{short}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.get(&format!("/api/jobs/{short}")).status, 404);
+    assert!(!dir
+        .path()
+        .join(format!(".zlora-serve/jobs/{short}"))
+        .exists());
+    assert!(dir.path().join("runs/short/lora.safetensors").is_file());
+    let ids: Vec<i64> = s
+        .get("/api/jobs")
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [long]);
 }
 
 #[test]

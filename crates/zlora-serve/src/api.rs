@@ -8,7 +8,7 @@ use zlora::data::dataset::{decode_image, IMAGE_EXTENSIONS};
 use crate::http::{Reply, Request};
 use crate::jobs::{check_train_config, Jobs};
 use crate::root::{segment, Refused};
-use crate::store::Job;
+use crate::store::{Job, State};
 
 /// The longest caption accepted (a caption is a sentence or a paragraph, not a file).
 const MAX_CAPTION: usize = 64 << 10;
@@ -100,6 +100,28 @@ pub fn resume_job(jobs: &Jobs, id: i64) -> Answer {
     }
     store.requeue(id).map_err(internal)?;
     Ok(Reply::json(202, &json!({ "id": id, "state": "queued" })))
+}
+
+/// Removes a job that is not queued or running from the queue, with its config and log; its
+/// run folder (the results) stays.
+pub fn delete_job(jobs: &Jobs, id: i64) -> Answer {
+    let store = jobs.store();
+    let job = store
+        .get(id)
+        .map_err(internal)?
+        .ok_or_else(|| Reply::error(404, &format!("no job {id}")))?;
+    if matches!(job.state, State::Queued | State::Running) {
+        return Err(Reply::error(
+            409,
+            &format!("job {id} is {}: stop it first", job.state.as_str()),
+        ));
+    }
+    store.delete(id).map_err(internal)?;
+    let dir = jobs.job_dir(id);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(internal)?;
+    }
+    Ok(Reply::json(200, &json!({ "deleted": id })))
 }
 
 /// A dataset: its folder under DIR/datasets, named by one URL segment.

@@ -76,8 +76,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 fn check_start(opts: &Options) -> anyhow::Result<bool> {
     if let Some(t) = &opts.token {
         anyhow::ensure!(
-            !t.is_empty() && t.bytes().all(|b| b.is_ascii_graphic()),
-            "the token must be non-empty printable ASCII without spaces (--token or ZLORA_TOKEN)"
+            !t.is_empty()
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b)),
+            "the token (--token or ZLORA_TOKEN) must be letters, digits and - . _ ~ only (it travels in a header and a cookie)"
         );
     }
     let loopback = opts.host.eq_ignore_ascii_case("localhost")
@@ -139,6 +140,7 @@ impl App {
             (Method::Get, ["api", "jobs"]) => api::list_jobs(jobs),
             (Method::Post, ["api", "jobs"]) => api::create_job(jobs, req),
             (Method::Get, ["api", "jobs", n]) => api::get_job(jobs, id(n)?),
+            (Method::Delete, ["api", "jobs", n]) => api::delete_job(jobs, id(n)?),
             (Method::Post, ["api", "jobs", n, "stop"]) => api::stop_job(jobs, id(n)?),
             (Method::Post, ["api", "jobs", n, "resume"]) => api::resume_job(jobs, id(n)?),
             (Method::Get, ["api", "datasets"]) => api::list_datasets(jobs),

@@ -106,6 +106,7 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                     p {
                         @if live { button data-post=(format!("/api/jobs/{id}/stop")) { "Stop" } }
                         @if job.state.resumable() { button data-post=(format!("/api/jobs/{id}/resume")) { "Resume" } }
+                @if !live { button data-delete=(format!("/api/jobs/{id}")) data-next="/jobs" { "Delete" } }
                     }
                     @if let Some(e) = &job.error { p.error { (e) } }
                 }

@@ -161,6 +161,11 @@ impl Store {
         Ok(())
     }
 
+    pub fn delete(&self, id: i64) -> anyhow::Result<()> {
+        self.conn.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
     /// Queues a stopped, interrupted or failed job again, to continue from its checkpoint.
     pub fn requeue(&self, id: i64) -> anyhow::Result<()> {
         self.conn.execute(
@@ -214,5 +219,8 @@ mod tests {
         store.requeue(a).unwrap();
         let again = store.start_next().unwrap().unwrap();
         assert_eq!((again.id, again.resume), (a, true));
+        store.delete(b).unwrap();
+        assert!(store.get(b).unwrap().is_none());
+        assert_eq!(store.list().unwrap().len(), 1);
     }
 }

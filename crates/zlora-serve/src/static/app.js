@@ -17,12 +17,16 @@ function report(err) {
   document.getElementById("status").textContent = err ? err.message : "";
 }
 
-// Buttons: data-post / data-delete name an API route.
+// Buttons: data-post / data-delete name an API route; then the page reloads, or goes to
+// data-next.
 document.addEventListener("click", async (e) => {
   const b = e.target.closest("[data-post],[data-delete]");
   if (!b) return;
   const [method, url] = b.dataset.post ? ["POST", b.dataset.post] : ["DELETE", b.dataset.delete];
-  try { await call(method, url); location.reload(); } catch (err) { report(err); }
+  try {
+    await call(method, url);
+    if (b.dataset.next) location.href = b.dataset.next; else location.reload();
+  } catch (err) { report(err); }
 });
 
 // Captions (data-put) are saved when the field is left; files (data-upload) are uploaded
