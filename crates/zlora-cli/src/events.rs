@@ -1,11 +1,18 @@
-//! `--events json`: a training's progress as one JSON object per line on stdout, for scripts
-//! and for `zlora serve`, which runs jobs as child processes and reads this stream
-//! (docs/serve.md lists the events).
+//! `--events json`: a training's or a validation's progress as one JSON object per line on
+//! stdout, for scripts and for `zlora serve`, which runs jobs as child processes and reads this
+//! stream (docs/serve.md lists the events).
 
 use std::io::Write;
 
 use serde_json::{json, Value};
 use zlora::train::trainer::{Event, Outcome};
+use zlora::validate::render;
+
+/// The `--events` formats (one so far).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum EventFormat {
+    Json,
+}
 
 /// Writes each event as a line and flushes it, so that a reader sees it as it happens.
 pub fn emit(event: Value) {
@@ -68,4 +75,23 @@ pub fn finished(outcome: &Outcome) {
 /// The last event of a run that failed: the error as the CLI prints it.
 pub fn failed(error: &anyhow::Error) {
     emit(json!({"event": "failed", "error": format!("{error:#}")}));
+}
+
+/// A validation's events: its stages and each image rendered.
+pub fn validation(event: render::Event) {
+    emit(match event {
+        render::Event::Stage(text) => json!({"event": "stage", "text": text}),
+        render::Event::Image { done, total } => {
+            json!({"event": "image", "done": done, "total": total})
+        }
+    });
+}
+
+/// The last event of a command that succeeded: `done` with what it wrote.
+pub fn done(fields: Value) {
+    let mut event = json!({"event": "done"});
+    if let (Some(e), Value::Object(f)) = (event.as_object_mut(), fields) {
+        e.extend(f);
+    }
+    emit(event);
 }

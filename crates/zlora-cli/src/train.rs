@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 use zlora::train::config::TrainConfig;
 use zlora::train::trainer::{train, Event, TrainOptions};
 
-use crate::events::{self, TrainEvents};
+use crate::events::{self, EventFormat, TrainEvents};
 use crate::progress::{count_bar, steps_bar};
 
 /// The exit status of a run stopped by a signal after its checkpoint (128 + SIGINT, as a
@@ -44,11 +44,6 @@ pub struct Args {
     /// instead of bars; docs/serve.md lists the events.
     #[arg(long, value_enum)]
     events: Option<EventFormat>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum EventFormat {
-    Json,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {

@@ -446,6 +446,57 @@ fn a_checkpoint_sweep_charts_the_metrics_and_names_the_best_step() {
     );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("data:image/png;base64,"));
+
+    // The same sweep as JSON lines: each image as it is rendered, then the results.
+    let json_out = s.p("run/validation-events");
+    let stdout = ok(&[
+        "validate",
+        "--checkpoints",
+        &s.p("run"),
+        "--output",
+        &json_out,
+        "--events",
+        "json",
+    ]);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let images: Vec<_> = events.iter().filter(|e| e["event"] == "image").collect();
+    assert!(
+        !images.is_empty()
+            && images
+                .iter()
+                .all(|e| e["done"].as_u64() <= e["total"].as_u64())
+    );
+    assert!(events.iter().any(|e| e["event"] == "stage"));
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+    let steps: Vec<u64> = done["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6]);
+    assert_eq!(done["best_step"], record["best_step"]);
+    assert!(Path::new(done["report"].as_str().unwrap()).is_file());
+    let failed = zlora(&[
+        "validate",
+        "--checkpoints",
+        "/no/such/run",
+        "--events",
+        "json",
+    ]);
+    assert!(!failed.status.success());
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&failed.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["event"], "failed");
 }
 
 #[test]
