@@ -9,7 +9,7 @@ mod serve_common;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use serve_common::{raw_request, train_config, Server};
+use serve_common::{raw_request, train_config, validation_plan, Server};
 
 /// A folder with the tiny model at models/tiny and a six-image dataset at datasets/tiny.
 fn root_with_tiny() -> tempfile::TempDir {
@@ -426,7 +426,11 @@ fn job_requests_are_checked() {
     let s = Server::start(tmp.path(), &[]);
     let config = train_config("runs/a", 4, 2, 0);
     let bad = [
+        json!({"kind": "caption", "config": config}),
         json!({"kind": "validate", "config": config}),
+        json!({"kind": "train", "config": validation_plan("runs/a/lora.safetensors", "reports/a")}),
+        json!({"kind": "validate", "config": validation_plan("/etc/lora.safetensors", "reports/a")}),
+        json!({"kind": "validate", "config": validation_plan("runs/a.safetensors", "../reports")}),
         json!({"kind": "train"}),
         json!({"kind": "train", "config": "[model]\npath = 3"}),
         json!({"kind": "train", "config": config.replace("steps = 4", "steps = 4\ntypo = 1")}),
@@ -533,6 +537,22 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
     s.request("POST", &format!("/api/jobs/{long}/stop"), &[], b"");
     s.wait_job(long, 60, state_is("stopped"));
 
+    // A validation job of the short run's LoRA: its images are its steps.
+    let plan = validation_plan("runs/short/lora.safetensors", "reports/short");
+    let r = s.post_json("/api/jobs", &json!({"kind": "validate", "config": plan}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let validation = r.json()["id"].as_i64().unwrap();
+    let v = s.wait_job(validation, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(
+        v["steps"].as_u64() > Some(0) && v["step"] == v["steps"],
+        "{v}"
+    );
+    assert_eq!(v["output"], "reports/short");
+    assert!(dir.path().join("reports/short/report.html").is_file());
+
     // Delete removes the job and its log, not its results.
     let r = s.request("DELETE", &format!("/api/jobs/{short}"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -550,7 +570,7 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
         .iter()
         .map(|j| j["id"].as_i64().unwrap())
         .collect();
-    assert_eq!(ids, [long]);
+    assert_eq!(ids, [validation, long]);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use zlora::data::dataset::{decode_image, IMAGE_EXTENSIONS};
 
 use crate::http::{Reply, Request};
-use crate::jobs::{check_train_config, Jobs};
+use crate::jobs::{check_config, Jobs, Kind};
 use crate::root::{segment, Refused};
 use crate::store::{Job, State};
 
@@ -35,26 +35,26 @@ pub fn list_jobs(jobs: &Jobs) -> Answer {
     Ok(Reply::json(200, &json!(list)))
 }
 
-/// `{"kind": "train", "config": "<TOML>"}` → 201 `{"id": N}`.
+/// `{"kind": "train" | "validate", "config": "<TOML>"}` → 201 `{"id": N}`.
 pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
     let body = req.json()?;
-    let kind = body["kind"].as_str().unwrap_or_default();
-    if kind != "train" {
+    let name = body["kind"].as_str().unwrap_or_default();
+    let Some(kind) = Kind::parse(name) else {
         return Err(Reply::error(
             400,
-            &format!("\"kind\" must be \"train\" (the only job kind so far), got {kind:?}"),
+            &format!("\"kind\" must be \"train\" or \"validate\", got {name:?}"),
         ));
-    }
+    };
     let Some(text) = body["config"].as_str() else {
         return Err(Reply::error(
             400,
-            "\"config\" must be the TOML text of a train config",
+            "\"config\" must be the TOML text of a train config or a validation plan",
         ));
     };
-    let checked = check_train_config(&jobs.root, text)?;
+    let checked = check_config(&jobs.root, kind, text)?;
     let id = jobs
         .store()
-        .insert(kind, &checked.toml, &checked.output, checked.steps)
+        .insert(kind.as_str(), &checked.toml, &checked.output, checked.steps)
         .map_err(internal)?;
     Ok(Reply::json(201, &json!({ "id": id })))
 }
@@ -82,7 +82,8 @@ pub fn stop_job(jobs: &Jobs, id: i64) -> Answer {
     Ok(Reply::json(202, &job_json(&job(jobs, id)?)))
 }
 
-/// Queues a stopped, interrupted or failed job again; it continues from its last checkpoint.
+/// Queues a stopped, interrupted or failed job again: a training continues from its last
+/// checkpoint, a validation runs again.
 pub fn resume_job(jobs: &Jobs, id: i64) -> Answer {
     let store = jobs.store();
     let job = store

@@ -12,37 +12,86 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 use zlora::train::config::TrainConfig;
+use zlora::validate::plan::ValidationPlan;
 
 use crate::root::{Refused, Root};
 use crate::store::{Job, State, Store};
 
-/// A train config made safe to run: every path absolute and inside DIR.
+/// What a job runs: `zlora train` or `zlora validate` of a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Train,
+    Validate,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "train" => Some(Kind::Train),
+            "validate" => Some(Kind::Validate),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Train => "train",
+            Kind::Validate => "validate",
+        }
+    }
+}
+
+/// A submitted config made safe to run: every path absolute and inside DIR.
 pub struct CheckedConfig {
     pub toml: String,
-    /// The run's folder, relative to DIR.
+    /// The job's output folder, relative to DIR.
     pub output: String,
+    /// Known before the run for a training; a validation's count of images comes with its
+    /// first event.
     pub steps: u64,
 }
 
-/// Parses a submitted train config (the trainer's own parser) and resolves each of its path
+/// Parses a submitted config with the command's own parser and resolves each of its path
 /// fields against DIR, refusing any that leaves it.
-pub fn check_train_config(root: &Root, text: &str) -> Result<CheckedConfig, Refused> {
-    let mut cfg = TrainConfig::parse(text).map_err(|e| Refused(format!("config: {e}")))?;
-    let model = root.config_path("[model] path", Path::new(&cfg.model.path))?;
-    cfg.model.path = model.to_string_lossy().into_owned();
-    if let Some(adapter) = &cfg.model.training_adapter {
-        cfg.model.training_adapter = Some(root.config_path("[model] training_adapter", adapter)?);
-    }
-    cfg.dataset.path = root.config_path("[dataset] path", &cfg.dataset.path)?;
-    if let Some(cache) = &cfg.dataset.cache_dir {
-        cfg.dataset.cache_dir = Some(root.config_path("[dataset] cache_dir", cache)?);
-    }
-    cfg.train.output = root.config_path("[train] output", &cfg.train.output)?;
-    let toml = toml::to_string(&cfg).map_err(|e| Refused(format!("config: {e}")))?;
+pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig, Refused> {
+    let invalid = |e: &dyn std::fmt::Display| Refused(format!("config: {e}"));
+    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+    let (toml, output, steps) = match kind {
+        Kind::Train => {
+            let mut cfg = TrainConfig::parse(text).map_err(|e| invalid(&e))?;
+            let model = path("[model] path", Path::new(&cfg.model.path), true)?;
+            cfg.model.path = model.to_string_lossy().into_owned();
+            if let Some(adapter) = &cfg.model.training_adapter {
+                cfg.model.training_adapter = Some(path("[model] training_adapter", adapter, true)?);
+            }
+            cfg.dataset.path = path("[dataset] path", &cfg.dataset.path, false)?;
+            if let Some(cache) = &cfg.dataset.cache_dir {
+                cfg.dataset.cache_dir = Some(path("[dataset] cache_dir", cache, false)?);
+            }
+            cfg.train.output = path("[train] output", &cfg.train.output, false)?;
+            let toml = toml::to_string(&cfg).map_err(|e| invalid(&e))?;
+            (toml, cfg.train.output, cfg.train.steps)
+        }
+        Kind::Validate => {
+            let mut plan = ValidationPlan::parse(text).map_err(|e| invalid(&e))?;
+            plan.lora = path("lora", &plan.lora, false)?;
+            for (field, model) in [("base", &mut plan.base), ("turbo", &mut plan.turbo)] {
+                *model = path(field, Path::new(model.as_str()), true)?
+                    .to_string_lossy()
+                    .into_owned();
+            }
+            if let Some(patch) = &plan.distill_patch {
+                plan.distill_patch = Some(path("distill_patch", patch, true)?);
+            }
+            plan.output = path("output", &plan.output, false)?;
+            let toml = toml::to_string(&plan).map_err(|e| invalid(&e))?;
+            (toml, plan.output, 0)
+        }
+    };
     Ok(CheckedConfig {
         toml,
-        output: root.relative(&cfg.train.output),
-        steps: cfg.train.steps,
+        output: root.relative(&output),
+        steps,
     })
 }
 
@@ -164,9 +213,14 @@ impl Jobs {
             .append(true)
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let resume = job.resume && has_checkpoint(&self.root.path().join(&job.output));
-        writeln!(log, "== {} ==", if resume { "resumed" } else { "started" })?;
-        let mut child = spawn_train(&config, resume, log.try_clone()?)?;
+        let kind = Kind::parse(&job.kind)
+            .with_context(|| format!("job {} has an unknown kind {:?}", job.id, job.kind))?;
+        let again = match kind {
+            Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
+            Kind::Validate => job.resume,
+        };
+        writeln!(log, "== {} ==", if again { "resumed" } else { "started" })?;
+        let mut child = spawn(kind, &config, again, log.try_clone()?)?;
         if let Some(r) = self.running().as_mut() {
             r.pid = Some(child.id());
             if r.stop {
@@ -175,7 +229,12 @@ impl Jobs {
         }
         let end = self.follow(job.id, &mut child, &mut log);
         let status = child.wait()?;
+        let stopped = self.running().is_some_and(|r| r.stop);
         Ok(end?.unwrap_or_else(|| {
+            if stopped {
+                // A validation has no clean stop: SIGTERM ends it, and a resume runs it again.
+                return (State::Stopped, None);
+            }
             let why = format!("the job ended ({status}) without a final event; see its log");
             (State::Failed, Some(why))
         }))
@@ -202,13 +261,18 @@ impl Jobs {
             };
             let text = |k: &str| event[k].as_str().unwrap_or_default().to_string();
             match event["event"].as_str().unwrap_or_default() {
-                "step" => {
-                    progress.latest = (event["step"].as_u64().unwrap_or(0), event["rate"].as_f64());
+                "step" | "image" => {
+                    let [step, steps] = match event["event"].as_str() {
+                        Some("step") => ["step", "steps"],
+                        _ => ["done", "total"],
+                    }
+                    .map(|k| event[k].as_u64().unwrap_or(0));
+                    progress.latest = (step, steps, event["rate"].as_f64());
                     if progress.due() {
                         self.save_progress(id, &mut progress)?;
                     }
                 }
-                "message" => writeln!(log, "{}", text("text"))?,
+                "message" | "stage" => writeln!(log, "{}", text("text"))?,
                 "checkpoint" | "samples" => writeln!(log, "{} {}", text("event"), text("path"))?,
                 "done" => end = Some((State::Done, None)),
                 "stopped" => end = Some((State::Stopped, None)),
@@ -216,22 +280,24 @@ impl Jobs {
                 _ => {}
             }
         }
-        self.save_progress(id, &mut progress)?;
+        if progress.saved.is_some() {
+            self.save_progress(id, &mut progress)?;
+        }
         Ok(end)
     }
 
     fn save_progress(&self, id: i64, progress: &mut Progress) -> anyhow::Result<()> {
-        let (step, rate) = progress.latest;
+        let (step, steps, rate) = progress.latest;
         progress.saved = Some(Instant::now());
-        self.store().progress(id, step, rate)
+        self.store().progress(id, step, steps, rate)
     }
 }
 
-/// A job's newest step and rate, written to the database at most every [`Progress::EVERY`]:
+/// A job's newest step, step count (images for a validation) and rate, written to the database at most every [`Progress::EVERY`]:
 /// a tiny model takes hundreds of steps a second, and each write is a disk sync.
 #[derive(Default)]
 struct Progress {
-    latest: (u64, Option<f64>),
+    latest: (u64, u64, Option<f64>),
     saved: Option<Instant>,
 }
 
@@ -243,14 +309,20 @@ impl Progress {
     }
 }
 
-/// `zlora train CONFIG --events json [--resume]` of this binary; its stderr goes to the log.
-fn spawn_train(config: &Path, resume: bool, log: std::fs::File) -> anyhow::Result<Child> {
+/// `zlora train CONFIG --events json [--resume]` or `zlora validate PLAN --events json
+/// [--force]` (run again, a validation replaces its own earlier output) of this binary; its
+/// stderr goes to the log.
+fn spawn(kind: Kind, config: &Path, again: bool, log: std::fs::File) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("cannot find this program to run the job")?;
+    let again_flag = match kind {
+        Kind::Train => "--resume",
+        Kind::Validate => "--force",
+    };
     let mut cmd = Command::new(exe);
-    cmd.arg("train")
+    cmd.arg(kind.as_str())
         .arg(config)
         .args(["--events", "json"])
-        .args(resume.then_some("--resume"))
+        .args(again.then_some(again_flag))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);

@@ -78,11 +78,11 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                         }
                     }
                 }
-                h2 { "New training job" }
-                p.muted { "A train config (TOML, docs/training.md); paths are read from the app's folder, e.g. "
+                h2 { "New job" }
+                p.muted { "A train config (docs/training.md) or a validation plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
                     code { "models/tiny" } ", " code { "datasets/tiny" } ", " code { "runs/first" } "." }
                 form data-json="" action="/api/jobs" data-next="/jobs/{id}" {
-                    input type="hidden" name="kind" value="train";
+                    select name="kind" { option value="train" { "train" } option value="validate" { "validate" } }
                     textarea name="config" rows="14" cols="80" spellcheck="false" required {}
                     button { "Queue" }
                 }

@@ -79,10 +79,11 @@ impl Root {
         Ok(p)
     }
 
-    /// A path field of a submitted config: relative to DIR, or absolute inside it. Under
-    /// models/, links to folders elsewhere (a Hugging Face cache) are the operator's and are
-    /// followed; everywhere else a link that leads out of DIR is refused.
-    pub fn config_path(&self, field: &str, value: &Path) -> Result<PathBuf, Refused> {
+    /// A path field of a submitted config: relative to DIR, or absolute inside it. For a
+    /// `model` field (a model or adapter to read), links under models/ to folders elsewhere
+    /// (a Hugging Face cache) are the operator's and are followed; everywhere else a link that
+    /// leads out of DIR is refused.
+    pub fn config_path(&self, field: &str, value: &Path, model: bool) -> Result<PathBuf, Refused> {
         let refuse = |why: &str| {
             Refused(format!(
                 "{field} = {:?} {why}: paths must stay inside the app's folder (relative paths are read from it)",
@@ -96,8 +97,7 @@ impl Root {
         if !joined.starts_with(&self.dir) || joined == self.dir {
             return Err(refuse("is outside"));
         }
-        let is_model = field.starts_with("[model]") && joined.starts_with(self.dir.join("models"));
-        if !is_model {
+        if !(model && joined.starts_with(self.dir.join("models"))) {
             self.no_link_out(&joined)
                 .map_err(|_| refuse("leads out through a symbolic link"))?;
         }
@@ -166,24 +166,31 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = Root::open(tmp.path()).unwrap();
         let inside = root
-            .config_path("[dataset] path", Path::new("datasets/a"))
+            .config_path("[dataset] path", Path::new("datasets/a"), false)
             .unwrap();
         assert_eq!(inside, root.path().join("datasets/a"));
         let abs = root.path().join("runs/x");
-        assert_eq!(root.config_path("[train] output", &abs).unwrap(), abs);
+        assert_eq!(
+            root.config_path("[train] output", &abs, false).unwrap(),
+            abs
+        );
         for bad in ["../x", "datasets/../../x", "/etc", ""] {
             assert!(
-                root.config_path("[train] output", Path::new(bad)).is_err(),
+                root.config_path("[train] output", Path::new(bad), false)
+                    .is_err(),
                 "{bad:?} accepted"
             );
         }
         std::os::unix::fs::symlink("/tmp", root.path().join("datasets/out")).unwrap();
         let err = root
-            .config_path("[dataset] path", Path::new("datasets/out/x"))
+            .config_path("[dataset] path", Path::new("datasets/out/x"), false)
             .unwrap_err();
         assert!(err.0.contains("symbolic link"), "{}", err.0);
         std::os::unix::fs::symlink("/tmp", root.path().join("models/cache")).unwrap();
-        root.config_path("[model] path", Path::new("models/cache/m"))
+        root.config_path("[model] path", Path::new("models/cache/m"), true)
             .unwrap();
+        assert!(root
+            .config_path("[dataset] path", Path::new("models/cache/m"), false)
+            .is_err());
     }
 }

@@ -44,7 +44,8 @@ impl State {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
-    /// A job that ended before its last step, which a resume continues.
+    /// A job that ended before its end, which a resume continues (a training from its last
+    /// checkpoint; a validation runs again).
     pub fn resumable(self) -> bool {
         matches!(self, State::Stopped | State::Interrupted | State::Failed)
     }
@@ -153,10 +154,16 @@ impl Store {
         Ok(())
     }
 
-    pub fn progress(&self, id: i64, step: u64, rate: Option<f64>) -> anyhow::Result<()> {
+    pub fn progress(
+        &self,
+        id: i64,
+        step: u64,
+        steps: u64,
+        rate: Option<f64>,
+    ) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET step = ?2, rate = ?3 WHERE id = ?1",
-            params![id, step, rate],
+            "UPDATE jobs SET step = ?2, steps = ?3, rate = ?4 WHERE id = ?1",
+            params![id, step, steps, rate],
         )?;
         Ok(())
     }
@@ -210,7 +217,7 @@ mod tests {
         let a = store.insert("train", "a", "runs/a", 10).unwrap();
         let b = store.insert("train", "b", "runs/b", 10).unwrap();
         assert_eq!(store.start_next().unwrap().unwrap().id, a);
-        store.progress(a, 3, Some(2.0)).unwrap();
+        store.progress(a, 3, 10, Some(2.0)).unwrap();
         drop(store);
         let store = Store::open(&path).unwrap();
         let ja = store.get(a).unwrap().unwrap();

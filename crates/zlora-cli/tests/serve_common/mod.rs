@@ -204,3 +204,20 @@ seeds = [1]
 "#
     )
 }
+
+/// A validation plan of `lora` on the tiny model as Base and Turbo, into `output`.
+pub fn validation_plan(lora: &str, output: &str) -> String {
+    format!(
+        r#"lora = "{lora}"
+base = "models/tiny"
+turbo = "models/tiny"
+output = "{output}"
+
+[render]
+prompts = ["a red circle"]
+seeds = [1]
+width = 32
+height = 32
+"#
+    )
+}
