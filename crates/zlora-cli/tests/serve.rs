@@ -106,6 +106,7 @@ fn the_token_guards_every_route_but_health_and_the_login_sets_a_strict_cookie() 
         ("PUT", "/api/datasets/a/images/x.png"),
         ("DELETE", "/api/datasets/a/images/x.png"),
         ("GET", "/files/datasets/a/x.png"),
+        ("GET", "/report/reports/a/report.html"),
     ];
     for (method, path) in routes {
         // The API answers 401; a file, fetched by a page, redirects to the login like a page.
@@ -552,6 +553,22 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
     );
     assert_eq!(v["output"], "reports/short");
     assert!(dir.path().join("reports/short/report.html").is_file());
+    let page = s.get(&format!("/jobs/{validation}")).text();
+    assert!(
+        page.contains("href=\"/report/reports/short/report%2Ehtml\""),
+        "{page}"
+    );
+    let report = s.get("/report/reports/short/report.html");
+    assert_eq!(report.status, 200);
+    assert!(report.text().contains("data:image/png;base64,"));
+    let policy = report.header("content-security-policy").unwrap();
+    assert!(
+        policy.starts_with("sandbox;") && !policy.contains("script-src"),
+        "{policy}"
+    );
+    assert_eq!(s.get("/report/reports/short/metrics.json").status, 403);
+    assert_eq!(s.get("/report/reports/none/report.html").status, 404);
+    assert_eq!(s.get("/report/reports/%2e%2e/report.html").status, 400);
 
     // Delete removes the job and its log, not its results.
     let r = s.request("DELETE", &format!("/api/jobs/{short}"), &[], b"");

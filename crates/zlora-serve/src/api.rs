@@ -326,3 +326,21 @@ pub fn file(jobs: &Jobs, raw: &[String]) -> Answer {
         .map_err(|_| Reply::error(404, &format!("no image {}", jobs.root.relative(&path))))?;
     Ok(Reply::new(200, kind, bytes))
 }
+
+/// The file name of a validation report (`zlora validate` writes it self-contained).
+pub const REPORT: &str = "report.html";
+
+/// A validation report under DIR, served under its own sandboxing policy.
+pub fn report(jobs: &Jobs, raw: &[String]) -> Answer {
+    let segments: Vec<&str> = raw.iter().map(String::as_str).collect();
+    let path = jobs.root.url_path("", &segments)?;
+    if path.file_name().is_none_or(|n| n != REPORT) {
+        return Err(Reply::error(
+            403,
+            "only validation reports (report.html) are served here",
+        ));
+    }
+    let html = zlora::fsutil::read_regular(&path)
+        .map_err(|_| Reply::error(404, &format!("no report {}", jobs.root.relative(&path))))?;
+    Ok(Reply::report(html))
+}

@@ -183,11 +183,23 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The pages' policy: scripts and styles only from this server's own files (so that an
+/// escaping mistake still could not run an injected script), no framing.
+const PAGE_POLICY: &str =
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
+     frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
+
+/// A validation report's policy: its own inline styles and data: images, no script at all,
+/// and a sandbox (an origin of its own, so it could not use the app's cookie either).
+const REPORT_POLICY: &str =
+    "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'";
+
 pub struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub body: Vec<u8>,
     pub headers: Vec<(&'static str, String)>,
+    policy: &'static str,
 }
 
 impl Reply {
@@ -197,6 +209,15 @@ impl Reply {
             content_type,
             body,
             headers: Vec::new(),
+            policy: PAGE_POLICY,
+        }
+    }
+
+    /// A validation report's self-contained HTML, under [`REPORT_POLICY`].
+    pub fn report(html: Vec<u8>) -> Reply {
+        Reply {
+            policy: REPORT_POLICY,
+            ..Reply::new(200, "text/html; charset=utf-8", html)
         }
     }
 
@@ -227,8 +248,7 @@ impl Reply {
     }
 
     /// The tiny_http response, with the headers every answer carries: no sniffing, no
-    /// framing, no caching, and scripts only from this server's own files (so that an
-    /// escaping mistake still could not run an injected script).
+    /// framing, no caching, and its content security policy.
     pub fn into_response(self) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
         let fixed = [
             ("Content-Type", self.content_type.to_string()),
@@ -236,12 +256,7 @@ impl Reply {
             ("X-Frame-Options", "DENY".into()),
             ("Referrer-Policy", "no-referrer".into()),
             ("Cache-Control", "no-store".into()),
-            (
-                "Content-Security-Policy",
-                "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; \
-                 frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
-                    .into(),
-            ),
+            ("Content-Security-Policy", self.policy.into()),
         ];
         let mut response = tiny_http::Response::from_data(self.body).with_status_code(self.status);
         for (name, value) in fixed.into_iter().chain(self.headers) {

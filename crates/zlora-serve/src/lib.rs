@@ -156,6 +156,7 @@ impl App {
                 api::delete_image(jobs, name, file)
             }
             (Method::Get, ["files", ..]) => api::file(jobs, &req.path[1..]),
+            (Method::Get, ["report", ..]) => api::report(jobs, &req.path[1..]),
             (Method::Get, [""]) => Ok(Reply::redirect("/jobs")),
             (Method::Get, ["jobs"]) => pages::jobs(jobs),
             (Method::Get, ["jobs", n]) => pages::job(jobs, id(n)?),

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use maud::{html, Markup, DOCTYPE};
 
-use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer};
+use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
 use crate::http::Reply;
 use crate::jobs::Jobs;
@@ -106,9 +106,12 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                     p {
                         @if live { button data-post=(format!("/api/jobs/{id}/stop")) { "Stop" } }
                         @if job.state.resumable() { button data-post=(format!("/api/jobs/{id}/resume")) { "Resume" } }
-                @if !live { button data-delete=(format!("/api/jobs/{id}")) data-next="/jobs" { "Delete" } }
+                        @if !live { button data-delete=(format!("/api/jobs/{id}")) data-next="/jobs" { "Delete" } }
                     }
                     @if let Some(e) = &job.error { p.error { (e) } }
+                }
+                @if run.join(REPORT).is_file() {
+                    p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
                 }
                 h2 { "Loss" }
                 (loss_chart(&losses(&run)))
@@ -153,11 +156,18 @@ fn samples(jobs: &Jobs, run: &Path) -> Markup {
     }
 }
 
-/// The URL of a file under DIR (each segment encoded).
+/// The URL of an image under DIR (each segment encoded).
 fn file_url(jobs: &Jobs, p: &Path) -> String {
+    format!("/files/{}", encoded_path(jobs, p))
+}
+
+fn report_url(jobs: &Jobs, p: &Path) -> String {
+    format!("/report/{}", encoded_path(jobs, p))
+}
+
+fn encoded_path(jobs: &Jobs, p: &Path) -> String {
     let rel = jobs.root.relative(p);
-    let encoded: Vec<String> = rel.split('/').map(encode).collect();
-    format!("/files/{}", encoded.join("/"))
+    rel.split('/').map(encode).collect::<Vec<_>>().join("/")
 }
 
 fn log_tail(path: &Path) -> String {
