@@ -644,25 +644,16 @@ fn a_restart_keeps_queued_jobs_and_marks_the_running_one_interrupted() {
 const PAYLOAD_IMG: &str = "<img src=x onerror=document.body.dataset.xss=1>";
 const PAYLOAD_SCRIPT: &str = "<script>document.body.dataset.xss=2</script>";
 
-/// The DOM of `url` after Chromium loaded it and ran its scripts. Headless Chromium on this
-/// busy machine sometimes never finishes a load (seen with pages and without the server: a
-/// file:// page too), so a load is given 40 s and tried up to three times, each with a fresh
-/// profile; `done` says when the DOM is the whole page.
-fn browser_dom(url: &str, done: &str) -> String {
-    let chromium = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| {
-            std::process::Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("chromium is needed (apt-get install chromium; .ci/run installs it)");
+/// Headless Chromium on `url` with `mode` (`--dump-dom`, `--screenshot=…`): its stdout once
+/// `done` says the run did its work. Headless Chromium on this busy machine sometimes never
+/// finishes a load (seen with file:// pages too), so a load is given 40 s and tried up to
+/// three times, each with a fresh profile.
+fn headless(url: &str, mode: &[&str], done: impl Fn(&str) -> bool) -> String {
     let mut last = String::new();
     for _ in 0..3 {
         let profile = tempfile::tempdir().unwrap();
         let out = std::process::Command::new("timeout")
-            .args(["40", chromium])
+            .args(["40", common::chromium()])
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -671,19 +662,83 @@ fn browser_dom(url: &str, done: &str) -> String {
                 "--disable-component-update",
                 "--disable-sync",
                 "--no-first-run",
-                "--dump-dom",
+                "--hide-scrollbars",
+                "--force-device-scale-factor=1",
             ])
+            .args(mode)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)
             .output()
             .unwrap();
-        let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-        if dom.contains(done) {
-            return dom;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if done(&stdout) {
+            return stdout;
         }
         last = String::from_utf8_lossy(&out.stderr).into_owned();
     }
     panic!("Chromium did not load {url} in three tries: {last}");
+}
+
+/// The DOM of `url` after Chromium loaded it and ran its scripts; `done` is in the whole page.
+fn browser_dom(url: &str, done: &str) -> String {
+    headless(url, &["--dump-dom"], |dom| dom.contains(done))
+}
+
+/// A screenshot of `url` into `png`.
+fn screenshot(url: &str, png: &std::path::Path) -> zlora::sample::image::Rgb8 {
+    let _ = std::fs::remove_file(png);
+    let arg = format!("--screenshot={}", png.display());
+    headless(url, &[&arg, "--window-size=1100,1400"], |_| png.is_file());
+    zlora::sample::image::read_png(png).unwrap().0
+}
+
+/// Where the page screenshots are kept (test artifacts, one of them in docs/).
+fn artifacts() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("serve-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn the_pages_show_the_loss_chart_the_sample_grids_and_the_dataset_in_chromium() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    let id = submit(&s, &train_config("runs/first", 40, 20, 20));
+    let job = s.wait_job(id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}");
+    let base = format!("http://{}", s.host());
+    let shots = artifacts();
+
+    let page = screenshot(&format!("{base}/jobs/{id}"), &shots.join("job.png"));
+    // The chart's smoothed-loss line, drawn in the browser.
+    let line = page
+        .pixels
+        .chunks_exact(3)
+        .filter(|p| *p == [0x1f, 0x4e, 0x9c])
+        .count();
+    assert!(line > 200, "the loss line: {line} pixels");
+    // The newest sample grid, found pixel for pixel.
+    let (grid, _) =
+        zlora::sample::image::read_png(&dir.path().join("runs/first/samples/step-000040.png"))
+            .unwrap();
+    let patch = common::crop(&grid, grid.width / 2 - 6, grid.height / 2 - 6, 12);
+    assert!(
+        common::find(&page, &patch, 2).is_some(),
+        "the sample grid is on the job page"
+    );
+
+    let page = screenshot(&format!("{base}/datasets/tiny"), &shots.join("dataset.png"));
+    let (image, _) =
+        zlora::sample::image::read_png(&dir.path().join("datasets/tiny/000.png")).unwrap();
+    let patch = common::crop(&image, image.width / 2 - 6, image.height / 2 - 6, 12);
+    assert!(
+        common::find(&page, &patch, 2).is_some(),
+        "a dataset image is on its page"
+    );
+    let jobs = screenshot(&format!("{base}/jobs"), &shots.join("jobs.png"));
+    assert!(jobs.pixels.chunks_exact(3).any(|p| p != [255, 255, 255]));
 }
 
 #[test]
