@@ -322,6 +322,14 @@ fn datasets_are_listed_captioned_uploaded_and_trashed_with_every_string_escaped(
             .status,
         409
     );
+    let r = s.post_json("/api/datasets", &json!({"name": "other", "tiny": "on"}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(!tmp.path().join("datasets/other").exists());
+    let list = s.get("/datasets").text();
+    assert!(
+        list.contains(r#"<input type="checkbox" name="tiny">"#),
+        "{list}"
+    );
     assert_eq!(
         s.get("/api/datasets").json(),
         json!([{"name": "tiny", "images": 6}])

@@ -171,7 +171,17 @@ pub fn create_dataset(jobs: &Jobs, req: &Request) -> Answer {
     if dir.exists() {
         return Err(Reply::error(409, &format!("dataset {name:?} exists")));
     }
-    if body["tiny"].as_bool() == Some(true) {
+    let tiny = match &body["tiny"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        other => {
+            return Err(Reply::error(
+                400,
+                &format!("\"tiny\" must be true or false, got {other}"),
+            ))
+        }
+    };
+    if tiny {
         zlora::data::synthetic::create(&dir, 6, 64, false).map_err(internal)?;
     } else {
         std::fs::create_dir(&dir).map_err(internal)?;

@@ -192,6 +192,7 @@ pub fn datasets(jobs: &Jobs) -> Answer {
                 h2 { "New dataset" }
                 form data-json="" action="/api/datasets" data-next="/datasets" {
                     label { "Name " input name="name" required; }
+                    label { input type="checkbox" name="tiny"; " with the built-in tiny dataset (six 64 px images)" }
                     button { "Create" }
                 }
             },

@@ -47,13 +47,16 @@ document.addEventListener("change", async (e) => {
 });
 document.addEventListener("input", (e) => e.target.classList.remove("saved"));
 
-// Forms with data-json post their fields as a JSON object and go to data-next ({id} filled).
+// Forms with data-json post their fields as a JSON object (checkboxes as true/false) and go
+// to data-next ({id} filled).
 document.addEventListener("submit", async (e) => {
   const f = e.target;
   if (f.dataset.json === undefined) return;
   e.preventDefault();
   try {
-    const body = JSON.stringify(Object.fromEntries(new FormData(f)));
+    const fields = Object.fromEntries(new FormData(f));
+    for (const box of f.querySelectorAll("input[type=checkbox]")) fields[box.name] = box.checked;
+    const body = JSON.stringify(fields);
     const r = await call("POST", f.getAttribute("action"), body, "application/json");
     const made = await r.json();
     location.href = f.dataset.next.replace("{id}", made.id);
