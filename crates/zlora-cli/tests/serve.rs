@@ -652,16 +652,21 @@ fn a_restart_keeps_queued_jobs_and_marks_the_running_one_interrupted() {
 const PAYLOAD_IMG: &str = "<img src=x onerror=document.body.dataset.xss=1>";
 const PAYLOAD_SCRIPT: &str = "<script>document.body.dataset.xss=2</script>";
 
+/// One Chromium at a time: two at once beside the other tests' trainings starved each other
+/// on a 2-core machine.
+static BROWSER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Headless Chromium on `url` with `mode` (`--dump-dom`, `--screenshot=…`): its stdout once
-/// `done` says the run did its work. Headless Chromium on this busy machine sometimes never
-/// finishes a load (seen with file:// pages too), so a load is given 40 s and tried up to
+/// `done` says the run did its work. Headless Chromium on a busy machine sometimes never
+/// finishes a load (seen with file:// pages too), so a load is given 90 s and tried up to
 /// three times, each with a fresh profile.
 fn headless(url: &str, mode: &[&str], done: impl Fn(&str) -> bool) -> String {
+    let _one = BROWSER.lock().unwrap_or_else(|e| e.into_inner());
     let mut last = String::new();
     for _ in 0..3 {
         let profile = tempfile::tempdir().unwrap();
         let out = std::process::Command::new("timeout")
-            .args(["40", common::chromium()])
+            .args(["90", common::chromium()])
             .args([
                 "--headless",
                 "--no-sandbox",
