@@ -3,6 +3,7 @@
 
 mod caption;
 mod doctor;
+mod events;
 mod experiment;
 mod fetch;
 mod generate;
@@ -10,6 +11,7 @@ mod lora;
 mod plan;
 mod process;
 mod progress;
+mod serve;
 mod tiny;
 mod train;
 mod validate;
@@ -51,6 +53,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
     Plan(plan::Args),
+    /// Start the local web app: datasets, a training queue with live progress (docs/serve.md).
+    Serve(serve::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -70,11 +74,12 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
-        Command::Train(args) => train::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

@@ -1,13 +1,23 @@
-//! `zlora train CONFIG [--resume [--allow-changes KEY...]] [--force] [--steps N] [--output DIR]`.
+//! `zlora train CONFIG [--resume [--allow-changes KEY...]] [--force] [--steps N] [--output DIR]
+//! [--events json]`. SIGTERM or SIGINT stops it cleanly: the step in progress is finished and
+//! checkpointed, and it exits with [`STOPPED`].
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
 use zlora::train::config::TrainConfig;
 use zlora::train::trainer::{train, Event, TrainOptions};
 
+use crate::events::{self, EventFormat, TrainEvents};
 use crate::progress::{count_bar, steps_bar};
+
+/// The exit status of a run stopped by a signal after its checkpoint (128 + SIGINT, as a
+/// shell reports an interrupted command): a script must not take it for a finished run.
+pub const STOPPED: u8 = 130;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,9 +40,22 @@ pub struct Args {
     /// Override [train] output.
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Print progress as JSON lines on stdout (step, checkpoint, samples, done/stopped/failed)
+    /// instead of bars; docs/serve.md lists the events.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let json = a.events.is_some();
+    let result = run_training(a);
+    if let (true, Err(e)) = (json, &result) {
+        events::failed(e);
+    }
+    result
+}
+
+fn run_training(a: Args) -> anyhow::Result<ExitCode> {
     let mut cfg = TrainConfig::from_file(&a.config)?;
     let mut allow_changes = a.allow_changes;
     if let Some(steps) = a.steps {
@@ -49,13 +72,50 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         force: a.force,
         allow_changes,
         config_file: Some(a.config),
+        stop: Some(stop_on_signals()?),
     };
-    let mut display = TrainDisplay::new(cfg.train.steps);
-    let outcome =
-        train(&cfg, &opts, &mut |event| display.show(event)).context("training failed")?;
-    display.finish();
-    println!("{}", outcome.lora.display());
-    Ok(())
+    let outcome = match a.events {
+        Some(EventFormat::Json) => {
+            let mut sink = TrainEvents::new(cfg.train.steps);
+            let outcome =
+                train(&cfg, &opts, &mut |event| sink.show(event)).context("training failed")?;
+            events::finished(&outcome);
+            outcome
+        }
+        None => {
+            let mut display = TrainDisplay::new(cfg.train.steps);
+            let outcome =
+                train(&cfg, &opts, &mut |event| display.show(event)).context("training failed")?;
+            display.finish();
+            println!("{}", outcome.lora.display());
+            outcome
+        }
+    };
+    if outcome.stopped {
+        eprintln!(
+            "stopped at step {}; its checkpoint's LoRA is {} (continue with --resume)",
+            outcome.steps,
+            outcome.lora.display()
+        );
+        return Ok(ExitCode::from(STOPPED));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM and SIGINT set the trainer's stop flag. A second SIGINT (Ctrl-C twice) exits at
+/// once; SIGTERM may come more than once (a parent-death signal is sent again at each
+/// reparenting) and only ever stops cleanly.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let installed = || "cannot install the stop signal handlers";
+    // Registered first, so that it sees the flag before this signal sets it.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, i32::from(STOPPED), stop.clone())
+        .context(installed())?;
+    for signal in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).context(installed())?;
+    }
+    Ok(stop)
 }
 
 /// A training run on stderr: a bar per cache stage, a step bar with the smoothed loss, and

@@ -1,15 +1,18 @@
-//! `zlora validate`: a plan file, the fixed flags form, or `--checkpoints RUN_DIR`.
+//! `zlora validate`: a plan file, the fixed flags form, or `--checkpoints RUN_DIR`; with
+//! `--events json` its progress and results as JSON lines on stdout.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
+use serde_json::json;
 use zlora::validate::findings::findings;
 use zlora::validate::plan::{Precision, RenderSettings, Sampling, ValidationPlan};
 use zlora::validate::render::Event;
 use zlora::validate::run::validate;
 use zlora::validate::sweep::{sweep, SweepRequest};
 
+use crate::events::{self, EventFormat};
 use crate::progress::count_bar;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -60,12 +63,25 @@ pub struct Args {
     /// Overwrite earlier outputs (in a folder zlora made).
     #[arg(long)]
     force: bool,
+    /// Print progress and results as JSON lines on stdout (stage, image, then done or failed);
+    /// docs/serve.md lists the events.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    if let Some(run_dir) = a.checkpoints.clone() {
-        return run_sweep(a, run_dir);
+    let json = a.events.is_some();
+    let result = match a.checkpoints.clone() {
+        Some(run_dir) => run_sweep(a, run_dir),
+        None => run_one(a),
+    };
+    if let (true, Err(e)) = (json, &result) {
+        events::failed(e);
     }
+    result
+}
+
+fn run_one(a: Args) -> anyhow::Result<()> {
     let mut plan = match (&a.plan, &a.lora, &a.base, &a.turbo, &a.output) {
         (Some(path), ..) => ValidationPlan::from_file(path)?,
         (None, Some(lora), Some(base), Some(turbo), Some(output)) => ValidationPlan {
@@ -87,13 +103,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if let Some(out) = a.output {
         plan.output = out;
     }
-    let mut bar = None;
+    let mut progress = Progress::new(a.events);
     let outcome =
-        validate(&plan, a.force, &mut |e| show(e, &mut bar)).context("validation failed")?;
-    if let Some(b) = bar {
-        b.finish();
+        validate(&plan, a.force, &mut |e| progress.show(e)).context("validation failed")?;
+    progress.finish();
+    let found = findings(&outcome.record.verdicts, &plan.sampling);
+    if a.events.is_some() {
+        let found: Vec<_> = found
+            .iter()
+            .map(|f| json!({"check": f.check, "measured": f.measured, "verdict": f.verdict}))
+            .collect();
+        events::done(json!({"report": outcome.report, "findings": found}));
+        return Ok(());
     }
-    for f in findings(&outcome.record.verdicts, &plan.sampling) {
+    for f in found {
         println!(
             "{}: {} → {}",
             f.check,
@@ -140,10 +163,31 @@ fn run_sweep(a: Args, run_dir: PathBuf) -> anyhow::Result<()> {
         dtype: precision(a.dtype).unwrap_or_default(),
         overwrite: a.force,
     };
-    let mut bar = None;
-    let outcome = sweep(&req, &mut |e| show(e, &mut bar)).context("checkpoint sweep failed")?;
-    if let Some(b) = bar {
-        b.finish();
+    let mut progress = Progress::new(a.events);
+    let outcome = sweep(&req, &mut |e| progress.show(e)).context("checkpoint sweep failed")?;
+    progress.finish();
+    if a.events.is_some() {
+        let checkpoints: Vec<_> = outcome
+            .record
+            .checkpoints
+            .iter()
+            .map(|c| {
+                json!({
+                    "step": c.step,
+                    "effect": c.effect.effect,
+                    "verdict": c.effect.verdict.label(),
+                    "sharpness_ratio": c.sharpness_ratio,
+                    "blurred": c.blurred,
+                })
+            })
+            .collect();
+        events::done(json!({
+            "report": outcome.report,
+            "chart": outcome.chart,
+            "best_step": outcome.record.best_step,
+            "checkpoints": checkpoints,
+        }));
+        return Ok(());
     }
     for c in &outcome.record.checkpoints {
         println!(
@@ -162,6 +206,35 @@ fn run_sweep(a: Args, run_dir: PathBuf) -> anyhow::Result<()> {
     println!("{}", outcome.chart.display());
     println!("{}", outcome.report.display());
     Ok(())
+}
+
+/// A validation's progress: bars on stderr, or JSON lines on stdout.
+struct Progress {
+    json: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(format: Option<EventFormat>) -> Self {
+        Self {
+            json: format.is_some(),
+            bar: None,
+        }
+    }
+
+    fn show(&mut self, e: Event) {
+        if self.json {
+            events::validation(e);
+        } else {
+            show(e, &mut self.bar);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.bar {
+            b.finish();
+        }
+    }
 }
 
 /// Stage lines on stderr and a bar over the images of each validation.

@@ -1,7 +1,8 @@
 //! `zlora train` end to end on the built-in tiny model and a synthetic dataset: outputs,
 //! determinism, resume after SIGKILL (with each optimizer, with differential output
-//! preservation), refusal to overwrite a run without --force, NaN stop, training adapter,
-//! TensorBoard event files read back by TensorBoard's own reader, and the dataset check.
+//! preservation), the `--events json` stream and a clean stop on SIGTERM, refusal to
+//! overwrite a run without --force, NaN stop, training adapter, TensorBoard event files read
+//! back by TensorBoard's own reader, and the dataset check.
 
 mod common;
 
@@ -170,6 +171,157 @@ fn a_tiny_run_writes_lora_checkpoints_samples_and_log() {
     assert!(
         last["loss"].as_f64().unwrap().is_finite() && last["grad_norm"].as_f64().unwrap() > 0.0
     );
+}
+
+/// The JSON events of a run's stdout (every line must be one).
+fn events(stdout: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+#[test]
+fn events_json_reports_every_step_checkpoint_and_sample_then_done() {
+    let s = Setup::new();
+    let sample = "[sample]\nevery = 3\nprompts = [\"zkchar, a red circle\"]\nseeds = [1]";
+    let cfg = s.config("run", "", "", sample);
+    let out = zlora(&["train", cfg.to_str().unwrap(), "--events", "json"]);
+    let events = events(&common::stdout(&out).into_bytes());
+    let of = |kind: &str| -> Vec<&serde_json::Value> {
+        events.iter().filter(|e| e["event"] == kind).collect()
+    };
+    let steps: Vec<u64> = of("step")
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    for e in of("step") {
+        assert_eq!(e["steps"], 6);
+        assert!(
+            e["loss"].as_f64().unwrap().is_finite() && e["rate"].as_f64().unwrap() > 0.0,
+            "{e}"
+        );
+    }
+    let at = |kind: &str| -> Vec<u64> {
+        of(kind)
+            .iter()
+            .map(|e| e["step"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(at("checkpoint"), [2, 4, 6]);
+    assert_eq!(at("samples"), [0, 3, 6]);
+    for e in of("samples") {
+        assert!(Path::new(e["path"].as_str().unwrap()).is_file(), "{e}");
+    }
+    assert!(of("message")
+        .iter()
+        .any(|e| e["text"].as_str().unwrap().contains("mode turbo-direct")));
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "done");
+    assert_eq!(last["step"], 6);
+    assert_eq!(
+        last["lora"].as_str().unwrap(),
+        s.path("run/lora.safetensors").to_str().unwrap()
+    );
+}
+
+#[test]
+fn events_json_ends_a_failed_run_with_its_error() {
+    let s = Setup::new();
+    let cfg = s.config("run", "", "", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(s.path("data").to_str().unwrap(), "/no/such/dataset"),
+    )
+    .unwrap();
+    let out = zlora(&["train", cfg.to_str().unwrap(), "--events", "json"]);
+    assert!(!out.status.success());
+    let last = events(&out.stdout).pop().unwrap();
+    assert_eq!(last["event"], "failed");
+    assert!(
+        last["error"].as_str().unwrap().contains("/no/such/dataset"),
+        "{last}"
+    );
+    let out = zlora(&["train", "/no/such.toml", "--events", "json"]);
+    assert_eq!(events(&out.stdout).pop().unwrap()["event"], "failed");
+}
+
+#[test]
+fn sigterm_stops_after_the_step_with_a_checkpoint_and_resume_continues() {
+    use std::io::BufRead;
+    let s = Setup::new();
+    let cfg = s.config("run", "", "", "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .args([
+            "train",
+            cfg.to_str().unwrap(),
+            "--steps",
+            "1000000",
+            "--events",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let e: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if e["event"] == "step" && e["step"].as_u64() >= Some(3) {
+            break;
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(kill.unwrap().success());
+    let rest: Vec<u8> = lines
+        .map(|l| l.unwrap() + "\n")
+        .collect::<String>()
+        .into_bytes();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "a stopped run is not a finished one"
+    );
+    let last = events(&rest).pop().unwrap();
+    assert_eq!(last["event"], "stopped", "{last}");
+    let at = last["step"].as_u64().unwrap();
+    assert!((3..1_000_000).contains(&at));
+    let checkpoint = s.path(&format!("run/checkpoints/step-{at:06}"));
+    assert_eq!(
+        Path::new(last["lora"].as_str().unwrap()),
+        checkpoint.join("lora.safetensors")
+    );
+    assert!(
+        checkpoint.join("lora.safetensors").is_file() && checkpoint.join("state.json").is_file()
+    );
+    assert!(
+        !s.path("run/lora.safetensors").exists(),
+        "a stopped run has no final LoRA"
+    );
+
+    let until = (at + 2).to_string();
+    let out = zlora(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        &until,
+        "--events",
+        "json",
+    ]);
+    let events = events(&common::stdout(&out).into_bytes());
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "step")
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [at + 1, at + 2]);
+    assert_eq!(events.last().unwrap()["event"], "done");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{stdout, zlora};
+use common::{crop, find, stdout, zlora};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -274,48 +274,9 @@ fn a_plan_sets_steps_and_default_prompts_use_the_trigger_and_nothing_is_overwrit
     assert!(out.join("images/p1-base-s5.png").is_file());
 }
 
-fn px(img: &Rgb8, x: usize, y: usize) -> &[u8] {
-    let i = (y * img.width + x) * 3;
-    &img.pixels[i..i + 3]
-}
-
-/// Where the `patch` (a block of pixels) appears in `img`, within ±`tol` per channel.
-fn find(img: &Rgb8, patch: &Rgb8, tol: u8) -> Option<(usize, usize)> {
-    let close = |a: u8, b: u8| a.abs_diff(b) <= tol;
-    let matches = |x0: usize, y0: usize| {
-        (0..patch.height).all(|y| {
-            (0..patch.width).all(|x| {
-                px(img, x0 + x, y0 + y)
-                    .iter()
-                    .zip(px(patch, x, y))
-                    .all(|(a, b)| close(*a, *b))
-            })
-        })
-    };
-    (0..=img.height - patch.height)
-        .flat_map(|y| (0..=img.width - patch.width).map(move |x| (x, y)))
-        .find(|&(x, y)| matches(x, y))
-}
-
-fn crop(img: &Rgb8, x0: usize, y0: usize, size: usize) -> Rgb8 {
-    let pixels = (y0..y0 + size)
-        .flat_map(|y| {
-            img.pixels[(y * img.width + x0) * 3..(y * img.width + x0 + size) * 3].to_vec()
-        })
-        .collect();
-    Rgb8 {
-        width: size,
-        height: size,
-        pixels,
-    }
-}
-
 #[test]
 fn the_report_renders_in_chromium_with_its_table_and_images() {
-    let chromium = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
-        .expect("chromium is needed to check the report (apt-get install chromium; .ci/run installs it)");
+    let chromium = common::chromium();
     let s = Setup::new();
     let lora = s.lora("strong", &ATTENTION, Up::Random(1.0), None);
     let out = s.path("v");
@@ -446,6 +407,57 @@ fn a_checkpoint_sweep_charts_the_metrics_and_names_the_best_step() {
     );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("data:image/png;base64,"));
+
+    // The same sweep as JSON lines: each image as it is rendered, then the results.
+    let json_out = s.p("run/validation-events");
+    let stdout = ok(&[
+        "validate",
+        "--checkpoints",
+        &s.p("run"),
+        "--output",
+        &json_out,
+        "--events",
+        "json",
+    ]);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    let images: Vec<_> = events.iter().filter(|e| e["event"] == "image").collect();
+    assert!(
+        !images.is_empty()
+            && images
+                .iter()
+                .all(|e| e["done"].as_u64() <= e["total"].as_u64())
+    );
+    assert!(events.iter().any(|e| e["event"] == "stage"));
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+    let steps: Vec<u64> = done["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 6]);
+    assert_eq!(done["best_step"], record["best_step"]);
+    assert!(Path::new(done["report"].as_str().unwrap()).is_file());
+    let failed = zlora(&[
+        "validate",
+        "--checkpoints",
+        "/no/such/run",
+        "--events",
+        "json",
+    ]);
+    assert!(!failed.status.success());
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&failed.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["event"], "failed");
 }
 
 #[test]

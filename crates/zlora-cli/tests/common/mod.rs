@@ -4,6 +4,8 @@
 use std::ffi::OsStr;
 use std::process::{Command, Output};
 
+use zlora::sample::image::Rgb8;
+
 /// The library's parity helpers: fixture paths, reference tensors, relative errors.
 #[path = "../../../zlora/tests/common/mod.rs"]
 pub mod parity;
@@ -101,4 +103,53 @@ pub fn generate_small(
     }
     args.extend_from_slice(extra);
     zlora_env(&args, env)
+}
+
+/// The Chromium binary, which the browser tests need (.ci/run installs it).
+pub fn chromium() -> &'static str {
+    ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("chromium is needed for the browser tests (apt-get install chromium; .ci/run installs it)")
+}
+
+pub fn px(img: &Rgb8, x: usize, y: usize) -> &[u8] {
+    let i = (y * img.width + x) * 3;
+    &img.pixels[i..i + 3]
+}
+
+/// Where the `patch` (a block of pixels) appears in `img`, within ±`tol` per channel.
+pub fn find(img: &Rgb8, patch: &Rgb8, tol: u8) -> Option<(usize, usize)> {
+    let close = |a: u8, b: u8| a.abs_diff(b) <= tol;
+    let matches = |x0: usize, y0: usize| {
+        (0..patch.height).all(|y| {
+            (0..patch.width).all(|x| {
+                px(img, x0 + x, y0 + y)
+                    .iter()
+                    .zip(px(patch, x, y))
+                    .all(|(a, b)| close(*a, *b))
+            })
+        })
+    };
+    (0..=img.height - patch.height)
+        .flat_map(|y| (0..=img.width - patch.width).map(move |x| (x, y)))
+        .find(|&(x, y)| matches(x, y))
+}
+
+pub fn crop(img: &Rgb8, x0: usize, y0: usize, size: usize) -> Rgb8 {
+    let pixels = (y0..y0 + size)
+        .flat_map(|y| {
+            img.pixels[(y * img.width + x0) * 3..(y * img.width + x0 + size) * 3].to_vec()
+        })
+        .collect();
+    Rgb8 {
+        width: size,
+        height: size,
+        pixels,
+    }
 }

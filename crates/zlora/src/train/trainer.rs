@@ -5,6 +5,8 @@
 //! `lora.safetensors`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -47,6 +49,9 @@ pub struct TrainOptions {
     pub allow_changes: Vec<String>,
     /// The config file the run was started from: the output folder must not hold it.
     pub config_file: Option<PathBuf>,
+    /// Set (by a signal handler, another thread) to stop cleanly: the step in progress is
+    /// finished and checkpointed, and `train` returns a stopped [`Outcome`].
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What the trainer reports while it works (the CLI draws bars and prints lines).
@@ -63,8 +68,11 @@ pub enum Event<'a> {
 }
 
 pub struct Outcome {
+    /// The final LoRA, or a stopped run's newest checkpoint's.
     pub lora: PathBuf,
     pub steps: u64,
+    /// Stopped on request before `[train] steps`; resumable from its checkpoint.
+    pub stopped: bool,
 }
 
 pub fn train(
@@ -179,7 +187,9 @@ pub fn train(
             gpu_memory_mib: None,
         })?;
         events(Event::Step(&entry));
-        if step.is_multiple_of(t.save_every) || step == t.steps {
+        let stopping =
+            step < t.steps && opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if step.is_multiple_of(t.save_every) || step == t.steps || stopping {
             let dir = state::save(out, &run, &lora, &mut optimizer, ema.as_ref(), &|p| {
                 writer.write(&lora, step, p)
             })?;
@@ -189,6 +199,13 @@ pub fn train(
             let from = (ema.as_ref().filter(|_| cfg.sample.ema), &lora);
             let grid = sample_now(&sampler, &mut model, from, step, out, events)?;
             log.samples(step, &grid)?;
+        }
+        if stopping {
+            return Ok(Outcome {
+                lora: state::checkpoint_dir(out, step).join("lora.safetensors"),
+                steps: step,
+                stopped: true,
+            });
         }
     }
     let final_path = out.join("lora.safetensors");
@@ -200,6 +217,7 @@ pub fn train(
     Ok(Outcome {
         lora: final_path,
         steps: run.step,
+        stopped: false,
     })
 }
 

@@ -274,6 +274,7 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         force: !resume,
         allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
         config_file: None,
+        stop: None,
     };
     train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
     let m = RunMarker {

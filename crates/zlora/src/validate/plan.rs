@@ -224,9 +224,13 @@ impl Variant {
 impl ValidationPlan {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::fsutil::read_text(path)?;
-        let plan: Self = toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        plan.check()
-            .map_err(|e| Error::bad_file(path, e.to_string()))?;
+        Self::parse(&text).map_err(|e| Error::bad_file(path, e.to_string()))
+    }
+
+    /// A plan from its TOML text, checked.
+    pub fn parse(text: &str) -> Result<Self> {
+        let plan: Self = toml::from_str(text).map_err(|e| Error::Invalid(e.to_string()))?;
+        plan.check()?;
         Ok(plan)
     }
 

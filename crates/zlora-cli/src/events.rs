@@ -1,0 +1,97 @@
+//! `--events json`: a training's or a validation's progress as one JSON object per line on
+//! stdout, for scripts and for `zlora serve`, which runs jobs as child processes and reads this
+//! stream (docs/serve.md lists the events).
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+use zlora::train::trainer::{Event, Outcome};
+use zlora::validate::render;
+
+/// The `--events` formats (one so far).
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum EventFormat {
+    Json,
+}
+
+/// Writes each event as a line and flushes it, so that a reader sees it as it happens.
+pub fn emit(event: Value) {
+    let mut out = std::io::stdout().lock();
+    // A reader that went away (a closed pipe) must not stop the training: its checkpoints
+    // and log are on disk either way.
+    let _ = writeln!(out, "{event}").and_then(|()| out.flush());
+}
+
+/// The training callback's events as JSON lines.
+pub struct TrainEvents {
+    steps: u64,
+    step: u64,
+}
+
+impl TrainEvents {
+    pub fn new(steps: u64) -> Self {
+        Self { steps, step: 0 }
+    }
+
+    pub fn show(&mut self, event: Event) {
+        emit(match event {
+            Event::Message(text) => json!({"event": "message", "text": text}),
+            Event::Cache { stage, done, total } => json!({
+                "event": "cache",
+                "stage": format!("{stage:?}").to_lowercase(),
+                "done": done,
+                "total": total,
+            }),
+            Event::Step(log) => {
+                self.step = log.step;
+                let rate = (log.step_seconds > 0.0).then(|| 1.0 / log.step_seconds);
+                json!({
+                    "event": "step",
+                    "step": log.step,
+                    "steps": self.steps,
+                    "loss": log.loss,
+                    "loss_smoothed": log.loss_smoothed,
+                    "lr": log.lr,
+                    "rate": rate,
+                })
+            }
+            Event::Checkpoint(dir) => json!({
+                "event": "checkpoint",
+                "step": self.step,
+                "path": dir,
+            }),
+            Event::Samples(png) => json!({"event": "samples", "step": self.step, "path": png}),
+        });
+    }
+}
+
+/// The last event of a run that returned: `done`, or `stopped` (resumable from `lora`'s
+/// checkpoint).
+pub fn finished(outcome: &Outcome) {
+    let kind = if outcome.stopped { "stopped" } else { "done" };
+    emit(json!({"event": kind, "step": outcome.steps, "lora": outcome.lora}));
+}
+
+/// The last event of a run that failed: the error as the CLI prints it.
+pub fn failed(error: &anyhow::Error) {
+    emit(json!({"event": "failed", "error": format!("{error:#}")}));
+}
+
+/// A validation's events: its stages and each image rendered.
+pub fn validation(event: render::Event) {
+    emit(match event {
+        render::Event::Stage(text) => json!({"event": "stage", "text": text}),
+        render::Event::Image { done, total } => {
+            json!({"event": "image", "done": done, "total": total})
+        }
+    });
+}
+
+/// The last event of a command that succeeded: `done` with what it wrote.
+pub fn done(fields: Value) {
+    let mut event = json!({"event": "done"});
+    if let (Some(e), Value::Object(f)) = (event.as_object_mut(), fields) {
+        e.extend(f);
+    }
+    emit(event);
+}

@@ -1,0 +1,29 @@
+//! `zlora serve --root DIR [--host 127.0.0.1] [--port 7860] [--token T]`: the local web app
+//! (crates/zlora-serve, docs/serve.md).
+
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The app's folder: datasets/, models/, runs/ and reports/ (created when missing). No
+    /// path outside it is ever read or written.
+    #[arg(long)]
+    root: PathBuf,
+    /// The address to listen on; any but loopback needs a token.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 7860)]
+    port: u16,
+    /// Requests need `Authorization: Bearer TOKEN` (pages: a login). Default: $ZLORA_TOKEN.
+    #[arg(long)]
+    token: Option<String>,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    zlora_serve::run(zlora_serve::Options {
+        root: a.root,
+        host: a.host,
+        port: a.port,
+        token: a.token.or_else(|| std::env::var("ZLORA_TOKEN").ok()),
+    })
+}

@@ -1,0 +1,231 @@
+//! The HTML pages, rendered on the server with maud (which escapes every interpolated string).
+//! The little JavaScript they need (static/app.js) only calls the JSON API.
+
+use std::path::Path;
+
+use maud::{html, Markup, DOCTYPE};
+
+use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
+use crate::chart::{loss_chart, losses};
+use crate::http::Reply;
+use crate::jobs::Jobs;
+use crate::root::segment;
+use crate::store::{Job, State};
+
+/// How many lines of a job's log its page shows (the newest).
+const LOG_LINES: usize = 200;
+
+fn layout(title: &str, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · zlora" }
+                link rel="stylesheet" href="/static/app.css";
+                script src="/static/app.js" defer {}
+            }
+            body {
+                nav { a href="/jobs" { "Jobs" } a href="/datasets" { "Datasets" } }
+                main {
+                    h1 { (title) }
+                    p #status role="status" {}
+                    (body)
+                }
+            }
+        }
+    }
+}
+
+pub fn error_page(status: u16, message: &str) -> Markup {
+    layout(&format!("Error {status}"), html! { p.error { (message) } })
+}
+
+pub fn login(failed: bool) -> Markup {
+    layout(
+        "Log in",
+        html! {
+            @if failed { p.error { "That token is not this server's." } }
+            form method="post" action="/login" {
+                label { "Token " input type="password" name="token" autocomplete="current-password" autofocus; }
+                button { "Log in" }
+            }
+        },
+    )
+}
+
+pub fn jobs(jobs: &Jobs) -> Answer {
+    let list = jobs.store().list().map_err(internal)?;
+    Ok(Reply::html(
+        200,
+        layout(
+            "Jobs",
+            html! {
+                @if list.is_empty() { p.muted { "No jobs yet." } } @else {
+                    table {
+                        thead { tr { th { "Job" } th { "Kind" } th { "State" } th { "Progress" } th { "Output" } } }
+                        tbody {
+                            @for job in &list {
+                                tr {
+                                    td { a href=(format!("/jobs/{}", job.id)) { "#" (job.id) } }
+                                    td { (job.kind) }
+                                    td { span class=(format!("state {}", job.state.as_str())) { (job.state.as_str()) } }
+                                    td { (job.step) " / " (job.steps) }
+                                    td { code { (job.output) } }
+                                }
+                            }
+                        }
+                    }
+                }
+                h2 { "New job" }
+                p.muted { "A train config (docs/training.md) or a validation plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
+                    code { "models/tiny" } ", " code { "datasets/tiny" } ", " code { "runs/first" } "." }
+                form data-json="" action="/api/jobs" data-next="/jobs/{id}" {
+                    select name="kind" { option value="train" { "train" } option value="validate" { "validate" } }
+                    textarea name="config" rows="14" cols="80" spellcheck="false" required {}
+                    button { "Queue" }
+                }
+            },
+        ),
+    ))
+}
+
+pub fn job(jobs: &Jobs, id: i64) -> Answer {
+    let job = api::job(jobs, id)?;
+    let run = jobs.root.path().join(&job.output);
+    let live = matches!(job.state, State::Queued | State::Running);
+    let title = format!("Job #{} · {}", job.id, job.state.as_str());
+    Ok(Reply::html(
+        200,
+        layout(
+            &title,
+            html! {
+                div data-poll=[live.then(|| format!("/api/jobs/{id}"))] {
+                    (progress(&job))
+                    p {
+                        @if live { button data-post=(format!("/api/jobs/{id}/stop")) { "Stop" } }
+                        @if job.state.resumable() { button data-post=(format!("/api/jobs/{id}/resume")) { "Resume" } }
+                        @if !live { button data-delete=(format!("/api/jobs/{id}")) data-next="/jobs" { "Delete" } }
+                    }
+                    @if let Some(e) = &job.error { p.error { (e) } }
+                }
+                @if run.join(REPORT).is_file() {
+                    p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
+                }
+                h2 { "Loss" }
+                (loss_chart(&losses(&run)))
+                h2 { "Samples" }
+                (samples(jobs, &run))
+                h2 { "Log" }
+                pre.log { (log_tail(&jobs.log_path(id))) }
+                details { summary { "Config" } pre { (job.config) } }
+            },
+        ),
+    ))
+}
+
+fn progress(job: &Job) -> Markup {
+    let eta = job
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| (job.steps.saturating_sub(job.step)) as f64 / r);
+    html! {
+        p {
+            progress max=(job.steps) value=(job.step) {}
+            " step " (job.step) " / " (job.steps)
+            @if let Some(r) = job.rate { " · " (format!("{r:.2}")) " steps/s" }
+            @if let Some(s) = eta.filter(|_| job.state == State::Running) { " · ETA " (format!("{:.0}", s)) " s" }
+        }
+        p { "Output " code { (job.output) } }
+    }
+}
+
+/// The run's sample grids, newest first.
+fn samples(jobs: &Jobs, run: &Path) -> Markup {
+    let mut grids = images(&run.join("samples")).unwrap_or_default();
+    grids.reverse();
+    html! {
+        @if grids.is_empty() { p.muted { "No samples yet." } }
+        @for g in &grids {
+            figure {
+                img src=(file_url(jobs, g)) alt="sample grid";
+                figcaption { (g.file_name().unwrap_or_default().to_string_lossy()) }
+            }
+        }
+    }
+}
+
+/// The URL of an image under DIR (each segment encoded).
+fn file_url(jobs: &Jobs, p: &Path) -> String {
+    format!("/files/{}", encoded_path(jobs, p))
+}
+
+fn report_url(jobs: &Jobs, p: &Path) -> String {
+    format!("/report/{}", encoded_path(jobs, p))
+}
+
+fn encoded_path(jobs: &Jobs, p: &Path) -> String {
+    let rel = jobs.root.relative(p);
+    rel.split('/').map(encode).collect::<Vec<_>>().join("/")
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(LOG_LINES)..].join("\n")
+}
+
+pub fn datasets(jobs: &Jobs) -> Answer {
+    let list = api::datasets(jobs)?;
+    Ok(Reply::html(
+        200,
+        layout(
+            "Datasets",
+            html! {
+                @if list.is_empty() { p.muted { "No datasets yet." } }
+                ul {
+                    @for (name, count) in &list {
+                        li { a href=(format!("/datasets/{}", encode(name))) { (name) } " · " (count) " images" }
+                    }
+                }
+                h2 { "New dataset" }
+                form data-json="" action="/api/datasets" data-next="/datasets" {
+                    label { "Name " input name="name" required; }
+                    label { input type="checkbox" name="tiny"; " with the built-in tiny dataset (six 64 px images)" }
+                    button { "Create" }
+                }
+            },
+        ),
+    ))
+}
+
+pub fn dataset(jobs: &Jobs, raw_name: &str) -> Answer {
+    let dir = dataset_dir(jobs, raw_name)?;
+    let name = segment(raw_name)?;
+    let base = format!("/api/datasets/{}", encode(&name));
+    let list = images(&dir).map_err(internal)?;
+    Ok(Reply::html(
+        200,
+        layout(
+            &format!("Dataset {name}"),
+            html! {
+                p { (list.len()) " images · captions are saved as you leave the field" }
+                label { "Add images " input type="file" accept="image/png,image/jpeg,image/webp" multiple data-upload=(format!("{base}/images/")); }
+                div.grid {
+                    @for img in &list {
+                        @let file = img.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                        figure {
+                            img src=(file_url(jobs, img)) alt=(file) loading="lazy";
+                            figcaption {
+                                (file)
+                                textarea data-put=(format!("{base}/captions/{}", encode(&file))) rows="3" { (caption(img)) }
+                                button data-delete=(format!("{base}/images/{}", encode(&file))) { "Delete" }
+                            }
+                        }
+                    }
+                }
+            },
+        ),
+    ))
+}

@@ -1,0 +1,77 @@
+// zlora serve: the live parts of the pages. Everything else is plain server-rendered HTML;
+// this only calls the JSON API (docs/serve.md) and reloads the page to show the result.
+"use strict";
+
+async function call(method, url, body, type) {
+  const headers = type ? { "Content-Type": type } : {};
+  const r = await fetch(url, { method, body, headers, credentials: "same-origin" });
+  if (!r.ok) {
+    let message = `${r.status} ${r.statusText}`;
+    try { message = (await r.json()).error || message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return r;
+}
+
+function report(err) {
+  document.getElementById("status").textContent = err ? err.message : "";
+}
+
+// Buttons: data-post / data-delete name an API route; then the page reloads, or goes to
+// data-next.
+document.addEventListener("click", async (e) => {
+  const b = e.target.closest("[data-post],[data-delete]");
+  if (!b) return;
+  const [method, url] = b.dataset.post ? ["POST", b.dataset.post] : ["DELETE", b.dataset.delete];
+  try {
+    await call(method, url);
+    if (b.dataset.next) location.href = b.dataset.next; else location.reload();
+  } catch (err) { report(err); }
+});
+
+// Captions (data-put) are saved when the field is left; files (data-upload) are uploaded
+// one request each, the image as the body.
+document.addEventListener("change", async (e) => {
+  const t = e.target;
+  try {
+    if (t.dataset.put !== undefined) {
+      await call("PUT", t.dataset.put, t.value, "text/plain; charset=utf-8");
+      t.classList.add("saved");
+    } else if (t.dataset.upload !== undefined) {
+      for (const f of t.files) {
+        await call("PUT", t.dataset.upload + encodeURIComponent(f.name), f, f.type);
+      }
+      location.reload();
+    }
+  } catch (err) { report(err); }
+});
+document.addEventListener("input", (e) => e.target.classList.remove("saved"));
+
+// Forms with data-json post their fields as a JSON object (checkboxes as true/false) and go
+// to data-next ({id} filled).
+document.addEventListener("submit", async (e) => {
+  const f = e.target;
+  if (f.dataset.json === undefined) return;
+  e.preventDefault();
+  try {
+    const fields = Object.fromEntries(new FormData(f));
+    for (const box of f.querySelectorAll("input[type=checkbox]")) fields[box.name] = box.checked;
+    const body = JSON.stringify(fields);
+    const r = await call("POST", f.getAttribute("action"), body, "application/json");
+    const made = await r.json();
+    location.href = f.dataset.next.replace("{id}", made.id);
+  } catch (err) { report(err); }
+});
+
+// A live job: poll its state and reload the page (chart, samples, log) when it changes.
+const live = document.querySelector("[data-poll]");
+if (live) {
+  let last = null;
+  setInterval(async () => {
+    try {
+      const now = await (await call("GET", live.dataset.poll)).text();
+      if (last !== null && now !== last) location.reload();
+      last = now;
+    } catch (err) { report(err); }
+  }, 2000);
+}
