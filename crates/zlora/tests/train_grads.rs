@@ -11,7 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use zlora::model::folder::ModelFolder;
 use zlora::model::tiny::TinySpec;
-use zlora::model::ZImageTransformer;
+use zlora::model::{BaseStorage, ZImageTransformer};
 use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets, Quantization};
 use zlora::train::backprop::{loss_and_grads, MicroBatch};
 use zlora::train::lora::{LoraConfig, TrainableLora};
@@ -311,7 +311,15 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor> {
     let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let mut model = folder
-        .load_transformer(None, DType::F32, &Device::Cpu, q)
+        .load_transformer(
+            None,
+            DType::F32,
+            &Device::Cpu,
+            BaseStorage {
+                quantize: q,
+                blocks_on_device: None,
+            },
+        )
         .unwrap();
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
     let mut rng = ChaCha8Rng::seed_from_u64(1);
