@@ -182,7 +182,10 @@ mod tests {
         assert!(err.contains("host_link_gb_s"), "{err}");
         let slow = BUILT_IN.replace("host_link_gb_s = 8.0", "host_link_gb_s = -8.0");
         let err = GpuTable::parse(&slow).unwrap_err().to_string();
-        assert!(err.contains("4060ti-8") && err.contains("host_link_gb_s"), "{err}");
+        assert!(
+            err.contains("4060ti-8") && err.contains("host_link_gb_s"),
+            "{err}"
+        );
         // The per-GPU link overrides the default.
         let table = GpuTable::built_in().unwrap();
         let gpu = |n: &str| table.select(&[n.to_string()]).unwrap().remove(0);
