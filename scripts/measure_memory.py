@@ -45,20 +45,22 @@ EVERYTHING = ('stacks = ["layers", "noise_refiner", "context_refiner"]\n'
               '"feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaLN_modulation.0"]')
 TARGETS = {"default": "", "attention": f"modules = {ATTENTION}", "all": EVERYTHING}
 FIELDS = ["role", "model", "dim", "heads", "layers", "refiners", "vae", "resolution", "batch",
-          "checkpointing", "base_dtype", "rank", "targets", "threads", "caption_tokens", "measured_mib",
-          "training_mib"]
+          "checkpointing", "base_dtype", "rank", "targets", "blocks_on_device", "threads", "caption_tokens",
+          "measured_mib", "training_mib"]
 
 
 def run(role, dim, heads, layers, res, *, refiners=2, vae="real", batch=1, ckpt=False, dtype="f32", rank=16,
-        targets="default", model=None):
+        targets="default", model=None, swap=None):
+    """`swap`: `[model] blocks_on_device` (None: unset, every block resident)."""
     return dict(role=role, model=model or "tiny", dim=dim, heads=heads, layers=layers, refiners=refiners, vae=vae,
-                resolution=res, batch=batch, checkpointing=ckpt, base_dtype=dtype, rank=rank, targets=targets)
+                resolution=res, batch=batch, checkpointing=ckpt, base_dtype=dtype, rank=rank, targets=targets,
+                blocks_on_device="" if swap is None else swap)
 
 
-def real(role, dtype, ckpt, layers=2):
+def real(role, dtype, ckpt, layers=2, swap=None):
     """Z-Image's widths with few main layers (`tiny-model --real-width`), saved in the run's
     dtype."""
-    return run(role, 3840, 30, layers, 512, dtype=dtype, ckpt=ckpt, model="real-width")
+    return run(role, 3840, 30, layers, 512, dtype=dtype, ckpt=ckpt, model="real-width", swap=swap)
 
 
 # The spread. Widths 128-768 (heads of 64) and the real 3840, 2-8 layers, 256-512 px with the
@@ -92,12 +94,16 @@ RUNS = [
     # One more layer: what a layer adds, against the plan's per-layer figures.
     real("held-out", "bf16", True, layers=3),
     real("held-out", "bf16", False, layers=3),
+    # Block swap with every main layer swapped: on the CPU host and device are one memory, so
+    # the weights stay and the two fetched copies in flight add to them.
+    real("held-out", "bf16", True, layers=3, swap=0),
 ]
 
 
 def key(r: dict) -> str:
     return (f"{r['model']}-d{r['dim']}-h{r['heads']}-l{r['layers']}-rf{r['refiners']}-{r['vae']}-r{r['resolution']}-b{r['batch']}-"
-            f"{'ckpt' if r['checkpointing'] else 'full'}-{r['base_dtype']}-{r['targets']}")
+            f"{'ckpt' if r['checkpointing'] else 'full'}-{r['base_dtype']}-{r['targets']}"
+            + (f"-swap{r['blocks_on_device']}" if r["blocks_on_device"] != "" else ""))
 
 
 def model_dir(a, work: Path, r: dict) -> Path:
@@ -127,6 +133,7 @@ def train_config(path: Path, model: Path, data: Path, output: Path, r: dict, ste
 path = "{model}"
 variant = "turbo"
 base_dtype = "{r['base_dtype']}"
+{"" if r["blocks_on_device"] == "" else f"blocks_on_device = {r['blocks_on_device']}"}
 
 [dataset]
 path = "{data}"

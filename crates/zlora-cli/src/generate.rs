@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::DType;
+use zlora::model::BaseStorage;
 use zlora::nn::Quantization;
 use zlora::sample::generate::{generate, Event, GenerateRequest, LoraSpec, Preset};
 use zlora::sample::Guidance;
@@ -77,6 +78,10 @@ pub struct Args {
     /// (default: the compute dtype).
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// Block swap: keep only the first N main transformer layers on the device and copy the
+    /// others' weights in from host memory as each runs (slower; default: all on the device).
+    #[arg(long, value_name = "N")]
+    blocks_on_device: Option<usize>,
     #[arg(long)]
     out: PathBuf,
     /// Overwrite existing output files.
@@ -114,7 +119,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             DtypeArg::F32 => DType::F32,
             DtypeArg::Bf16 => DType::BF16,
         }),
-        quantize: a.quantize,
+        storage: BaseStorage {
+            quantize: a.quantize,
+            blocks_on_device: a.blocks_on_device,
+        },
         out: a.out,
         overwrite: a.force,
         allow_nonfinite: a.allow_nonfinite,

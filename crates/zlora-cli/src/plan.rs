@@ -182,6 +182,7 @@ fn gpu_section(out: &mut String, p: &Plan) {
             g.cost_usd
         );
     }
+    fit_section(out, p);
     for g in p.gpus.iter().filter(|g| !g.fits) {
         let _ = writeln!(
             out,
@@ -196,6 +197,35 @@ fn gpu_section(out: &mut String, p: &Plan) {
                 c.change, c.peak_memory_gib
             );
         }
+    }
+}
+
+/// Per GPU and base storage, the fewest swapped blocks that fit and the step time then.
+fn fit_section(out: &mut String, p: &Plan) {
+    let _ = writeln!(
+        out,
+        "\nleast block swap that fits, per base computed in bf16 (blocks swapped of the main \
+         layers; s/step with the copies, not overlapped, at the table's host link):"
+    );
+    let bases: Vec<&str> = p.gpus.first().map_or(Vec::new(), |g| {
+        g.fit.iter().map(|f| f.base.as_str()).collect()
+    });
+    let _ = write!(out, "  {:<10}", "gpu");
+    for b in &bases {
+        let _ = write!(out, " {:>18}", b);
+    }
+    let _ = writeln!(out);
+    for g in &p.gpus {
+        let _ = write!(out, "  {:<10}", g.name);
+        for f in &g.fit {
+            let cell = if f.fits {
+                format!("{} swap, {:.2} s", f.swapped_blocks, f.seconds_per_step)
+            } else {
+                format!("no ({:.1} GiB)", f.peak_memory_gib)
+            };
+            let _ = write!(out, " {cell:>18}");
+        }
+        let _ = writeln!(out);
     }
 }
 

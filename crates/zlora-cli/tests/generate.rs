@@ -502,3 +502,46 @@ fn a_quantization_whose_blocks_do_not_divide_the_widths_is_refused_before_loadin
     );
     assert!(!png.exists());
 }
+
+/// `--blocks-on-device N` swaps the fixture's main layers after the first N in from host
+/// memory: the final latents are the resident model's bit for bit (also on an int8 base),
+/// and more blocks than the model has is refused before any work, naming the flag.
+#[test]
+fn block_swap_gives_the_same_latents_and_refuses_more_blocks_than_layers() {
+    let model = fixtures().join("model");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let png = dir.path().join(format!("{name}.png"));
+        let fin = dir.path().join(format!("{name}.safetensors"));
+        let mut args = vec![
+            "--seed",
+            "4",
+            "--save-latents",
+            fin.to_str().unwrap(),
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        let log = stdout(&generate_small(&model, &png, &args, &[]));
+        (std::fs::read(&fin).unwrap(), log)
+    };
+    for base in [&[][..], &["--quantize", "int8"]] {
+        let (resident, _) = run("resident", base);
+        for n in ["0", "1"] {
+            let args = [base, &["--blocks-on-device", n][..]].concat();
+            let (swapped, _) = run(&format!("swapped{n}"), &args);
+            assert!(swapped == resident, "{base:?}, N = {n}: latents differ");
+        }
+    }
+
+    let png = dir.path().join("refused.png");
+    let res = generate_small(&model, &png, &["--blocks-on-device", "3"], &[]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("--blocks-on-device") && last.contains("3") && last.contains("at most 2"),
+        "{err}"
+    );
+    assert!(!err.contains("encoding the prompt"), "{err}");
+    assert!(!png.exists());
+}

@@ -103,6 +103,8 @@ fn a_run_that_does_not_fit_gets_the_changes_that_would_make_it_fit() {
     // Every figure that is an estimate says so, and the download set is listed with sizes.
     assert!(text.contains("estimate"), "{text}");
     assert!(text.contains("DistillPatch"), "{text}");
+    // The fit table: per GPU, each base storage with the least block swap that fits.
+    assert!(text.contains("least block swap that fits"), "{text}");
 
     let json = stdout(&zlora(
         &["plan", &config, "--gpu", "4090,a100", "--json"],
@@ -119,6 +121,15 @@ fn a_run_that_does_not_fit_gets_the_changes_that_would_make_it_fit() {
         "{json}"
     );
     assert_eq!(changes(1)[0]["fits"], true, "{json}");
+    for g in plan["gpus"].as_array().unwrap() {
+        let bases: Vec<&str> = g["fit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["base"].as_str().unwrap())
+            .collect();
+        assert_eq!(bases, ["bf16", "fp8", "int8", "q8_0", "q4_k"], "{json}");
+    }
 }
 
 #[test]

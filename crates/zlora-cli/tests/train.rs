@@ -759,6 +759,51 @@ fn black_masks_take_every_pixel_out_of_the_loss() {
     assert!(largest_delta(&s.path("floor/lora.safetensors")) > 0.0);
 }
 
+/// A run with one of the tiny model's two main layers swapped in from host memory trains
+/// the same LoRA bit for bit; a run stopped at step 4 and resumed with another
+/// `blocks_on_device` (allowed when named) ends on the same LoRA too.
+#[test]
+fn a_run_with_block_swap_trains_and_resumes_to_the_same_lora() {
+    let s = Setup::new();
+    let train = |cfg: &Path, extra: &[&str]| {
+        let mut args = vec!["train", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        stderr(&zlora(&args))
+    };
+    train(&s.config("resident", "", "", ""), &[]);
+    let log = train(&s.config("swapped", "blocks_on_device = 1", "", ""), &[]);
+    assert!(log.contains("1 main layers on the device"), "{log}");
+    assert_same_tensors(
+        &s.path("swapped/lora.safetensors"),
+        &s.path("resident/lora.safetensors"),
+    );
+
+    train(
+        &s.config("resumed", "blocks_on_device = 0", "", ""),
+        &["--steps", "4"],
+    );
+    let cfg = s.config("resumed", "", "", "");
+    let refused = zlora(&["train", cfg.to_str().unwrap(), "--resume", "--steps", "6"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("--allow-changes model.blocks_on_device"),
+        "{err}"
+    );
+    let resume = [
+        "--resume",
+        "--steps",
+        "6",
+        "--allow-changes",
+        "blocks_on_device",
+    ];
+    train(&cfg, &resume);
+    assert_same_tensors(
+        &s.path("resumed/lora.safetensors"),
+        &s.path("resident/lora.safetensors"),
+    );
+}
+
 #[test]
 fn a_run_killed_at_random_moments_resumes_to_the_same_lora() {
     killed_runs_resume_exactly("", ".exp_avg_sq");

@@ -76,7 +76,7 @@ impl Setup {
     fn lora(&self, name: &str, modules: &[&str], up: Up, trigger: Option<&str>) -> String {
         let model = ModelFolder::open(&self.p("turbo"))
             .unwrap()
-            .load_transformer(None, DType::F32, &Device::Cpu, None)
+            .load_transformer(None, DType::F32, &Device::Cpu, Default::default())
             .unwrap();
         let shapes: BTreeMap<String, (usize, usize)> = model.linear_shapes().into_iter().collect();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(name.len() as u64);

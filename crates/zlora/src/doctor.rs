@@ -524,6 +524,7 @@ fn fit(cfg: &TrainConfig, found: &Found, memory_gib: Option<f64>) -> Result<Chec
         usd_per_hour: 0.0,
         price_source: None,
         efficiency: None,
+        host_link_gb_s: None,
     }];
     let opts = PlanOptions {
         gpus: Vec::new(),

@@ -134,7 +134,7 @@ fn inference_records_no_graph_through_trainable_adapters() {
 
 /// Files where `Device::Cpu` legitimately means the CPU (outside `#[cfg(test)]` modules), and
 /// why. Anywhere else, a tensor made on the CPU would sit beside a GPU model.
-const CPU_PLACES: [(&str, &str); 10] = [
+const CPU_PLACES: [(&str, &str); 11] = [
     ("zlora/src/device.rs", "the CPU device when chosen"),
     ("zlora/src/nn/cpu.rs", "the CPU kernels' outputs"),
     (
@@ -157,6 +157,10 @@ const CPU_PLACES: [(&str, &str); 10] = [
         "the latent/caption cache on disk",
     ),
     ("zlora/src/train/state.rs", "checkpoints read from disk"),
+    (
+        "zlora/src/model/dit/swap.rs",
+        "block swap keeps swapped weights in host memory",
+    ),
 ];
 
 /// The source before its `#[cfg(test)]` module (tests may use the CPU freely).

@@ -6,12 +6,12 @@ mod common;
 mod parity;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{get, reference};
+use common::{get, reference, wake_zero_factors};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use zlora::model::folder::ModelFolder;
 use zlora::model::tiny::TinySpec;
-use zlora::model::ZImageTransformer;
+use zlora::model::{BaseStorage, ZImageTransformer};
 use zlora::nn::{Adapter, AdapterWeights, Factor, LinearTargets, Quantization};
 use zlora::train::backprop::{loss_and_grads, MicroBatch};
 use zlora::train::lora::{set_enabled, LoraConfig, TrainableLora, TRAINED};
@@ -37,17 +37,6 @@ modules = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_o
     wake_zero_factors(&lora, &mut rng);
     lora.attach(model).unwrap();
     lora
-}
-
-/// Sets every factor that starts at zero (LoRA up, LoKr w2 or w2_b, LoHa w2_a) to small
-/// noise, so that the other factors get non-zero gradients too.
-fn wake_zero_factors(lora: &TrainableLora, rng: &mut ChaCha8Rng) {
-    for v in lora.vars() {
-        if norm(v.as_tensor()) == 0.0 {
-            let t = (gaussian_like(v.as_tensor(), rng).unwrap() * 0.1).unwrap();
-            v.set(&t).unwrap();
-        }
-    }
 }
 
 fn toml_cfg(text: &str) -> LoraConfig {
@@ -344,7 +333,15 @@ fn cosine(a: &Tensor, b: &Tensor) -> f64 {
 fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor> {
     let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let mut model = folder
-        .load_transformer(None, DType::F32, &Device::Cpu, q)
+        .load_transformer(
+            None,
+            DType::F32,
+            &Device::Cpu,
+            BaseStorage {
+                quantize: q,
+                blocks_on_device: None,
+            },
+        )
         .unwrap();
     let cfg: LoraConfig = toml_cfg("rank = 4\nalpha = 4.0");
     let mut rng = ChaCha8Rng::seed_from_u64(1);

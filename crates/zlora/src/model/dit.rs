@@ -4,12 +4,14 @@
 //! layers → final layer → unpatchify. Parameter paths equal the diffusers checkpoint names.
 
 mod backward;
+mod swap;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use backward::{AttentionTape, FeedForwardTape, Modulation};
 pub use backward::{BlockTape, Grad};
+pub use swap::{BlockStack, Transfers};
 
 use super::config::{TransformerConfig, SEQ_MULTI_OF, T_EMBED_MID, T_FREQ_DIM};
 use super::rope::{Position, RopeEmbedder, Rotation};
@@ -296,6 +298,23 @@ impl TransformerBlock {
         Ok(())
     }
 
+    /// Moves the block's frozen Linear weights to `host` memory (block swap).
+    fn offload(&mut self, host: &Device) -> Result<()> {
+        for (_, linear) in self.linears("") {
+            linear.offload(host)?;
+        }
+        Ok(())
+    }
+
+    /// Copies host-held Linear weights to the device; returns the bytes moved.
+    fn fetch(&mut self) -> Result<usize> {
+        let mut bytes = 0;
+        for (_, linear) in self.linears("") {
+            bytes += linear.fetch()?;
+        }
+        Ok(bytes)
+    }
+
     fn linears(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
         let mut out = vec![
             (format!("{prefix}.attention.to_q"), &mut self.attention.to_q),
@@ -446,18 +465,36 @@ fn times(x: &Tensor, by: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// Runs a block stack over a sequence (each block's tape is dropped as soon as it is made).
-fn run(
-    blocks: &[TransformerBlock],
-    mut seq: Sequence,
-    c: Option<&Tensor>,
-    grad: Grad,
-) -> Result<Sequence> {
-    for block in blocks {
+fn run(blocks: &BlockStack, mut seq: Sequence, c: Option<&Tensor>, grad: Grad) -> Result<Sequence> {
+    for item in blocks.walk(0..blocks.len()) {
+        let (_, block) = item?;
         seq.x = block
             .forward_taped(&seq.x, &seq.rot, seq.mask.as_ref(), c, grad)?
             .0;
     }
     Ok(seq)
+}
+
+/// How the frozen base is held: its blocks' Linears quantized or in the compute dtype; every
+/// main layer on the device, or only the first `blocks_on_device` (block swap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BaseStorage {
+    pub quantize: Option<Quantization>,
+    pub blocks_on_device: Option<usize>,
+}
+
+impl BaseStorage {
+    /// Refuses what this transformer cannot take (a quantization whose blocks do not divide
+    /// its widths, more blocks on the device than it has), before anything is loaded.
+    pub fn check(&self, cfg: &TransformerConfig) -> crate::Result<()> {
+        if let Some(q) = self.quantize {
+            ZImageTransformer::check_quantization(cfg, q).map_err(crate::Error::Invalid)?;
+        }
+        if let Some(n) = self.blocks_on_device {
+            ZImageTransformer::check_blocks_on_device(cfg, n).map_err(crate::Error::Invalid)?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -469,9 +506,10 @@ pub struct ZImageTransformer {
     cap_linear: Linear,
     x_pad_token: Tensor,
     cap_pad_token: Tensor,
-    noise_refiner: Vec<TransformerBlock>,
-    context_refiner: Vec<TransformerBlock>,
-    layers: Vec<TransformerBlock>,
+    noise_refiner: BlockStack,
+    context_refiner: BlockStack,
+    /// The main layers, the only stack block swap applies to.
+    layers: BlockStack,
     final_layer: FinalLayer,
     rope: RopeEmbedder,
     dtype: DType,
@@ -481,7 +519,23 @@ pub struct ZImageTransformer {
 
 impl ZImageTransformer {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
-        Self::load(cfg, vb, None)
+        Self::load(cfg, vb, BaseStorage::default())
+    }
+
+    /// Why `blocks_on_device` blocks cannot stay on the device, if they cannot.
+    pub fn check_blocks_on_device(
+        cfg: &TransformerConfig,
+        blocks_on_device: usize,
+    ) -> std::result::Result<(), String> {
+        if blocks_on_device > cfg.n_layers {
+            return Err(format!(
+                "blocks_on_device (--blocks-on-device) {blocks_on_device} is more than this \
+                 transformer's {} layers: use at most {} (or leave it unset to keep every \
+                 block on the device)",
+                cfg.n_layers, cfg.n_layers
+            ));
+        }
+        Ok(())
     }
 
     /// Why `q` cannot store this config's block Linears (their input widths), if it cannot.
@@ -515,22 +569,28 @@ impl ZImageTransformer {
     /// soon as it is read, so at most one block is ever dense in memory. The embedders, the
     /// final layer and the norms stay in the compute dtype: they are small, and their
     /// gradients go through candle's autograd.
-    pub fn load(
-        cfg: &TransformerConfig,
-        vb: VarBuilder,
-        quantize: Option<Quantization>,
-    ) -> Result<Self> {
-        let blocks = |name: &str, n: usize, modulated: bool| -> Result<Vec<TransformerBlock>> {
-            (0..n)
-                .map(|i| {
-                    let mut block = TransformerBlock::new(vb.pp(name).pp(i), cfg, modulated)?;
-                    if let Some(q) = quantize {
-                        block.quantize(q)?;
-                    }
-                    Ok(block)
-                })
-                .collect()
+    ///
+    /// With `blocks_on_device`, the main layers after the first N keep their frozen weights
+    /// in host memory ([`BlockStack`]).
+    pub fn load(cfg: &TransformerConfig, vb: VarBuilder, storage: BaseStorage) -> Result<Self> {
+        let BaseStorage {
+            quantize,
+            blocks_on_device,
+        } = storage;
+        if let Some(n) = blocks_on_device {
+            Self::check_blocks_on_device(cfg, n).map_err(candle_core::Error::Msg)?;
+        }
+        let blocks = |name: &str, n: usize, modulated: bool, resident: usize| {
+            let each = (0..n).map(|i| {
+                let mut block = TransformerBlock::new(vb.pp(name).pp(i), cfg, modulated)?;
+                if let Some(q) = quantize {
+                    block.quantize(q)?;
+                }
+                Ok(block)
+            });
+            BlockStack::new(each, resident)
         };
+        let all = usize::MAX;
         let key = cfg.patch_key();
         let mut model = Self {
             t_embedder: TimestepEmbedder::new(vb.pp("t_embedder"), cfg.adaln_dim())?,
@@ -553,9 +613,14 @@ impl ZImageTransformer {
             )?,
             x_pad_token: vb.get((1, cfg.dim), "x_pad_token")?,
             cap_pad_token: vb.get((1, cfg.dim), "cap_pad_token")?,
-            noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true)?,
-            context_refiner: blocks("context_refiner", cfg.n_refiner_layers, false)?,
-            layers: blocks("layers", cfg.n_layers, true)?,
+            noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true, all)?,
+            context_refiner: blocks("context_refiner", cfg.n_refiner_layers, false, all)?,
+            layers: blocks(
+                "layers",
+                cfg.n_layers,
+                true,
+                blocks_on_device.unwrap_or(all),
+            )?,
             final_layer: FinalLayer::new(vb.pp("all_final_layer").pp(&key), cfg)?,
             rope: RopeEmbedder::new(cfg.rope_theta, &cfg.axes_dims, &cfg.axes_lens),
             dtype: vb.dtype(),
@@ -664,16 +729,21 @@ impl ZImageTransformer {
 
     /// The block stacks in the order they run: noise refiner (image tokens, modulated),
     /// context refiner (caption tokens, unmodulated), main layers (unified, modulated).
-    pub fn noise_refiner(&self) -> &[TransformerBlock] {
+    pub fn noise_refiner(&self) -> &BlockStack {
         &self.noise_refiner
     }
 
-    pub fn context_refiner(&self) -> &[TransformerBlock] {
+    pub fn context_refiner(&self) -> &BlockStack {
         &self.context_refiner
     }
 
-    pub fn layers(&self) -> &[TransformerBlock] {
+    pub fn layers(&self) -> &BlockStack {
         &self.layers
+    }
+
+    /// What block swap has moved to the device since loading.
+    pub fn transfers(&self) -> Transfers {
+        self.layers.transfers()
     }
 
     /// The last stage with autograd: final layer on the unified tokens, keep the image
@@ -792,7 +862,7 @@ impl ZImageTransformer {
             ("context_refiner", &mut self.context_refiner),
             ("layers", &mut self.layers),
         ] {
-            for (i, block) in stack.iter_mut().enumerate() {
+            for (i, block) in stack.blocks_mut().iter_mut().enumerate() {
                 out.extend(block.linears(&format!("{name}.{i}")));
             }
         }

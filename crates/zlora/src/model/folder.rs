@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use super::dit::BaseStorage;
 use super::text::{PromptEncoder, PromptTokenizer, Qwen3TextEncoder, TextEncoderConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
 use super::weights::{component_files, plain_var_builder, TransformerCheckpoint};
 use super::{TransformerConfig, ZImageTransformer};
-use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
@@ -84,24 +84,23 @@ impl ModelFolder {
             .collect())
     }
 
-    /// Refuses a quantization that cannot store this folder's transformer, before anything
-    /// is loaded.
-    pub fn check_quantization(&self, quantize: Option<Quantization>) -> Result<()> {
-        match quantize {
-            Some(q) => ZImageTransformer::check_quantization(&self.transformer_config()?, q)
-                .map_err(Error::Invalid),
-            None => Ok(()),
+    /// Refuses a storage (quantization, blocks on device) that this folder's transformer
+    /// cannot take, before anything is loaded.
+    pub fn check_storage(&self, storage: BaseStorage) -> Result<()> {
+        if storage == BaseStorage::default() {
+            return Ok(());
         }
+        storage.check(&self.transformer_config()?)
     }
 
     /// The transformer from this folder, or from a single-file checkpoint (ComfyUI or
-    /// diffusers names) that replaces it; its blocks' Linears stored as `quantize` if given.
+    /// diffusers names) that replaces it; its base held as `storage` says.
     pub fn load_transformer(
         &self,
         single_file: Option<&Path>,
         dtype: DType,
         device: &Device,
-        quantize: Option<Quantization>,
+        storage: BaseStorage,
     ) -> Result<ZImageTransformer> {
         let files = match single_file {
             Some(f) => vec![f.to_path_buf()],
@@ -113,7 +112,7 @@ impl ModelFolder {
             Err(_) if single_file.is_some() => checkpoint.infer_config()?,
             Err(e) => return Err(e),
         };
-        checkpoint.load_quantized(&cfg, dtype, device, quantize)
+        checkpoint.load_stored(&cfg, dtype, device, storage)
     }
 
     pub fn load_prompt_encoder(&self, dtype: DType, device: &Device) -> Result<PromptEncoder> {

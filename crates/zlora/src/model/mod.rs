@@ -10,4 +10,4 @@ pub mod vae;
 pub mod weights;
 
 pub use config::TransformerConfig;
-pub use dit::ZImageTransformer;
+pub use dit::{BaseStorage, ZImageTransformer};

@@ -16,8 +16,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::config::TransformerConfig;
-use super::dit::ZImageTransformer;
-use crate::nn::Quantization;
+use super::dit::{BaseStorage, ZImageTransformer};
 use crate::{Error, Result};
 
 /// Where one canonical tensor lives in the checkpoint.
@@ -244,25 +243,23 @@ impl TransformerCheckpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<ZImageTransformer> {
-        self.load_quantized(cfg, dtype, device, None)
+        self.load_stored(cfg, dtype, device, BaseStorage::default())
     }
 
-    /// [`TransformerCheckpoint::load`] with the blocks' Linears stored as `quantize`.
-    pub fn load_quantized(
+    /// [`TransformerCheckpoint::load`] with the base held as `storage` says (quantized,
+    /// swapped).
+    pub fn load_stored(
         self,
         cfg: &TransformerConfig,
         dtype: DType,
         device: &Device,
-        quantize: Option<Quantization>,
+        storage: BaseStorage,
     ) -> Result<ZImageTransformer> {
         self.check(cfg)?;
-        if let Some(q) = quantize {
-            ZImageTransformer::check_quantization(cfg, q).map_err(Error::Invalid)?;
-        }
+        storage.check(cfg)?;
         let first = self.files[0].clone();
         let vb = VarBuilder::from_backend(Box::new(self), dtype, device.clone());
-        ZImageTransformer::load(cfg, vb, quantize)
-            .map_err(|e| Error::bad_file(first, e.to_string()))
+        ZImageTransformer::load(cfg, vb, storage).map_err(|e| Error::bad_file(first, e.to_string()))
     }
 
     /// Rows [start, start+len) of a stored tensor, read from the file's bytes on their own:

@@ -6,7 +6,8 @@
 //! needs to change for that.
 //!
 //! The base weight is dense (the model's dtype) or quantized ([`QuantWeight`]); adapters
-//! stack on either the same way.
+//! stack on either the same way. Under block swap a weight waits in host memory between
+//! uses ([`FrozenWeight::Host`]) and its block fetches a device copy before it runs.
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -20,13 +21,45 @@ use super::quant::{QuantWeight, Quantization};
 pub enum FrozenWeight {
     Dense(Tensor),
     Quantized(QuantWeight),
+    /// Held in host memory for a Linear computed on `device` (block swap): only its fetched
+    /// copy ([`Linear::fetch`]) multiplies.
+    Host {
+        weight: Box<FrozenWeight>,
+        device: Device,
+    },
+}
+
+/// The error of a product asked of a weight still in host memory: its block was not fetched.
+fn not_fetched() -> candle_core::Error {
+    candle_core::Error::Msg("a swapped block's weight was used before its block was fetched".into())
 }
 
 impl FrozenWeight {
+    /// The device the weight computes on (a host-held weight's compute device).
     fn device(&self) -> Device {
         match self {
             Self::Dense(w) => w.device().clone(),
             Self::Quantized(q) => q.device(),
+            Self::Host { device, .. } => device.clone(),
+        }
+    }
+
+    /// Bytes the stored weight takes (what a swap moves).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Quantized(q) => q.bytes(),
+            Self::Host { weight, .. } => weight.bytes(),
+        }
+    }
+
+    /// A copy in fresh memory on `device`, also when the weight is already there (the CPU's
+    /// host and device are one memory: the copy keeps the swap's path and cost).
+    fn copy_to(&self, device: &Device) -> candle_core::Result<Self> {
+        match self {
+            Self::Dense(w) => Ok(Self::Dense(super::quant::copy_to(w, device)?)),
+            Self::Quantized(q) => Ok(Self::Quantized(q.copy_to(device)?)),
+            Self::Host { weight, .. } => weight.copy_to(device),
         }
     }
 
@@ -38,6 +71,7 @@ impl FrozenWeight {
                 (d[0], d[1])
             }
             Self::Quantized(q) => q.shape(),
+            Self::Host { weight, .. } => weight.shape(),
         }
     }
 
@@ -46,6 +80,7 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => super::fused::frozen_matmul(x, &w.to_dtype(x.dtype())?.t()?),
             Self::Quantized(q) => super::fused::quantized_matmul(x, q),
+            Self::Host { .. } => Err(not_fetched()),
         }
     }
 
@@ -55,6 +90,7 @@ impl FrozenWeight {
         match self {
             Self::Dense(w) => w.to_dtype(dtype),
             Self::Quantized(q) => q.dequantize(dtype),
+            Self::Host { .. } => Err(not_fetched()),
         }
     }
 }
@@ -95,6 +131,36 @@ impl Linear {
             self.weight = FrozenWeight::Quantized(QuantWeight::new(w, q)?);
         }
         Ok(())
+    }
+
+    /// Moves the frozen weight to `host` memory, where it waits between its block's runs;
+    /// the Linear still computes (and takes adapters) on its device.
+    pub fn offload(&mut self, host: &Device) -> candle_core::Result<()> {
+        if matches!(self.weight, FrozenWeight::Host { .. }) {
+            return Ok(());
+        }
+        let device = self.weight.device();
+        let held = if device.same_device(host) {
+            self.weight.clone()
+        } else {
+            self.weight.copy_to(host)?
+        };
+        self.weight = FrozenWeight::Host {
+            weight: Box::new(held),
+            device,
+        };
+        Ok(())
+    }
+
+    /// Replaces a host-held weight by a copy on the compute device; returns the bytes moved
+    /// (0 for a weight already there). Adapters stay the same tensors.
+    pub fn fetch(&mut self) -> candle_core::Result<usize> {
+        let FrozenWeight::Host { weight, device } = &self.weight else {
+            return Ok(0);
+        };
+        let bytes = weight.bytes();
+        self.weight = weight.copy_to(device)?;
+        Ok(bytes)
     }
 
     pub fn adapters(&self) -> &[Adapter] {
@@ -181,6 +247,7 @@ impl Linear {
                 }
                 Ok(y)
             }
+            FrozenWeight::Host { .. } => Err(not_fetched()),
         }
     }
 
@@ -269,4 +336,32 @@ pub trait LinearTargets {
     /// The device and compute dtype that adapters from files are placed on when they enter
     /// the model.
     fn placement(&self) -> (Device, DType);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An offloaded weight refuses to multiply until fetched; the fetch moves its bytes and
+    /// gives the same product, and a second fetch moves nothing.
+    #[test]
+    fn an_offloaded_weight_multiplies_only_after_its_fetch() {
+        let w = Tensor::arange(0f32, 12.0, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let resident = Linear::new(w, None);
+        let mut swapped = resident.clone();
+        swapped.offload(&Device::Cpu).unwrap();
+        let err = swapped.forward_untracked(&x).unwrap_err().to_string();
+        assert!(err.contains("before its block was fetched"), "{err}");
+        assert_eq!(swapped.fetch().unwrap(), 3 * 4 * 4);
+        assert_eq!(swapped.fetch().unwrap(), 0);
+        let (a, b) = (
+            swapped.forward_untracked(&x).unwrap(),
+            resident.forward_untracked(&x).unwrap(),
+        );
+        assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    }
 }

@@ -9,6 +9,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -115,6 +116,15 @@ const FP8_MAX: f64 = 448.0;
 /// int8 codes are stored as u8 (candle has no i8) shifted by this.
 const INT8_OFFSET: f64 = 128.0;
 
+/// `t` in fresh memory on `device`: moved there, or copied when it is already there.
+pub fn copy_to(t: &Tensor, device: &Device) -> Result<Tensor> {
+    if t.device().same_device(device) {
+        t.copy()
+    } else {
+        t.to_device(device)
+    }
+}
+
 /// A quantized (out, in) weight.
 #[derive(Debug, Clone)]
 pub enum QuantWeight {
@@ -192,6 +202,26 @@ impl QuantWeight {
                 codes.elem_count() * codes.dtype().size_in_bytes() + scale.elem_count() * 4
             }
         }
+    }
+
+    /// A copy in fresh memory on `device` (block swap), bit for bit.
+    pub fn copy_to(&self, device: &Device) -> Result<Self> {
+        Ok(match self {
+            Self::Ggml(q) => Self::Ggml(Arc::new(qtensor_from_ggml(
+                q.dtype(),
+                &q.data()?,
+                q.shape().dims().to_vec(),
+                device,
+            )?)),
+            Self::Int8 { codes, scale } => Self::Int8 {
+                codes: copy_to(codes, device)?,
+                scale: copy_to(scale, device)?,
+            },
+            Self::Fp8 { codes, scale } => Self::Fp8 {
+                codes: copy_to(codes, device)?,
+                scale: copy_to(scale, device)?,
+            },
+        })
     }
 
     /// This one weight as a dense (out, in) tensor of `dtype`.

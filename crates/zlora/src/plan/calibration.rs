@@ -80,8 +80,12 @@ impl<'a> Measured<'a> {
             }
             other => panic!("unknown targets {other}"),
         };
+        let swap = match self.get("blocks_on_device") {
+            "" => String::new(),
+            n => format!("blocks_on_device = {n}\n"),
+        };
         TrainConfig::parse(&format!(
-            "[model]\npath = \"model\"\nvariant = \"turbo\"\nbase_dtype = \"{}\"\n\
+            "[model]\npath = \"model\"\nvariant = \"turbo\"\nbase_dtype = \"{}\"\n{swap}\
              [dataset]\npath = \"data\"\nresolution = {}\n\
              [lora]\nrank = {rank}\nalpha = {rank}\n{targets}\n\
              [train]\nsteps = 2\nlearning_rate = 1e-4\nbatch_size = {}\nsave_every = 1000000\n\

@@ -178,6 +178,7 @@ mod tests {
             accumulation,
             base_bytes: 2.0,
             compute_bytes: 2.0,
+            blocks_on_device: None,
             sample: None,
             optimizer: OptimizerConfig::default(),
             ema: false,

@@ -25,6 +25,8 @@ pub struct Defaults {
     pub efficiency: f64,
     pub cuda_context_gib: f64,
     pub allocator_slack: f64,
+    /// Host-to-device copy rate in GB/s (10^9 bytes) that block swap streams weights at.
+    pub host_link_gb_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -51,6 +53,9 @@ pub struct Gpu {
     /// Overrides `[defaults] efficiency`.
     #[serde(default)]
     pub efficiency: Option<f64>,
+    /// Overrides `[defaults] host_link_gb_s` (another PCIe generation or width).
+    #[serde(default)]
+    pub host_link_gb_s: Option<f64>,
 }
 
 impl GpuTable {
@@ -75,6 +80,11 @@ impl GpuTable {
         let share = |v: f64| positive(v) && v <= 1.0;
         let non_negative = |v: f64| v >= 0.0 && v.is_finite();
         let d = &self.defaults;
+        if !positive(d.host_link_gb_s) {
+            return Err(Error::Invalid(
+                "[defaults] host_link_gb_s must be positive".into(),
+            ));
+        }
         if !share(d.efficiency) {
             return Err(Error::Invalid(
                 "[defaults] efficiency must be in (0, 1]".into(),
@@ -94,11 +104,12 @@ impl GpuTable {
             let valid = positive(g.memory_gib)
                 && positive(g.peak_tflops)
                 && non_negative(g.usd_per_hour)
-                && g.efficiency.is_none_or(share);
+                && g.efficiency.is_none_or(share)
+                && g.host_link_gb_s.is_none_or(positive);
             if !valid {
                 return Err(Error::Invalid(format!(
-                    "GPU {:?}: memory_gib and peak_tflops must be positive, usd_per_hour not \
-                     negative, efficiency in (0, 1]",
+                    "GPU {:?}: memory_gib, peak_tflops and host_link_gb_s must be positive, \
+                     usd_per_hour not negative, efficiency in (0, 1]",
                     g.name
                 )));
             }
@@ -132,6 +143,11 @@ impl GpuTable {
             .collect()
     }
 
+    /// Host-to-device bytes per second of `gpu`.
+    pub fn host_link(&self, gpu: &Gpu) -> f64 {
+        gpu.host_link_gb_s.unwrap_or(self.defaults.host_link_gb_s) * 1e9
+    }
+
     /// Sustained FLOP/s of `gpu`.
     pub fn sustained(&self, gpu: &Gpu) -> f64 {
         gpu.peak_tflops * 1e12 * gpu.efficiency.unwrap_or(self.defaults.efficiency)
@@ -161,5 +177,19 @@ mod tests {
         assert!(GpuTable::parse(&bad).is_err());
         let typo = BUILT_IN.replace("usd_per_hour = 0.60", "usd_per_hr = 0.60");
         assert!(GpuTable::parse(&typo).is_err());
+        let still = BUILT_IN.replace("host_link_gb_s = 16.0", "host_link_gb_s = 0.0");
+        let err = GpuTable::parse(&still).unwrap_err().to_string();
+        assert!(err.contains("host_link_gb_s"), "{err}");
+        let slow = BUILT_IN.replace("host_link_gb_s = 8.0", "host_link_gb_s = -8.0");
+        let err = GpuTable::parse(&slow).unwrap_err().to_string();
+        assert!(
+            err.contains("4060ti-8") && err.contains("host_link_gb_s"),
+            "{err}"
+        );
+        // The per-GPU link overrides the default.
+        let table = GpuTable::built_in().unwrap();
+        let gpu = |n: &str| table.select(&[n.to_string()]).unwrap().remove(0);
+        assert_eq!(table.host_link(&gpu("4090")), 16e9);
+        assert_eq!(table.host_link(&gpu("h100")), 32e9);
     }
 }

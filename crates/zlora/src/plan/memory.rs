@@ -31,6 +31,8 @@ pub struct Workload {
     pub base_bytes: f64,
     /// Bytes per activation value: the compute dtype's, 4 (f32) or 2 (bf16).
     pub compute_bytes: f64,
+    /// Block swap: main layers kept on the device (None: all of them).
+    pub blocks_on_device: Option<usize>,
     pub sample: Option<SampleShape>,
     /// Decides the size of the optimizer's state.
     pub optimizer: OptimizerConfig,
@@ -87,6 +89,9 @@ pub struct Profile {
     pub adapter_bytes: f64,
     /// Weight files stay mapped (resident) while they are copied in.
     pub maps_files: bool,
+    /// Block swap moves swapped blocks' weights off this memory (a GPU's); on the CPU host
+    /// and device are one memory, and the fetched copies only add to it.
+    pub swaps_to_host: bool,
     /// Tensors of the VAE's widest stage alive at once at full resolution.
     pub vae_tensors: f64,
     /// Bytes per score of the VAE mid-block attention (0 for fused attention).
@@ -116,6 +121,7 @@ impl Profile {
             encoder_bytes: 4.0,
             adapter_bytes: 4.0,
             maps_files: true,
+            swaps_to_host: false,
             // A resnet block's input (kept for the skip), its normalised copy, the padded
             // input of the banded 3×3 convolution, the bands and their concatenation.
             vae_tensors: 5.0,
@@ -138,6 +144,7 @@ impl Profile {
             // The cache encodes in the device's default dtype.
             encoder_bytes: 2.0,
             maps_files: false,
+            swaps_to_host: true,
             overhead_what: "CUDA context and workspaces",
             overhead_bytes: context_bytes,
             slack,
@@ -265,6 +272,37 @@ pub fn estimate(run: &Run, work: &Workload, profile: &Profile) -> Vec<Phase> {
     phases.into_iter().map(|p| p.finish(profile)).collect()
 }
 
+/// What `zlora generate` holds, phase by phase (sample/generate.rs): the text encoder,
+/// dropped after the prompt; the transformer (its kept blocks and, under swap, the blocks in
+/// flight) with one block's forward tensors, dropped before decoding; the VAE decode. `work`
+/// is one denoising forward: its batch (2 with guidance), image and caption tokens, pixels.
+pub fn generation(run: &Run, work: &Workload, profile: &Profile) -> Vec<Phase> {
+    let mut denoise = Phase::new("denoising");
+    weights_item(&mut denoise, run, work, profile, true);
+    denoise.push(
+        "one block's forward tensors",
+        FORWARD_SHARE * Activations::new(run, work, profile).largest_block(),
+    );
+    let mut decode = Phase::new("VAE decode");
+    decode.push(
+        "VAE weights",
+        run.dims.vae_params as f64 * profile.encoder_bytes,
+    );
+    decode.push(
+        "one image's decode at full resolution",
+        vae_transient(run.dims, work.image_pixels, profile),
+    );
+    let mut prompt = caption_phase(run.dims, work, profile);
+    prompt.name = "prompt encoding";
+    [prompt, denoise, decode]
+        .into_iter()
+        .map(|p| p.finish(profile))
+        .collect()
+}
+
+/// Without a graph a block holds a fraction of what training keeps: its current tensors.
+const FORWARD_SHARE: f64 = 0.25;
+
 /// The largest phase.
 pub fn peak(phases: &[Phase]) -> Option<&Phase> {
     phases.iter().max_by(|a, b| a.total().total_cmp(&b.total()))
@@ -332,11 +370,54 @@ fn vae_transient(dims: &ModelDims, pixels: usize, profile: &Profile) -> f64 {
     convolutions.max(attention)
 }
 
-fn weights_item(phase: &mut Phase, run: &Run, work: &Workload) {
-    phase.push(
-        format!("transformer weights ({})", dtype_name(work.base_bytes)),
-        run.dims.transformer_params as f64 * work.base_bytes,
-    );
+/// The transformer's weights; under block swap, those that stay on the device and the
+/// swapped blocks in flight (`in_flight`: while blocks run, not while loading).
+fn weights_item(phase: &mut Phase, run: &Run, work: &Workload, profile: &Profile, in_flight: bool) {
+    let what = format!("transformer weights ({})", dtype_name(work.base_bytes));
+    let all = run.dims.transformer_params as f64 * work.base_bytes;
+    let swapped = swapped_blocks(run, work);
+    if swapped == 0 {
+        phase.push(what, all);
+        return;
+    }
+    let block = block_weight_bytes(run, work);
+    if profile.swaps_to_host {
+        let kept = work.blocks_on_device.unwrap_or(0);
+        phase.push(
+            format!(
+                "{what}, {kept} of {} main layers kept",
+                run.dims.transformer.n_layers
+            ),
+            all - swapped as f64 * block,
+        );
+    } else {
+        phase.push(what, all);
+    }
+    if in_flight {
+        phase.push(
+            "swapped blocks in flight (the running one and the next)",
+            swapped.min(2) as f64 * block,
+        );
+    }
+}
+
+/// Main layers whose weights block swap keeps off the device.
+pub fn swapped_blocks(run: &Run, work: &Workload) -> usize {
+    let layers = run.dims.transformer.n_layers;
+    work.blocks_on_device
+        .map_or(0, |n| layers.saturating_sub(n))
+}
+
+/// The frozen Linear weights of one main layer, what a swap copies (biases and norms stay).
+pub fn block_weight_bytes(run: &Run, work: &Workload) -> f64 {
+    let params: u64 = run
+        .dims
+        .linears
+        .iter()
+        .filter(|l| l.stack() == Some("layers") && l.path.split('.').nth(1) == Some("0"))
+        .map(|l| l.params())
+        .sum();
+    params as f64 * work.base_bytes
 }
 
 fn adapter_item(phase: &mut Phase, run: &Run, profile: &Profile) {
@@ -349,7 +430,7 @@ fn adapter_item(phase: &mut Phase, run: &Run, profile: &Profile) {
 /// The transformer's files are mapped while their tensors are copied in (CPU only).
 fn loading_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let mut phase = Phase::new("loading");
-    weights_item(&mut phase, run, work);
+    weights_item(&mut phase, run, work, profile, false);
     phase.push(
         "transformer files, mapped while loading",
         run.dims.transformer_file_bytes as f64,
@@ -360,7 +441,7 @@ fn loading_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
 
 fn training_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let mut phase = Phase::new("training");
-    weights_item(&mut phase, run, work);
+    weights_item(&mut phase, run, work, profile, true);
     adapter_item(&mut phase, run, profile);
     let copies = if work.accumulation > 1 { 3.0 } else { 2.0 };
     phase.push(
@@ -388,7 +469,7 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
     let Some(sample) = work.sample else {
         return phase;
     };
-    weights_item(&mut phase, run, work);
+    weights_item(&mut phase, run, work, profile, true);
     adapter_item(&mut phase, run, profile);
     phase.push("LoRA: f32 weights, gradients", params(run.lora) * 8.0);
     optimizer_item(&mut phase, run, work);
@@ -402,8 +483,7 @@ fn sampling_phase(run: &Run, work: &Workload, profile: &Profile) -> Phase {
         image_tokens: sample.image_tokens,
         ..work.clone()
     };
-    // Without a graph a block holds a fraction of what training keeps: its current tensors.
-    let forward = 0.25 * Activations::new(run, &inference, profile).largest_block();
+    let forward = FORWARD_SHARE * Activations::new(run, &inference, profile).largest_block();
     let decode = vae_transient(run.dims, sample.pixels, profile);
     phase.push("denoising forward or VAE decode", forward.max(decode));
     phase
@@ -665,6 +745,7 @@ mod tests {
             accumulation: 1,
             base_bytes: 2.0,
             compute_bytes: 2.0,
+            blocks_on_device: None,
             sample: None,
             optimizer: OptimizerConfig::default(),
             ema: false,
@@ -703,6 +784,8 @@ mod tests {
             checkpointing,
             base_bytes,
             compute_bytes: base_bytes.max(2.0),
+            blocks_on_device: None,
+            sample: None,
             optimizer,
             ema,
             preservation,

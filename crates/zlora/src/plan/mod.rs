@@ -16,6 +16,7 @@ use crate::data::buckets::Buckets;
 use crate::data::dataset::Resolution;
 use crate::hub::known;
 use crate::model::config::SEQ_MULTI_OF;
+use crate::nn::Quantization;
 use crate::train::config::{Mode, TrainConfig};
 use crate::Result;
 use dims::{ModelDims, Source};
@@ -77,7 +78,10 @@ pub struct GpuEstimate {
     pub peak_memory_gib: f64,
     pub fits: bool,
     pub sustained_tflops: f64,
+    /// Compute plus, under block swap, copying the swapped blocks in (not overlapped).
     pub seconds_per_step: f64,
+    /// The part of a step that copies swapped blocks in over the host link.
+    pub swap_seconds_per_step: f64,
     /// Training steps plus the samples taken during training.
     pub total_hours: f64,
     pub usd_per_hour: f64,
@@ -87,6 +91,40 @@ pub struct GpuEstimate {
     pub download_hours: f64,
     /// When it does not fit: changes that make it fit, or the best combination.
     pub changes: Vec<Change>,
+    /// Per base storage (bf16, fp8, int8, q8_0, q4_k): the least block swap that fits.
+    pub fit: Vec<Fit>,
+}
+
+impl Fit {
+    /// The `[model]` settings of this row, with the swap's time cost.
+    fn setting(&self) -> String {
+        let base = match self.base.as_str() {
+            "bf16" => "base_dtype = \"bf16\"".to_string(),
+            q => format!("quantize = \"{q}\", base_dtype = \"bf16\""),
+        };
+        match self.blocks_on_device {
+            Some(n) => format!(
+                "{base}, blocks_on_device = {n} ({} blocks swapped, +{:.2} s/step)",
+                self.swapped_blocks, self.swap_seconds_per_step
+            ),
+            None => base,
+        }
+    }
+}
+
+/// One base storage on one GPU: the fewest swapped blocks that fit, and what it costs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fit {
+    /// "bf16" or the quantization's name; computed in bf16.
+    pub base: String,
+    /// `[model] blocks_on_device` for that (None: no swap needed).
+    pub blocks_on_device: Option<usize>,
+    pub swapped_blocks: usize,
+    pub peak_memory_gib: f64,
+    /// False when even every main layer swapped does not fit.
+    pub fits: bool,
+    pub swap_seconds_per_step: f64,
+    pub seconds_per_step: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,6 +154,8 @@ pub struct SamplingCost {
     /// Transformer forwards per grid (images × steps × 2 with guidance).
     pub forwards_per_grid: u64,
     pub flops: f64,
+    /// Passes over the blocks (a swapped block is copied in once per pass).
+    pub block_passes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -172,7 +212,7 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
     let (cpu_phase, cpu_peak) = peak_of(&cpu_phases);
     let sampling = sampling_cost(cfg, &run, &work);
     let downloads = downloads(cfg, &dims, opts)?;
-    let per_gpu = Context {
+    let mut per_gpu = Context {
         cfg,
         run: &run,
         opts,
@@ -180,7 +220,9 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
         flops: &flops,
         sampling: sampling.as_ref(),
         download_hours: downloads.transfer_hours,
+        storages: Vec::new(),
     };
+    per_gpu.storages = per_gpu.storage_peaks()?;
     let gpus = opts
         .table
         .select(&opts.gpus)?
@@ -251,17 +293,63 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         image_pixels: h * w,
         checkpointing: t.gradient_checkpointing,
         accumulation: t.gradient_accumulation,
-        base_bytes: match cfg.model.quantize {
-            // The blocks hold all but a fraction of a percent of the weights.
-            Some(q) => q.bytes(1, QUANT_ROW) as f64 / QUANT_ROW as f64,
-            None => compute_bytes,
-        },
+        base_bytes: base_bytes(cfg.model.quantize, compute_bytes),
         compute_bytes,
+        blocks_on_device: cfg.model.blocks_on_device,
         sample: sample_shape(cfg, factor),
         optimizer: t.optimizer_config(),
         ema: t.ema.is_some(),
         preservation: t.preservation.is_some(),
     })
+}
+
+/// One `zlora generate` image: its size, caption tokens, guidance and base storage.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationShape {
+    pub width: usize,
+    pub height: usize,
+    pub caption_tokens: usize,
+    pub guidance: bool,
+    pub quantize: Option<Quantization>,
+    pub blocks_on_device: Option<usize>,
+}
+
+/// GPU memory of `zlora generate` by phase, in bf16 on CUDA with the table's context and
+/// slack.
+pub fn generation(dims: &ModelDims, shape: GenerationShape, table: &GpuTable) -> Vec<Phase> {
+    let d = &table.defaults;
+    let profile = Profile::cuda(d.cuda_context_gib * GIB, d.allocator_slack);
+    let compute_bytes = 2.0;
+    let work = Workload {
+        batch: if shape.guidance { 2 } else { 1 },
+        image_tokens: image_tokens(shape.height, shape.width, dims.vae_factor()),
+        caption_tokens: round_up(shape.caption_tokens.max(1)),
+        image_pixels: shape.height * shape.width,
+        checkpointing: false,
+        accumulation: 1,
+        base_bytes: base_bytes(shape.quantize, compute_bytes),
+        compute_bytes,
+        blocks_on_device: shape.blocks_on_device,
+        sample: None,
+        optimizer: Default::default(),
+        ema: false,
+        preservation: false,
+    };
+    let run = Run {
+        dims,
+        lora: &[],
+        adapter: &[],
+    };
+    memory::generation(&run, &work, &profile)
+}
+
+/// Bytes per frozen weight: a quantized block weight's stored bytes per value (the blocks
+/// hold all but a fraction of a percent of the weights), or the compute dtype's.
+fn base_bytes(quantize: Option<Quantization>, compute_bytes: f64) -> f64 {
+    match quantize {
+        Some(q) => q.bytes(1, QUANT_ROW) as f64 / QUANT_ROW as f64,
+        None => compute_bytes,
+    }
 }
 
 fn sample_shape(cfg: &TrainConfig, factor: usize) -> Option<SampleShape> {
@@ -299,7 +387,33 @@ fn sampling_cost(cfg: &TrainConfig, run: &Run, work: &Workload) -> Option<Sampli
         grids,
         forwards_per_grid: images * steps * sample.batch as u64,
         flops: (grids * images * steps) as f64 * forward,
+        // Guidance's two halves run as one batch: one pass over the blocks per step.
+        block_passes: grids * images * steps,
     })
+}
+
+/// Bytes block swap copies in per training step: every swapped block once in each
+/// micro-batch's forward and once in its backward (model/dit/swap.rs).
+fn swap_bytes_per_step(run: &Run, work: &Workload) -> f64 {
+    let passes = 2.0 * work.accumulation as f64;
+    memory::swapped_blocks(run, work) as f64 * memory::block_weight_bytes(run, work) * passes
+}
+
+/// The base storages the fit table tries, cheapest in quality first; all computed in bf16.
+const FIT_BASES: [Option<Quantization>; 5] = [
+    None,
+    Some(Quantization::Fp8),
+    Some(Quantization::Int8),
+    Some(Quantization::Q8_0),
+    Some(Quantization::Q4K),
+];
+
+/// One base storage with its GPU peak for every number of swapped blocks (index = swapped).
+struct StoragePeaks {
+    base: Option<Quantization>,
+    peaks: Vec<f64>,
+    /// Bytes one swapped block copies per step.
+    block_bytes_per_step: f64,
 }
 
 /// What one GPU estimate needs besides the GPU.
@@ -311,17 +425,29 @@ struct Context<'a> {
     flops: &'a Flops,
     sampling: Option<&'a SamplingCost>,
     download_hours: f64,
+    /// The fit table's peaks, the same for every GPU.
+    storages: Vec<StoragePeaks>,
 }
 
 impl Context<'_> {
     fn estimate(&self, gpu: &Gpu, peak: f64) -> Result<GpuEstimate> {
         let sustained = self.opts.table.sustained(gpu);
-        let seconds_per_step = self.flops.per_step / sustained;
-        let sampling_seconds = self.sampling.map_or(0.0, |s| s.flops / sustained);
+        let link = self.opts.table.host_link(gpu);
+        let work = workload(self.cfg, self.run.dims, self.opts.caption_tokens)?;
+        let swap_seconds_per_step = swap_bytes_per_step(self.run, &work) / link;
+        let compute_seconds = self.flops.per_step / sustained;
+        let seconds_per_step = compute_seconds + swap_seconds_per_step;
+        let sampling_swap = self.sampling.map_or(0.0, |s| {
+            let per_pass = memory::swapped_blocks(self.run, &work) as f64
+                * memory::block_weight_bytes(self.run, &work);
+            s.block_passes as f64 * per_pass / link
+        });
+        let sampling_seconds = self.sampling.map_or(0.0, |s| s.flops / sustained) + sampling_swap;
         let total_hours =
             (seconds_per_step * self.cfg.train.steps as f64 + sampling_seconds) / 3600.0;
         let capacity = gpu.memory_gib * GIB;
         let fits = peak <= capacity;
+        let fit = self.fit(capacity, compute_seconds, link);
         Ok(GpuEstimate {
             name: gpu.name.clone(),
             label: gpu.label.clone(),
@@ -331,6 +457,7 @@ impl Context<'_> {
             fits,
             sustained_tflops: sustained / 1e12,
             seconds_per_step,
+            swap_seconds_per_step,
             total_hours,
             usd_per_hour: gpu.usd_per_hour,
             cost_usd: total_hours * gpu.usd_per_hour,
@@ -338,14 +465,73 @@ impl Context<'_> {
             changes: if fits {
                 Vec::new()
             } else {
-                self.changes(capacity)?
+                self.changes(capacity, &fit)?
             },
+            fit,
         })
     }
 
-    /// Single changes that make the run fit in `capacity` bytes; when none does, the
+    /// The configuration computed in bf16 with its base stored as `base` and `swapped` main
+    /// layers swapped.
+    fn with_storage(&self, base: Option<Quantization>, swapped: usize) -> TrainConfig {
+        let mut cfg = self.cfg.clone();
+        cfg.model.base_dtype = "bf16".into();
+        cfg.model.quantize = base;
+        let layers = self.run.dims.transformer.n_layers;
+        cfg.model.blocks_on_device = (swapped > 0).then(|| layers - swapped);
+        cfg
+    }
+
+    /// Every fit-table storage's peak for 0..=L swapped blocks.
+    fn storage_peaks(&self) -> Result<Vec<StoragePeaks>> {
+        let layers = self.run.dims.transformer.n_layers;
+        FIT_BASES
+            .iter()
+            .map(|&base| {
+                let peaks = (0..=layers)
+                    .map(|swapped| self.peak_of_config(&self.with_storage(base, swapped)))
+                    .collect::<Result<Vec<_>>>()?;
+                let work = workload(
+                    &self.with_storage(base, 1),
+                    self.run.dims,
+                    self.opts.caption_tokens,
+                )?;
+                Ok(StoragePeaks {
+                    base,
+                    peaks,
+                    block_bytes_per_step: swap_bytes_per_step(self.run, &work),
+                })
+            })
+            .collect()
+    }
+
+    /// The least swap that fits `capacity`, per storage, with its step time on a GPU that
+    /// computes a step in `compute_seconds` and copies `link` bytes per second.
+    fn fit(&self, capacity: f64, compute_seconds: f64, link: f64) -> Vec<Fit> {
+        let layers = self.run.dims.transformer.n_layers;
+        self.storages
+            .iter()
+            .map(|s| {
+                let found = s.peaks.iter().position(|&p| p <= capacity);
+                let swapped = found.unwrap_or(layers);
+                let swap_seconds = swapped as f64 * s.block_bytes_per_step / link;
+                Fit {
+                    base: s.base.map_or("bf16".into(), |q| q.to_string()),
+                    blocks_on_device: (swapped > 0).then(|| layers - swapped),
+                    swapped_blocks: swapped,
+                    peak_memory_gib: s.peaks[swapped] / GIB,
+                    fits: found.is_some(),
+                    swap_seconds_per_step: swap_seconds,
+                    seconds_per_step: compute_seconds + swap_seconds,
+                }
+            })
+            .collect()
+    }
+
+    /// Single changes that make the run fit in `capacity` bytes; when none does, the fit
+    /// table's storages that fit (a lighter base, block swap); when none does either, the
     /// changes applied one after another until it fits (or all of them).
-    fn changes(&self, capacity: f64) -> Result<Vec<Change>> {
+    fn changes(&self, capacity: f64, fit: &[Fit]) -> Result<Vec<Change>> {
         let candidates = candidates(self.cfg);
         let mut fitting = Vec::new();
         for c in &candidates {
@@ -356,6 +542,14 @@ impl Context<'_> {
         }
         if !fitting.is_empty() {
             return Ok(fitting);
+        }
+        let stored: Vec<Change> = fit
+            .iter()
+            .filter(|f| f.fits)
+            .map(|f| change(f.setting(), f.peak_memory_gib * GIB, capacity))
+            .collect();
+        if !stored.is_empty() {
+            return Ok(stored);
         }
         let mut applied: Vec<&Candidate> = Vec::new();
         let mut peak = f64::INFINITY;
@@ -382,7 +576,11 @@ impl Context<'_> {
         for c in changes {
             (c.apply)(&mut cfg);
         }
-        let work = workload(&cfg, self.run.dims, self.opts.caption_tokens)?;
+        self.peak_of_config(&cfg)
+    }
+
+    fn peak_of_config(&self, cfg: &TrainConfig) -> Result<f64> {
+        let work = workload(cfg, self.run.dims, self.opts.caption_tokens)?;
         let lora = self.run.dims.lora(&cfg.lora);
         let run = Run {
             lora: &lora,
@@ -578,4 +776,137 @@ fn notes(dims: &ModelDims, work: &Workload) -> Vec<String> {
          estimate; small steps use a GPU less well than large ones."
             .into(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// examples/turbo-adapter.toml: Turbo + training adapter, rank 16, 1024 px, batch 1,
+    /// checkpointing, samples every 250 steps; the model is not on disk (built-in dims).
+    fn turbo_adapter() -> TrainConfig {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/turbo-adapter.toml");
+        TrainConfig::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn options(gpus: &[&str]) -> PlanOptions {
+        PlanOptions {
+            gpus: gpus.iter().map(|g| g.to_string()).collect(),
+            table: GpuTable::built_in().unwrap(),
+            caption_tokens: MAX_CAPTION_TOKENS,
+            bandwidth_mb_s: 100.0,
+            storage_days: 0.0,
+        }
+    }
+
+    fn with(cfg: &TrainConfig, q: Option<Quantization>, on_device: Option<usize>) -> TrainConfig {
+        let mut cfg = cfg.clone();
+        cfg.model.base_dtype = "bf16".into();
+        cfg.model.quantize = q;
+        cfg.model.blocks_on_device = on_device;
+        cfg
+    }
+
+    fn gpu(cfg: &TrainConfig, name: &str) -> GpuEstimate {
+        plan(cfg, &options(&[name])).unwrap().gpus.remove(0)
+    }
+
+    /// Each row of a 12 GB card's fit table is the plan of that configuration: the same
+    /// peak and swap time, it fits, and one block fewer swapped does not; a swapped block
+    /// costs its weights' bytes twice per step (forward and backward) over the host link.
+    #[test]
+    fn the_fit_table_gives_each_base_the_least_swap_that_fits() {
+        let cfg = turbo_adapter();
+        let layers = 30;
+        let rows = gpu(&cfg, "4070").fit;
+        let names: Vec<&str> = rows.iter().map(|r| r.base.as_str()).collect();
+        assert_eq!(names, ["bf16", "fp8", "int8", "q8_0", "q4_k"]);
+        for row in &rows {
+            let q = row.base.parse::<Quantization>().ok();
+            assert!(row.fits, "{row:?}");
+            let planned = gpu(&with(&cfg, q, row.blocks_on_device), "4070");
+            assert!(planned.fits, "{row:?}");
+            assert!((planned.peak_memory_gib - row.peak_memory_gib).abs() < 1e-9);
+            assert!((planned.swap_seconds_per_step - row.swap_seconds_per_step).abs() < 1e-9);
+            if row.swapped_blocks > 0 {
+                let one_fewer = layers - row.swapped_blocks + 1;
+                assert!(
+                    !gpu(&with(&cfg, q, Some(one_fewer)), "4070").fits,
+                    "{row:?}"
+                );
+                let dims = ModelDims::for_config(&cfg).unwrap();
+                let block: u64 = dims
+                    .linears
+                    .iter()
+                    .filter(|l| l.path.starts_with("layers.0."))
+                    .map(|l| l.params())
+                    .sum();
+                let bytes = 2.0 * row.swapped_blocks as f64 * block as f64 * base_bytes(q, 2.0);
+                let expected = bytes / 16e9;
+                assert!(
+                    (row.swap_seconds_per_step - expected).abs() < 1e-9 * expected,
+                    "{row:?}: {expected}"
+                );
+            }
+        }
+        // A 4-bit base fits without swapping; bf16 needs most blocks swapped.
+        assert_eq!(rows[4].swapped_blocks, 0);
+        assert!(rows[0].swapped_blocks > rows[2].swapped_blocks);
+    }
+
+    /// Issue 12's targets by the plan's count (docs/plan.md, "Low-VRAM targets").
+    #[test]
+    fn low_vram_targets_by_the_plans_count() {
+        let cfg = turbo_adapter();
+        for name in ["4070", "4060ti-8"] {
+            for row in gpu(&cfg, name).fit {
+                eprintln!("{name}: {row:?}");
+            }
+        }
+        // 12 GB, 8-bit base: not without swap, with a third of the blocks swapped.
+        let int8 = Some(Quantization::Int8);
+        let resident = gpu(&with(&cfg, int8, None), "4070");
+        eprintln!("int8, no swap: {:.2} GiB", resident.peak_memory_gib);
+        assert!(!resident.fits);
+        let row = &gpu(&cfg, "4070").fit[2];
+        assert!(row.fits && row.swapped_blocks <= 10, "{row:?}");
+
+        // 8 GB, q4_k + swap: every block swapped still leaves the caption encoding phase
+        // (the bf16 text encoder) above 8 GiB.
+        let q4 = with(&cfg, Some(Quantization::Q4K), Some(0));
+        let p = plan(&q4, &options(&["4060ti-8"])).unwrap();
+        for phase in &p.memory {
+            eprintln!(
+                "q4_k, all swapped: {} {:.2} GiB",
+                phase.name,
+                phase.total() / GIB
+            );
+        }
+        assert!(!p.gpus[0].fits);
+        assert_eq!(p.peak_phase, "caption encoding (cache)");
+        let training = p.memory.iter().find(|ph| ph.name == "training").unwrap();
+        assert!(training.total() < 8.0 * GIB);
+
+        // 8 GB, Turbo generation at 1024 px on q8_0: the same text encoder decides.
+        let dims = ModelDims::built_in(crate::train::config::Variant::Turbo).unwrap();
+        let table = GpuTable::built_in().unwrap();
+        for on_device in [None, Some(0)] {
+            let shape = GenerationShape {
+                width: 1024,
+                height: 1024,
+                caption_tokens: MAX_CAPTION_TOKENS,
+                guidance: false,
+                quantize: Some(Quantization::Q8_0),
+                blocks_on_device: on_device,
+            };
+            for phase in generation(&dims, shape, &table) {
+                eprintln!(
+                    "generate q8_0, blocks on device {on_device:?}: {} {:.2} GiB",
+                    phase.name,
+                    phase.total() / GIB
+                );
+            }
+        }
+    }
 }

@@ -15,8 +15,7 @@ use super::pipeline::{denoise, encode_conditions, seeded_noise, Conditioning, De
 use crate::fsutil::save_safetensors;
 use crate::lora::LoraFile;
 use crate::model::folder::ModelFolder;
-use crate::model::ZImageTransformer;
-use crate::nn::Quantization;
+use crate::model::{BaseStorage, ZImageTransformer};
 use crate::{Error, Result};
 
 /// Sampler defaults of the two distilled/undistilled variants.
@@ -111,8 +110,9 @@ pub struct GenerateRequest {
     pub save_latents: Option<PathBuf>,
     /// Compute dtype; None = bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
-    /// How the transformer blocks' frozen weights are stored (None: the compute dtype).
-    pub quantize: Option<Quantization>,
+    /// How the transformer's frozen base is held: its blocks quantized or not, every main
+    /// layer on the device or only the first N (block swap).
+    pub storage: BaseStorage,
     pub out: PathBuf,
     pub overwrite: bool,
     /// Apply LoRA files holding NaN or inf values (refused otherwise).
@@ -148,7 +148,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     let folder = ModelFolder::open(&req.model)?;
     if req.transformer_file.is_none() {
         // A single-file transformer is checked when it loads.
-        folder.check_quantization(req.quantize)?;
+        folder.check_storage(req.storage)?;
     }
     let (h, w) = ImageLimits::of_folder(&folder, &device)?.latent_size(req.height, req.width)?;
     let seeds = image_seeds(req);
@@ -158,10 +158,7 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     events(Event::Stage("encoding the prompt"));
     let cond = encode_prompt(&folder, req, (dtype, &device), events)?;
 
-    events(Event::Stage(&match req.quantize {
-        Some(q) => format!("loading the transformer, its blocks stored as {q}"),
-        None => "loading the transformer".into(),
-    }));
+    events(Event::Stage(&loading(req.storage)));
     let model = load_transformer(&folder, req, dtype, &device, events)?;
     let settings = DenoiseSettings {
         steps: req.steps,
@@ -342,6 +339,18 @@ fn encode_prompt(
         .ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))
 }
 
+/// The loading stage's line: how the base is held.
+fn loading(storage: BaseStorage) -> String {
+    let mut msg = String::from("loading the transformer");
+    if let Some(q) = storage.quantize {
+        msg += &format!(", its blocks stored as {q}");
+    }
+    if let Some(n) = storage.blocks_on_device {
+        msg += &format!(", {n} main layers kept on the device (the others swapped in)");
+    }
+    msg
+}
+
 fn load_transformer(
     folder: &ModelFolder,
     req: &GenerateRequest,
@@ -350,7 +359,7 @@ fn load_transformer(
     events: &mut dyn FnMut(Event),
 ) -> Result<ZImageTransformer> {
     let mut model =
-        folder.load_transformer(req.transformer_file.as_deref(), dtype, device, req.quantize)?;
+        folder.load_transformer(req.transformer_file.as_deref(), dtype, device, req.storage)?;
     for spec in &req.loras {
         let file = LoraFile::read_for_dim(&spec.path, model.config().dim)?;
         if !req.allow_nonfinite {
@@ -395,7 +404,7 @@ fn parameters(
         "software": "zlora",
         "model": req.model,
         "transformer_file": req.transformer_file.as_ref().map(|p| p.display().to_string()),
-        "quantize": req.quantize.map(|q| q.to_string()),
+        "quantize": req.storage.quantize.map(|q| q.to_string()),
         "prompt": req.prompt,
         "negative_prompt": if settings.guidance.scale > 0.0 { Some(&req.negative_prompt) } else { None },
         "width": req.width, "height": req.height,

@@ -12,7 +12,7 @@ use candle_core::{Tensor, Var};
 
 use super::lora::TrainableLora;
 use super::objective::loss;
-use crate::model::dit::{BlockTape, Embedded, Grad, Sequence, TransformerBlock};
+use crate::model::dit::{BlockStack, BlockTape, Embedded, Grad, Sequence};
 use crate::model::ZImageTransformer;
 use crate::nn::Grads;
 use crate::{Error, Result};
@@ -64,14 +64,15 @@ impl Keep {
 
 /// Runs a stack; returns the output and what each block saved.
 fn forward_stack(
-    blocks: &[TransformerBlock],
+    blocks: &BlockStack,
     seq: &Sequence,
     c: Option<&Tensor>,
     keep: Keep,
 ) -> Result<(Tensor, Vec<Saved>)> {
     let mut x = seq.x.detach();
     let mut saved = Vec::with_capacity(blocks.len());
-    for (i, block) in blocks.iter().enumerate() {
+    for item in blocks.walk(0..blocks.len()) {
+        let (i, block) = item?;
         let (out, tape) = block.forward_taped(&x, &seq.rot, seq.mask.as_ref(), c, Grad::ByHand)?;
         let last = i + 1 == blocks.len();
         match keep {
@@ -85,10 +86,11 @@ fn forward_stack(
 }
 
 /// Walks a stack backwards from the gradient of its output; returns the input's gradient
-/// when `input_grad` (otherwise the first block computes none).
+/// when `input_grad` (otherwise the first block computes none). A swapped block is fetched
+/// again, once for its recomputed tape and its backward.
 fn backward_stack(
-    blocks: &[TransformerBlock],
-    saved: Vec<Saved>,
+    blocks: &BlockStack,
+    mut saved: Vec<Saved>,
     seq: &Sequence,
     c: Option<&Tensor>,
     grad: Tensor,
@@ -96,8 +98,12 @@ fn backward_stack(
     input_grad: bool,
 ) -> Result<Option<Tensor>> {
     let mut grad = Some(grad);
-    for (i, (block, saved)) in blocks.iter().zip(saved).enumerate().rev() {
+    for item in blocks.walk((0..blocks.len()).rev()) {
+        let (i, block) = item?;
         let Some(g) = grad else { break };
+        let saved = saved
+            .pop()
+            .ok_or_else(|| Error::Invalid(format!("block {i} saved nothing for its backward")))?;
         let tape = match saved {
             Saved::Tape(tape) => tape,
             Saved::Input(x) => {

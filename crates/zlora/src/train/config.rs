@@ -16,6 +16,7 @@ use super::optim::{
 use super::preservation::Preservation;
 use crate::data::dataset::DatasetKind;
 use crate::data::DatasetConfig;
+use crate::model::BaseStorage;
 use crate::nn::Quantization;
 use crate::{Error, Result};
 
@@ -99,6 +100,21 @@ pub struct ModelSection {
     /// q4_k); base_dtype stays the compute dtype. None: stored in base_dtype.
     #[serde(default)]
     pub quantize: Option<Quantization>,
+    /// Block swap: only the first N main transformer layers stay on the device, the others'
+    /// frozen weights are copied in from host memory as each runs (forward and backward).
+    /// None: every block stays on the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks_on_device: Option<usize>,
+}
+
+impl ModelSection {
+    /// How the frozen base is held (quantized, swapped).
+    pub fn storage(&self) -> BaseStorage {
+        BaseStorage {
+            quantize: self.quantize,
+            blocks_on_device: self.blocks_on_device,
+        }
+    }
 }
 
 /// The three ways of the workflow.

@@ -116,7 +116,7 @@ mod tests {
         let root = dir.path().join("model");
         tiny::create(&root, &TinySpec::default(), false)?;
         let folder = crate::model::folder::ModelFolder::open(root.to_str().unwrap())?;
-        let model = folder.load_transformer(None, DType::F32, &Device::Cpu, None)?;
+        let model = folder.load_transformer(None, DType::F32, &Device::Cpu, Default::default())?;
         let cfg: LoraConfig = toml::from_str("rank = 2\nalpha = 2").unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let lora = TrainableLora::new(&cfg, &model, &mut rng)?;

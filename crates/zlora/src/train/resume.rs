@@ -13,6 +13,7 @@ pub const SAFE_KEYS: &[&str] = &[
     "train.steps",
     "train.save_every",
     "train.gradient_checkpointing",
+    "model.blocks_on_device",
     "sample",
     "output",
     "log",
@@ -204,5 +205,22 @@ output = "out"
         let sample =
             TrainConfig::parse(&format!("{CONFIG}[sample]\nevery = 2\nprompts = [\"x\"]")).unwrap();
         assert!(check_changes(&saved(), &sample, &["sample".into()]).is_ok());
+    }
+
+    /// Block swap moves weights, not numbers (a test holds swapped steps to the unswapped
+    /// ones bit for bit): a resumed run may change it when told to.
+    #[test]
+    fn blocks_on_device_may_change_when_named() {
+        let swapped = cfg(
+            "variant = \"turbo\"",
+            "variant = \"turbo\"\nblocks_on_device = 3",
+        );
+        let e = check_changes(&saved(), &swapped, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--allow-changes model.blocks_on_device"), "{e}");
+        let ok = check_changes(&saved(), &swapped, &["blocks_on_device".into()]).unwrap();
+        assert_eq!(ok.len(), 1, "{ok:?}");
+        assert!(ok[0].starts_with("model.blocks_on_device"), "{ok:?}");
     }
 }

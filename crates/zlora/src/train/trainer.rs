@@ -84,18 +84,23 @@ pub fn train(
     let claimed = prepare_output(cfg, opts, events)?;
     let out = claimed.path();
     let folder = ModelFolder::open(&cfg.model.path)?;
-    folder.check_quantization(cfg.model.quantize)?;
+    folder.check_storage(cfg.model.storage())?;
     let mode = cfg.mode();
     let quantized = cfg
         .model
         .quantize
         .map(|q| format!(", blocks stored as {q}"));
+    let swapped = cfg
+        .model
+        .blocks_on_device
+        .map(|n| format!(", {n} main layers on the device (the others swapped in)"));
     events(Event::Message(format!(
-        "mode {} on {} ({}{})",
+        "mode {} on {} ({}{}{})",
         mode.name(),
         folder.root().display(),
         crate::device::describe(&device, base_dtype(cfg)),
-        quantized.unwrap_or_default()
+        quantized.unwrap_or_default(),
+        swapped.unwrap_or_default()
     )));
 
     // Checked from the checkpoint's header before any data is cached or weight loaded.
@@ -107,7 +112,7 @@ pub fn train(
         events(Event::Message(w.to_string()))
     })?;
 
-    let mut model = folder.load_transformer(None, base_dtype(cfg), &device, cfg.model.quantize)?;
+    let mut model = folder.load_transformer(None, base_dtype(cfg), &device, cfg.model.storage())?;
     attach_training_adapter(cfg, &mut model, events)?;
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;

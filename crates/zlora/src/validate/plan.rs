@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use crate::model::BaseStorage;
 use crate::nn::Quantization;
 use crate::{Error, Result};
 
@@ -52,6 +53,19 @@ pub struct RenderSettings {
     /// How the transformer blocks' frozen weights are stored (as `generate --quantize`).
     #[serde(default)]
     pub quantize: Option<Quantization>,
+    /// Block swap: main layers kept on the device (as `generate --blocks-on-device`).
+    #[serde(default)]
+    pub blocks_on_device: Option<usize>,
+}
+
+impl RenderSettings {
+    /// How the frozen base is held (quantized, swapped).
+    pub fn storage(&self) -> BaseStorage {
+        BaseStorage {
+            quantize: self.quantize,
+            blocks_on_device: self.blocks_on_device,
+        }
+    }
 }
 
 impl Default for RenderSettings {
@@ -64,6 +78,7 @@ impl Default for RenderSettings {
             height: default_size(),
             dtype: Precision::default(),
             quantize: None,
+            blocks_on_device: None,
         }
     }
 }
@@ -402,6 +417,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown quantization 'q2'"), "{err}");
+        let plan: ValidationPlan = toml::from_str(&format!("{base}blocks_on_device = 3")).unwrap();
+        assert_eq!(plan.render.storage().blocks_on_device, Some(3));
+        let err = toml::from_str::<ValidationPlan>(&format!("{base}blocks_on_device = -1"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("blocks_on_device"), "{err}");
     }
 
     #[test]

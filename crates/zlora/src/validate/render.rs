@@ -100,7 +100,7 @@ impl Session {
             progress.stage(w)
         })?;
         progress.stage(&format!("{model}: loading the transformer"));
-        let model = folder.load_transformer(None, dtype, &device, render.quantize)?;
+        let model = folder.load_transformer(None, dtype, &device, render.storage())?;
         Ok(Self {
             shift: folder.scheduler_shift()?,
             folder,

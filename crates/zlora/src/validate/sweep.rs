@@ -164,6 +164,7 @@ fn render_settings(req: &SweepRequest, cfg: &TrainConfig, trigger: Option<&str>)
         dtype: req.dtype,
         // The base the LoRA was trained on.
         quantize: cfg.model.quantize,
+        blocks_on_device: cfg.model.blocks_on_device,
     }
 }
 

@@ -70,3 +70,24 @@ pub fn values(seed: u64, n: usize) -> Vec<f32> {
 pub fn matrix(seed: u64, rows: usize, cols: usize) -> Tensor {
     Tensor::from_vec(values(seed, rows * cols), (rows, cols), &Device::Cpu).unwrap()
 }
+
+/// Sets every factor of a trainable adapter that starts at zero (LoRA up, LoKr w2 or w2_b,
+/// LoHa w2_a) to small noise, so that the other factors get non-zero gradients too.
+pub fn wake_zero_factors(
+    lora: &zlora::train::lora::TrainableLora,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) {
+    for v in lora.vars() {
+        let zero = v
+            .as_tensor()
+            .abs()
+            .and_then(|a| a.max_all()?.to_scalar::<f32>())
+            .unwrap()
+            == 0.0;
+        if zero {
+            let t = (zlora::train::objective::gaussian_like(v.as_tensor(), rng).unwrap() * 0.1)
+                .unwrap();
+            v.set(&t).unwrap();
+        }
+    }
+}
