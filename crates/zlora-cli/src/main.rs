@@ -9,6 +9,7 @@ mod lora;
 mod plan;
 mod process;
 mod progress;
+mod quantize;
 mod tiny;
 mod train;
 mod validate;
@@ -48,6 +49,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
     Plan(plan::Args),
+    /// Write the transformer as a GGUF (q8_0, q6_k, q5_k, q4_k) that ComfyUI-GGUF loads.
+    Quantize(quantize::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Quantize(args) => quantize::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

@@ -97,6 +97,20 @@ impl Linear {
         Ok(())
     }
 
+    /// Replaces the frozen weight by one of the same shape (a checkpoint's quantized weight
+    /// for the stand-in the model was built with).
+    pub fn set_weight(&mut self, weight: FrozenWeight) -> Result<(), String> {
+        if weight.shape() != self.shape() {
+            return Err(format!(
+                "weight of shape {:?} for a Linear of shape {:?}",
+                weight.shape(),
+                self.shape()
+            ));
+        }
+        self.weight = weight;
+        Ok(())
+    }
+
     pub fn adapters(&self) -> &[Adapter] {
         &self.adapters
     }
