@@ -26,6 +26,11 @@ It rewrites `fixtures/quantized/`:
   `scaled_fp8` marker tensor; the rest bf16.
 - `comfy_fp8_dequantized.safetensors`: its fp8 weights as ComfyUI dequantizes them without
   fp8 matmul, `weight.float() * scale_weight`, in f32 (the other tensors are the source's).
+- `text_encoder_fp8.safetensors`: the fixture's Qwen3 text encoder as ComfyUI's scaled fp8
+  text encoders store it: every 2-D weight of its layers float8_e4m3fn with a per-tensor
+  `scale_weight`, the embedding and norms f32.
+- `text_encoder_fp8_dequantized.safetensors`: the same encoder with those weights as
+  `weight.float() * scale_weight` (all tensors, f32).
 - `unknown_type.gguf`: a `lumina2` GGUF with one IQ4_NL tensor (a type candle cannot read).
 """
 
@@ -40,6 +45,7 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "fixtures/tiny/comfy_transformer.safetensors"
+TEXT_ENCODER = ROOT / "fixtures/tiny/model/text_encoder/model.safetensors"
 OUT = ROOT / "fixtures/quantized"
 
 PREFIX = "model.diffusion_model."
@@ -100,8 +106,7 @@ def write_fp8(source: dict[str, torch.Tensor]) -> None:
             codes = t.float().to(torch.float8_e4m3fn)
             scale = torch.tensor(1.0)
         else:
-            scale = (t.float().abs().max() / 448.0).to(torch.float32)
-            codes = (t.float() / scale).to(torch.float8_e4m3fn)
+            codes, scale = scaled_fp8(t)
             fp8[f"{stem}.scale_weight"] = scale
         if name.startswith("layers.0."):
             fp8[f"{stem}.scale_input"] = torch.tensor(1.0, dtype=torch.float32)
@@ -110,6 +115,27 @@ def write_fp8(source: dict[str, torch.Tensor]) -> None:
     fp8["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file({PREFIX + k: v for k, v in fp8.items()}, str(OUT / "comfy_fp8.safetensors"))
     save_file({PREFIX + k: v for k, v in dense.items()}, str(OUT / "comfy_fp8_dequantized.safetensors"))
+
+
+def scaled_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes and the per-tensor f32 scale that maps the largest magnitude to 448."""
+    scale = (t.float().abs().max() / 448.0).to(torch.float32)
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def write_fp8_text_encoder() -> None:
+    fp8, dense = {}, {}
+    for name, t in sorted(load_file(str(TEXT_ENCODER)).items()):
+        if t.dim() == 2 and name.startswith("layers."):
+            codes, scale = scaled_fp8(t)
+            fp8[name] = codes
+            fp8[name.removesuffix(".weight") + ".scale_weight"] = scale
+            dense[name] = codes.to(torch.float32) * scale
+        else:
+            fp8[name] = t
+            dense[name] = t.float()
+    save_file(fp8, str(OUT / "text_encoder_fp8.safetensors"))
+    save_file(dense, str(OUT / "text_encoder_fp8_dequantized.safetensors"))
 
 
 def write_unknown_type() -> None:
@@ -129,6 +155,7 @@ def main() -> None:
     source = {k.removeprefix(PREFIX): v for k, v in load_file(str(SOURCE)).items()}
     write_gguf(source)
     write_fp8(source)
+    write_fp8_text_encoder()
     write_unknown_type()
     for f in sorted(OUT.iterdir()):
         print(f"{f.relative_to(ROOT)}: {f.stat().st_size} bytes")

@@ -234,3 +234,28 @@ fn a_comfyui_fp8_checkpoint_generates_as_its_dequantized_weights() {
     let err = rel_err(&from_fp8, &from_dense);
     assert_eq!(err, 0.0, "fp8 fixture vs its dequantized weights");
 }
+
+/// A ComfyUI-style fp8 text encoder (e4m3 layer weights with `scale_weight`) in the model
+/// folder encodes as its dequantized weights do: the latents are the same bit for bit.
+#[test]
+fn an_fp8_text_encoder_encodes_as_its_dequantized_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = quantized_fixtures();
+    let run = |encoder: PathBuf, name: &str| {
+        let model = dir.path().join(name);
+        common::copy_tree(&fixtures().join("model"), &model);
+        std::fs::copy(encoder, model.join("text_encoder/model.safetensors")).unwrap();
+        let latents = dir.path().join(format!("{name}.safetensors"));
+        let png = dir.path().join(format!("{name}.png"));
+        let args = ["--seed", "5", "--save-latents", s(&latents)];
+        stdout(&generate_small(&model, &png, &args, &[]));
+        candle_core::safetensors::load(&latents, &Device::Cpu).unwrap()["latents"].clone()
+    };
+    let fp8 = run(q.join("text_encoder_fp8.safetensors"), "fp8");
+    let dense = run(q.join("text_encoder_fp8_dequantized.safetensors"), "dense");
+    assert_eq!(rel_err(&fp8, &dense), 0.0);
+    // The scales matter: the fixture's own f32 encoder gives other latents.
+    let original = fixtures().join("model/text_encoder/model.safetensors");
+    let original = run(original, "original");
+    assert!(rel_err(&fp8, &original) > 0.0);
+}

@@ -541,3 +541,30 @@ fn a_bad_dataset_fails_before_step_one_naming_the_file() {
     assert!(err.contains("broken.png"), "{err}");
     assert!(!s.path("bad/log.jsonl").exists(), "nothing was trained");
 }
+
+/// `[model] transformer` takes a GGUF: a run on the q8_0 GGUF that `zlora quantize` wrote
+/// is the run with `quantize = "q8_0"`, loss for loss and byte for byte.
+#[test]
+fn a_run_on_a_gguf_transformer_is_the_run_with_the_same_quantization() {
+    let s = Setup::with_dim(96);
+    let gguf = s.path("model-q8_0.gguf");
+    stderr(&zlora(&[
+        "quantize",
+        s.path("model").to_str().unwrap(),
+        "--to",
+        "q8_0",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]));
+    let train = |cfg: &Path| stderr(&zlora(&["train", cfg.to_str().unwrap()]));
+    train(&s.config("built", "quantize = \"q8_0\"", "", ""));
+    let file = format!("transformer = \"{}\"", gguf.display());
+    train(&s.config("file", &file, "", ""));
+    let built = losses(&s.path("built"));
+    assert_eq!(built.len(), 6);
+    assert_eq!(losses(&s.path("file")), built);
+    assert_same_tensors(
+        &s.path("file/lora.safetensors"),
+        &s.path("built/lora.safetensors"),
+    );
+}

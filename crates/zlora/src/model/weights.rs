@@ -403,30 +403,11 @@ impl TransformerCheckpoint {
             ))),
             (Store::Safetensors(st), Encoding::Fp8) => {
                 let codes = stored(st, source, dev)?;
-                let scale = self.fp8_scale(source.key())?;
+                let scale = fp8_scale(st, source.key())?;
                 let scale = Tensor::full(scale, (shape[0], 1), dev)?;
                 Ok(QuantWeight::Fp8 { codes, scale })
             }
             (_, other) => candle_core::bail!("{name} is {}, not quantized", other.name()),
-        }
-    }
-
-    /// The `scale_weight` of an fp8 tensor (1 without one, as ComfyUI reads it).
-    fn fp8_scale(&self, key: &str) -> candle_core::Result<f32> {
-        let Store::Safetensors(st) = &self.tensors else {
-            return Ok(1.0);
-        };
-        let scale_key = format!("{}{FP8_SCALE}", key.strip_suffix(".weight").unwrap_or(key));
-        if st.get(&scale_key).is_err() {
-            return Ok(1.0);
-        }
-        let scale = st.load(&scale_key, &Device::Cpu)?.to_dtype(DType::F32)?;
-        match scale.flatten_all()?.to_vec1::<f32>()?.as_slice() {
-            [s] => Ok(*s),
-            _ => candle_core::bail!(
-                "{scale_key}: shape {:?}, expected one per-tensor scale",
-                scale.dims()
-            ),
         }
     }
 
@@ -442,8 +423,7 @@ impl TransformerCheckpoint {
                 .dequantize(&Device::Cpu)?
                 .to_device(dev)?,
             (Store::Safetensors(st), Encoding::Fp8) => {
-                let scale = self.fp8_scale(source.key())? as f64;
-                (stored(st, source, dev)?.to_dtype(DType::F32)? * scale)?
+                upcast_fp8(st, source.key(), stored(st, source, dev)?)?
             }
             (Store::Safetensors(st), _) => stored(st, source, dev)?,
         };
@@ -500,6 +480,27 @@ impl Source {
             Self::Rows { start, len, .. } => Some((*start, *len)),
         }
     }
+}
+
+/// The `scale_weight` of an fp8 tensor (1 without one, as ComfyUI reads it).
+fn fp8_scale(st: &MmapedSafetensors, key: &str) -> candle_core::Result<f32> {
+    let scale_key = format!("{}{FP8_SCALE}", key.strip_suffix(".weight").unwrap_or(key));
+    if st.get(&scale_key).is_err() {
+        return Ok(1.0);
+    }
+    let scale = st.load(&scale_key, &Device::Cpu)?.to_dtype(DType::F32)?;
+    match scale.flatten_all()?.to_vec1::<f32>()?.as_slice() {
+        [s] => Ok(*s),
+        _ => candle_core::bail!(
+            "{scale_key}: shape {:?}, expected one per-tensor scale",
+            scale.dims()
+        ),
+    }
+}
+
+/// fp8 codes of `key` (or its rows) as f32 values: codes × scale_weight, ComfyUI's product.
+fn upcast_fp8(st: &MmapedSafetensors, key: &str, codes: Tensor) -> candle_core::Result<Tensor> {
+    codes.to_dtype(DType::F32)? * fp8_scale(st, key)? as f64
 }
 
 /// A safetensors tensor (or its rows) as stored, on `dev`.
@@ -804,10 +805,48 @@ pub fn plain_var_builder(
 ) -> Result<VarBuilder<'static>> {
     let tensors = mmap(files)?;
     Ok(VarBuilder::from_backend(
-        Box::new(tensors),
+        Box::new(Upcast(tensors)),
         dtype,
         device.clone(),
     ))
+}
+
+/// Safetensors read dense: an fp8 (e4m3) tensor, as in ComfyUI's fp8 text encoders, is
+/// upcast on its own with its `scale_weight`. The text encoder and the VAE are dropped
+/// after encoding and decoding, so keeping them quantized would save nothing at the peak.
+struct Upcast(MmapedSafetensors);
+
+impl SimpleBackend for Upcast {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.load(name, dev)?;
+        match t.dtype() {
+            DType::F8E4M3 => upcast_fp8(&self.0, name, t)?.to_dtype(dtype),
+            _ => t.to_dtype(dtype),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
 }
 
 #[cfg(test)]
