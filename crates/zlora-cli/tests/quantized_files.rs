@@ -108,7 +108,7 @@ fn zlora_quantize_writes_a_gguf_the_gguf_package_reads_as_the_same_model() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gguf_dequantize.py");
     let dir = tempfile::tempdir().unwrap();
     let model = wide_model(dir.path());
-    // Bounds: twice the measured error (q8_0 5.1e-3, q4_k 5.8e-3; docs/low-vram.md).
+    // Bounds: twice the measured error (q8_0 5.1e-3, q4_k 5.8e-3; docs/generate.md).
     for (q, ggml, file_type, tol) in [("q8_0", "Q8_0", 7, 1.1e-2), ("q4_k", "Q4_K", 14, 1.2e-2)] {
         let gguf = dir.path().join(format!("{q}.gguf"));
         let dense = dir.path().join(format!("{q}-dequantized.safetensors"));
@@ -214,7 +214,7 @@ fn a_gguf_from_the_gguf_package_generates_as_its_dequantized_weights() {
     let from_dense = fixture_latents(&dense, dir.path(), "dense");
     let err = rel_err(&from_gguf, &from_dense);
     eprintln!("GGUF fixture vs its dequantized weights: {err:.2e}");
-    // Twice the measured 6.0e-3 (docs/low-vram.md).
+    // Twice the measured 6.0e-3 (docs/generate.md).
     assert!(err < 1.2e-2, "{err}");
 }
 
