@@ -10,7 +10,7 @@
 //! without dequantizing.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
@@ -57,7 +57,6 @@ impl GgufTensor {
 
 /// A memory-mapped GGUF file whose every tensor lies inside it.
 pub struct GgufFile {
-    path: PathBuf,
     mmap: memmap2::Mmap,
     tensors: BTreeMap<String, GgufTensor>,
 }
@@ -79,11 +78,7 @@ impl GgufFile {
             let tensor = locate(path, name, info, content.tensor_data_offset, mmap.len())?;
             tensors.insert(name.clone(), tensor);
         }
-        Ok(Self {
-            path: path.to_path_buf(),
-            mmap,
-            tensors,
-        })
+        Ok(Self { mmap, tensors })
     }
 
     pub fn tensors(&self) -> &BTreeMap<String, GgufTensor> {
@@ -127,10 +122,6 @@ impl GgufFile {
         // SAFETY: the same buffer viewed as its first bytes.len() bytes.
         let aligned = unsafe { std::slice::from_raw_parts(aligned.as_ptr().cast(), bytes.len()) };
         qtensor_from_ggml(t.dtype, aligned, shape, dev)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
@@ -362,11 +353,6 @@ pub fn zimage_metadata(file_type: u32) -> Vec<(&'static str, MetaValue)> {
     ]
 }
 
-/// A dense tensor stored as `dtype` (F32, F16, BF16 or a quantized type).
-pub fn encode(t: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
-    QTensor::quantize(t, dtype).map_err(Error::from)
-}
-
 /// llama.cpp's `general.file_type` of a file whose quantized tensors are all of one type (the
 /// `_S` variants for the k-quants: the `_M` ones mix types).
 fn file_type(g: GgmlDType) -> u32 {
@@ -424,7 +410,8 @@ pub fn quantize_transformer(
             .map(|name| checkpoint.tensor(name))
             .collect::<Result<Vec<_>>>()?;
         let t = Tensor::cat(&parts, 0).map_err(Error::from)?;
-        let encoded = encode(&t, plan[i].spec.dtype)?;
+        // F32, F16 and BF16 "quantize" to their own bytes.
+        let encoded = QTensor::quantize(&t, plan[i].spec.dtype)?;
         progress(i + 1, plan.len());
         Ok(encoded)
     })
