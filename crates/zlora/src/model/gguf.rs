@@ -28,12 +28,14 @@ const ALIGNMENT: usize = 32;
 /// ggml's quantization format version, as llama.cpp and the `gguf` package write it.
 const QUANTIZATION_VERSION: u32 = 2;
 
-/// Whether `path` starts with GGUF's magic bytes.
+/// Whether `path` is a regular file starting with GGUF's magic bytes (only regular files are
+/// opened: opening a FIFO would wait for a writer).
 pub fn is_gguf(path: &Path) -> bool {
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
+    std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        && std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
         && &magic == b"GGUF"
 }
 
