@@ -11,6 +11,7 @@ mod lora;
 mod plan;
 mod process;
 mod progress;
+mod quantize;
 mod serve;
 mod tiny;
 mod train;
@@ -55,6 +56,8 @@ enum Command {
     Plan(plan::Args),
     /// Start the local web app: datasets, a training queue with live progress (docs/serve.md).
     Serve(serve::Args),
+    /// Write the transformer as a GGUF (q8_0, q6_k, q5_k, q4_k) that ComfyUI-GGUF loads.
+    Quantize(quantize::Args),
     /// Inspect, convert, combine, merge and extract LoRA files.
     #[command(subcommand)]
     Lora(lora::Command),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Quantize(args) => quantize::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lora(command) => lora::run(command),
     };
     match result {

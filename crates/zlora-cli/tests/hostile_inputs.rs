@@ -606,3 +606,82 @@ fn tiny_model_and_dataset_sizes_are_bounded() {
     refused(&run, &["size must be 16 to 4096 px", "got size 100000"]);
     assert!(!dir.path().join("m").exists());
 }
+
+/// The ComfyUI-GGUF fixture (scripts/make_quantized_fixtures.py).
+fn gguf_fixture() -> PathBuf {
+    fixtures().join("../quantized/comfy_gguf.gguf")
+}
+
+#[test]
+fn a_truncated_gguf_is_one_line_naming_the_tensor_and_the_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(gguf_fixture()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = generate(dir.path(), &["--transformer", s(&cut)]);
+    refused(
+        &out,
+        &["cut.gguf", "truncated: tensor", "needs bytes up to"],
+    );
+    // Cut inside the header: the reader's own message.
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let out = generate(dir.path(), &["--transformer", s(&cut)]);
+    refused(&out, &["cut.gguf", "not a readable GGUF file"]);
+}
+
+#[test]
+fn a_gguf_of_another_architecture_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(gguf_fixture()).unwrap();
+    // Same length, so the header stays valid: HiDream is another ComfyUI-GGUF architecture.
+    let at = bytes.windows(7).position(|w| w == b"lumina2").unwrap();
+    bytes[at..at + 7].copy_from_slice(b"hidream");
+    let other = dir.path().join("hidream.gguf");
+    std::fs::write(&other, &bytes).unwrap();
+    let out = generate(dir.path(), &["--transformer", s(&other)]);
+    refused(&out, &["hidream.gguf", "architecture 'hidream'", "lumina2"]);
+}
+
+#[test]
+fn a_gguf_of_an_unknown_quantization_type_names_the_types_zlora_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = fixtures().join("../quantized/unknown_type.gguf");
+    let out = generate(dir.path(), &["--transformer", s(&file)]);
+    refused(
+        &out,
+        &["unknown_type.gguf", "unknown dtype", "Q4_0", "Q2_K to Q8_K"],
+    );
+}
+
+#[test]
+fn a_quantized_transformer_refuses_requantization() {
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = gguf_fixture();
+    let args = ["--transformer", s(&gguf), "--quantize", "q8_0"];
+    let out = generate(dir.path(), &args);
+    refused(
+        &out,
+        &["comfy_gguf.gguf", "stored quantized already", "q8_0"],
+    );
+    assert!(!dir.path().join("out.png").exists());
+}
+
+#[test]
+fn quantize_refuses_formats_gguf_lacks_quantized_sources_and_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m.gguf");
+    let run = zlora(&["quantize", s(&model()), "--to", "fp8", "--out", s(&out)]);
+    refused(&run, &["fp8 has no GGUF type", "q8_0"]);
+    let src = s(&gguf_fixture()).to_owned();
+    let run = zlora(&["quantize", &src, "--to", "q8_0", "--out", s(&out)]);
+    refused(
+        &run,
+        &["comfy_gguf.gguf", "stored quantized already", "dense"],
+    );
+    assert!(!out.exists());
+    std::fs::write(&out, b"keep").unwrap();
+    // The fixture's widths (FFN 85) take no GGUF type; the existing file is checked first.
+    let run = zlora(&["quantize", s(&model()), "--to", "q8_0", "--out", s(&out)]);
+    refused(&run, &["m.gguf", "already exists", "--force"]);
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep");
+}

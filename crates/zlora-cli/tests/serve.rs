@@ -298,12 +298,15 @@ fn no_path_outside_the_root_is_read_or_written() {
             r.text()
         );
     }
-    let adapter = train_config("runs/a", 4, 2, 0).replace(
-        "base_dtype = \"f32\"",
-        "base_dtype = \"f32\"\ntraining_adapter = \"/etc/adapter.safetensors\"",
-    );
-    let r = s.post_json("/api/jobs", &json!({"kind": "train", "config": adapter}));
-    assert_eq!(r.status, 400, "{}", r.text());
+    for key in ["training_adapter", "transformer"] {
+        let config = train_config("runs/a", 4, 2, 0).replace(
+            "base_dtype = \"f32\"",
+            &format!("base_dtype = \"f32\"\n{key} = \"/etc/adapter.safetensors\""),
+        );
+        let r = s.post_json("/api/jobs", &json!({"kind": "train", "config": config}));
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains(&format!("[model] {key}")), "{}", r.text());
+    }
     for (key, field) in [
         ("cache_dir", "[dataset] cache_dir"),
         ("masks", "[dataset] masks"),

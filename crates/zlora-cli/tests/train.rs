@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{generate_small, stderr, tiny_model_and_data, zlora};
+use common::{generate_small, python_json, stderr, tiny_model_and_data, zlora};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1053,26 +1053,14 @@ fn a_bad_dataset_fails_before_step_one_naming_the_file() {
     assert!(!s.path("bad/log.jsonl").exists(), "nothing was trained");
 }
 
-/// A run's TensorBoard folder as TensorBoard's own readers see it (`read_tensorboard.py`),
-/// read with the Python that `ZLORA_PYTHON` names (default `python3`). Without Python or its
-/// `tensorboard` package the test fails saying so (.ci/run installs them).
+/// A run's TensorBoard folder as TensorBoard's own readers see it (`read_tensorboard.py`).
 fn read_tensorboard(run: &Path) -> serde_json::Value {
-    let python = std::env::var_os("ZLORA_PYTHON").unwrap_or_else(|| "python3".into());
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/read_tensorboard.py");
-    let needs = "this test reads the event files with TensorBoard's Python package: set \
-                 ZLORA_PYTHON to a Python that has it (pip install tensorboard)";
-    let out = Command::new(&python)
-        .arg(&script)
-        .arg(run.join("tensorboard"))
-        .output()
-        .unwrap_or_else(|e| panic!("{} cannot run ({e}); {needs}", python.display()));
-    assert!(
-        out.status.success(),
-        "{} could not read the event files; {needs}:\n{}",
-        python.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python_json(
+        "tensorboard",
+        &script,
+        &[run.join("tensorboard").as_os_str()],
+    )
 }
 
 /// (step, value) of one scalar tag.
@@ -1226,4 +1214,31 @@ fn a_preserving_run_killed_at_random_moments_resumes_exactly_and_logs_each_step_
     assert_eq!(steps, (1..=30).collect::<Vec<u64>>(), "each step once");
     let values: Vec<f32> = loss.iter().map(|e| e.1).collect();
     assert_eq!(values, losses_f32(&s.path("reference")));
+}
+
+/// `[model] transformer` takes a GGUF: a run on the q8_0 GGUF that `zlora quantize` wrote
+/// is the run with `quantize = "q8_0"`, loss for loss and byte for byte.
+#[test]
+fn a_run_on_a_gguf_transformer_is_the_run_with_the_same_quantization() {
+    let s = Setup::with_dim(96);
+    let gguf = s.path("model-q8_0.gguf");
+    stderr(&zlora(&[
+        "quantize",
+        s.path("model").to_str().unwrap(),
+        "--to",
+        "q8_0",
+        "--out",
+        gguf.to_str().unwrap(),
+    ]));
+    let train = |cfg: &Path| stderr(&zlora(&["train", cfg.to_str().unwrap()]));
+    train(&s.config("built", "quantize = \"q8_0\"", "", ""));
+    let file = format!("transformer = \"{}\"", gguf.display());
+    train(&s.config("file", &file, "", ""));
+    let built = losses(&s.path("built"));
+    assert_eq!(built.len(), 6);
+    assert_eq!(losses(&s.path("file")), built);
+    assert_same_tensors(
+        &s.path("file/lora.safetensors"),
+        &s.path("built/lora.safetensors"),
+    );
 }

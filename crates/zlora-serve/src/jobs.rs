@@ -64,6 +64,9 @@ pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig
             if let Some(adapter) = &cfg.model.training_adapter {
                 cfg.model.training_adapter = Some(path("[model] training_adapter", adapter, true)?);
             }
+            if let Some(file) = &cfg.model.transformer {
+                cfg.model.transformer = Some(path("[model] transformer", file, true)?);
+            }
             for d in &mut cfg.datasets {
                 d.path = path("[dataset] path", &d.path, false)?;
                 if let Some(cache) = &d.cache_dir {

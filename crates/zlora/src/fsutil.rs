@@ -67,12 +67,7 @@ pub fn write_atomic_with(
     overwrite: bool,
     fill: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    if !overwrite && path.exists() {
-        return Err(Error::bad_file(
-            path,
-            "already exists (pass --force to overwrite it)",
-        ));
-    }
+    check_new(path, overwrite)?;
     let dir = folder_of(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     remove_stale_temps_of(path)?;
@@ -92,6 +87,18 @@ pub fn write_atomic_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Refuses an existing `path` unless `overwrite` is set (what every atomic write checks;
+/// a long write checks it before its work too).
+pub fn check_new(path: &Path, overwrite: bool) -> Result<()> {
+    if !overwrite && path.exists() {
+        return Err(Error::bad_file(
+            path,
+            "already exists (pass --force to overwrite it)",
+        ));
+    }
+    Ok(())
 }
 
 /// The folder a file path is in (`.` for a bare file name).

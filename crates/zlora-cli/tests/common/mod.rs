@@ -153,3 +153,27 @@ pub fn crop(img: &Rgb8, x0: usize, y0: usize, size: usize) -> Rgb8 {
         pixels,
     }
 }
+
+/// Runs a Python reader script (`args` after the script) with the Python that `ZLORA_PYTHON`
+/// names (default `python3`) and returns its stdout as JSON. Without that Python or the
+/// `package` it imports the test fails saying so: `scripts/test-python.sh` makes a venv with
+/// every package the tests read with (as .ci/run does).
+pub fn python_json(package: &str, script: &std::path::Path, args: &[&OsStr]) -> serde_json::Value {
+    let python = std::env::var_os("ZLORA_PYTHON").unwrap_or_else(|| "python3".into());
+    let needs = format!(
+        "this test reads zlora's files with the `{package}` Python package: set ZLORA_PYTHON to a \
+         Python that has it (export ZLORA_PYTHON=$(bash scripts/test-python.sh))"
+    );
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{} cannot run ({e}); {needs}", python.to_string_lossy()));
+    assert!(
+        out.status.success(),
+        "{} failed; {needs}:\n{}",
+        python.to_string_lossy(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dit;
 pub mod folder;
+pub mod gguf;
 pub mod rope;
 pub mod text;
 pub mod tiny;

@@ -5,11 +5,18 @@
 //! `x_embedder`, `final_layer`, optional `model.diffusion_model.` prefix) is translated name
 //! by name, the fused qkv split into row blocks, so the model code sees one layout only.
 //! Files are memory-mapped; a tensor is read when the model asks for it.
+//!
+//! Weights may come quantized: a GGUF file (ComfyUI-GGUF's layout, `model/gguf.rs`) or a
+//! ComfyUI fp8 checkpoint (`float8_e4m3fn` weights with an optional per-tensor
+//! `scale_weight`). A quantized Linear weight stays quantized ([`QuantWeight`], each fused
+//! qkv third cut from the stored bytes); any other quantized tensor (a pad token) and every
+//! float tensor load dense.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -17,6 +24,8 @@ use candle_nn::VarBuilder;
 
 use super::config::TransformerConfig;
 use super::dit::{BaseStorage, ZImageTransformer};
+use super::gguf::{is_gguf, GgufFile};
+use crate::nn::{FrozenWeight, LinearTargets, QuantWeight};
 use crate::{Error, Result};
 
 /// Where one canonical tensor lives in the checkpoint.
@@ -38,10 +47,36 @@ pub enum CheckpointLayout {
     ComfyUi,
 }
 
+/// The container of a checkpoint's tensors.
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Gguf(GgufFile),
+}
+
+/// How a stored tensor is encoded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Encoding {
+    Float(DType),
+    /// e4m3 codes, times the tensor's `scale_weight` (1 without one).
+    Fp8,
+    /// A quantized GGML type.
+    Ggml(GgmlDType),
+}
+
+impl Encoding {
+    fn name(self) -> String {
+        match self {
+            Self::Float(dt) => format!("{dt:?}").to_lowercase(),
+            Self::Fp8 => "fp8 (e4m3)".into(),
+            Self::Ggml(g) => format!("{g:?}").to_lowercase(),
+        }
+    }
+}
+
 /// An opened (memory-mapped) transformer checkpoint, addressed by canonical names.
 pub struct TransformerCheckpoint {
     files: Vec<PathBuf>,
-    tensors: MmapedSafetensors,
+    tensors: Store,
     /// Canonical name → source, with the canonical shape.
     map: HashMap<String, (Source, Vec<usize>)>,
     layout: CheckpointLayout,
@@ -50,15 +85,27 @@ pub struct TransformerCheckpoint {
 /// Names a ComfyUI file may carry that the model does not use (a Lumina2 leftover).
 const IGNORED_COMFY_KEYS: &[&str] = &["norm_final.weight"];
 
+/// ComfyUI's fp8 companions of a weight `X.weight`: `X.scale_weight` (the per-tensor scale of
+/// its codes) and `X.scale_input` (the activations' scale for fp8 matmuls, which zlora does
+/// not run: ComfyUI without fp8 matmul ignores it too), and the file's `scaled_fp8` marker.
+const FP8_SCALE: &str = ".scale_weight";
+const FP8_INPUT_SCALE: &str = ".scale_input";
+const FP8_MARKER: &str = "scaled_fp8";
+
+fn is_fp8_companion(name: &str) -> bool {
+    name.ends_with(FP8_SCALE)
+        || name.ends_with(FP8_INPUT_SCALE)
+        || strip_comfy_prefix(name) == FP8_MARKER
+}
+
 impl TransformerCheckpoint {
-    /// Opens one or more safetensors files that together hold one transformer.
+    /// Opens one or more safetensors files that together hold one transformer, or one GGUF
+    /// file.
     pub fn open(files: Vec<PathBuf>) -> Result<Self> {
-        let tensors = mmap(&files)?;
-        let mut shapes = Vec::new();
-        for (name, view) in tensors.tensors() {
-            check_dtype(&files, &name, view.dtype())?;
-            shapes.push((name, view.shape().to_vec()));
-        }
+        let (tensors, shapes) = match files.as_slice() {
+            [one] if is_gguf(one) => open_gguf(one)?,
+            _ => open_safetensors(&files)?,
+        };
         let layout = detect_layout(&shapes);
         let map = match layout {
             CheckpointLayout::Diffusers => shapes
@@ -91,6 +138,15 @@ impl TransformerCheckpoint {
         self.layout
     }
 
+    /// The transformer's configuration: the `config.json` next to the weights, else guessed
+    /// from the tensor shapes (a single file).
+    pub fn config(&self) -> Result<TransformerConfig> {
+        match self.config_file() {
+            Some(file) => TransformerConfig::from_file(&file),
+            None => self.infer_config(),
+        }
+    }
+
     /// The model width (in-features of the first block's to_q), if the checkpoint has it.
     pub fn width(&self) -> Option<usize> {
         let (_, shape) = self.map.get("layers.0.attention.to_q.weight")?;
@@ -112,34 +168,59 @@ impl TransformerCheckpoint {
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let first = &self.files[0];
         let dtype = self.dtype(name)?;
-        self.get_unchecked(name, dtype, &Device::Cpu)
+        self.dense(name, dtype, &Device::Cpu)
             .map_err(|e| Error::bad_file(first, e.to_string()))
     }
 
-    /// The stored dtype of a canonical tensor.
+    /// The stored dtype of a canonical tensor; an error for a quantized one (what reads
+    /// this, merge and extract, rewrite dense checkpoints).
     pub fn dtype(&self, name: &str) -> Result<DType> {
-        let key = match self.map.get(name) {
-            Some((Source::Whole(key) | Source::Rows { key, .. }, _)) => key,
-            None => {
-                return Err(Error::bad_file(
-                    &self.files[0],
-                    format!("missing tensor {name}"),
-                ))
-            }
-        };
-        let view = self
-            .tensors
-            .get(key)
-            .map_err(|e| Error::bad_file(&self.files[0], format!("{key}: {e}")))?;
-        match view.dtype() {
-            safetensors::Dtype::F32 => Ok(DType::F32),
-            safetensors::Dtype::BF16 => Ok(DType::BF16),
-            safetensors::Dtype::F16 => Ok(DType::F16),
-            other => Err(Error::bad_file(
-                &self.files[0],
-                format!("{key} is {other:?}"),
-            )),
+        let bad = |msg: String| Error::bad_file(&self.files[0], msg);
+        let (source, _) = self
+            .map
+            .get(name)
+            .ok_or_else(|| bad(format!("missing tensor {name}")))?;
+        match self
+            .encoding(source.key())
+            .map_err(|e| bad(e.to_string()))?
+        {
+            Encoding::Float(dtype) => Ok(dtype),
+            quantized => Err(bad(format!(
+                "{name} is stored as {}: this needs a dense (f32, bf16 or f16) checkpoint",
+                quantized.name()
+            ))),
         }
+    }
+
+    /// Whether any Linear weight is stored quantized (a GGUF or an fp8 checkpoint).
+    pub fn is_quantized(&self) -> bool {
+        self.map.keys().any(|name| self.quantized_linear(name))
+    }
+
+    /// Whether `name` is a Linear's weight (every 2-D `.weight` of the model is one) stored
+    /// quantized: it loads as a [`QuantWeight`].
+    fn quantized_linear(&self, name: &str) -> bool {
+        let Some((source, shape)) = self.map.get(name) else {
+            return false;
+        };
+        name.ends_with(".weight")
+            && shape.len() == 2
+            && !matches!(self.encoding(source.key()), Ok(Encoding::Float(_)))
+    }
+
+    fn encoding(&self, key: &str) -> candle_core::Result<Encoding> {
+        Ok(match &self.tensors {
+            Store::Safetensors(st) => match st.get(key)?.dtype() {
+                safetensors::Dtype::F8_E4M3 => Encoding::Fp8,
+                other => Encoding::Float(other.try_into()?),
+            },
+            Store::Gguf(g) => match g.info(key)?.dtype {
+                GgmlDType::F32 => Encoding::Float(DType::F32),
+                GgmlDType::F16 => Encoding::Float(DType::F16),
+                GgmlDType::BF16 => Encoding::Float(DType::BF16),
+                other => Encoding::Ggml(other),
+            },
+        })
     }
 
     /// A description of the files for messages.
@@ -247,7 +328,9 @@ impl TransformerCheckpoint {
     }
 
     /// [`TransformerCheckpoint::load`] with the base held as `storage` says (quantized,
-    /// swapped).
+    /// swapped). A checkpoint stored quantized keeps each weight in its file's format:
+    /// `storage.quantize` is then refused (requantizing a quantized weight only adds error,
+    /// and ComfyUI-GGUF never does).
     pub fn load_stored(
         self,
         cfg: &TransformerConfig,
@@ -256,33 +339,106 @@ impl TransformerCheckpoint {
         storage: BaseStorage,
     ) -> Result<ZImageTransformer> {
         self.check(cfg)?;
+        if let Some(q) = storage.quantize {
+            if self.is_quantized() {
+                return Err(Error::bad_file(
+                    &self.files[0],
+                    format!(
+                        "is stored quantized already (each weight in its file's format): drop \
+                         the quantization {q}, or quantize a dense checkpoint instead"
+                    ),
+                ));
+            }
+        }
         storage.check(cfg)?;
         let first = self.files[0].clone();
-        let vb = VarBuilder::from_backend(Box::new(self), dtype, device.clone());
-        ZImageTransformer::load(cfg, vb, storage).map_err(|e| Error::bad_file(first, e.to_string()))
+        let bad = |e: candle_core::Error| Error::bad_file(&first, e.to_string());
+        let vb = VarBuilder::from_backend(Box::new(Reader(&self)), dtype, device.clone());
+        let mut model = ZImageTransformer::load(cfg, vb, storage).map_err(bad)?;
+        self.attach_quantized(&mut model, device).map_err(bad)?;
+        Ok(model)
     }
 
-    /// Rows [start, start+len) of a stored tensor, read from the file's bytes on their own:
-    /// a narrowed view of the loaded tensor would keep the whole fused qkv alive for each of
-    /// q, k and v (three copies of it, ≈6 GB for the full model in bf16).
-    fn rows(
+    /// Gives every Linear whose weight is stored quantized that weight (the model was built
+    /// with a zero-stride stand-in for it); one that is not a Linear's weight is an error.
+    fn attach_quantized(
         &self,
-        key: &str,
-        start: usize,
-        len: usize,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let view = self.tensors.get(key)?;
-        let dtype: DType = view.dtype().try_into()?;
-        let mut shape = view.shape().to_vec();
-        let row_bytes = shape[1..].iter().product::<usize>() * dtype.size_in_bytes();
-        shape[0] = len;
-        let bytes = &view.data()[start * row_bytes..(start + len) * row_bytes];
-        Tensor::from_raw_buffer(bytes, dtype, &shape, dev)
+        model: &mut ZImageTransformer,
+        device: &Device,
+    ) -> candle_core::Result<()> {
+        let mut attached = std::collections::HashSet::new();
+        for (path, _) in model.linear_shapes() {
+            let name = format!("{path}.weight");
+            if !self.quantized_linear(&name) {
+                continue;
+            }
+            let weight = self.quantized(&name, device)?;
+            if let Some(linear) = model.linear_mut(&path) {
+                linear
+                    .set_weight(FrozenWeight::Quantized(weight))
+                    .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+                attached.insert(name);
+            }
+        }
+        match self
+            .map
+            .keys()
+            .find(|n| self.quantized_linear(n) && !attached.contains(*n))
+        {
+            Some(name) => candle_core::bail!(
+                "{name} is stored quantized but the model reads it as a dense tensor"
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// A canonical Linear weight stored quantized, kept so on `dev`: GGUF blocks as a
+    /// QTensor, fp8 codes with their per-tensor scale repeated per row.
+    fn quantized(&self, name: &str, dev: &Device) -> candle_core::Result<QuantWeight> {
+        let Some((source, shape)) = self.map.get(name) else {
+            candle_core::bail!("missing tensor {name}");
+        };
+        match (&self.tensors, self.encoding(source.key())?) {
+            (Store::Gguf(g), Encoding::Ggml(_)) => Ok(QuantWeight::Ggml(std::sync::Arc::new(
+                g.qtensor(source.key(), source.rows(), dev)?,
+            ))),
+            (Store::Safetensors(st), Encoding::Fp8) => {
+                let codes = stored(st, source, dev)?;
+                let scale = fp8_scale(st, source.key())?;
+                let scale = Tensor::full(scale, (shape[0], 1), dev)?;
+                Ok(QuantWeight::Fp8 { codes, scale })
+            }
+            (_, other) => candle_core::bail!("{name} is {}, not quantized", other.name()),
+        }
+    }
+
+    /// A canonical tensor dense in `dtype`, whatever its encoding: GGUF tensors decode on
+    /// the CPU (the float ones exactly), fp8 codes are scaled in f32.
+    fn dense(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((source, _)) = self.map.get(name) else {
+            candle_core::bail!("missing tensor {name}");
+        };
+        let t = match (&self.tensors, self.encoding(source.key())?) {
+            (Store::Gguf(g), _) => g
+                .qtensor(source.key(), source.rows(), &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .to_device(dev)?,
+            (Store::Safetensors(st), Encoding::Fp8) => {
+                upcast_fp8(st, source.key(), stored(st, source, dev)?)?
+            }
+            (Store::Safetensors(st), _) => stored(st, source, dev)?,
+        };
+        t.to_dtype(dtype)
     }
 }
 
-impl SimpleBackend for TransformerCheckpoint {
+/// The checkpoint as the model's VarBuilder backend: dense tensors in the requested dtype,
+/// and for each quantized Linear weight a zero-stride stand-in of its shape that
+/// [`TransformerCheckpoint::attach_quantized`] replaces, so no quantized weight is ever
+/// dequantized whole.
+struct Reader<'a>(&'a TransformerCheckpoint);
+
+impl SimpleBackend for Reader<'_> {
     fn get(
         &self,
         s: Shape,
@@ -299,19 +455,107 @@ impl SimpleBackend for TransformerCheckpoint {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((source, _)) = self.map.get(name) else {
-            candle_core::bail!("missing tensor {name}");
-        };
-        let t = match source {
-            Source::Whole(key) => self.tensors.load(key, dev)?,
-            Source::Rows { key, start, len } => self.rows(key, *start, *len, dev)?,
-        };
-        t.to_dtype(dtype)
+        match self.0.map.get(name) {
+            Some((_, shape)) if self.0.quantized_linear(name) => {
+                Tensor::zeros((), dtype, dev)?.broadcast_as(shape.as_slice())
+            }
+            _ => self.0.dense(name, dtype, dev),
+        }
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.contains_key(name)
+        self.0.map.contains_key(name)
     }
+}
+
+impl Source {
+    fn key(&self) -> &str {
+        match self {
+            Self::Whole(key) | Self::Rows { key, .. } => key,
+        }
+    }
+
+    fn rows(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Whole(_) => None,
+            Self::Rows { start, len, .. } => Some((*start, *len)),
+        }
+    }
+}
+
+/// The `scale_weight` of an fp8 tensor (1 without one, as ComfyUI reads it).
+fn fp8_scale(st: &MmapedSafetensors, key: &str) -> candle_core::Result<f32> {
+    let scale_key = format!("{}{FP8_SCALE}", key.strip_suffix(".weight").unwrap_or(key));
+    if st.get(&scale_key).is_err() {
+        return Ok(1.0);
+    }
+    let scale = st.load(&scale_key, &Device::Cpu)?.to_dtype(DType::F32)?;
+    match scale.flatten_all()?.to_vec1::<f32>()?.as_slice() {
+        [s] => Ok(*s),
+        _ => candle_core::bail!(
+            "{scale_key}: shape {:?}, expected one per-tensor scale",
+            scale.dims()
+        ),
+    }
+}
+
+/// fp8 codes of `key` (or its rows) as f32 values: codes × scale_weight, ComfyUI's product.
+fn upcast_fp8(st: &MmapedSafetensors, key: &str, codes: Tensor) -> candle_core::Result<Tensor> {
+    codes.to_dtype(DType::F32)? * fp8_scale(st, key)? as f64
+}
+
+/// A safetensors tensor (or its rows) as stored, on `dev`.
+fn stored(st: &MmapedSafetensors, source: &Source, dev: &Device) -> candle_core::Result<Tensor> {
+    match source {
+        Source::Whole(key) => st.load(key, dev),
+        Source::Rows { key, start, len } => rows(st, key, *start, *len, dev),
+    }
+}
+
+/// Rows [start, start+len) of a stored tensor, read from the file's bytes on their own:
+/// a narrowed view of the loaded tensor would keep the whole fused qkv alive for each of
+/// q, k and v (three copies of it, ≈6 GB for the full model in bf16).
+fn rows(
+    st: &MmapedSafetensors,
+    key: &str,
+    start: usize,
+    len: usize,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let view = st.get(key)?;
+    let dtype: DType = view.dtype().try_into()?;
+    let mut shape = view.shape().to_vec();
+    let row_bytes = shape[1..].iter().product::<usize>() * dtype.size_in_bytes();
+    shape[0] = len;
+    let bytes = &view.data()[start * row_bytes..(start + len) * row_bytes];
+    Tensor::from_raw_buffer(bytes, dtype, &shape, dev)
+}
+
+/// A container's tensor names and (torch-order) shapes.
+type StoredShapes = Vec<(String, Vec<usize>)>;
+
+/// Names and torch-order shapes of a GGUF's tensors.
+fn open_gguf(path: &Path) -> Result<(Store, StoredShapes)> {
+    let file = GgufFile::open(path)?;
+    let shapes = file
+        .tensors()
+        .iter()
+        .map(|(name, t)| (name.clone(), t.shape.clone()))
+        .collect();
+    Ok((Store::Gguf(file), shapes))
+}
+
+/// Names and shapes of safetensors files' tensors, without ComfyUI's fp8 companions.
+fn open_safetensors(files: &[PathBuf]) -> Result<(Store, StoredShapes)> {
+    let tensors = mmap(files)?;
+    let mut shapes = Vec::new();
+    for (name, view) in tensors.tensors() {
+        check_dtype(files, &name, view.dtype())?;
+        if !is_fp8_companion(&name) {
+            shapes.push((name, view.shape().to_vec()));
+        }
+    }
+    Ok((Store::Safetensors(tensors), shapes))
 }
 
 fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
@@ -327,10 +571,13 @@ fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
 fn check_dtype(files: &[PathBuf], name: &str, dtype: safetensors::Dtype) -> Result<()> {
     use safetensors::Dtype::*;
     match dtype {
-        F32 | F16 | BF16 => Ok(()),
+        F32 | F16 | BF16 | F8_E4M3 => Ok(()),
         other => Err(Error::bad_file(
             &files[0],
-            format!("tensor {name} is stored as {other:?}; only f32, bf16 and f16 are supported"),
+            format!(
+                "tensor {name} is stored as {other:?}; only f32, bf16, f16 and fp8 e4m3 \
+                 (ComfyUI's float8_e4m3fn) are supported"
+            ),
         )),
     }
 }
@@ -559,8 +806,130 @@ pub fn plain_var_builder(
 ) -> Result<VarBuilder<'static>> {
     let tensors = mmap(files)?;
     Ok(VarBuilder::from_backend(
-        Box::new(tensors),
+        Box::new(Upcast(tensors)),
         dtype,
         device.clone(),
     ))
+}
+
+/// Safetensors read dense: an fp8 (e4m3) tensor, as in ComfyUI's fp8 text encoders, is
+/// upcast on its own with its `scale_weight`. The text encoder and the VAE are dropped
+/// after encoding and decoding, so keeping them quantized would save nothing at the peak.
+struct Upcast(MmapedSafetensors);
+
+impl SimpleBackend for Upcast {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            });
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.load(name, dev)?;
+        match t.dtype() {
+            DType::F8E4M3 => upcast_fp8(&self.0, name, t)?.to_dtype(dtype),
+            _ => t.to_dtype(dtype),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures")
+            .join(path)
+    }
+
+    /// Loads `file` over the fixture model's config and checks every Linear's weight against
+    /// the fixture's bf16 source, with `dequantized`'s tensors in place of the ones the file
+    /// stores lossily: exactly equal, whatever the encoding. Returns how many Linears hold a
+    /// quantized weight, by kind.
+    fn linears_match(file: &str, dequantized: &str) -> (usize, usize) {
+        let cfg =
+            TransformerConfig::from_file(&fixture("tiny/model/transformer/config.json")).unwrap();
+        let source =
+            TransformerCheckpoint::open(vec![fixture("tiny/comfy_transformer.safetensors")])
+                .unwrap();
+        let overlay = TransformerCheckpoint::open(vec![fixture(dequantized)]).unwrap();
+        let mut model = TransformerCheckpoint::open(vec![fixture(file)])
+            .unwrap()
+            .load(&cfg, DType::F32, &Device::Cpu)
+            .unwrap();
+        let (mut ggml, mut fp8) = (0, 0);
+        for (path, _) in model.linear_shapes() {
+            let name = format!("{path}.weight");
+            let expected = match overlay.shapes().contains_key(&name) {
+                true => overlay.tensor(&name).unwrap(),
+                false => source.tensor(&name).unwrap(),
+            };
+            let weight = model.linear_mut(&path).unwrap().weight().clone();
+            let actual = match &weight {
+                FrozenWeight::Dense(w) => w.clone(),
+                FrozenWeight::Quantized(q) => {
+                    match q {
+                        QuantWeight::Ggml(_) => ggml += 1,
+                        QuantWeight::Fp8 { .. } => fp8 += 1,
+                        QuantWeight::Int8 { .. } => panic!("{name}: int8"),
+                    }
+                    q.dequantize(DType::F32).unwrap()
+                }
+                FrozenWeight::Host { .. } => panic!("{name}: no block swap here"),
+            };
+            let diff = (actual - expected.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{name} differs from the reference by {diff}");
+        }
+        (ggml, fp8)
+    }
+
+    /// The `gguf` package's Q8_0 and Q4_0 weights stay quantized (q, k and v cut from the
+    /// fused qkv's bytes) and dequantize to exactly what that package dequantizes; F16 and
+    /// BF16 tensors load dense, exactly.
+    #[test]
+    fn a_gguf_keeps_its_quantized_weights_and_they_dequantize_as_the_gguf_package_does() {
+        let (ggml, fp8) = linears_match(
+            "quantized/comfy_gguf.gguf",
+            "quantized/comfy_gguf_dequantized.safetensors",
+        );
+        // layers.0 and layers.1: q, k, v, out, w1, w3, adaLN (w2 is F16).
+        assert_eq!((ggml, fp8), (14, 0));
+    }
+
+    /// ComfyUI's fp8 weights stay fp8, and dequantize to codes × scale_weight (× 1 without
+    /// one), the f32 product ComfyUI computes.
+    #[test]
+    fn a_comfyui_fp8_checkpoint_keeps_its_fp8_weights_with_their_scales() {
+        let (ggml, fp8) = linears_match(
+            "quantized/comfy_fp8.safetensors",
+            "quantized/comfy_fp8_dequantized.safetensors",
+        );
+        // Every block Linear: 8 in the noise refiner, 7 in the context refiner, 8 per layer.
+        assert_eq!((ggml, fp8), (0, 31));
+    }
 }

@@ -163,6 +163,38 @@ impl Linear {
         Ok(bytes)
     }
 
+    /// Replaces the frozen weight by one of the same shape (a checkpoint's quantized weight
+    /// for the stand-in the model was built with).
+    pub fn set_weight(&mut self, weight: FrozenWeight) -> Result<(), String> {
+        if weight.shape() != self.shape() {
+            return Err(format!(
+                "weight of shape {:?} for a Linear of shape {:?}",
+                weight.shape(),
+                self.shape()
+            ));
+        }
+        self.weight = match &self.weight {
+            // Under block swap the Linear's weight waits in host memory.
+            FrozenWeight::Host {
+                weight: held,
+                device,
+            } => {
+                let host = held.device();
+                let weight = if weight.device().same_device(&host) {
+                    weight
+                } else {
+                    weight.copy_to(&host).map_err(|e| e.to_string())?
+                };
+                FrozenWeight::Host {
+                    weight: Box::new(weight),
+                    device: device.clone(),
+                }
+            }
+            _ => weight,
+        };
+        Ok(())
+    }
+
     pub fn adapters(&self) -> &[Adapter] {
         &self.adapters
     }

@@ -47,7 +47,8 @@ impl Quantization {
         Self::Q4K,
     ];
 
-    fn ggml(self) -> Option<GgmlDType> {
+    /// The GGML type of a GGUF format; None for fp8 and int8, which GGUF has no type for.
+    pub fn ggml(self) -> Option<GgmlDType> {
         match self {
             Self::Fp8 | Self::Int8 => None,
             Self::Q8_0 => Some(GgmlDType::Q8_0),

@@ -88,6 +88,10 @@ pub struct ModelSection {
     /// A diffusers folder or a repo id in the local HF cache.
     pub path: String,
     pub variant: Variant,
+    /// A single-file transformer replacing the folder's (as `generate --transformer`): a
+    /// ComfyUI or diffusers safetensors file, a ComfyUI fp8 checkpoint or a GGUF.
+    #[serde(default)]
+    pub transformer: Option<PathBuf>,
     /// A de-distillation LoRA applied (frozen) during training only; needs variant "turbo".
     #[serde(default)]
     pub training_adapter: Option<PathBuf>,

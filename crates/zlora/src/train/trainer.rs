@@ -112,7 +112,12 @@ pub fn train(
         events(Event::Message(w.to_string()))
     })?;
 
-    let mut model = folder.load_transformer(None, base_dtype(cfg), &device, cfg.model.storage())?;
+    let mut model = folder.load_transformer(
+        cfg.model.transformer.as_deref(),
+        base_dtype(cfg),
+        &device,
+        cfg.model.storage(),
+    )?;
     attach_training_adapter(cfg, &mut model, events)?;
     let mut init_rng = ChaCha8Rng::seed_from_u64(cfg.train.seed);
     let lora = TrainableLora::new(&cfg.lora, &model, &mut init_rng)?;
@@ -243,6 +248,12 @@ fn prepare_output(
     }
     inputs.push(("the model", model));
     inputs.extend(opts.config_file.as_deref().map(|c| ("the config file", c)));
+    inputs.extend(
+        cfg.model
+            .transformer
+            .as_deref()
+            .map(|t| ("the transformer", t)),
+    );
     inputs.extend(
         cfg.model
             .training_adapter
