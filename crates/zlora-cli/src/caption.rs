@@ -43,6 +43,9 @@ pub struct Args {
     /// lower). Memory grows with the square of the patch count.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_pixels: usize,
+    /// Images captioned together in one forward pass (prompts padded to the longest).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
     /// Caption only the images without a caption file.
     #[arg(long, conflicts_with = "force")]
     skip_existing: bool,
@@ -86,6 +89,7 @@ fn job(a: &Args) -> CaptionJob {
             temperature: a.temperature,
             seed: a.seed,
         },
+        batch_size: a.batch_size,
     }
 }
 
@@ -113,17 +117,23 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let bar = images_bar(planned.len() as u64, "captioning".into());
     let mut summary = Summary::default();
-    let mut rows = Vec::with_capacity(planned.len());
-    for p in &planned {
-        let outcome = job.run_one(p, model.as_mut(), &limit);
-        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, &outcome) {
+    let mut outcomes = vec![None; planned.len()];
+    job.run(&planned, model.as_mut(), &limit, |i, outcome| {
+        let p = &planned[i];
+        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, outcome) {
             bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
         }
-        summary.add(p, &outcome);
-        rows.push(sheet_row(&a.dir, p, &outcome));
+        summary.add(p, outcome);
+        outcomes[i] = Some(outcome.clone());
         bar.inc(1);
-    }
+    });
     bar.finish();
+    // In the folder's order, whichever batch each image finished in.
+    let rows: Vec<SheetRow> = planned
+        .iter()
+        .zip(outcomes)
+        .map(|(p, outcome)| sheet_row(&a.dir, p, &outcome.expect("job.run reports every image")))
+        .collect();
     report(&summary, a.dry_run);
     if let Some(path) = &a.sheet {
         zlora::sample::image::save_png(path, &review_sheet(&rows)?, &[], a.force)?;

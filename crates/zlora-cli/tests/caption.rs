@@ -182,13 +182,14 @@ fn sampling_is_seeded_and_differs_from_greedy() {
 fn a_bad_model_folder_or_setting_is_one_line_of_error() {
     let dir = dataset();
     let empty = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["--model", empty.path().to_str().unwrap()],
             "no config.json",
         ),
         (&["--style", "trigger-only"], "needs --trigger"),
         (&["--max-tokens", "0"], "--max-tokens"),
+        (&["--batch-size", "0"], "--batch-size must be at least 1"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["caption", dir.path().to_str().unwrap()];
@@ -212,4 +213,33 @@ fn a_bad_model_folder_or_setting_is_one_line_of_error() {
         "{err}"
     );
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn a_batch_writes_the_same_captions_and_an_unreadable_image_fails_alone() {
+    let dir = dataset();
+    fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+    let (prompt, wide) = reference_text("wide");
+    let (_, tall) = reference_text("tall");
+    let out = caption(
+        dir.path(),
+        &[
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "30",
+            "--batch-size",
+            "3",
+        ],
+    );
+    assert!(!out.status.success(), "a failed image fails the run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("captioned 2, skipped 0, failed 1"), "{err}");
+    assert!(
+        err.contains("failed") && err.contains("broken.png"),
+        "{err}"
+    );
+    assert_eq!(read(dir.path(), "wide.txt"), wide);
+    assert_eq!(read(dir.path(), "tall.txt"), tall);
+    assert!(!dir.path().join("broken.txt").exists());
 }
