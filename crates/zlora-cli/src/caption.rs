@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style, Summary};
-use zlora::caption::sheet::{review_sheet, SheetRow};
+use zlora::caption::sheet::{write_review_sheet, SheetFormat, SheetRow};
 use zlora::caption::{Captioner, Decoding, VlmFolder};
 use zlora::model::text::PromptTokenizer;
 
@@ -55,7 +55,8 @@ pub struct Args {
     /// Print the captions, write no caption files.
     #[arg(long)]
     dry_run: bool,
-    /// Also write a review sheet: every image's thumbnail beside its caption, one PNG.
+    /// Also write a review sheet, every image's thumbnail beside its caption: FILE.png, or
+    /// FILE.html (one self-contained page).
     #[arg(long)]
     sheet: Option<PathBuf>,
     /// Sample at this temperature instead of greedy decoding.
@@ -96,6 +97,9 @@ fn job(a: &Args) -> CaptionJob {
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let job = job(&a);
     let planned = job.plan()?;
+    if let Some(sheet) = &a.sheet {
+        SheetFormat::of(sheet)?;
+    }
     if let Some(sheet) = a.sheet.as_ref().filter(|s| s.exists() && !a.force) {
         anyhow::bail!(
             "{} exists: pass --force to replace the review sheet, or choose another path",
@@ -136,7 +140,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         .collect();
     report(&summary, a.dry_run);
     if let Some(path) = &a.sheet {
-        zlora::sample::image::save_png(path, &review_sheet(&rows)?, &[], a.force)?;
+        write_review_sheet(path, &rows, a.force)?;
         eprintln!("review sheet: {}", zlora::error::shown(path));
     }
     Ok(if summary.failed.is_empty() {

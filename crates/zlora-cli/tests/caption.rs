@@ -148,6 +148,34 @@ fn the_review_sheet_shows_every_image_and_is_not_overwritten() {
 }
 
 #[test]
+fn the_html_sheet_embeds_every_image_escapes_captions_and_is_not_overwritten() {
+    let dir = dataset();
+    let planted = "<script>alert(1)</script> & more";
+    fs::write(dir.path().join("wide.txt"), planted).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sheet = out.path().join("review.html");
+    let args = [
+        "--skip-existing",
+        "--max-tokens",
+        "4",
+        "--sheet",
+        sheet.to_str().unwrap(),
+    ];
+    stderr(&caption(dir.path(), &args));
+    let page = fs::read_to_string(&sheet).unwrap();
+    assert!(!page.contains("<script"), "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; more"));
+    let tall = read(dir.path(), "tall.txt");
+    assert!(page.contains(&zlora::html::escape(&tall)), "{page}");
+    assert_eq!(page.matches("src=\"data:image/png;base64,").count(), 2);
+
+    let again = caption(dir.path(), &args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force to replace the review sheet"));
+    assert_eq!(fs::read_to_string(&sheet).unwrap(), page);
+}
+
+#[test]
 fn a_dry_run_prints_captions_and_writes_nothing() {
     let dir = dataset();
     let out = caption(
@@ -182,7 +210,7 @@ fn sampling_is_seeded_and_differs_from_greedy() {
 fn a_bad_model_folder_or_setting_is_one_line_of_error() {
     let dir = dataset();
     let empty = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--model", empty.path().to_str().unwrap()],
             "no config.json",
@@ -190,6 +218,7 @@ fn a_bad_model_folder_or_setting_is_one_line_of_error() {
         (&["--style", "trigger-only"], "needs --trigger"),
         (&["--max-tokens", "0"], "--max-tokens"),
         (&["--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--sheet", "review.jpg"], "name a .png or .html file"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["caption", dir.path().to_str().unwrap()];
