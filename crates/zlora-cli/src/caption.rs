@@ -9,6 +9,7 @@ use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style,
 use zlora::caption::sheet::{write_review_sheet, SheetFormat, SheetRow};
 use zlora::caption::{Captioner, Decoding, VlmFolder};
 use zlora::model::text::PromptTokenizer;
+use zlora::nn::Quantization;
 
 use crate::progress::images_bar;
 
@@ -46,6 +47,10 @@ pub struct Args {
     /// Images captioned together in one forward pass (prompts padded to the longest).
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
+    /// Store the Linears of the vision blocks and decoder layers quantized: fp8, int8, q8_0,
+    /// q6_k, q5_k or q4_k (default: the compute dtype).
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// Caption only the images without a caption file.
     #[arg(long, conflicts_with = "force")]
     skip_existing: bool,
@@ -113,7 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let device = zlora::device::select()?;
         let dtype = zlora::device::default_dtype(&device);
         eprintln!("{}", zlora::device::describe(&device, dtype));
-        let mut model = Captioner::load(&folder, dtype, &device)?;
+        let mut model = Captioner::load(&folder, dtype, &device, a.quantize)?;
         model.limit_pixels(a.max_pixels)?;
         Some(model)
     } else {

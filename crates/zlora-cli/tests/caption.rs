@@ -272,3 +272,23 @@ fn a_batch_writes_the_same_captions_and_an_unreadable_image_fails_alone() {
     assert_eq!(read(dir.path(), "tall.txt"), tall);
     assert!(!dir.path().join("broken.txt").exists());
 }
+
+#[test]
+fn quantized_weights_caption_and_a_format_that_does_not_fit_is_refused() {
+    let dir = dataset();
+    let err = stderr(&caption(
+        dir.path(),
+        &["--quantize", "q8_0", "--max-tokens", "4"],
+    ));
+    assert!(err.contains("captioned 2, skipped 0, failed 0"), "{err}");
+    assert!(!read(dir.path(), "wide.txt").is_empty());
+    let out = caption(dir.path(), &["--quantize", "q4_k", "--force"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("--quantize q4_k: model.visual.blocks.0.attn.qkv.weight")
+            && last.contains("int8 and fp8 take any width"),
+        "{err}"
+    );
+}

@@ -23,6 +23,7 @@ use self::config::{ProcessorConfig, VlmConfig};
 use self::preprocess::PixelPatches;
 use self::text::{ImageInputs, TextModel};
 use self::vision::VisionModel;
+use crate::nn::{Linear, Quantization};
 use crate::{Error, Result};
 
 /// A Qwen3-VL model folder (config.json, preprocessor_config.json, tokenizer.json, weights),
@@ -132,7 +133,15 @@ pub struct Captioner {
 }
 
 impl Captioner {
-    pub fn load(folder: &VlmFolder, dtype: DType, device: &Device) -> Result<Self> {
+    /// The model in `dtype` on `device`; with `quantize`, the Linears of the vision blocks,
+    /// the mergers and the decoder layers are stored in that format (nn/quant.rs), each as
+    /// soon as it is read.
+    pub fn load(
+        folder: &VlmFolder,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let cfg = folder.config()?;
         let processor = folder.processor()?;
         processor
@@ -151,8 +160,8 @@ impl Captioner {
         let files = crate::model::weights::component_files(folder.root())?;
         let vb = crate::model::weights::plain_var_builder(&files, dtype, device)?;
         let load = || -> Result<(VisionModel, TextModel)> {
-            let vision = VisionModel::new(&cfg.vision, vb.pp("model.visual"))?;
-            let text = TextModel::new(&cfg.text, cfg.tie_word_embeddings, vb.clone())?;
+            let vision = VisionModel::new(&cfg.vision, vb.pp("model.visual"), quantize)?;
+            let text = TextModel::new(&cfg.text, cfg.tie_word_embeddings, vb.clone(), quantize)?;
             Ok((vision, text))
         };
         let (vision, text) = load().map_err(|e| e.in_file(folder.root()))?;
@@ -383,6 +392,32 @@ impl Captioner {
             self.cfg.vision.spatial_merge_size,
         )
     }
+}
+
+/// A checkpoint Linear at `vb` (weight (out, inp), optional bias), its weight stored as
+/// `quantize` when given; a width the format's blocks do not divide is an error naming it.
+fn linear(
+    inp: usize,
+    out: usize,
+    bias: bool,
+    vb: candle_nn::VarBuilder,
+    quantize: Option<Quantization>,
+) -> Result<Linear> {
+    let bias = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
+    let mut linear = Linear::new(vb.get((out, inp), "weight")?, bias);
+    if let Some(q) = quantize {
+        linear.quantize(q).map_err(|e| {
+            Error::Invalid(format!(
+                "--quantize {q}: {}.weight: {e}; int8 and fp8 take any width",
+                vb.prefix()
+            ))
+        })?;
+    }
+    Ok(linear)
 }
 
 /// For each prompt position (over the batch, sequence after sequence), its row in [token

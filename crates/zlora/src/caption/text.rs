@@ -9,12 +9,14 @@
 //! and attends only to itself (a row with no key at all would give NaN).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::TextConfig;
+use super::linear;
 use crate::model::text::repeat_kv;
 use crate::nn::attention::masked_attention;
 use crate::nn::norm::RmsNorm;
+use crate::nn::{Linear, Quantization};
 use crate::Result;
 
 /// Rotary tables for a run of positions: (B, 1, L, head_dim) cos and sin in f32.
@@ -89,14 +91,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, hd, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: candle_nn::linear_b(d, heads * hd, bias, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_b(heads * hd, d, bias, vb.pp("o_proj"))?,
+            q_proj: linear(d, heads * hd, bias, vb.pp("q_proj"), q)?,
+            k_proj: linear(d, kv_heads * hd, bias, vb.pp("k_proj"), q)?,
+            v_proj: linear(d, kv_heads * hd, bias, vb.pp("v_proj"), q)?,
+            o_proj: linear(heads * hd, d, bias, vb.pp("o_proj"), q)?,
             q_norm: RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?,
             heads,
@@ -144,15 +146,15 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), q)?,
             post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
-            gate_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(inter, d, vb.pp("mlp.down_proj"))?,
+            gate_proj: linear(d, inter, false, vb.pp("mlp.gate_proj"), q)?,
+            up_proj: linear(d, inter, false, vb.pp("mlp.up_proj"), q)?,
+            down_proj: linear(inter, d, false, vb.pp("mlp.down_proj"), q)?,
         })
     }
 
@@ -184,23 +186,30 @@ pub struct TextModel {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: candle_nn::Linear,
     cfg: TextConfig,
 }
 
 impl TextModel {
-    /// `vb` at the checkpoint root (`model.language_model.*`, `lm_head.weight`).
-    pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder) -> Result<Self> {
+    /// `vb` at the checkpoint root (`model.language_model.*`, `lm_head.weight`). The layers'
+    /// Linears are stored as `q` when given; the embeddings and lm_head stay dense (often one
+    /// tied tensor).
+    pub fn new(
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let lm = vb.pp("model.language_model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, lm.pp("embed_tokens"))?;
         let lm_head = if tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            candle_nn::Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
             candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, lm.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, lm.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self {
             embed_tokens,
