@@ -310,6 +310,9 @@ impl Captioner {
         instruction: &str,
         decoding: &Decoding,
     ) -> Result<Vec<Vec<u32>>> {
+        if imgs.is_empty() {
+            return Ok(Vec::new());
+        }
         let pixels: Vec<PixelPatches> =
             imgs.iter().map(|i| self.pixels(i)).collect::<Result<_>>()?;
         let prompts: Vec<Vec<u32>> = pixels
