@@ -220,9 +220,10 @@ def batch(model, processor, tok) -> None:
     tokens = out[:, inputs["input_ids"].shape[1] :]
     end = model.generation_config.eos_token_id[0]
     rows = {}
-    for name, row in zip(("wide", "tall"), tokens.tolist()):
+    for i, (name, row) in enumerate(zip(("wide", "tall"), tokens.tolist())):
         rows[name] = torch.tensor(row[: row.index(end)] if end in row else row, dtype=torch.int64)
-        print("batch", name, "pad", int((inputs["attention_mask"][len(rows) - 1] == 0).sum()), "tokens", len(rows[name]))
+        padding = int((inputs["attention_mask"][i] == 0).sum())
+        print("batch", name, "padding", padding, "tokens", len(rows[name]))
     save_file(rows, OUT / "batch.safetensors", metadata={"prompt": PROMPT})
 
 
