@@ -9,7 +9,8 @@ tokenizer.json has the same structure (byte-level BPE + added special tokens) an
 the same code. For two images of different aspect ratios (one above max_pixels, one below
 min_pixels, so both branches of smart_resize run) it records, through the processor and
 `generate`: pixel_values, image_grid_thw, input_ids, the first step's logits and the greedy
-tokens of a 30-token generation (fixtures/caption/IMAGE.safetensors).
+tokens of a 30-token generation (fixtures/caption/IMAGE.safetensors); and both images through
+one batched, left-padded `generate` (fixtures/caption/batch.safetensors).
 
 Run: /work/venv/bin/python scripts/make_caption_fixtures.py
 """
@@ -202,7 +203,28 @@ def main() -> None:
             OUT / f"{name}.safetensors",
             metadata={"prompt": PROMPT, "text": tok.decode(tokens, skip_special_tokens=True)},
         )
+    batch(model, processor, tok)
     (OUT / "prompt.json").write_text(json.dumps({"prompt": PROMPT}) + "\n")
+
+
+def batch(model, processor, tok) -> None:
+    """Both images in one `generate` call, the shorter prompt left-padded as transformers does
+    for decoder-only models; records each row's tokens up to its end token."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pictures = [Image.open(OUT / f"{name}.png") for name in ("wide", "tall")]
+    tok.padding_side = "left"
+    inputs = processor(text=[text, text], images=pictures, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    tokens = out[:, inputs["input_ids"].shape[1] :]
+    end = model.generation_config.eos_token_id[0]
+    rows = {}
+    for i, (name, row) in enumerate(zip(("wide", "tall"), tokens.tolist())):
+        rows[name] = torch.tensor(row[: row.index(end)] if end in row else row, dtype=torch.int64)
+        padding = int((inputs["attention_mask"][i] == 0).sum())
+        print("batch", name, "padding", padding, "tokens", len(rows[name]))
+    save_file(rows, OUT / "batch.safetensors", metadata={"prompt": PROMPT})
 
 
 if __name__ == "__main__":

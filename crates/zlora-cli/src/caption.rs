@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style, Summary};
-use zlora::caption::sheet::{review_sheet, SheetRow};
+use zlora::caption::sheet::{write_review_sheet, SheetFormat, SheetRow};
 use zlora::caption::{Captioner, Decoding, VlmFolder};
 use zlora::model::text::PromptTokenizer;
+use zlora::nn::Quantization;
 
 use crate::progress::images_bar;
 
@@ -43,6 +44,13 @@ pub struct Args {
     /// lower). Memory grows with the square of the patch count.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_pixels: usize,
+    /// Images captioned together in one forward pass (prompts padded to the longest).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Store the Linears of the vision blocks and decoder layers quantized: fp8, int8, q8_0,
+    /// q6_k, q5_k or q4_k (default: the compute dtype).
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// Caption only the images without a caption file.
     #[arg(long, conflicts_with = "force")]
     skip_existing: bool,
@@ -52,7 +60,8 @@ pub struct Args {
     /// Print the captions, write no caption files.
     #[arg(long)]
     dry_run: bool,
-    /// Also write a review sheet: every image's thumbnail beside its caption, one PNG.
+    /// Also write a review sheet, every image's thumbnail beside its caption: FILE.png, or
+    /// FILE.html (one self-contained page).
     #[arg(long)]
     sheet: Option<PathBuf>,
     /// Sample at this temperature instead of greedy decoding.
@@ -86,12 +95,16 @@ fn job(a: &Args) -> CaptionJob {
             temperature: a.temperature,
             seed: a.seed,
         },
+        batch_size: a.batch_size,
     }
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let job = job(&a);
     let planned = job.plan()?;
+    if let Some(sheet) = &a.sheet {
+        SheetFormat::of(sheet)?;
+    }
     if let Some(sheet) = a.sheet.as_ref().filter(|s| s.exists() && !a.force) {
         anyhow::bail!(
             "{} exists: pass --force to replace the review sheet, or choose another path",
@@ -105,7 +118,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         let device = zlora::device::select()?;
         let dtype = zlora::device::default_dtype(&device);
         eprintln!("{}", zlora::device::describe(&device, dtype));
-        let mut model = Captioner::load(&folder, dtype, &device)?;
+        let mut model = Captioner::load(&folder, dtype, &device, a.quantize)?;
         model.limit_pixels(a.max_pixels)?;
         Some(model)
     } else {
@@ -113,20 +126,26 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     };
     let bar = images_bar(planned.len() as u64, "captioning".into());
     let mut summary = Summary::default();
-    let mut rows = Vec::with_capacity(planned.len());
-    for p in &planned {
-        let outcome = job.run_one(p, model.as_mut(), &limit);
-        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, &outcome) {
+    let mut outcomes = vec![None; planned.len()];
+    job.run(&planned, model.as_mut(), &limit, |i, outcome| {
+        let p = &planned[i];
+        if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, outcome) {
             bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
         }
-        summary.add(p, &outcome);
-        rows.push(sheet_row(&a.dir, p, &outcome));
+        summary.add(p, outcome);
+        outcomes[i] = Some(outcome.clone());
         bar.inc(1);
-    }
+    });
     bar.finish();
+    // In the folder's order, whichever batch each image finished in.
+    let rows: Vec<SheetRow> = planned
+        .iter()
+        .zip(outcomes)
+        .map(|(p, outcome)| sheet_row(&a.dir, p, &outcome.expect("job.run reports every image")))
+        .collect();
     report(&summary, a.dry_run);
     if let Some(path) = &a.sheet {
-        zlora::sample::image::save_png(path, &review_sheet(&rows)?, &[], a.force)?;
+        write_review_sheet(path, &rows, a.force)?;
         eprintln!("review sheet: {}", zlora::error::shown(path));
     }
     Ok(if summary.failed.is_empty() {

@@ -148,6 +148,34 @@ fn the_review_sheet_shows_every_image_and_is_not_overwritten() {
 }
 
 #[test]
+fn the_html_sheet_embeds_every_image_escapes_captions_and_is_not_overwritten() {
+    let dir = dataset();
+    let planted = "<script>alert(1)</script> & more";
+    fs::write(dir.path().join("wide.txt"), planted).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sheet = out.path().join("review.html");
+    let args = [
+        "--skip-existing",
+        "--max-tokens",
+        "4",
+        "--sheet",
+        sheet.to_str().unwrap(),
+    ];
+    stderr(&caption(dir.path(), &args));
+    let page = fs::read_to_string(&sheet).unwrap();
+    assert!(!page.contains("<script"), "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt; &amp; more"));
+    let tall = read(dir.path(), "tall.txt");
+    assert!(page.contains(&zlora::html::escape(&tall)), "{page}");
+    assert_eq!(page.matches("src=\"data:image/png;base64,").count(), 2);
+
+    let again = caption(dir.path(), &args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force to replace the review sheet"));
+    assert_eq!(fs::read_to_string(&sheet).unwrap(), page);
+}
+
+#[test]
 fn a_dry_run_prints_captions_and_writes_nothing() {
     let dir = dataset();
     let out = caption(
@@ -182,13 +210,15 @@ fn sampling_is_seeded_and_differs_from_greedy() {
 fn a_bad_model_folder_or_setting_is_one_line_of_error() {
     let dir = dataset();
     let empty = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--model", empty.path().to_str().unwrap()],
             "no config.json",
         ),
         (&["--style", "trigger-only"], "needs --trigger"),
         (&["--max-tokens", "0"], "--max-tokens"),
+        (&["--batch-size", "0"], "--batch-size must be at least 1"),
+        (&["--sheet", "review.jpg"], "name a .png or .html file"),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["caption", dir.path().to_str().unwrap()];
@@ -212,4 +242,53 @@ fn a_bad_model_folder_or_setting_is_one_line_of_error() {
         "{err}"
     );
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn a_batch_writes_the_same_captions_and_an_unreadable_image_fails_alone() {
+    let dir = dataset();
+    fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+    let (prompt, wide) = reference_text("wide");
+    let (_, tall) = reference_text("tall");
+    let out = caption(
+        dir.path(),
+        &[
+            "--prompt",
+            &prompt,
+            "--max-tokens",
+            "30",
+            "--batch-size",
+            "3",
+        ],
+    );
+    assert!(!out.status.success(), "a failed image fails the run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("captioned 2, skipped 0, failed 1"), "{err}");
+    assert!(
+        err.contains("failed") && err.contains("broken.png"),
+        "{err}"
+    );
+    assert_eq!(read(dir.path(), "wide.txt"), wide);
+    assert_eq!(read(dir.path(), "tall.txt"), tall);
+    assert!(!dir.path().join("broken.txt").exists());
+}
+
+#[test]
+fn quantized_weights_caption_and_a_format_that_does_not_fit_is_refused() {
+    let dir = dataset();
+    let err = stderr(&caption(
+        dir.path(),
+        &["--quantize", "q8_0", "--max-tokens", "4"],
+    ));
+    assert!(err.contains("captioned 2, skipped 0, failed 0"), "{err}");
+    assert!(!read(dir.path(), "wide.txt").is_empty());
+    let out = caption(dir.path(), &["--quantize", "q4_k", "--force"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("--quantize q4_k: model.visual.blocks.0.attn.qkv.weight")
+            && last.contains("int8 and fp8 take any width"),
+        "{err}"
+    );
 }

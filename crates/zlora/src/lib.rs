@@ -13,6 +13,7 @@ pub mod device;
 pub mod doctor;
 pub mod error;
 pub mod fsutil;
+pub mod html;
 pub mod hub;
 pub mod linalg;
 pub mod lora;

@@ -65,6 +65,8 @@ pub struct CaptionJob {
     /// Caption but write nothing.
     pub dry_run: bool,
     pub decoding: Decoding,
+    /// Images per forward pass.
+    pub batch_size: usize,
 }
 
 /// One image of the folder and what the job will do with it.
@@ -150,6 +152,9 @@ impl CaptionJob {
                 "--style trigger-only needs --trigger WORD".into(),
             ));
         }
+        if self.batch_size == 0 {
+            return Err(Error::Invalid("--batch-size must be at least 1".into()));
+        }
         if self.decoding.max_tokens == 0 {
             return Err(Error::Invalid("--max-tokens must be at least 1".into()));
         }
@@ -202,45 +207,112 @@ impl CaptionJob {
         }
     }
 
-    /// Captions one planned image and writes its file (unless a dry run). `model` is needed
-    /// unless the style is trigger-only; `limit` is the text encoder's tokenizer.
-    pub fn run_one(
+    /// Captions the planned images, `batch_size` at a time through the model, writing each file
+    /// (unless a dry run) and calling `done(index, outcome)` for every image as it finishes.
+    /// `model` is needed unless the style is trigger-only; `limit` is the text encoder's
+    /// tokenizer. An image that fails (undecodable, or its batch's forward) fails alone in
+    /// the summary; the others go on.
+    pub fn run(
         &self,
-        planned: &Planned,
-        model: Option<&mut Captioner>,
+        planned: &[Planned],
+        mut model: Option<&mut Captioner>,
         limit: &PromptTokenizer,
-    ) -> Outcome {
-        match &planned.action {
-            Action::Skip => Outcome::Skipped,
-            Action::Fail(reason) => Outcome::Failed(reason.clone()),
-            Action::Caption => match self.caption(planned, model, limit) {
-                Ok(outcome) => outcome,
-                Err(e) => Outcome::Failed(e.to_string()),
-            },
+        mut done: impl FnMut(usize, &Outcome),
+    ) {
+        let mut pending = Vec::with_capacity(self.batch_size);
+        for (i, p) in planned.iter().enumerate() {
+            match &p.action {
+                Action::Skip => done(i, &Outcome::Skipped),
+                Action::Fail(reason) => done(i, &Outcome::Failed(reason.clone())),
+                Action::Caption => pending.push(i),
+            }
+            let last = i + 1 == planned.len();
+            if pending.len() >= self.batch_size || (last && !pending.is_empty()) {
+                let items: Vec<&Planned> = pending.iter().map(|&k| &planned[k]).collect();
+                let outcomes = self.caption_batch(&items, model.as_deref_mut(), limit);
+                for (k, outcome) in pending.drain(..).zip(&outcomes) {
+                    done(k, outcome);
+                }
+            }
         }
     }
 
-    fn caption(
+    /// Outcomes of one batch, in its order: the images are decoded one by one (an unreadable
+    /// one fails alone), the others captioned together.
+    fn caption_batch(
         &self,
-        planned: &Planned,
+        items: &[&Planned],
         model: Option<&mut Captioner>,
         limit: &PromptTokenizer,
-    ) -> Result<Outcome> {
-        let text = match (self.instruction(), model) {
-            (None, _) => String::new(),
-            (Some(instruction), Some(model)) => {
-                let img = super::preprocess::rgb_on_white(&open_image(&planned.image)?);
-                let text = model.caption(&img, instruction, &self.decoding)?;
-                if text.is_empty() {
-                    return Err(Error::Invalid(
-                        "the model answered with an empty caption".into(),
-                    ));
-                }
-                text
-            }
-            (Some(_), None) => return Err(Error::Invalid("no captioning model loaded".into())),
+    ) -> Vec<Outcome> {
+        let texts: Vec<Result<String>> = match (self.instruction(), model) {
+            (None, _) => items.iter().map(|_| Ok(String::new())).collect(),
+            (Some(instruction), Some(model)) => self.answers(items, instruction, model),
+            (Some(_), None) => items
+                .iter()
+                .map(|_| Err(Error::Invalid("no captioning model loaded".into())))
+                .collect(),
         };
-        let caption = trigger_first(&text, self.trigger.as_deref());
+        items
+            .iter()
+            .zip(texts)
+            .map(
+                |(p, text)| match text.and_then(|t| self.finish(p, &t, limit)) {
+                    Ok(outcome) => outcome,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+            )
+            .collect()
+    }
+
+    /// The model's answer for each item: its image's decode error, or its caption. The
+    /// readable images are captioned in one batch; if that fails, each of them fails with
+    /// its error.
+    fn answers(
+        &self,
+        items: &[&Planned],
+        instruction: &str,
+        model: &mut Captioner,
+    ) -> Vec<Result<String>> {
+        let mut readable = Vec::with_capacity(items.len());
+        let mut answers: Vec<Option<Result<String>>> = items
+            .iter()
+            .map(|p| match open_image(&p.image) {
+                Ok(img) => {
+                    readable.push(super::preprocess::rgb_on_white(&img));
+                    None
+                }
+                Err(e) => Some(Err(e)),
+            })
+            .collect();
+        if !readable.is_empty() {
+            let mut captions = match model.captions(&readable, instruction, &self.decoding) {
+                Ok(captions) => captions.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let failed = || Err(Error::Invalid(msg.clone()));
+                    readable.iter().map(|_| failed()).collect()
+                }
+            }
+            .into_iter();
+            for slot in answers.iter_mut().filter(|a| a.is_none()) {
+                *slot = captions.next();
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("one answer per readable image"))
+            .collect()
+    }
+
+    /// The caption with the trigger first, checked against the token limit and written.
+    fn finish(&self, planned: &Planned, text: &str, limit: &PromptTokenizer) -> Result<Outcome> {
+        if text.is_empty() && self.instruction().is_some() {
+            return Err(Error::Invalid(
+                "the model answered with an empty caption".into(),
+            ));
+        }
+        let caption = trigger_first(text, self.trigger.as_deref());
         let too_long = limit.reaches_limit(&caption)?;
         if !self.dry_run {
             let overwrite = self.existing == Existing::Overwrite;

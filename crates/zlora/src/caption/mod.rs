@@ -23,6 +23,7 @@ use self::config::{ProcessorConfig, VlmConfig};
 use self::preprocess::PixelPatches;
 use self::text::{ImageInputs, TextModel};
 use self::vision::VisionModel;
+use crate::nn::{Linear, Quantization};
 use crate::{Error, Result};
 
 /// A Qwen3-VL model folder (config.json, preprocessor_config.json, tokenizer.json, weights),
@@ -101,6 +102,16 @@ impl VlmFolder {
     }
 }
 
+/// Prompts left-padded to one length: ids (B × L, sequence after sequence), each sequence's
+/// padding, M-RoPE positions and decoding delta.
+#[derive(Default)]
+struct Batch {
+    ids: Vec<u32>,
+    pads: Vec<usize>,
+    positions: Vec<[Vec<i64>; 3]>,
+    deltas: Vec<i64>,
+}
+
 /// How tokens are picked: greedy, or sampled at `temperature` from a seeded stream.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decoding {
@@ -122,7 +133,15 @@ pub struct Captioner {
 }
 
 impl Captioner {
-    pub fn load(folder: &VlmFolder, dtype: DType, device: &Device) -> Result<Self> {
+    /// The model in `dtype` on `device`; with `quantize`, the Linears of the vision blocks,
+    /// the mergers and the decoder layers are stored in that format (nn/quant.rs), each as
+    /// soon as it is read.
+    pub fn load(
+        folder: &VlmFolder,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         let cfg = folder.config()?;
         let processor = folder.processor()?;
         processor
@@ -141,8 +160,8 @@ impl Captioner {
         let files = crate::model::weights::component_files(folder.root())?;
         let vb = crate::model::weights::plain_var_builder(&files, dtype, device)?;
         let load = || -> Result<(VisionModel, TextModel)> {
-            let vision = VisionModel::new(&cfg.vision, vb.pp("model.visual"))?;
-            let text = TextModel::new(&cfg.text, cfg.tie_word_embeddings, vb.clone())?;
+            let vision = VisionModel::new(&cfg.vision, vb.pp("model.visual"), quantize)?;
+            let text = TextModel::new(&cfg.text, cfg.tie_word_embeddings, vb.clone(), quantize)?;
             Ok((vision, text))
         };
         let (vision, text) = load().map_err(|e| e.in_file(folder.root()))?;
@@ -208,28 +227,67 @@ impl Captioner {
 
     /// The first step: the logits (vocab, f32) after the whole prompt. Clears the cache.
     pub fn prefill(&mut self, pixels: &PixelPatches, ids: &[u32]) -> Result<Tensor> {
+        let batch = self.batch(&[ids.to_vec()], &[pixels.grid]);
+        Ok(self
+            .prefill_batch(std::slice::from_ref(pixels), &batch)?
+            .squeeze(0)?)
+    }
+
+    /// The prompts left-padded to the longest, with their M-RoPE positions (padding at 0, as
+    /// `get_rope_index` leaves it under an attention mask).
+    fn batch(&self, prompts: &[Vec<u32>], grids: &[[usize; 3]]) -> Batch {
+        let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        // Never seen: padding is masked out as a key; any id that is no image placeholder.
+        let pad_id = self.stop[0];
+        let mut batch = Batch {
+            ids: Vec::with_capacity(prompts.len() * len),
+            ..Batch::default()
+        };
+        for (ids, &grid) in prompts.iter().zip(grids) {
+            let pad = len - ids.len();
+            let (positions, delta) = self.positions(ids, grid);
+            batch
+                .ids
+                .extend(std::iter::repeat_n(pad_id, pad).chain(ids.iter().copied()));
+            batch
+                .positions
+                .push(positions.map(|axis| std::iter::repeat_n(0, pad).chain(axis).collect()));
+            batch.pads.push(pad);
+            batch.deltas.push(delta);
+        }
+        batch
+    }
+
+    /// The logits (B, vocab, f32) after each padded prompt: the vision tower over all the
+    /// images (each attending within itself), their rows placed at the placeholders of their
+    /// own prompt. Clears the cache.
+    fn prefill_batch(&mut self, pixels: &[PixelPatches], batch: &Batch) -> Result<Tensor> {
         self.text.clear_cache();
-        let values = Tensor::from_slice(
-            &pixels.values,
-            (pixels.patches(), pixels.patch_dim),
-            &self.device,
-        )?
-        .to_dtype(self.dtype)?;
-        let features = self.vision.forward(&values, &[pixels.grid])?;
+        let patches: usize = pixels.iter().map(PixelPatches::patches).sum();
+        let patch_dim = pixels.first().map_or(0, |p| p.patch_dim);
+        let values: Vec<f32> = pixels
+            .iter()
+            .flat_map(|p| p.values.iter().copied())
+            .collect();
+        let values =
+            Tensor::from_vec(values, (patches, patch_dim), &self.device)?.to_dtype(self.dtype)?;
+        let grids: Vec<[usize; 3]> = pixels.iter().map(|p| p.grid).collect();
+        let features = self.vision.forward(&values, &grids)?;
         let (rows, deepstack_rows) =
-            image_rows(ids, self.cfg.image_token_id, features.embeds.dim(0)?)?;
-        let len = ids.len();
-        let rows = Tensor::from_vec(rows, len, &self.device)?;
-        let deepstack_rows = Tensor::from_vec(deepstack_rows, len, &self.device)?;
-        let (positions, _) = self.positions(ids, pixels.grid);
-        let ids = Tensor::from_slice(ids, (1, len), &self.device)?;
+            image_rows(&batch.ids, self.cfg.image_token_id, features.embeds.dim(0)?)?;
+        let total = batch.ids.len();
+        let rows = Tensor::from_vec(rows, total, &self.device)?;
+        let deepstack_rows = Tensor::from_vec(deepstack_rows, total, &self.device)?;
+        let shape = (batch.pads.len(), total / batch.pads.len().max(1));
+        let ids = Tensor::from_slice(&batch.ids, shape, &self.device)?;
         let image = ImageInputs {
             rows: &rows,
             deepstack_rows: &deepstack_rows,
             embeds: &features.embeds,
             deepstack: &features.deepstack,
         };
-        self.text.forward(&ids, &positions, Some(image))
+        self.text
+            .forward(&ids, &batch.positions, &batch.pads, Some(image))
     }
 
     /// Generated ids (stop token excluded) for one image and instruction.
@@ -239,45 +297,94 @@ impl Captioner {
         instruction: &str,
         decoding: &Decoding,
     ) -> Result<Vec<u32>> {
-        let pixels = self.pixels(img)?;
-        let ids = self.prompt_ids(instruction, pixels.grid)?;
-        let (_, delta) = self.positions(&ids, pixels.grid);
-        let mut logits = self.prefill(&pixels, &ids)?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(decoding.seed);
-        let mut out = Vec::new();
-        while out.len() < decoding.max_tokens {
-            let next = pick(&logits.to_vec1::<f32>()?, decoding.temperature, &mut rng);
-            if self.stop.contains(&next) {
+        let mut out = self.generate_batch(std::slice::from_ref(img), instruction, decoding)?;
+        Ok(out.remove(0))
+    }
+
+    /// Generated ids for several images in one batch: prompts left-padded, decoded together
+    /// until each has stopped. Each image draws from its own stream seeded with
+    /// `decoding.seed`, so an image gets the tokens it would get alone.
+    pub fn generate_batch(
+        &mut self,
+        imgs: &[RgbImage],
+        instruction: &str,
+        decoding: &Decoding,
+    ) -> Result<Vec<Vec<u32>>> {
+        if imgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pixels: Vec<PixelPatches> =
+            imgs.iter().map(|i| self.pixels(i)).collect::<Result<_>>()?;
+        let prompts: Vec<Vec<u32>> = pixels
+            .iter()
+            .map(|p| self.prompt_ids(instruction, p.grid))
+            .collect::<Result<_>>()?;
+        let grids: Vec<[usize; 3]> = pixels.iter().map(|p| p.grid).collect();
+        let batch = self.batch(&prompts, &grids);
+        let mut logits = self.prefill_batch(&pixels, &batch)?;
+        let mut rngs: Vec<_> = imgs
+            .iter()
+            .map(|_| rand_chacha::ChaCha8Rng::seed_from_u64(decoding.seed))
+            .collect();
+        let mut out = vec![Vec::new(); imgs.len()];
+        let mut done = vec![false; imgs.len()];
+        loop {
+            let mut step = Vec::with_capacity(imgs.len());
+            for (b, row) in logits.to_vec2::<f32>()?.iter().enumerate() {
+                if done[b] {
+                    // A finished sequence keeps its slot; what it is fed is never read.
+                    step.push(self.stop[0]);
+                    continue;
+                }
+                let next = pick(row, decoding.temperature, &mut rngs[b]);
+                done[b] = self.stop.contains(&next);
+                if !done[b] {
+                    out[b].push(next);
+                    done[b] = out[b].len() == decoding.max_tokens;
+                }
+                step.push(next);
+            }
+            if done.iter().all(|&d| d) {
                 break;
             }
-            out.push(next);
-            if out.len() == decoding.max_tokens {
-                break;
-            }
-            // Past the prompt every axis advances together, offset by the prompt's delta.
-            let p = self.text.cached() as i64 + delta;
-            let step = Tensor::from_slice(&[next], (1, 1), &self.device)?;
-            logits = self
-                .text
-                .forward(&step, &[vec![p], vec![p], vec![p]], None)?;
+            // Past the prompt every axis advances together: the sequence's own (unpadded)
+            // length plus its prompt's delta.
+            let cached = self.text.cached();
+            let positions: Vec<[Vec<i64>; 3]> = batch
+                .pads
+                .iter()
+                .zip(&batch.deltas)
+                .map(|(&pad, &delta)| {
+                    let p = (cached - pad) as i64 + delta;
+                    [vec![p], vec![p], vec![p]]
+                })
+                .collect();
+            let step = Tensor::from_vec(step, (imgs.len(), 1), &self.device)?;
+            logits = self.text.forward(&step, &positions, &batch.pads, None)?;
         }
         self.text.clear_cache();
         Ok(out)
     }
 
-    /// Generated text, special tokens dropped and whitespace trimmed.
-    pub fn caption(
+    /// Generated texts for several images in one batch, special tokens dropped and
+    /// whitespace trimmed.
+    pub fn captions(
         &mut self,
-        img: &RgbImage,
+        imgs: &[RgbImage],
         instruction: &str,
         decoding: &Decoding,
-    ) -> Result<String> {
-        let ids = self.generate(img, instruction, decoding)?;
-        let text = self
-            .tokenizer
-            .decode(&ids, true)
-            .map_err(|e| Error::Invalid(format!("cannot decode the answer: {e}")))?;
-        Ok(text.trim().to_string())
+    ) -> Result<Vec<String>> {
+        let answers = self.generate_batch(imgs, instruction, decoding)?;
+        answers
+            .iter()
+            .map(|ids| {
+                let text = self
+                    .tokenizer
+                    .decode(ids, true)
+                    .map_err(|e| Error::Invalid(format!("cannot decode the answer: {e}")))?;
+                Ok(text.trim().to_string())
+            })
+            .collect()
     }
 
     fn positions(&self, ids: &[u32], grid: [usize; 3]) -> ([Vec<i64>; 3], i64) {
@@ -290,8 +397,35 @@ impl Captioner {
     }
 }
 
-/// For each prompt position, its row in [token embeddings; image rows] and in [zero; DeepStack
-/// rows]. The placeholders must be exactly as many as the image rows.
+/// A checkpoint Linear at `vb` (weight (out, inp), optional bias), its weight stored as
+/// `quantize` when given; a width the format's blocks do not divide is an error naming it.
+fn linear(
+    inp: usize,
+    out: usize,
+    bias: bool,
+    vb: candle_nn::VarBuilder,
+    quantize: Option<Quantization>,
+) -> Result<Linear> {
+    let bias = if bias {
+        Some(vb.get(out, "bias")?)
+    } else {
+        None
+    };
+    let mut linear = Linear::new(vb.get((out, inp), "weight")?, bias);
+    if let Some(q) = quantize {
+        linear.quantize(q).map_err(|e| {
+            Error::Invalid(format!(
+                "--quantize {q}: {}.weight: {e}; int8 and fp8 take any width",
+                vb.prefix()
+            ))
+        })?;
+    }
+    Ok(linear)
+}
+
+/// For each prompt position (over the batch, sequence after sequence), its row in [token
+/// embeddings; image rows] and in [zero; DeepStack rows]. The placeholders must be exactly as
+/// many as the image rows.
 fn image_rows(ids: &[u32], image_token: u32, image_rows: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     let len = ids.len() as u32;
     let mut k = 0u32;

@@ -3,25 +3,32 @@
 //! position has a (T, H, W) triple; frequency j follows H when j ≡ 1 mod 3 and W when
 //! j ≡ 2 mod 3 within their sections, T otherwise), DeepStack features added to the image
 //! positions after each of the first layers, and a key/value cache for generation.
+//!
+//! A batch holds several prompts left-padded to one length, as transformers' `generate` pads
+//! them for decoder-only models: a padding position is masked out as a key for every query,
+//! and attends only to itself (a row with no key at all would give NaN).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::config::TextConfig;
+use super::linear;
 use crate::model::text::repeat_kv;
 use crate::nn::attention::masked_attention;
 use crate::nn::norm::RmsNorm;
+use crate::nn::{Linear, Quantization};
 use crate::Result;
 
-/// Rotary tables for a run of positions: (1, 1, L, head_dim) cos and sin in f32.
+/// Rotary tables for a run of positions: (B, 1, L, head_dim) cos and sin in f32.
 pub struct MRope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl MRope {
-    /// `positions[axis][l]`: the (T, H, W) position of token l.
-    pub fn new(cfg: &TextConfig, positions: &[Vec<i64>; 3], device: &Device) -> Result<Self> {
+    /// `positions[b][axis][l]`: the (T, H, W) position of token l of sequence b (all of one
+    /// length).
+    pub fn new(cfg: &TextConfig, positions: &[[Vec<i64>; 3]], device: &Device) -> Result<Self> {
         let dim = cfg.head_dim;
         let theta = cfg.rope_theta as f32;
         let inv_freq: Vec<f32> = (0..dim)
@@ -36,17 +43,21 @@ impl MRope {
                 _ => 0,
             }
         };
-        let len = positions[0].len();
-        let angles: Vec<f32> = (0..len)
-            .flat_map(|l| {
-                let half = inv_freq
-                    .iter()
-                    .enumerate()
-                    .map(move |(j, f)| positions[axis(j)][l] as f32 * f);
-                half.clone().chain(half)
+        let len = positions.first().map_or(0, |p| p[0].len());
+        let angles: Vec<f32> = positions
+            .iter()
+            .flat_map(|seq| {
+                let inv_freq = &inv_freq;
+                (0..len).flat_map(move |l| {
+                    let half = inv_freq
+                        .iter()
+                        .enumerate()
+                        .map(move |(j, f)| seq[axis(j)][l] as f32 * f);
+                    half.clone().chain(half)
+                })
             })
             .collect();
-        let angles = Tensor::from_vec(angles, (1, 1, len, dim), device)?;
+        let angles = Tensor::from_vec(angles, (positions.len(), 1, len, dim), device)?;
         Ok(Self {
             cos: angles.cos()?,
             sin: angles.sin()?,
@@ -80,14 +91,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, hd, bias) = (cfg.hidden_size, cfg.head_dim, cfg.attention_bias);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         Ok(Self {
-            q_proj: candle_nn::linear_b(d, heads * hd, bias, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_b(d, kv_heads * hd, bias, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_b(heads * hd, d, bias, vb.pp("o_proj"))?,
+            q_proj: linear(d, heads * hd, bias, vb.pp("q_proj"), q)?,
+            k_proj: linear(d, kv_heads * hd, bias, vb.pp("k_proj"), q)?,
+            v_proj: linear(d, kv_heads * hd, bias, vb.pp("v_proj"), q)?,
+            o_proj: linear(heads * hd, d, bias, vb.pp("o_proj"), q)?,
             q_norm: RmsNorm::load(vb.pp("q_norm"), hd, cfg.rms_norm_eps)?,
             k_norm: RmsNorm::load(vb.pp("k_norm"), hd, cfg.rms_norm_eps)?,
             heads,
@@ -135,15 +146,15 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
         Ok(Self {
             input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), d, eps)?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"), q)?,
             post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), d, eps)?,
-            gate_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(d, inter, vb.pp("mlp.up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(inter, d, vb.pp("mlp.down_proj"))?,
+            gate_proj: linear(d, inter, false, vb.pp("mlp.gate_proj"), q)?,
+            up_proj: linear(d, inter, false, vb.pp("mlp.up_proj"), q)?,
+            down_proj: linear(inter, d, false, vb.pp("mlp.down_proj"), q)?,
         })
     }
 
@@ -159,10 +170,11 @@ impl Layer {
     }
 }
 
-/// What the prompt's image positions receive: the rows that replace the placeholder
-/// embeddings, and the DeepStack rows added after the first layers.
+/// What the prompts' image positions receive: the rows that replace the placeholder
+/// embeddings, and the DeepStack rows added after the first layers. Positions are counted
+/// over the batch, sequence after sequence (B × L).
 pub struct ImageInputs<'a> {
-    /// Index into `[token embeddings (L rows); image rows]` for each position.
+    /// Index into `[token embeddings (B × L rows); image rows]` for each position.
     pub rows: &'a Tensor,
     /// Index into `[a zero row; DeepStack rows]` for each position.
     pub deepstack_rows: &'a Tensor,
@@ -174,23 +186,30 @@ pub struct TextModel {
     embed_tokens: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: candle_nn::Linear,
     cfg: TextConfig,
 }
 
 impl TextModel {
-    /// `vb` at the checkpoint root (`model.language_model.*`, `lm_head.weight`).
-    pub fn new(cfg: &TextConfig, tie_word_embeddings: bool, vb: VarBuilder) -> Result<Self> {
+    /// `vb` at the checkpoint root (`model.language_model.*`, `lm_head.weight`). The layers'
+    /// Linears are stored as `q` when given; the embeddings and lm_head stay dense (often one
+    /// tied tensor).
+    pub fn new(
+        cfg: &TextConfig,
+        tie_word_embeddings: bool,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let lm = vb.pp("model.language_model");
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, lm.pp("embed_tokens"))?;
         let lm_head = if tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            candle_nn::Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
             candle_nn::linear_no_bias(cfg.hidden_size, cfg.vocab_size, vb.pp("lm_head"))?
         };
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Layer::new(cfg, lm.pp(format!("layers.{i}"))))
+            .map(|i| Layer::new(cfg, lm.pp(format!("layers.{i}")), q))
             .collect::<Result<_>>()?;
         Ok(Self {
             embed_tokens,
@@ -218,23 +237,25 @@ impl TextModel {
         cache.map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
     }
 
-    /// ids: (1, L) u32 after the cached positions; returns the last position's logits
-    /// (vocab) in f32.
+    /// ids: (B, L) u32 after the cached positions, `pads[b]` the left padding of sequence b;
+    /// returns the last position's logits (B, vocab) in f32.
     pub fn forward(
         &mut self,
         ids: &Tensor,
-        positions: &[Vec<i64>; 3],
+        positions: &[[Vec<i64>; 3]],
+        pads: &[usize],
         image: Option<ImageInputs>,
     ) -> Result<Tensor> {
-        let (_, len) = ids.dims2()?;
+        let (batch, len) = ids.dims2()?;
         let device = ids.device();
         let mut x = self.embed_tokens.forward(ids)?;
         if let Some(image) = &image {
-            let rows = Tensor::cat(&[&x.squeeze(0)?, image.embeds], 0)?;
-            x = rows.index_select(image.rows, 0)?.unsqueeze(0)?;
+            let d = x.dim(2)?;
+            let rows = Tensor::cat(&[&x.reshape((batch * len, d))?, image.embeds], 0)?;
+            x = rows.index_select(image.rows, 0)?.reshape((batch, len, d))?;
         }
         let rope = MRope::new(&self.cfg, positions, device)?;
-        let mask = causal_mask(self.cached(), len, device)?;
+        let mask = padded_causal_mask(pads, self.cached(), len, device)?;
         for (i, layer) in self.layers.iter_mut().enumerate() {
             x = layer.forward(&x, &rope, &mask)?;
             if let Some(feature) = image
@@ -244,32 +265,77 @@ impl TextModel {
                 x = add_deepstack(&x, feature.0.deepstack_rows, feature.1)?;
             }
         }
-        let last = x.narrow(1, len - 1, 1)?;
+        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        Ok(logits.flatten_all()?.to_dtype(DType::F32)?)
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
-/// Additive f32 mask (L, cached + L): new token i sees the cached positions and the new
-/// ones up to itself.
-fn causal_mask(cached: usize, len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| {
-            (0..cached + len).map(move |j| {
-                if j > cached + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
+/// Additive f32 mask (B, 1, L, cached + L): new token i of sequence b sees the positions up
+/// to itself, except b's left padding (`pads[b]` positions), which it never sees; a padding
+/// position sees only itself.
+fn padded_causal_mask(
+    pads: &[usize],
+    cached: usize,
+    len: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    let keys = cached + len;
+    let mask: Vec<f32> = pads
+        .iter()
+        .flat_map(|&pad| {
+            (0..len).flat_map(move |i| {
+                let query = cached + i;
+                (0..keys).map(move |j| {
+                    let seen = j <= query && (j >= pad || j == query);
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
             })
         })
         .collect();
-    Ok(Tensor::from_vec(mask, (len, cached + len), device)?)
+    Ok(Tensor::from_vec(mask, (pads.len(), 1, len, keys), device)?)
 }
 
 /// x + DeepStack rows at the image positions (zero elsewhere, which leaves text exact).
 fn add_deepstack(x: &Tensor, rows: &Tensor, feature: &Tensor) -> Result<Tensor> {
     let zero = Tensor::zeros((1, feature.dim(1)?), feature.dtype(), feature.device())?;
     let table = Tensor::cat(&[&zero, feature], 0)?;
-    Ok((x + table.index_select(rows, 0)?.unsqueeze(0)?)?)
+    Ok((x + table.index_select(rows, 0)?.reshape(x.shape())?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_never_a_key_and_sees_only_itself() {
+        let mask = padded_causal_mask(&[0, 2], 1, 3, &Device::Cpu).unwrap();
+        let seen: Vec<Vec<Vec<bool>>> = mask
+            .squeeze(1)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(|q| {
+                q.into_iter()
+                    .map(|r| r.into_iter().map(|v| v == 0.0).collect())
+                    .collect()
+            })
+            .collect();
+        let (t, f) = (true, false);
+        // Unpadded: causal over the cached position and the three new ones.
+        assert_eq!(
+            seen[0],
+            [[t, t, f, f], [t, t, t, f], [t, t, t, t]].map(Vec::from)
+        );
+        // Two padding positions (keys 0 and 1): query 1 is padding and sees only itself.
+        assert_eq!(
+            seen[1],
+            [[f, t, f, f], [f, f, t, f], [f, f, t, t]].map(Vec::from)
+        );
+    }
 }

@@ -9,11 +9,13 @@
 //! reference uses the exact one (docs/caption.md).
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::VisionConfig;
+use super::linear;
 use super::preprocess::merge_block_order;
 use crate::nn::attention::attention;
+use crate::nn::{Linear, Quantization};
 use crate::Result;
 
 const LN_EPS: f64 = 1e-6;
@@ -29,15 +31,15 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, inter) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
             norm1: candle_nn::layer_norm(d, LN_EPS, vb.pp("norm1"))?,
             norm2: candle_nn::layer_norm(d, LN_EPS, vb.pp("norm2"))?,
-            qkv: candle_nn::linear(d, 3 * d, vb.pp("attn.qkv"))?,
-            proj: candle_nn::linear(d, d, vb.pp("attn.proj"))?,
-            fc1: candle_nn::linear(d, inter, vb.pp("mlp.linear_fc1"))?,
-            fc2: candle_nn::linear(inter, d, vb.pp("mlp.linear_fc2"))?,
+            qkv: linear(d, 3 * d, true, vb.pp("attn.qkv"), q)?,
+            proj: linear(d, d, true, vb.pp("attn.proj"), q)?,
+            fc1: linear(d, inter, true, vb.pp("mlp.linear_fc1"), q)?,
+            fc2: linear(inter, d, true, vb.pp("mlp.linear_fc2"), q)?,
             heads: cfg.num_heads,
         })
     }
@@ -140,7 +142,12 @@ struct Merger {
 }
 
 impl Merger {
-    fn new(cfg: &VisionConfig, norm_after_grouping: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &VisionConfig,
+        norm_after_grouping: bool,
+        vb: VarBuilder,
+        q: Option<Quantization>,
+    ) -> Result<Self> {
         let grouped = cfg.hidden_size * cfg.spatial_merge_size.pow(2);
         let norm_dim = if norm_after_grouping {
             grouped
@@ -149,8 +156,8 @@ impl Merger {
         };
         Ok(Self {
             norm: candle_nn::layer_norm(norm_dim, LN_EPS, vb.pp("norm"))?,
-            fc1: candle_nn::linear(grouped, grouped, vb.pp("linear_fc1"))?,
-            fc2: candle_nn::linear(grouped, cfg.out_hidden_size, vb.pp("linear_fc2"))?,
+            fc1: linear(grouped, grouped, true, vb.pp("linear_fc1"), q)?,
+            fc2: linear(grouped, cfg.out_hidden_size, true, vb.pp("linear_fc2"), q)?,
             grouped,
             norm_after_grouping,
         })
@@ -185,19 +192,21 @@ pub struct VisionModel {
 }
 
 impl VisionModel {
-    /// `vb` at `model.visual`.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    /// `vb` at `model.visual`. The blocks' and mergers' Linears are stored as `q` when given;
+    /// the patch embedding and positions stay dense.
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, q: Option<Quantization>) -> Result<Self> {
         let (d, t, p) = (cfg.hidden_size, cfg.temporal_patch_size, cfg.patch_size);
         let conv = vb.get((d, cfg.in_channels, t, p, p), "patch_embed.proj.weight")?;
         let blocks = (0..cfg.depth)
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}")), q))
             .collect::<Result<_>>()?;
         let deepstack = cfg
             .deepstack_visual_indexes
             .iter()
             .enumerate()
             .map(|(i, &layer)| {
-                let merger = Merger::new(cfg, true, vb.pp(format!("deepstack_merger_list.{i}")))?;
+                let merger =
+                    Merger::new(cfg, true, vb.pp(format!("deepstack_merger_list.{i}")), q)?;
                 Ok((layer, merger))
             })
             .collect::<Result<_>>()?;
@@ -206,7 +215,7 @@ impl VisionModel {
             patch_bias: vb.get(d, "patch_embed.proj.bias")?,
             pos_embed: vb.get((cfg.num_position_embeddings, d), "pos_embed.weight")?,
             blocks,
-            merger: Merger::new(cfg, false, vb.pp("merger"))?,
+            merger: Merger::new(cfg, false, vb.pp("merger"), q)?,
             deepstack,
             cfg: cfg.clone(),
         })
