@@ -8,7 +8,7 @@
 //! lacks M-RoPE and a causal mask on the prompt, and its mergers use the tanh GELU where the
 //! reference uses the exact one (docs/caption.md).
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::VisionConfig;
@@ -121,13 +121,9 @@ impl Rope {
 
     /// x: (N, heads, head_dim), rotated in f32 and cast back.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let half = xf.dim(D::Minus1)? / 2;
-        let x1 = xf.narrow(D::Minus1, 0, half)?;
-        let x2 = xf.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
-        Ok(out.to_dtype(x.dtype())?)
+        Ok(crate::nn::rotary::rotate_half_split(
+            x, &self.cos, &self.sin,
+        )?)
     }
 }
 

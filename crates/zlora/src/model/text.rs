@@ -220,13 +220,9 @@ impl Rope {
 
     /// x: (B, heads, L, head_dim) → x·cos + rotate_half(x)·sin, computed in f32.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let half = xf.dim(D::Minus1)? / 2;
-        let x1 = xf.narrow(D::Minus1, 0, half)?;
-        let x2 = xf.narrow(D::Minus1, half, half)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
-        Ok(out.to_dtype(x.dtype())?)
+        Ok(crate::nn::rotary::rotate_half_split(
+            x, &self.cos, &self.sin,
+        )?)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod linear;
 pub mod norm;
 pub mod quant;
+pub mod rotary;
 pub mod swiglu;
 
 pub use adapter::{Adapter, AdapterWeights, Factor};
