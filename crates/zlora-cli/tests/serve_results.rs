@@ -275,3 +275,30 @@ fn results_list_runs_download_loras_in_any_layout_and_compare_samples() {
     assert!(compare.contains("no samples at this step"));
     assert!(!compare.contains(evil_name));
 }
+
+#[test]
+fn serve_demo_opens_the_app_on_the_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("app");
+    let s = Server::start(&root, &["--demo"]);
+    let datasets = s.get("/api/datasets").json();
+    assert_eq!(datasets, json!([{"name": "tiny", "images": 8}]));
+    let results = s.get("/results").text();
+    assert!(results.contains("href=\"/runs/tiny\""), "{results}");
+    assert!(
+        results.contains("/report/reports/tiny/report%2Ehtml"),
+        "{results}"
+    );
+    assert_eq!(s.get("/runs/tiny/lora?layout=comfyui").status, 200);
+    s.kill();
+    // Opened again as it is (the demo is not made twice); another folder is refused.
+    let again = Server::start(&root, &["--demo"]);
+    assert!(again.get("/results").text().contains("/runs/tiny"));
+    again.kill();
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("mine.txt"), "keep").unwrap();
+    let refused = common::zlora(&["serve", "--root", other.to_str().unwrap(), "--demo"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("choose another --root"));
+}
