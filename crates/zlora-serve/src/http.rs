@@ -268,7 +268,9 @@ impl Reply {
             ("Content-Type", self.content_type.to_string()),
             ("X-Content-Type-Options", "nosniff".into()),
             ("X-Frame-Options", "DENY".into()),
-            ("Referrer-Policy", "no-referrer".into()),
+            // Not "no-referrer": under it Chromium sends `Origin: null` with a form's POST,
+            // which the CSRF check must refuse. "same-origin" sends nothing to other sites.
+            ("Referrer-Policy", "same-origin".into()),
             ("Cache-Control", "no-store".into()),
             ("Content-Security-Policy", self.policy.into()),
         ];
