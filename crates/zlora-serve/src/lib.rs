@@ -162,7 +162,7 @@ impl App {
             (Method::Get, [""]) => Ok(Reply::redirect("/jobs")),
             (Method::Get, ["jobs"]) => pages::jobs(jobs),
             (Method::Get, ["jobs", n]) => pages::job(jobs, id(n)?),
-            (Method::Get, ["new"]) => Ok(newrun::page(jobs)),
+            (Method::Get, ["new"]) => newrun::page(jobs),
             (Method::Post, ["new"]) => newrun::post(jobs, req),
             (Method::Get, ["results"]) => results::list(jobs),
             (Method::Get, ["runs", run]) => results::run(jobs, run),

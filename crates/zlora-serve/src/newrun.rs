@@ -10,7 +10,7 @@ use zlora::plan::gpus::GpuTable;
 use zlora::plan::{plan, GpuEstimate, PlanOptions, MAX_CAPTION_TOKENS};
 use zlora::train::config::TrainConfig;
 
-use crate::api::{self, Answer};
+use crate::api::{self, internal, Answer};
 use crate::http::{Reply, Request};
 use crate::jobs::{check_config, Jobs, Kind};
 use crate::pages::layout;
@@ -75,9 +75,9 @@ impl Form {
         )
     }
 
-    fn posted(mut fields: HashMap<String, String>) -> Self {
+    fn posted(fields: HashMap<String, String>) -> Self {
         let mut form = Self::defaults();
-        form.0.extend(fields.drain());
+        form.0.extend(fields);
         form
     }
 
@@ -93,26 +93,19 @@ impl Form {
 }
 
 /// What the page shows under the form: the TOML and, when checked, the verdict or the error.
-#[derive(Default)]
 struct Outcome {
     config: String,
     verdict: Option<Result<GpuEstimate, String>>,
 }
 
-pub fn page(jobs: &Jobs) -> Reply {
+pub fn page(jobs: &Jobs) -> Answer {
     let form = Form::defaults();
-    let config = config_text(&form).unwrap_or_default();
-    Reply::html(
-        200,
-        render(
-            jobs,
-            &form,
-            &Outcome {
-                config,
-                verdict: None,
-            },
-        ),
-    )
+    let config = config_text(&form).map_err(|e| internal(&e))?;
+    let outcome = Outcome {
+        config,
+        verdict: None,
+    };
+    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
 }
 
 /// `action=fields`: the TOML from the fields, checked; `action=toml`: the edited TOML,
@@ -135,13 +128,16 @@ pub fn post(jobs: &Jobs, req: &Request) -> Answer {
                     config: form.get("config").to_string(),
                     verdict: Some(Err(message)),
                 };
-                Reply::html(e.status, render(jobs, &form, &outcome))
+                match render(jobs, &form, &outcome) {
+                    Ok(page) => Reply::html(e.status, page),
+                    Err(failed) => failed,
+                }
             })?;
             return Ok(Reply::redirect(&format!("/jobs/{id}")));
         }
         other => return Err(Reply::error(400, &format!("unknown action {other:?}"))),
     };
-    Ok(Reply::html(200, render(jobs, &form, &outcome)))
+    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
 }
 
 fn checked(jobs: &Jobs, form: &Form, config: String) -> Outcome {
@@ -228,13 +224,13 @@ fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
         .ok_or_else(|| format!("plan: no estimate for GPU {gpu:?}"))
 }
 
-fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Markup {
-    let gpus = GpuTable::built_in().map(|t| t.gpus).unwrap_or_default();
-    let datasets = api::datasets(jobs).unwrap_or_default();
+fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> {
+    let gpus = GpuTable::built_in().map_err(internal)?.gpus;
+    let datasets = api::datasets(jobs)?;
     let field = |key: &str, label: &str| {
         html! { label { (label) " " input name=(key) value=(form.get(key)); } }
     };
-    layout(
+    Ok(layout(
         "New run",
         html! {
             form method="post" action="/new" {
@@ -274,7 +270,7 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Markup {
             }
             @if let Some(v) = &outcome.verdict { (verdict_markup(v)) }
         },
-    )
+    ))
 }
 
 fn verdict_markup(v: &Result<GpuEstimate, String>) -> Markup {
