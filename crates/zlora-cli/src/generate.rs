@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::DType;
+use indicatif::ProgressBar;
 use zlora::model::BaseStorage;
 use zlora::nn::Quantization;
 use zlora::sample::generate::{generate, Event, GenerateRequest, LoraSpec, Preset};
@@ -128,7 +129,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         allow_nonfinite: a.allow_nonfinite,
     };
     let mut bar = None;
-    let images = generate(&req, &mut |event| match event {
+    let images = generate(&req, &mut |event| show(event, &mut bar)).context("generate failed")?;
+    for img in images {
+        println!("{}", zlora::error::shown(&img.png));
+    }
+    Ok(())
+}
+
+/// Stage lines on stderr and a bar over each image's steps.
+pub fn show(event: Event, bar: &mut Option<ProgressBar>) {
+    match event {
         Event::Stage(msg) => eprintln!("{msg}"),
         Event::Step {
             image,
@@ -137,22 +147,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             steps,
         } => {
             if step == 1 {
-                bar = Some(steps_bar(
+                *bar = Some(steps_bar(
                     steps as u64,
                     format!("image {}/{images}", image + 1),
                 ));
             }
-            if let Some(b) = &bar {
+            if let Some(b) = bar {
                 b.set_position(step as u64);
                 if step == steps {
                     b.finish();
                 }
             }
         }
-    })
-    .context("generate failed")?;
-    for img in images {
-        println!("{}", zlora::error::shown(&img.png));
     }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 //! lives in its own file and calls the library.
 
 mod caption;
+mod demo;
 mod doctor;
 mod events;
 mod experiment;
@@ -36,6 +37,9 @@ struct Cli {
 enum Command {
     /// Caption a dataset folder's images with a local Qwen3-VL model (NAME.txt beside each).
     Caption(caption::Args),
+    /// The quick start in one go: tiny model and dataset, before/after images, a short
+    /// training with samples, a validation report.
+    Demo(demo::Args),
     /// Check this machine first: build, GPU, driver, kernels, memory, and whether a config fits.
     Doctor(doctor::Args),
     /// Generate images with a Z-Image model and any number of LoRAs.
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Caption(args) => caption::run(args),
+        Command::Demo(args) => demo::run(args).map(|()| ExitCode::SUCCESS),
         Command::Doctor(args) => doctor::run(args),
         Command::Generate(args) => generate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::TinyModel(args) => tiny::run(args).map(|()| ExitCode::SUCCESS),

@@ -17,9 +17,21 @@ pub struct Args {
     /// Requests need `Authorization: Bearer TOKEN` (pages: a login). Default: $ZLORA_TOKEN.
     #[arg(long)]
     token: Option<String>,
+    /// Make `zlora demo` in the folder first (unless an earlier demo made it): its dataset,
+    /// models, run and validation report are then in the app.
+    #[arg(long)]
+    demo: bool,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.demo && zlora::outdir::made_by(&a.root).as_deref() != Some(crate::demo::COMMAND) {
+        anyhow::ensure!(
+            !zlora::outdir::has_files(&a.root)?,
+            "{}: --demo makes the demo in a new or empty folder, or opens one `zlora demo` made; this one holds other files: choose another --root",
+            a.root.display()
+        );
+        crate::demo::make(&a.root, false)?;
+    }
     zlora_serve::run(zlora_serve::Options {
         root: a.root,
         host: a.host,

@@ -825,8 +825,31 @@ fn script_payloads_in_every_user_string_never_run_in_a_browser() {
         "{failed}"
     );
 
+    // A run named by the payload whose LoRA's metadata holds both payloads.
+    let trained = submit(&s, &train_config("runs/meta", 2, 2, 0));
+    s.wait_job(trained, 60, state_is("done"));
+    let lora = zlora::lora::LoraFile::read(dir.path().join("runs/meta/lora.safetensors")).unwrap();
+    let run = dir.path().join("runs").join(PAYLOAD_IMG);
+    std::fs::create_dir_all(&run).unwrap();
+    let metadata = zlora::lora::write::Metadata {
+        title: Some(format!("{PAYLOAD_SCRIPT}{PAYLOAD_IMG}")),
+        ..Default::default()
+    };
+    zlora::lora::write::save(
+        &run.join("lora.safetensors"),
+        &lora.modules,
+        zlora::lora::Layout::AiToolkit,
+        candle_core::DType::F32,
+        &metadata,
+        false,
+    )
+    .unwrap();
+
     let base = format!("http://{}", s.host());
     let pages = [
+        "/results".to_string(),
+        format!("/runs/{}", enc(PAYLOAD_IMG)),
+        format!("/compare?a=meta&b={}&step=2", enc(PAYLOAD_IMG)),
         "/datasets".to_string(),
         format!("/datasets/{}", enc(PAYLOAD_IMG)),
         "/datasets/tiny".into(),

@@ -51,12 +51,17 @@ pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
             "\"config\" must be the TOML text of a train config or a validation plan",
         ));
     };
-    let checked = check_config(&jobs.root, kind, text)?;
-    let id = jobs
-        .store()
-        .insert(kind.as_str(), &checked.toml, &checked.output, checked.steps)
-        .map_err(internal)?;
+    let id = queue(jobs, kind, text)?;
     Ok(Reply::json(201, &json!({ "id": id })))
+}
+
+/// Checks a config as its command would (paths inside DIR) and queues it: the one way a job
+/// enters the queue, from the API and from the New run page.
+pub fn queue(jobs: &Jobs, kind: Kind, text: &str) -> Result<i64, Reply> {
+    let checked = check_config(&jobs.root, kind, text)?;
+    jobs.store()
+        .insert(kind.as_str(), &checked.toml, &checked.output, checked.steps)
+        .map_err(internal)
 }
 
 pub fn job(jobs: &Jobs, id: i64) -> Result<Job, Reply> {

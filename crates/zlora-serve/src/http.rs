@@ -1,6 +1,7 @@
 //! Requests and replies over tiny_http, and the checks every request passes before routing:
 //! the Host header (DNS rebinding), the origin of state-changing requests (CSRF), the token.
 
+use std::collections::HashMap;
 use std::io::Read;
 
 use serde_json::{json, Value};
@@ -13,6 +14,8 @@ pub struct Request {
     pub method: Method,
     /// The path's segments, still percent-encoded (decoded only by `root::segment`).
     pub path: Vec<String>,
+    /// The query string's fields, decoded.
+    pub query: HashMap<String, String>,
     headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
@@ -33,9 +36,15 @@ impl Request {
         }
         let url = req.url();
         let path = url.split(['?', '#']).next().unwrap_or_default();
+        let query = url
+            .split('#')
+            .next()
+            .and_then(|u| u.split_once('?'))
+            .map_or_else(HashMap::new, |(_, q)| form_fields(q));
         Ok(Request {
             method: req.method().clone(),
             path: path.split('/').skip(1).map(str::to_string).collect(),
+            query,
             headers: req
                 .headers()
                 .iter()
@@ -63,6 +72,11 @@ impl Request {
 
     fn changes_state(&self) -> bool {
         !matches!(self.method, Method::Get | Method::Head | Method::Options)
+    }
+
+    /// The fields of an `application/x-www-form-urlencoded` body (the last of a repeated name).
+    pub fn form(&self) -> HashMap<String, String> {
+        form_fields(&String::from_utf8_lossy(&self.body))
     }
 
     pub fn json(&self) -> Result<Value, Reply> {
@@ -254,7 +268,9 @@ impl Reply {
             ("Content-Type", self.content_type.to_string()),
             ("X-Content-Type-Options", "nosniff".into()),
             ("X-Frame-Options", "DENY".into()),
-            ("Referrer-Policy", "no-referrer".into()),
+            // Not "no-referrer": under it Chromium sends `Origin: null` with a form's POST,
+            // which the CSRF check must refuse. "same-origin" sends nothing to other sites.
+            ("Referrer-Policy", "same-origin".into()),
             ("Cache-Control", "no-store".into()),
             ("Content-Security-Policy", self.policy.into()),
         ];
@@ -266,6 +282,21 @@ impl Reply {
         }
         response
     }
+}
+
+/// The fields of `application/x-www-form-urlencoded` text (a body or a query string).
+fn form_fields(text: &str) -> HashMap<String, String> {
+    text.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (form_decode(k), form_decode(v)))
+        .collect()
+}
+
+/// A value of an `application/x-www-form-urlencoded` body.
+fn form_decode(v: &str) -> String {
+    percent_encoding::percent_decode_str(&v.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@ mod api;
 mod chart;
 mod http;
 mod jobs;
+mod newrun;
 mod pages;
+mod results;
 mod root;
 mod store;
 
@@ -160,6 +162,12 @@ impl App {
             (Method::Get, [""]) => Ok(Reply::redirect("/jobs")),
             (Method::Get, ["jobs"]) => pages::jobs(jobs),
             (Method::Get, ["jobs", n]) => pages::job(jobs, id(n)?),
+            (Method::Get, ["new"]) => newrun::page(jobs),
+            (Method::Post, ["new"]) => newrun::post(jobs, req),
+            (Method::Get, ["results"]) => results::list(jobs),
+            (Method::Get, ["runs", run]) => results::run(jobs, run),
+            (Method::Get, ["runs", run, "lora"]) => results::download(jobs, run, req),
+            (Method::Get, ["compare"]) => results::compare(jobs, req),
             (Method::Get, ["datasets"]) => pages::datasets(jobs),
             (Method::Get, ["datasets", name]) => pages::dataset(jobs, name),
             (Method::Get, ["login"]) => Ok(Reply::html(200, pages::login(false))),
@@ -177,10 +185,7 @@ impl App {
     /// The login form's token (`token=…`, form-encoded) sets an HttpOnly, SameSite=Strict
     /// cookie that the pages then send.
     fn login(&self, req: &Request) -> Reply {
-        let given = String::from_utf8_lossy(&req.body)
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("token=").map(form_decode))
-            .unwrap_or_default();
+        let given = req.form().remove("token").unwrap_or_default();
         if !self.access.token_matches(&given) {
             return Reply::html(401, pages::login(true));
         }
@@ -193,11 +198,4 @@ impl App {
 
 fn asset(kind: &'static str, text: &str) -> Reply {
     Reply::new(200, kind, text.as_bytes().to_vec())
-}
-
-/// A value of an `application/x-www-form-urlencoded` body.
-fn form_decode(v: &str) -> String {
-    percent_encoding::percent_decode_str(&v.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
 }

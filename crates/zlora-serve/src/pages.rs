@@ -15,7 +15,7 @@ use crate::store::{Job, State};
 /// How many lines of a job's log its page shows (the newest).
 const LOG_LINES: usize = 200;
 
-fn layout(title: &str, body: Markup) -> Markup {
+pub fn layout(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -27,7 +27,7 @@ fn layout(title: &str, body: Markup) -> Markup {
                 script src="/static/app.js" defer {}
             }
             body {
-                nav { a href="/jobs" { "Jobs" } a href="/datasets" { "Datasets" } }
+                nav { a href="/jobs" { "Jobs" } a href="/new" { "New run" } a href="/results" { "Results" } a href="/datasets" { "Datasets" } }
                 main {
                     h1 { (title) }
                     p #status role="status" {}
@@ -157,11 +157,11 @@ fn samples(jobs: &Jobs, run: &Path) -> Markup {
 }
 
 /// The URL of an image under DIR (each segment encoded).
-fn file_url(jobs: &Jobs, p: &Path) -> String {
+pub fn file_url(jobs: &Jobs, p: &Path) -> String {
     format!("/files/{}", encoded_path(jobs, p))
 }
 
-fn report_url(jobs: &Jobs, p: &Path) -> String {
+pub fn report_url(jobs: &Jobs, p: &Path) -> String {
     format!("/report/{}", encoded_path(jobs, p))
 }
 

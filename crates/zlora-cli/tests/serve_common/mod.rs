@@ -2,6 +2,8 @@
 //! the server exactly as written (a client library would normalise `..` away).
 #![allow(dead_code)]
 
+pub mod cdp;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -78,6 +80,18 @@ impl Server {
             &[("Content-Type", "application/json")],
             body.to_string().as_bytes(),
         )
+    }
+
+    /// Polls job `id` for up to `secs`: whether `done` came to hold of it.
+    pub fn wait_job_for(&self, id: i64, secs: u64, done: impl Fn(&Value) -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(secs) {
+            if done(&self.get(&format!("/api/jobs/{id}")).json()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// Polls job `id` until `done` holds of it (or fails after `secs`).

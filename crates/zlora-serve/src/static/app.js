@@ -63,14 +63,17 @@ document.addEventListener("submit", async (e) => {
   } catch (err) { report(err); }
 });
 
-// A live job: poll its state and reload the page (chart, samples, log) when it changes.
+// A live job: poll its state and reload the page (chart, samples, log) when it changes, or
+// when it is no longer queued or running (it may have ended between the page and the first
+// poll, after which nothing changes).
 const live = document.querySelector("[data-poll]");
 if (live) {
   let last = null;
   setInterval(async () => {
     try {
       const now = await (await call("GET", live.dataset.poll)).text();
-      if (last !== null && now !== last) location.reload();
+      const ended = !["queued", "running"].includes(JSON.parse(now).state);
+      if (ended || (last !== null && now !== last)) location.reload();
       last = now;
     } catch (err) { report(err); }
   }, 2000);

@@ -1,0 +1,299 @@
+//! The New run page: a form for each way of training (and De-Turbo) that writes the train
+//! config as TOML (shown, editable), `zlora plan`'s verdict for one GPU, and a button that
+//! queues the TOML as POST /api/jobs does. Plain form posts; no script.
+
+use std::collections::HashMap;
+
+use maud::{html, Markup};
+use toml::{Table, Value};
+use zlora::plan::gpus::GpuTable;
+use zlora::plan::{plan, GpuEstimate, PlanOptions, MAX_CAPTION_TOKENS};
+use zlora::train::config::TrainConfig;
+
+use crate::api::{self, internal, Answer};
+use crate::http::{Reply, Request};
+use crate::jobs::{check_config, Jobs, Kind};
+use crate::pages::layout;
+
+/// The ways, each from its example config (examples/*.toml): the value the form sends, its
+/// label, the example, and the model folder it suggests under DIR.
+const WAYS: [(&str, &str, &str, &str); 4] = [
+    (
+        "base",
+        "Base (undistilled; validate on Base and Turbo)",
+        include_str!("../../../examples/base.toml"),
+        "models/Z-Image",
+    ),
+    (
+        "turbo-adapter",
+        "Turbo + training adapter (the adapter is not saved)",
+        include_str!("../../../examples/turbo-adapter.toml"),
+        "models/Z-Image-Turbo",
+    ),
+    (
+        "turbo-direct",
+        "Turbo directly (repair with a DistillPatch)",
+        include_str!("../../../examples/turbo-direct.toml"),
+        "models/Z-Image-Turbo",
+    ),
+    (
+        "de-turbo",
+        "De-Turbo",
+        include_str!("../../../examples/de-turbo.toml"),
+        "models/Z-Image-De-Turbo",
+    ),
+];
+
+/// The adapter the Turbo + adapter way suggests (a file the operator puts under models/).
+const ADAPTER: &str = "models/zimage_turbo_training_adapter_v2.safetensors";
+/// The trigger word of the examples, replaced in their sample prompts by the form's.
+const EXAMPLE_TRIGGER: &str = "zkchar";
+
+/// The form's fields: what was posted, over the defaults.
+struct Form(HashMap<String, String>);
+
+impl Form {
+    fn defaults() -> Self {
+        let pairs = [
+            ("way", "turbo-adapter"),
+            ("model", "models/Z-Image-Turbo"),
+            ("adapter", ADAPTER),
+            ("dataset", "datasets/tiny"),
+            ("trigger", EXAMPLE_TRIGGER),
+            ("resolution", "1024"),
+            ("rank", "16"),
+            ("steps", "3000"),
+            ("learning_rate", "1e-4"),
+            ("output", "runs/my-lora"),
+            ("gpu", "4090"),
+        ];
+        Form(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn posted(fields: HashMap<String, String>) -> Self {
+        let mut form = Self::defaults();
+        form.0.extend(fields);
+        form
+    }
+
+    fn get(&self, key: &str) -> &str {
+        self.0.get(key).map_or("", String::as_str)
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &str, what: &str) -> Result<T, String> {
+        let v = self.get(key).trim();
+        v.parse()
+            .map_err(|_| format!("{key} must be {what}, got {v:?}"))
+    }
+}
+
+/// What the page shows under the form: the TOML and, when checked, the verdict or the error.
+struct Outcome {
+    config: String,
+    verdict: Option<Result<GpuEstimate, String>>,
+}
+
+pub fn page(jobs: &Jobs) -> Answer {
+    let form = Form::defaults();
+    let config = config_text(&form).map_err(|e| internal(&e))?;
+    let outcome = Outcome {
+        config,
+        verdict: None,
+    };
+    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
+}
+
+/// `action=fields`: the TOML from the fields, checked; `action=toml`: the edited TOML,
+/// checked; `action=queue`: the edited TOML queued (then the job's page).
+pub fn post(jobs: &Jobs, req: &Request) -> Answer {
+    let form = Form::posted(req.form());
+    let outcome = match form.get("action") {
+        "fields" => match config_text(&form) {
+            Ok(config) => checked(jobs, &form, config),
+            Err(e) => Outcome {
+                config: String::new(),
+                verdict: Some(Err(e)),
+            },
+        },
+        "toml" => checked(jobs, &form, form.get("config").to_string()),
+        "queue" => {
+            let id = api::queue(jobs, Kind::Train, form.get("config")).map_err(|e| {
+                let message = error_text(&e);
+                let outcome = Outcome {
+                    config: form.get("config").to_string(),
+                    verdict: Some(Err(message)),
+                };
+                match render(jobs, &form, &outcome) {
+                    Ok(page) => Reply::html(e.status, page),
+                    Err(failed) => failed,
+                }
+            })?;
+            return Ok(Reply::redirect(&format!("/jobs/{id}")));
+        }
+        other => return Err(Reply::error(400, &format!("unknown action {other:?}"))),
+    };
+    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
+}
+
+fn checked(jobs: &Jobs, form: &Form, config: String) -> Outcome {
+    let verdict = Some(verdict(jobs, &config, form.get("gpu")));
+    Outcome { config, verdict }
+}
+
+/// The message of an error reply (`{"error": …}`).
+fn error_text(reply: &Reply) -> String {
+    serde_json::from_slice::<serde_json::Value>(&reply.body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("error {}", reply.status))
+}
+
+/// The way's example config with the form's values in place.
+fn config_text(form: &Form) -> Result<String, String> {
+    let way = form.get("way");
+    let (_, _, example, _) = WAYS.iter().find(|w| w.0 == way).ok_or_else(|| {
+        format!("unknown way {way:?}: one of base, turbo-adapter, turbo-direct, de-turbo")
+    })?;
+    let mut t: Table = example.parse().map_err(|e| format!("{way} example: {e}"))?;
+    let rank: i64 = form.number("rank", "a whole number")?;
+    let trigger = form.get("trigger").trim().to_string();
+    set(&mut t, "model", "path", form.get("model").into());
+    if way == "turbo-adapter" {
+        set(
+            &mut t,
+            "model",
+            "training_adapter",
+            form.get("adapter").into(),
+        );
+    }
+    set(&mut t, "dataset", "path", form.get("dataset").into());
+    set(&mut t, "dataset", "trigger", trigger.clone().into());
+    let resolution: i64 = form.number("resolution", "a whole number of pixels")?;
+    set(&mut t, "dataset", "resolution", resolution.into());
+    set(&mut t, "lora", "rank", rank.into());
+    set(&mut t, "lora", "alpha", rank.into());
+    let steps: i64 = form.number("steps", "a whole number")?;
+    set(&mut t, "train", "steps", steps.into());
+    let lr: f64 = form.number("learning_rate", "a number")?;
+    set(&mut t, "train", "learning_rate", lr.into());
+    set(&mut t, "train", "output", form.get("output").into());
+    if let Some(Value::Array(prompts)) = t
+        .get_mut("sample")
+        .and_then(|s| s.as_table_mut())
+        .and_then(|s| s.get_mut("prompts"))
+    {
+        for p in prompts.iter_mut() {
+            if let Value::String(s) = p {
+                *s = s.replace(EXAMPLE_TRIGGER, &trigger);
+            }
+        }
+    }
+    let text = toml::to_string(&t).map_err(|e| e.to_string())?;
+    TrainConfig::parse(&text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
+fn set(t: &mut Table, section: &str, key: &str, value: Value) {
+    if let Some(Value::Table(s)) = t.get_mut(section) {
+        s.insert(key.to_string(), value);
+    }
+}
+
+/// `zlora plan` for one GPU of the built-in table, on the config as the job would run it
+/// (paths resolved inside DIR; a model folder that is not there is planned from the
+/// variant's published sizes, as `zlora plan` does).
+fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
+    let checked = check_config(&jobs.root, Kind::Train, text).map_err(|r| r.0)?;
+    let cfg = TrainConfig::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+    let opts = PlanOptions {
+        gpus: vec![gpu.to_string()],
+        table: GpuTable::built_in().map_err(|e| e.to_string())?,
+        caption_tokens: MAX_CAPTION_TOKENS,
+        bandwidth_mb_s: 100.0,
+        storage_days: 30.0,
+    };
+    let p = plan(&cfg, &opts).map_err(|e| format!("plan: {e}"))?;
+    p.gpus
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("plan: no estimate for GPU {gpu:?}"))
+}
+
+fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> {
+    let gpus = GpuTable::built_in().map_err(internal)?.gpus;
+    let datasets = api::datasets(jobs)?;
+    let field = |key: &str, label: &str| {
+        html! { label { (label) " " input name=(key) value=(form.get(key)); } }
+    };
+    Ok(layout(
+        "New run",
+        html! {
+            form method="post" action="/new" {
+                fieldset {
+                    legend { "Way" }
+                    @for (value, label, _, model) in &WAYS {
+                        label.way {
+                            input type="radio" name="way" value=(value) checked[form.get("way") == *value];
+                            (label) " " span.muted { "(model e.g. " code { (model) } ")" }
+                        }
+                    }
+                }
+                (field("model", "Model folder"))
+                (field("adapter", "Training adapter (Turbo + adapter only)"))
+                label { "Dataset " input name="dataset" value=(form.get("dataset")) list="datasets"; }
+                datalist #datasets { @for (name, _) in &datasets { option value=(format!("datasets/{name}")) {} } }
+                (field("trigger", "Trigger word"))
+                (field("resolution", "Resolution"))
+                (field("rank", "Rank (alpha = rank)"))
+                (field("steps", "Steps"))
+                (field("learning_rate", "Learning rate"))
+                (field("output", "Output folder"))
+                label { "GPU "
+                    select name="gpu" {
+                        @for g in &gpus { option value=(g.name) selected[form.get("gpu") == g.name] { (g.label) } }
+                    }
+                }
+                p { button name="action" value="fields" { "Make the TOML and check" } }
+                h2 { "Config" }
+                p.muted { "Edit freely (docs/training.md lists every key); paths are read from the app's folder." }
+                textarea name="config" rows="24" cols="80" spellcheck="false" { (outcome.config) }
+                p {
+                    button name="action" value="toml" { "Check this TOML" }
+                    " "
+                    button name="action" value="queue" { "Queue this run" }
+                }
+            }
+            @if let Some(v) = &outcome.verdict { (verdict_markup(v)) }
+        },
+    ))
+}
+
+fn verdict_markup(v: &Result<GpuEstimate, String>) -> Markup {
+    match v {
+        Err(e) => html! { section #verdict { h2 { "Plan" } p.error { (e) } } },
+        Ok(g) => html! {
+            section #verdict {
+                h2 { "Plan: " (g.label) }
+                p class=(if g.fits { "fits" } else { "error" }) {
+                    @if g.fits { "Fits: " } @else { "Does not fit: " }
+                    "peak " (format!("{:.1}", g.peak_memory_gib)) " GiB of " (format!("{:.0}", g.memory_gib)) " GiB"
+                }
+                p {
+                    (format!("{:.2}", g.seconds_per_step)) " s/step · "
+                    (format!("{:.2}", g.total_hours)) " h · $"
+                    (format!("{:.2}", g.cost_usd)) " at $" (format!("{:.2}", g.usd_per_hour)) "/h"
+                }
+                @if !g.changes.is_empty() {
+                    ul { @for c in &g.changes {
+                        li { (c.change) ": " (format!("{:.1}", c.peak_memory_gib)) " GiB" @if c.fits { " (fits)" } }
+                    } }
+                }
+            }
+        },
+    }
+}
