@@ -56,6 +56,9 @@ pub struct RenderSettings {
     /// Block swap: main layers kept on the device (as `generate --blocks-on-device`).
     #[serde(default)]
     pub blocks_on_device: Option<usize>,
+    /// How the text encoder's decoder layers are stored (as `generate --quantize-text-encoder`).
+    #[serde(default)]
+    pub quantize_text_encoder: Option<Quantization>,
 }
 
 impl RenderSettings {
@@ -64,6 +67,7 @@ impl RenderSettings {
         BaseStorage {
             quantize: self.quantize,
             blocks_on_device: self.blocks_on_device,
+            quantize_text_encoder: self.quantize_text_encoder,
         }
     }
 }
@@ -79,6 +83,7 @@ impl Default for RenderSettings {
             dtype: Precision::default(),
             quantize: None,
             blocks_on_device: None,
+            quantize_text_encoder: None,
         }
     }
 }
