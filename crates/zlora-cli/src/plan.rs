@@ -229,7 +229,7 @@ fn fit_section(out: &mut String, p: &Plan) {
             let cell = if f.fits {
                 format!("{} swap{te}, {:.2} s", f.swapped_blocks, f.seconds_per_step)
             } else {
-                format!("no ({:.1} GiB)", f.peak_memory_gib)
+                format!("no ({:.1} GiB{te})", f.peak_memory_gib)
             };
             let _ = write!(out, " {cell:>18}");
         }
@@ -239,7 +239,7 @@ fn fit_section(out: &mut String, p: &Plan) {
         let _ = writeln!(
             out,
             "  +te: with the text encoder's projections stored in 8 bits (quantize_text_encoder \
-             = \"int8\"): in bf16 it alone does not fit"
+             = \"int8\"): in bf16 it alone does not fit (for \"no\", the peak with them)"
         );
     }
 }

@@ -821,8 +821,8 @@ pub fn holds_fp8(files: &[PathBuf]) -> Result<bool> {
 }
 
 /// Safetensors read dense: an fp8 (e4m3) tensor, as in ComfyUI's fp8 text encoders, is
-/// upcast on its own with its `scale_weight`. The text encoder and the VAE are dropped
-/// after encoding and decoding, so keeping them quantized would save nothing at the peak.
+/// upcast on its own with its `scale_weight` (`quantize_text_encoder` is refused with such a
+/// file: requantizing its 8-bit weights would only add error).
 struct Upcast(MmapedSafetensors);
 
 impl SimpleBackend for Upcast {

@@ -540,7 +540,8 @@ impl Context<'_> {
     /// The least swap that fits `capacity`, per storage, with its step time on a GPU that
     /// computes a step in `compute_seconds` and copies `link` bytes per second. The text
     /// encoder is stored quantized only when the configuration's storage of it fits with no
-    /// number of swapped blocks (it runs in its own phase, which swap does not touch).
+    /// number of swapped blocks (it runs in its own phase, which swap does not touch); a row
+    /// that fits neither way reports the lower, quantized, peak.
     fn fit(&self, capacity: f64, compute_seconds: f64, link: f64) -> Vec<Fit> {
         let layers = self.run.dims.transformer.n_layers;
         let least = |peaks: &[f64]| peaks.iter().position(|&p| p <= capacity);
@@ -549,7 +550,7 @@ impl Context<'_> {
             .map(|s| {
                 let configured = self.cfg.model.quantize_text_encoder;
                 let (peaks, text, found) = match (least(&s.peaks), &s.text_quantized_peaks) {
-                    (None, Some(q)) if least(q).is_some() => (q, Some(FIT_TEXT_ENCODER), least(q)),
+                    (None, Some(q)) => (q, Some(FIT_TEXT_ENCODER), least(q)),
                     (found, _) => (&s.peaks, configured, found),
                 };
                 let swapped = found.unwrap_or(layers);

@@ -424,6 +424,14 @@ mod tests {
         assert!(err.contains("unknown quantization 'q2'"), "{err}");
         let plan: ValidationPlan = toml::from_str(&format!("{base}blocks_on_device = 3")).unwrap();
         assert_eq!(plan.render.storage().blocks_on_device, Some(3));
+        let text = format!("{base}quantize_text_encoder = \"int8\"");
+        let plan: ValidationPlan = toml::from_str(&text).unwrap();
+        let storage = plan.render.storage();
+        assert_eq!(storage.quantize_text_encoder, Some(Quantization::Int8));
+        let err = toml::from_str::<ValidationPlan>(&format!("{base}quantize_text_encoder = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quantize_text_encoder"), "{err}");
         let err = toml::from_str::<ValidationPlan>(&format!("{base}blocks_on_device = -1"))
             .unwrap_err()
             .to_string();
