@@ -79,6 +79,10 @@ pub struct Args {
     /// (default: the compute dtype).
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// Store the text encoder's decoder layers quantized while the prompt is encoded: fp8,
+    /// int8, q8_0, q6_k, q5_k or q4_k (default: the compute dtype).
+    #[arg(long, value_name = "Q")]
+    quantize_text_encoder: Option<Quantization>,
     /// Block swap: keep only the first N main transformer layers on the device and copy the
     /// others' weights in from host memory as each runs (slower; default: all on the device).
     #[arg(long, value_name = "N")]
@@ -123,6 +127,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         storage: BaseStorage {
             quantize: a.quantize,
             blocks_on_device: a.blocks_on_device,
+            quantize_text_encoder: a.quantize_text_encoder,
         },
         out: a.out,
         overwrite: a.force,

@@ -215,17 +215,32 @@ fn fit_section(out: &mut String, p: &Plan) {
         let _ = write!(out, " {:>18}", b);
     }
     let _ = writeln!(out);
+    let mut text_quantized = false;
     for g in &p.gpus {
         let _ = write!(out, "  {:<10}", g.name);
         for f in &g.fit {
-            let cell = if f.fits {
-                format!("{} swap, {:.2} s", f.swapped_blocks, f.seconds_per_step)
+            // A row that needs the text encoder quantized where the configuration has not.
+            let te = if f.quantize_text_encoder != p.workload.quantize_text_encoder {
+                text_quantized = true;
+                " +te"
             } else {
-                format!("no ({:.1} GiB)", f.peak_memory_gib)
+                ""
+            };
+            let cell = if f.fits {
+                format!("{} swap{te}, {:.2} s", f.swapped_blocks, f.seconds_per_step)
+            } else {
+                format!("no ({:.1} GiB{te})", f.peak_memory_gib)
             };
             let _ = write!(out, " {cell:>18}");
         }
         let _ = writeln!(out);
+    }
+    if text_quantized {
+        let _ = writeln!(
+            out,
+            "  +te: with the text encoder's projections stored in 8 bits (quantize_text_encoder \
+             = \"int8\"): in bf16 it alone does not fit (for \"no\", the peak with them)"
+        );
     }
 }
 

@@ -545,3 +545,65 @@ fn block_swap_gives_the_same_latents_and_refuses_more_blocks_than_layers() {
     assert!(!err.contains("encoding the prompt"), "{err}");
     assert!(!png.exists());
 }
+
+/// The fixture's text encoder stored as int8, q8_0 and fp8 (the formats its widths 32 and 64
+/// take) while the prompt is encoded: the final latents stay close to the dense encoder's
+/// (measured relative errors in docs/benchmarks.md; the bounds are twice them), the PNG
+/// records the setting, and a K-quant, whose 256-value blocks do not divide 32, is refused
+/// before any work with one line naming the flag.
+#[test]
+fn a_quantized_text_encoder_generates_close_to_the_dense_one() {
+    let model = fixtures().join("model");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let png = dir.path().join(format!("{name}.png"));
+        let fin = dir.path().join(format!("{name}.safetensors"));
+        let mut args = vec!["--seed", "4", "--save-latents", fin.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let log =
+            String::from_utf8_lossy(&generate_small(&model, &png, &args, &[]).stderr).to_string();
+        let params = read_png(&png).unwrap().1;
+        let params = params
+            .iter()
+            .find(|(k, _)| k == "parameters")
+            .unwrap()
+            .1
+            .clone();
+        let latents =
+            candle_core::safetensors::load(&fin, &Device::Cpu).unwrap()["latents"].clone();
+        (latents, params, log)
+    };
+    let (dense, params, _) = run("dense", &[]);
+    assert!(
+        params.contains("\"quantize_text_encoder\":null"),
+        "{params}"
+    );
+    // Measured 3.22e-3, 4.75e-3 and 1.72e-2.
+    for (q, bound) in [("int8", 6.4e-3), ("q8_0", 9.5e-3), ("fp8", 3.4e-2)] {
+        let (latents, params, log) = run(q, &["--quantize-text-encoder", q]);
+        let err = rel_err(&latents, &dense);
+        eprintln!("text encoder {q}: final latents relative error {err:.2e}");
+        assert!(err < bound, "{q}: {err}");
+        assert!(
+            params.contains(&format!("\"quantize_text_encoder\":\"{q}\"")),
+            "{params}"
+        );
+        assert!(
+            log.contains(&format!("text encoder stored as {q}")),
+            "{log}"
+        );
+    }
+    let png = dir.path().join("k.png");
+    let res = generate_small(&model, &png, &["--quantize-text-encoder", "q4_k"], &[]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("--quantize-text-encoder")
+            && last.contains("256")
+            && last.contains("hidden 32"),
+        "{err}"
+    );
+    assert!(!err.contains("encoding the prompt"), "{err}");
+    assert!(!png.exists());
+}

@@ -259,4 +259,16 @@ fn an_fp8_text_encoder_encodes_as_its_dequantized_weights() {
     let original = fixtures().join("model/text_encoder/model.safetensors");
     let original = run(original, "original");
     assert!(rel_err(&fp8, &original) > 0.0);
+    // Requantizing its 8-bit weights would only add error: refused, naming the flag.
+    let png = dir.path().join("requantized.png");
+    let args = ["--quantize-text-encoder", "int8"];
+    let res = generate_small(&dir.path().join("fp8"), &png, &args, &[]);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    let last = err.trim().lines().last().unwrap();
+    assert!(
+        last.contains("fp8") && last.contains("--quantize-text-encoder"),
+        "{err}"
+    );
+    assert!(!png.exists());
 }

@@ -49,6 +49,7 @@ fn load(
             BaseStorage {
                 quantize,
                 blocks_on_device,
+                ..BaseStorage::default()
             },
         )
         .unwrap()
@@ -216,8 +217,8 @@ fn more_blocks_on_the_device_than_layers_is_refused_naming_the_setting() {
     let root = tiny(dir.path());
     let folder = ModelFolder::open(root.to_str().unwrap()).unwrap();
     let storage = BaseStorage {
-        quantize: None,
         blocks_on_device: Some(LAYERS + 1),
+        ..BaseStorage::default()
     };
     let err = folder.check_storage(storage).unwrap_err().to_string();
     assert!(

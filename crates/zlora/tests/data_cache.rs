@@ -110,6 +110,7 @@ fn build_sets(cfgs: &[DatasetConfig], class: Option<&str>) -> Run {
     let opts = CacheOptions {
         dtype: DType::F32,
         device: Device::Cpu,
+        quantize_text_encoder: None,
         class: class.map(str::to_string),
     };
     let mut progress = Vec::new();
@@ -224,7 +225,7 @@ fn cached_entries_equal_direct_encodes() {
     }
 
     let encoder = model
-        .load_prompt_encoder(DType::F32, &cpu)
+        .load_prompt_encoder(DType::F32, &cpu, None)
         .expect("encoder");
     for (i, item) in run.dataset.items().iter().enumerate() {
         let direct = encoder.encode(&[&item.caption]).expect("encode").remove(0);
@@ -257,7 +258,7 @@ fn class_captions_are_cached_by_their_text() {
     let again = build_with_class(data.path(), cache.path(), Some("cat"));
     assert_eq!(again.stats, stats(0, 9, 0, 5));
     let encoder = model()
-        .load_prompt_encoder(DType::F32, &Device::Cpu)
+        .load_prompt_encoder(DType::F32, &Device::Cpu, None)
         .expect("encoder");
     for (i, item) in first.dataset.items().iter().enumerate() {
         let text = item.caption.replacen("zkchar", "cat", 1);

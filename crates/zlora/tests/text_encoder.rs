@@ -12,9 +12,12 @@ use parity::{
     assert_within, prompt_encoder, reference_prompts, text_config as config, text_encoder_from,
     text_hidden_errors, text_pipeline_errors, text_weights as weights, tokenizer, TOL,
 };
+use zlora::model::folder::ModelFolder;
 use zlora::model::text::{
     chat_prompt, PromptEncoder, PromptTokenizer, Qwen3TextEncoder, TextEncoderConfig,
 };
+use zlora::nn::Quantization;
+use zlora::sample::pipeline::seeded_noise;
 use zlora::Error;
 
 type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
@@ -157,5 +160,176 @@ fn out_of_vocabulary_ids_are_an_error() -> TestResult {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let enc = PromptEncoder::new(tokenizer()?, Qwen3TextEncoder::new(&cfg, vb)?);
     assert!(matches!(enc.encode(&["a"]), Err(Error::Invalid(_))));
+    Ok(())
+}
+
+/// ‖a − b‖ / ‖b‖ over every prompt's features.
+fn rel_err(a: &[Tensor], b: &[Tensor]) -> f32 {
+    let norm2 = |ts: &[Tensor]| -> f32 {
+        ts.iter()
+            .map(|t| {
+                t.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let diff: Vec<Tensor> = a.iter().zip(b).map(|(x, y)| (x - y).unwrap()).collect();
+    (norm2(&diff) / norm2(b)).sqrt()
+}
+
+fn tiny_model() -> ModelFolder {
+    ModelFolder::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/tiny/model"
+    ))
+    .unwrap()
+}
+
+/// The fixture's text encoder (widths 32 and 64) with its decoder layers stored as each format
+/// that takes them: the reference prompts' caption features against the dense encoder's.
+/// Measured relative errors: int8 8.92e-3, q8_0 1.29e-2, fp8 3.77e-2 (docs/benchmarks.md);
+/// the bounds are twice those. The K-quants' 256-value blocks do not divide 32: refused, naming
+/// the setting.
+#[test]
+fn the_fixture_encoder_stored_quantized_stays_close_to_the_dense_one() -> TestResult {
+    let model = tiny_model();
+    let prompts = reference_prompts();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let encode = |q: Option<Quantization>| {
+        model
+            .load_prompt_encoder(DType::F32, &Device::Cpu, q)?
+            .encode(&prompts)
+    };
+    let dense = encode(None)?;
+    for (q, bound) in [
+        (Quantization::Int8, 1.8e-2),
+        (Quantization::Q8_0, 2.6e-2),
+        (Quantization::Fp8, 7.6e-2),
+    ] {
+        let err = rel_err(&encode(Some(q))?, &dense);
+        eprintln!("fixture text encoder, {q}: caption features relative error {err:.2e}");
+        assert!(err < bound, "{q}: {err}");
+    }
+    for q in [Quantization::Q6K, Quantization::Q5K, Quantization::Q4K] {
+        let err = encode(Some(q)).err().ok_or("refused")?.to_string();
+        assert!(
+            err.contains("quantize_text_encoder")
+                && err.contains("256")
+                && err.contains("hidden 32"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    Ok(())
+}
+
+/// A random Qwen3 whose widths every format divides: hidden 256, 4 heads of 64 (2 key/value
+/// heads), intermediate 512, 3 layers (2 used).
+fn wide_config() -> TextEncoderConfig {
+    TextEncoderConfig {
+        vocab_size: 64,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        max_position_embeddings: 128,
+        attention_bias: false,
+    }
+}
+
+/// The decoder layers' projections as (name, (out, in)).
+fn projections(cfg: &TextEncoderConfig) -> Vec<(String, (usize, usize))> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim,
+        cfg.num_key_value_heads * cfg.head_dim,
+    );
+    let each = [
+        ("self_attn.q_proj", (q, h)),
+        ("self_attn.k_proj", (kv, h)),
+        ("self_attn.v_proj", (kv, h)),
+        ("self_attn.o_proj", (h, q)),
+        ("mlp.gate_proj", (i, h)),
+        ("mlp.up_proj", (i, h)),
+        ("mlp.down_proj", (h, i)),
+    ];
+    (0..cfg.layers_used())
+        .flat_map(|l| each.map(|(n, s)| (format!("layers.{l}.{n}"), s)))
+        .collect()
+}
+
+/// Seeded Gaussian weights, each projection scaled by 1/√in so activations keep their size.
+fn wide_weights(cfg: &TextEncoderConfig) -> HashMap<String, Tensor> {
+    let mut seed = 0;
+    let mut randn = |shape: &[usize], scale: f64| {
+        seed += 1;
+        (seeded_noise(seed, shape, &Device::Cpu).unwrap() * scale).unwrap()
+    };
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let mut tensors = HashMap::new();
+    tensors.insert(
+        "embed_tokens.weight".into(),
+        randn(&[cfg.vocab_size, h], 1.0),
+    );
+    for (name, (out, inp)) in projections(cfg) {
+        let w = randn(&[out, inp], 1.0 / (inp as f64).sqrt());
+        tensors.insert(format!("{name}.weight"), w);
+    }
+    for l in 0..cfg.layers_used() {
+        for (norm, n) in [
+            ("input_layernorm", h),
+            ("post_attention_layernorm", h),
+            ("self_attn.q_norm", hd),
+            ("self_attn.k_norm", hd),
+        ] {
+            let w = (randn(&[n], 0.1) + 1.0).unwrap();
+            tensors.insert(format!("layers.{l}.{norm}.weight"), w);
+        }
+    }
+    tensors
+}
+
+/// Every format on the wide random encoder: hidden states of a 24-token sequence against the
+/// dense encoder's, and the projections stored in exactly the bytes the format's count gives
+/// (what `zlora plan` counts). Measured relative errors in docs/benchmarks.md; the bounds are
+/// twice them.
+#[test]
+fn a_wide_encoder_stored_in_each_format_stays_close_to_the_dense_one() -> TestResult {
+    let cfg = wide_config();
+    let tensors = wide_weights(&cfg);
+    let load = |q: Option<Quantization>| {
+        let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+        Qwen3TextEncoder::new_stored(&cfg, vb, q)
+    };
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % 64).collect();
+    let ids = Tensor::from_vec(ids, (1, 24), &Device::Cpu)?;
+    let dense_encoder = load(None)?;
+    let dense = dense_encoder.forward(&ids)?;
+    let shapes = projections(&cfg);
+    let dense_bytes: usize = shapes.iter().map(|(_, (o, i))| o * i * 4).sum();
+    assert_eq!(dense_encoder.projection_bytes(), dense_bytes);
+    for (q, bound) in [
+        (Quantization::Int8, 2.4e-2),
+        (Quantization::Q8_0, 3.5e-2),
+        (Quantization::Q6K, 6.9e-2),
+        (Quantization::Fp8, 9.1e-2),
+        (Quantization::Q5K, 0.13),
+        (Quantization::Q4K, 0.25),
+    ] {
+        let encoder = load(Some(q))?;
+        let err = rel_err(&[encoder.forward(&ids)?], std::slice::from_ref(&dense));
+        eprintln!("wide text encoder, {q}: hidden states relative error {err:.2e}");
+        assert!(err < bound, "{q}: {err}");
+        let want: usize = shapes.iter().map(|(_, (o, i))| q.bytes(*o, *i)).sum();
+        assert_eq!(encoder.projection_bytes(), want, "{q}");
+    }
     Ok(())
 }

@@ -339,7 +339,7 @@ fn quantized_step(root: &std::path::Path, q: Option<Quantization>) -> Vec<Tensor
             &Device::Cpu,
             BaseStorage {
                 quantize: q,
-                blocks_on_device: None,
+                ..BaseStorage::default()
             },
         )
         .unwrap();

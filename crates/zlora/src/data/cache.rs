@@ -27,6 +27,7 @@ use crate::fsutil::save_safetensors;
 use crate::model::folder::ModelFolder;
 use crate::model::text::TextEncoderConfig;
 use crate::model::vae::VaeConfig;
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// Changes whenever what an entry holds changes meaning (preprocessing, layout), so old
@@ -43,6 +44,9 @@ pub struct CacheOptions {
     /// encodes differ).
     pub dtype: DType,
     pub device: Device,
+    /// How the text encoder's decoder layers are stored (part of the caption keys when set:
+    /// a quantized encoder's features differ).
+    pub quantize_text_encoder: Option<Quantization>,
     /// Differential output preservation's class word: each item's caption with its
     /// dataset's trigger replaced by it is cached beside the item's own; None without it.
     pub class: Option<String>,
@@ -241,7 +245,8 @@ fn encode_captions(
         return Ok(paths);
     }
     // The encoder lives only in this scope: it is dropped before the VAE is loaded.
-    let encoder = model.load_prompt_encoder(opts.dtype, &opts.device)?;
+    let encoder =
+        model.load_prompt_encoder(opts.dtype, &opts.device, opts.quantize_text_encoder)?;
     for (n, (path, text)) in todo.iter().enumerate() {
         let features = encoder.encode(&[text])?;
         let features = features
@@ -413,6 +418,10 @@ impl Keys {
         let mut text = blake3::Hasher::new();
         text.update(FORMAT.as_bytes());
         text.update(dtype.as_bytes());
+        // Unset adds nothing, so the keys of dense encodes stay those of earlier caches.
+        if let Some(q) = opts.quantize_text_encoder {
+            text.update(format!("quantize_text_encoder {q}").as_bytes());
+        }
         identify_folder(&root.join("text_encoder"), &mut text)?;
         identify_folder(&root.join("tokenizer"), &mut text)?;
         Ok(Self {

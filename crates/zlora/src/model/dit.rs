@@ -476,11 +476,13 @@ fn run(blocks: &BlockStack, mut seq: Sequence, c: Option<&Tensor>, grad: Grad) -
 }
 
 /// How the frozen base is held: its blocks' Linears quantized or in the compute dtype; every
-/// main layer on the device, or only the first `blocks_on_device` (block swap).
+/// main layer on the device, or only the first `blocks_on_device` (block swap); the text
+/// encoder's decoder layers quantized or not.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BaseStorage {
     pub quantize: Option<Quantization>,
     pub blocks_on_device: Option<usize>,
+    pub quantize_text_encoder: Option<Quantization>,
 }
 
 impl BaseStorage {
@@ -576,6 +578,7 @@ impl ZImageTransformer {
         let BaseStorage {
             quantize,
             blocks_on_device,
+            ..
         } = storage;
         if let Some(n) = blocks_on_device {
             Self::check_blocks_on_device(cfg, n).map_err(candle_core::Error::Msg)?;

@@ -9,8 +9,9 @@ use candle_core::{DType, Device};
 use super::dit::BaseStorage;
 use super::text::{PromptEncoder, PromptTokenizer, Qwen3TextEncoder, TextEncoderConfig};
 use super::vae::{AutoencoderKL, VaeConfig};
-use super::weights::{component_files, plain_var_builder, TransformerCheckpoint};
+use super::weights::{component_files, holds_fp8, plain_var_builder, TransformerCheckpoint};
 use super::{TransformerConfig, ZImageTransformer};
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// The Hugging Face hub cache: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
@@ -84,10 +85,15 @@ impl ModelFolder {
             .collect())
     }
 
-    /// Refuses a storage (quantization, blocks on device) that this folder's transformer
-    /// cannot take, before anything is loaded.
+    /// Refuses a storage (quantization, blocks on device) that this folder's transformer or
+    /// text encoder cannot take, before anything is loaded.
     pub fn check_storage(&self, storage: BaseStorage) -> Result<()> {
-        if storage == BaseStorage::default() {
+        if let Some(q) = storage.quantize_text_encoder {
+            let path = self.root.join("text_encoder/config.json");
+            let cfg = TextEncoderConfig::from_file(&path)?;
+            cfg.check_quantization(q).map_err(Error::Invalid)?;
+        }
+        if storage.quantize.is_none() && storage.blocks_on_device.is_none() {
             return Ok(());
         }
         storage.check(&self.transformer_config()?)
@@ -115,12 +121,33 @@ impl ModelFolder {
         checkpoint.load_stored(&cfg, dtype, device, storage)
     }
 
-    pub fn load_prompt_encoder(&self, dtype: DType, device: &Device) -> Result<PromptEncoder> {
+    /// The tokenizer and text encoder; with `quantize`, the encoder's decoder layers stored
+    /// quantized. An fp8 text encoder file is refused then: requantizing its weights would
+    /// only add error to the 8 bits it already has.
+    pub fn load_prompt_encoder(
+        &self,
+        dtype: DType,
+        device: &Device,
+        quantize: Option<Quantization>,
+    ) -> Result<PromptEncoder> {
         let tokenizer = PromptTokenizer::from_file(&self.root.join("tokenizer/tokenizer.json"))?;
         let dir = self.root.join("text_encoder");
         let cfg = TextEncoderConfig::from_file(&dir.join("config.json"))?;
-        let vb = plain_var_builder(&component_files(&dir)?, dtype, device)?;
-        let encoder = Qwen3TextEncoder::new(&cfg, vb).map_err(|e| e.in_file(&dir))?;
+        let files = component_files(&dir)?;
+        if let Some(q) = quantize {
+            if holds_fp8(&files)? {
+                return Err(Error::bad_file(
+                    &dir,
+                    format!(
+                        "holds fp8 weights already: leave quantize_text_encoder \
+                         (--quantize-text-encoder) unset rather than {q}, or use a bf16 text encoder"
+                    ),
+                ));
+            }
+        }
+        let vb = plain_var_builder(&files, dtype, device)?;
+        let encoder =
+            Qwen3TextEncoder::new_stored(&cfg, vb, quantize).map_err(|e| e.in_file(&dir))?;
         Ok(PromptEncoder::new(tokenizer, encoder))
     }
 

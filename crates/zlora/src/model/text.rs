@@ -8,7 +8,9 @@
 //! or without the `model.` prefix that `Qwen3ForCausalLM` checkpoints carry.
 //!
 //! Precision: weights may be bf16 or f32; RMSNorm, RoPE tables, attention scores and softmax
-//! are computed in f32 (`nn::attention`).
+//! are computed in f32 (`nn::attention`). The decoder layers' projections may instead be stored
+//! quantized (`quantize_text_encoder`), each quantized as soon as it is read, so at most one
+//! projection is ever dense in memory; the embedding and the norms stay in the compute dtype.
 
 use std::path::Path;
 
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::nn::attention::masked_attention;
+use crate::nn::{QuantWeight, Quantization};
 use crate::{Error, Result};
 
 /// Z-Image's `max_sequence_length`: prompts are cut to this many tokens, template included.
@@ -169,6 +172,93 @@ impl TextEncoderConfig {
     pub fn layers_used(&self) -> usize {
         self.num_hidden_layers - 1
     }
+
+    /// (out, in) of every projection of the decoder layers loaded: the weights
+    /// `quantize_text_encoder` stores quantized.
+    pub fn projection_shapes(&self) -> Vec<(usize, usize)> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+        layer.repeat(self.layers_used())
+    }
+
+    /// Why `q` cannot store this encoder's projections (their input widths), if it cannot.
+    pub fn check_quantization(&self, q: Quantization) -> std::result::Result<(), String> {
+        let widths = [
+            ("hidden", self.hidden_size),
+            ("attention", self.num_attention_heads * self.head_dim),
+            ("intermediate", self.intermediate_size),
+        ];
+        let bad: Vec<String> = widths
+            .iter()
+            .filter(|(_, w)| w % q.row_multiple() != 0)
+            .map(|(n, w)| format!("{n} {w}"))
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "text encoder quantization {q} (quantize_text_encoder, --quantize-text-encoder) \
+             stores rows in blocks of {} values, but this text encoder's projections take \
+             widths {}: use a format whose block divides them (int8 and fp8 take any width, \
+             q8_0 multiples of 32)",
+            q.row_multiple(),
+            bad.join(", ")
+        ))
+    }
+}
+
+/// A decoder layer's projection: dense, or its weight stored quantized (the bias, which Qwen3
+/// has only with `attention_bias`, stays dense).
+enum Projection {
+    Dense(Linear),
+    Quantized {
+        weight: QuantWeight,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Projection {
+    /// Reads the dense weight and, with `quantize`, replaces it by its quantized copy at once.
+    fn new(
+        (inp, out): (usize, usize),
+        bias: bool,
+        quantize: Option<Quantization>,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let dense = candle_nn::linear_b(inp, out, bias, vb)?;
+        let Some(q) = quantize else {
+            return Ok(Self::Dense(dense));
+        };
+        Ok(Self::Quantized {
+            weight: QuantWeight::new(dense.weight(), q).map_err(Error::Invalid)?,
+            bias: dense.bias().cloned(),
+        })
+    }
+
+    /// Bytes the stored weight takes (the bias left out).
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(linear) => {
+                linear.weight().elem_count() * linear.weight().dtype().size_in_bytes()
+            }
+            Self::Quantized { weight, .. } => weight.bytes(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(linear) => linear.forward(x)?,
+            Self::Quantized { weight, bias } => {
+                let y = weight.forward(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+        })
+    }
 }
 
 /// Qwen3RMSNorm: normalise in f32, cast back, then scale (the weight multiplies in its dtype).
@@ -246,10 +336,10 @@ pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     heads: usize,
@@ -258,15 +348,16 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
+        let proj = |shape, name| Projection::new(shape, bias, q, vb.pp(name));
         Ok(Self {
-            q_proj: candle_nn::linear_b(hidden, heads * hd, bias, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_b(hidden, kv_heads * hd, bias, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_b(hidden, kv_heads * hd, bias, vb.pp("v_proj"))?,
-            o_proj: candle_nn::linear_b(heads * hd, hidden, bias, vb.pp("o_proj"))?,
+            q_proj: proj((hidden, heads * hd), "q_proj")?,
+            k_proj: proj((hidden, kv_heads * hd), "k_proj")?,
+            v_proj: proj((hidden, kv_heads * hd), "v_proj")?,
+            o_proj: proj((heads * hd, hidden), "o_proj")?,
             q_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
             k_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
             heads,
@@ -295,31 +386,32 @@ impl Attention {
 
         let out = masked_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
         let out = out.reshape((b, len, self.heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
 /// SwiGLU: down(silu(gate(x)) * up(x)).
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 impl Mlp {
-    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let proj = |shape, name| Projection::new(shape, false, q, vb.pp(name));
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(hidden, inter, vb.pp("up_proj"))?,
-            down_proj: candle_nn::linear_no_bias(inter, hidden, vb.pp("down_proj"))?,
+            gate_proj: proj((hidden, inter), "gate_proj")?,
+            up_proj: proj((hidden, inter), "up_proj")?,
+            down_proj: proj((inter, hidden), "down_proj")?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
@@ -331,17 +423,17 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            self_attn: Attention::new(cfg, q, vb.pp("self_attn"))?,
             post_attention_layernorm: RmsNorm::new(
                 cfg.hidden_size,
                 eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+            mlp: Mlp::new(cfg, q, vb.pp("mlp"))?,
         })
     }
 
@@ -364,7 +456,19 @@ impl Qwen3TextEncoder {
     /// Loads the embedding and the first `num_hidden_layers - 1` decoder layers. `vb` is the
     /// checkpoint root; a `model.` prefix (Qwen3ForCausalLM checkpoints) is detected.
     pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_stored(cfg, vb, None)
+    }
+
+    /// As [`Self::new`], with the decoder layers' projections stored as `quantize` says.
+    pub fn new_stored(
+        cfg: &TextEncoderConfig,
+        vb: VarBuilder,
+        quantize: Option<Quantization>,
+    ) -> Result<Self> {
         cfg.validate().map_err(Error::Invalid)?;
+        if let Some(q) = quantize {
+            cfg.check_quantization(q).map_err(Error::Invalid)?;
+        }
         let vb = if vb.contains_tensor("model.embed_tokens.weight") {
             vb.pp("model")
         } else {
@@ -373,7 +477,7 @@ impl Qwen3TextEncoder {
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
         let layers = (0..cfg.layers_used())
-            .map(|i| DecoderLayer::new(cfg, vb.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(cfg, quantize, vb.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             embed_tokens,
@@ -384,6 +488,26 @@ impl Qwen3TextEncoder {
 
     pub fn config(&self) -> &TextEncoderConfig {
         &self.cfg
+    }
+
+    /// Bytes the decoder layers' projection weights take as stored (what quantizing shrinks).
+    pub fn projection_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+            })
+            .map(Projection::bytes)
+            .sum()
     }
 
     /// ids: (B, L) u32 → `hidden_states[-2]`, (B, L, hidden) in the weight dtype.

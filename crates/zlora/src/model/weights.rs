@@ -812,9 +812,17 @@ pub fn plain_var_builder(
     ))
 }
 
+/// Whether the safetensors files hold a tensor stored in fp8 (a ComfyUI fp8 text encoder).
+pub fn holds_fp8(files: &[PathBuf]) -> Result<bool> {
+    Ok(mmap(files)?
+        .tensors()
+        .iter()
+        .any(|(_, view)| view.dtype() == safetensors::Dtype::F8_E4M3))
+}
+
 /// Safetensors read dense: an fp8 (e4m3) tensor, as in ComfyUI's fp8 text encoders, is
-/// upcast on its own with its `scale_weight`. The text encoder and the VAE are dropped
-/// after encoding and decoding, so keeping them quantized would save nothing at the peak.
+/// upcast on its own with its `scale_weight` (`quantize_text_encoder` is refused with such a
+/// file: requantizing its 8-bit weights would only add error).
 struct Upcast(MmapedSafetensors);
 
 impl SimpleBackend for Upcast {

@@ -179,6 +179,7 @@ mod tests {
             base_bytes: 2.0,
             compute_bytes: 2.0,
             blocks_on_device: None,
+            quantize_text_encoder: None,
             sample: None,
             optimizer: OptimizerConfig::default(),
             ema: false,

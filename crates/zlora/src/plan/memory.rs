@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::dims::{LowRank, ModelDims};
 use crate::nn::attention::MAX_CHUNK_SCORES;
+use crate::nn::Quantization;
 use crate::train::optim::{OptimizerConfig, OptimizerKind};
 
 /// One micro-batch and what else the run does.
@@ -33,6 +34,8 @@ pub struct Workload {
     pub compute_bytes: f64,
     /// Block swap: main layers kept on the device (None: all of them).
     pub blocks_on_device: Option<usize>,
+    /// How the text encoder's decoder-layer projections are stored (None: `encoder_bytes`).
+    pub quantize_text_encoder: Option<Quantization>,
     pub sample: Option<SampleShape>,
     /// Decides the size of the optimizer's state.
     pub optimizer: OptimizerConfig,
@@ -322,10 +325,7 @@ fn caption_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase 
     let transient = l * (8.0 * t.hidden_size as f64 + 3.0 * t.intermediate_size as f64) * e
         + 3.0 * t.num_attention_heads as f64 * l * l * 4.0;
     let mut phase = Phase::new("caption encoding (cache)");
-    phase.push(
-        format!("text encoder weights ({})", dtype_name(e)),
-        dims.text_params as f64 * e,
-    );
+    text_weights_item(&mut phase, dims, work.quantize_text_encoder, e);
     if profile.maps_files {
         phase.push(
             "text encoder files, mapped while loading",
@@ -334,6 +334,32 @@ fn caption_phase(dims: &ModelDims, work: &Workload, profile: &Profile) -> Phase 
     }
     phase.push("one caption's activations", transient);
     phase
+}
+
+/// The text encoder's weights in `e` bytes each, or with its projections stored as `quantize`
+/// (model/text.rs): the embedding and norms stay in `e`, and while it loads one projection at
+/// a time is dense, beside the f32 copy that quantizing it makes.
+fn text_weights_item(phase: &mut Phase, dims: &ModelDims, quantize: Option<Quantization>, e: f64) {
+    let Some(q) = quantize else {
+        phase.push(
+            format!("text encoder weights ({})", dtype_name(e)),
+            dims.text_params as f64 * e,
+        );
+        return;
+    };
+    let shapes = dims.text.projection_shapes();
+    let stored: usize = shapes.iter().map(|&(out, inp)| q.bytes(out, inp)).sum();
+    let dense: usize = shapes.iter().map(|(out, inp)| out * inp).sum();
+    let largest = shapes.iter().map(|(out, inp)| out * inp).max().unwrap_or(0);
+    phase.push(format!("text encoder projections ({q})"), stored as f64);
+    phase.push(
+        format!("text encoder embedding and norms ({})", dtype_name(e)),
+        (dims.text_params as usize - dense) as f64 * e,
+    );
+    phase.push(
+        "one projection being quantized (dense and f32)",
+        largest as f64 * (e + 4.0),
+    );
 }
 
 /// The VAE encodes one image at a time, without gradients.
@@ -746,6 +772,7 @@ mod tests {
             base_bytes: 2.0,
             compute_bytes: 2.0,
             blocks_on_device: None,
+            quantize_text_encoder: None,
             sample: None,
             optimizer: OptimizerConfig::default(),
             ema: false,

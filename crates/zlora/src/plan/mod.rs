@@ -102,6 +102,10 @@ impl Fit {
             "bf16" => "base_dtype = \"bf16\"".to_string(),
             q => format!("quantize = \"{q}\", base_dtype = \"bf16\""),
         };
+        let base = match self.quantize_text_encoder {
+            Some(q) => format!("{base}, quantize_text_encoder = \"{q}\""),
+            None => base,
+        };
         match self.blocks_on_device {
             Some(n) => format!(
                 "{base}, blocks_on_device = {n} ({} blocks swapped, +{:.2} s/step)",
@@ -119,6 +123,9 @@ pub struct Fit {
     pub base: String,
     /// `[model] blocks_on_device` for that (None: no swap needed).
     pub blocks_on_device: Option<usize>,
+    /// `[model] quantize_text_encoder`: the configuration's, or int8 when the text encoder
+    /// in the compute dtype alone does not fit.
+    pub quantize_text_encoder: Option<Quantization>,
     pub swapped_blocks: usize,
     pub peak_memory_gib: f64,
     /// False when even every main layer swapped does not fit.
@@ -296,6 +303,7 @@ pub fn workload(cfg: &TrainConfig, dims: &ModelDims, caption_tokens: usize) -> R
         base_bytes: base_bytes(cfg.model.quantize, compute_bytes),
         compute_bytes,
         blocks_on_device: cfg.model.blocks_on_device,
+        quantize_text_encoder: cfg.model.quantize_text_encoder,
         sample: sample_shape(cfg, factor),
         optimizer: t.optimizer_config(),
         ema: t.ema.is_some(),
@@ -312,6 +320,7 @@ pub struct GenerationShape {
     pub guidance: bool,
     pub quantize: Option<Quantization>,
     pub blocks_on_device: Option<usize>,
+    pub quantize_text_encoder: Option<Quantization>,
 }
 
 /// GPU memory of `zlora generate` by phase, in bf16 on CUDA with the table's context and
@@ -330,6 +339,7 @@ pub fn generation(dims: &ModelDims, shape: GenerationShape, table: &GpuTable) ->
         base_bytes: base_bytes(shape.quantize, compute_bytes),
         compute_bytes,
         blocks_on_device: shape.blocks_on_device,
+        quantize_text_encoder: shape.quantize_text_encoder,
         sample: None,
         optimizer: Default::default(),
         ema: false,
@@ -408,10 +418,17 @@ const FIT_BASES: [Option<Quantization>; 5] = [
     Some(Quantization::Q4K),
 ];
 
-/// One base storage with its GPU peak for every number of swapped blocks (index = swapped).
+/// What the fit table stores the text encoder as when the configuration's storage of it
+/// does not fit: 8 bits, which takes any width.
+const FIT_TEXT_ENCODER: Quantization = Quantization::Int8;
+
+/// One base storage with its GPU peak for every number of swapped blocks (index = swapped),
+/// with the configuration's text encoder storage and, when that is dense, with
+/// [`FIT_TEXT_ENCODER`].
 struct StoragePeaks {
     base: Option<Quantization>,
     peaks: Vec<f64>,
+    text_quantized_peaks: Option<Vec<f64>>,
     /// Bytes one swapped block copies per step.
     block_bytes_per_step: f64,
 }
@@ -471,34 +488,49 @@ impl Context<'_> {
         })
     }
 
-    /// The configuration computed in bf16 with its base stored as `base` and `swapped` main
-    /// layers swapped.
-    fn with_storage(&self, base: Option<Quantization>, swapped: usize) -> TrainConfig {
+    /// The configuration computed in bf16 with its base stored as `base`, `swapped` main
+    /// layers swapped and the text encoder stored as `text` (None: the configuration's).
+    fn with_storage(
+        &self,
+        base: Option<Quantization>,
+        swapped: usize,
+        text: Option<Quantization>,
+    ) -> TrainConfig {
         let mut cfg = self.cfg.clone();
         cfg.model.base_dtype = "bf16".into();
         cfg.model.quantize = base;
         let layers = self.run.dims.transformer.n_layers;
         cfg.model.blocks_on_device = (swapped > 0).then(|| layers - swapped);
+        cfg.model.quantize_text_encoder = text.or(cfg.model.quantize_text_encoder);
         cfg
     }
 
-    /// Every fit-table storage's peak for 0..=L swapped blocks.
+    /// One storage's peaks for 0..=L swapped blocks.
+    fn peaks(&self, base: Option<Quantization>, text: Option<Quantization>) -> Result<Vec<f64>> {
+        (0..=self.run.dims.transformer.n_layers)
+            .map(|swapped| self.peak_of_config(&self.with_storage(base, swapped, text)))
+            .collect()
+    }
+
+    /// Every fit-table storage's peaks.
     fn storage_peaks(&self) -> Result<Vec<StoragePeaks>> {
-        let layers = self.run.dims.transformer.n_layers;
+        let dense_text = self.cfg.model.quantize_text_encoder.is_none();
         FIT_BASES
             .iter()
             .map(|&base| {
-                let peaks = (0..=layers)
-                    .map(|swapped| self.peak_of_config(&self.with_storage(base, swapped)))
-                    .collect::<Result<Vec<_>>>()?;
                 let work = workload(
-                    &self.with_storage(base, 1),
+                    &self.with_storage(base, 1, None),
                     self.run.dims,
                     self.opts.caption_tokens,
                 )?;
                 Ok(StoragePeaks {
                     base,
-                    peaks,
+                    peaks: self.peaks(base, None)?,
+                    text_quantized_peaks: if dense_text {
+                        Some(self.peaks(base, Some(FIT_TEXT_ENCODER))?)
+                    } else {
+                        None
+                    },
                     block_bytes_per_step: swap_bytes_per_step(self.run, &work),
                 })
             })
@@ -506,20 +538,29 @@ impl Context<'_> {
     }
 
     /// The least swap that fits `capacity`, per storage, with its step time on a GPU that
-    /// computes a step in `compute_seconds` and copies `link` bytes per second.
+    /// computes a step in `compute_seconds` and copies `link` bytes per second. The text
+    /// encoder is stored quantized only when the configuration's storage of it fits with no
+    /// number of swapped blocks (it runs in its own phase, which swap does not touch); a row
+    /// that fits neither way reports the lower, quantized, peak.
     fn fit(&self, capacity: f64, compute_seconds: f64, link: f64) -> Vec<Fit> {
         let layers = self.run.dims.transformer.n_layers;
+        let least = |peaks: &[f64]| peaks.iter().position(|&p| p <= capacity);
         self.storages
             .iter()
             .map(|s| {
-                let found = s.peaks.iter().position(|&p| p <= capacity);
+                let configured = self.cfg.model.quantize_text_encoder;
+                let (peaks, text, found) = match (least(&s.peaks), &s.text_quantized_peaks) {
+                    (None, Some(q)) => (q, Some(FIT_TEXT_ENCODER), least(q)),
+                    (found, _) => (&s.peaks, configured, found),
+                };
                 let swapped = found.unwrap_or(layers);
                 let swap_seconds = swapped as f64 * s.block_bytes_per_step / link;
                 Fit {
                     base: s.base.map_or("bf16".into(), |q| q.to_string()),
                     blocks_on_device: (swapped > 0).then(|| layers - swapped),
+                    quantize_text_encoder: text,
                     swapped_blocks: swapped,
-                    peak_memory_gib: s.peaks[swapped] / GIB,
+                    peak_memory_gib: peaks[swapped] / GIB,
                     fits: found.is_some(),
                     swap_seconds_per_step: swap_seconds,
                     seconds_per_step: compute_seconds + swap_seconds,
@@ -627,6 +668,12 @@ fn candidates(cfg: &TrainConfig) -> Vec<Candidate> {
                 c.train.gradient_accumulation = b * acc;
             },
         ));
+    }
+    if cfg.model.quantize_text_encoder.is_none() {
+        let label = format!("quantize_text_encoder = \"{FIT_TEXT_ENCODER}\"");
+        out.push(candidate("text_encoder", &label, |c| {
+            c.model.quantize_text_encoder = Some(FIT_TEXT_ENCODER)
+        }));
     }
     if cfg.model.base_dtype == "f32" {
         out.push(candidate("dtype", "base_dtype = \"bf16\"", |c| {
@@ -825,6 +872,8 @@ mod tests {
         for row in &rows {
             let q = row.base.parse::<Quantization>().ok();
             assert!(row.fits, "{row:?}");
+            // A 12 GB card holds the bf16 text encoder.
+            assert_eq!(row.quantize_text_encoder, None);
             let planned = gpu(&with(&cfg, q, row.blocks_on_device), "4070");
             assert!(planned.fits, "{row:?}");
             assert!((planned.peak_memory_gib - row.peak_memory_gib).abs() < 1e-9);
@@ -872,40 +921,91 @@ mod tests {
         let row = &gpu(&cfg, "4070").fit[2];
         assert!(row.fits && row.swapped_blocks <= 10, "{row:?}");
 
-        // 8 GB, q4_k + swap: every block swapped still leaves the caption encoding phase
-        // (the bf16 text encoder) above 8 GiB.
+        // 8 GB, q4_k + swap: with the bf16 text encoder, every block swapped still leaves
+        // the caption encoding phase above 8 GiB; with its projections in int8 the run fits.
         let q4 = with(&cfg, Some(Quantization::Q4K), Some(0));
-        let p = plan(&q4, &options(&["4060ti-8"])).unwrap();
-        for phase in &p.memory {
-            eprintln!(
-                "q4_k, all swapped: {} {:.2} GiB",
-                phase.name,
-                phase.total() / GIB
-            );
-        }
+        let phases = |cfg: &TrainConfig| {
+            let p = plan(cfg, &options(&["4060ti-8"])).unwrap();
+            for phase in &p.memory {
+                let te = cfg.model.quantize_text_encoder;
+                let gib = phase.total() / GIB;
+                eprintln!(
+                    "q4_k, all swapped, text encoder {te:?}: {} {gib:.2} GiB",
+                    phase.name
+                );
+            }
+            p
+        };
+        let p = phases(&q4);
         assert!(!p.gpus[0].fits);
         assert_eq!(p.peak_phase, "caption encoding (cache)");
         let training = p.memory.iter().find(|ph| ph.name == "training").unwrap();
         assert!(training.total() < 8.0 * GIB);
+        let mut q4_te = q4.clone();
+        q4_te.model.quantize_text_encoder = Some(Quantization::Int8);
+        let p = phases(&q4_te);
+        assert!(p.gpus[0].fits);
+        assert_eq!(p.peak_phase, "training");
+        let caption = p
+            .memory
+            .iter()
+            .find(|ph| ph.name.starts_with("caption"))
+            .unwrap();
+        assert!(caption.total() < 6.0 * GIB, "{caption:?}");
+        // The fit table finds it: q4_k with the text encoder in int8 and the least swap that
+        // fits, which is that configuration's plan; the bf16 text encoder fits no row.
+        let fit = gpu(&cfg, "4060ti-8").fit;
+        let row = &fit[4];
+        assert!(
+            row.fits && row.quantize_text_encoder == Some(Quantization::Int8),
+            "{row:?}"
+        );
+        let mut planned = with(&cfg, Some(Quantization::Q4K), row.blocks_on_device);
+        planned.model.quantize_text_encoder = row.quantize_text_encoder;
+        let planned = gpu(&planned, "4060ti-8");
+        assert!(planned.fits && (planned.peak_memory_gib - row.peak_memory_gib).abs() < 1e-9);
+        assert!(fit
+            .iter()
+            .all(|r| !r.fits || r.quantize_text_encoder.is_some()));
+        // The advice for the configuration as written names the text encoder's storage.
+        let advice = gpu(&with(&cfg, Some(Quantization::Q4K), Some(0)), "4060ti-8").changes;
+        eprintln!("advice: {advice:?}");
+        assert!(
+            advice
+                .iter()
+                .any(|c| c.fits && c.change == "quantize_text_encoder = \"int8\""),
+            "{advice:?}"
+        );
 
         // 8 GB, Turbo generation at 1024 px on q8_0: the same text encoder decides.
         let dims = ModelDims::built_in(crate::train::config::Variant::Turbo).unwrap();
         let table = GpuTable::built_in().unwrap();
-        for on_device in [None, Some(0)] {
-            let shape = GenerationShape {
-                width: 1024,
-                height: 1024,
-                caption_tokens: MAX_CAPTION_TOKENS,
-                guidance: false,
-                quantize: Some(Quantization::Q8_0),
-                blocks_on_device: on_device,
-            };
-            for phase in generation(&dims, shape, &table) {
-                eprintln!(
-                    "generate q8_0, blocks on device {on_device:?}: {} {:.2} GiB",
-                    phase.name,
-                    phase.total() / GIB
-                );
+        for text in [None, Some(Quantization::Int8), Some(Quantization::Q8_0)] {
+            for on_device in [None, Some(0)] {
+                let shape = GenerationShape {
+                    width: 1024,
+                    height: 1024,
+                    caption_tokens: MAX_CAPTION_TOKENS,
+                    guidance: false,
+                    quantize: Some(Quantization::Q8_0),
+                    blocks_on_device: on_device,
+                    quantize_text_encoder: text,
+                };
+                let phases = generation(&dims, shape, &table);
+                for phase in &phases {
+                    eprintln!(
+                        "generate q8_0, blocks on device {on_device:?}, text encoder {text:?}: \
+                         {} {:.2} GiB",
+                        phase.name,
+                        phase.total() / GIB
+                    );
+                }
+                let peak = peak_of(&phases);
+                let fits = peak.1 <= 8.0 * GIB;
+                assert_eq!(fits, text.is_some(), "{text:?} {on_device:?}: {peak:?}");
+                if !fits {
+                    assert_eq!(peak.0, "prompt encoding");
+                }
             }
         }
     }

@@ -155,7 +155,11 @@ pub fn generate(req: &GenerateRequest, events: &mut dyn FnMut(Event)) -> Result<
     check_outputs(req, &seeds)?;
     let starts = initial_latents(req, &seeds, h, w, &device)?;
 
-    events(Event::Stage("encoding the prompt"));
+    let encoding = match req.storage.quantize_text_encoder {
+        Some(q) => format!("encoding the prompt, the text encoder stored as {q}"),
+        None => "encoding the prompt".to_string(),
+    };
+    events(Event::Stage(&encoding));
     let cond = encode_prompt(&folder, req, (dtype, &device), events)?;
 
     events(Event::Stage(&loading(req.storage)));
@@ -334,7 +338,8 @@ fn encode_prompt(
     let negative = (req.guidance.scale > 0.0).then_some(req.negative_prompt.as_str());
     let prompts = std::slice::from_ref(&req.prompt);
     let mut warn = |w: &str| events(Event::Stage(w));
-    encode_conditions(folder, prompts, negative, (dtype, device), &mut warn)?
+    let storage = (dtype, device, req.storage.quantize_text_encoder);
+    encode_conditions(folder, prompts, negative, storage, &mut warn)?
         .pop()
         .ok_or_else(|| Error::Invalid("prompt encoding returned nothing".into()))
 }
@@ -405,6 +410,7 @@ fn parameters(
         "model": req.model,
         "transformer_file": req.transformer_file.as_ref().map(|p| p.display().to_string()),
         "quantize": req.storage.quantize.map(|q| q.to_string()),
+        "quantize_text_encoder": req.storage.quantize_text_encoder.map(|q| q.to_string()),
         "prompt": req.prompt,
         "negative_prompt": if settings.guidance.scale > 0.0 { Some(&req.negative_prompt) } else { None },
         "width": req.width, "height": req.height,

@@ -11,6 +11,7 @@ use super::guidance::Guidance;
 use super::schedule::{model_time, sigmas};
 use crate::model::folder::ModelFolder;
 use crate::model::ZImageTransformer;
+use crate::nn::Quantization;
 
 /// Caption features of one prompt and, when CFG may run, of its negative prompt.
 #[derive(Debug, Clone)]
@@ -26,18 +27,18 @@ pub struct DenoiseSettings {
     pub guidance: Guidance,
 }
 
-/// Encodes `prompts` with the folder's text encoder, which is dropped on return (before any
-/// transformer is loaded), and pairs each with the `negative` prompt's features when CFG may
+/// Encodes `prompts` with the folder's text encoder (its decoder layers stored as `quantize`
+/// says), which is dropped on return (before any transformer is loaded), and pairs each with the `negative` prompt's features when CFG may
 /// run (the negative is encoded once and shared). A prompt longer than the encoder reads is
 /// reported to `warn`.
 pub fn encode_conditions(
     folder: &ModelFolder,
     prompts: &[String],
     negative: Option<&str>,
-    (dtype, device): (DType, &Device),
+    (dtype, device, quantize): (DType, &Device, Option<Quantization>),
     warn: &mut dyn FnMut(&str),
 ) -> crate::Result<Vec<Conditioning>> {
-    let encoder = folder.load_prompt_encoder(dtype, device)?;
+    let encoder = folder.load_prompt_encoder(dtype, device, quantize)?;
     for prompt in prompts.iter().map(String::as_str).chain(negative) {
         if let Some(warning) = encoder.tokenizer().cut_warning(prompt)? {
             warn(&warning);

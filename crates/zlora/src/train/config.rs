@@ -109,6 +109,10 @@ pub struct ModelSection {
     /// None: every block stays on the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks_on_device: Option<usize>,
+    /// Stores the text encoder's decoder layers quantized while captions and sample prompts
+    /// are encoded (the same formats as `quantize`). None: stored in the encode dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize_text_encoder: Option<Quantization>,
 }
 
 impl ModelSection {
@@ -117,6 +121,7 @@ impl ModelSection {
         BaseStorage {
             quantize: self.quantize,
             blocks_on_device: self.blocks_on_device,
+            quantize_text_encoder: self.quantize_text_encoder,
         }
     }
 }

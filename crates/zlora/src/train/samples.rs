@@ -44,7 +44,8 @@ impl Sampler {
         let guidance = s.guidance.unwrap_or(guidance);
         let conds = if s.every > 0 {
             let negative = (guidance > 0.0).then_some(s.negative_prompt.as_str());
-            encode_conditions(folder, &s.prompts, negative, (dtype, device), warn)?
+            let storage = (dtype, device, cfg.model.quantize_text_encoder);
+            encode_conditions(folder, &s.prompts, negative, storage, warn)?
         } else {
             Vec::new()
         };

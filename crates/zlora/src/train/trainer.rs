@@ -94,13 +94,18 @@ pub fn train(
         .model
         .blocks_on_device
         .map(|n| format!(", {n} main layers on the device (the others swapped in)"));
+    let text = cfg
+        .model
+        .quantize_text_encoder
+        .map(|q| format!(", text encoder stored as {q}"));
     events(Event::Message(format!(
-        "mode {} on {} ({}{}{})",
+        "mode {} on {} ({}{}{}{})",
         mode.name(),
         folder.root().display(),
         crate::device::describe(&device, base_dtype(cfg)),
         quantized.unwrap_or_default(),
-        swapped.unwrap_or_default()
+        swapped.unwrap_or_default(),
+        text.unwrap_or_default()
     )));
 
     // Checked from the checkpoint's header before any data is cached or weight loaded.
@@ -397,6 +402,7 @@ fn prepare_data(
         // bf16 on a GPU (Qwen3-4B in f32 would take 16 GB), f32 on the CPU.
         dtype: crate::device::default_dtype(device),
         device: device.clone(),
+        quantize_text_encoder: cfg.model.quantize_text_encoder,
         class: cfg.train.preservation.as_ref().map(|p| p.class.clone()),
     };
     let (data, stats) = CachedDataset::build(&datasets, folder, &opts, |stage, done, total| {

@@ -56,6 +56,9 @@ pub struct RenderSettings {
     /// Block swap: main layers kept on the device (as `generate --blocks-on-device`).
     #[serde(default)]
     pub blocks_on_device: Option<usize>,
+    /// How the text encoder's decoder layers are stored (as `generate --quantize-text-encoder`).
+    #[serde(default)]
+    pub quantize_text_encoder: Option<Quantization>,
 }
 
 impl RenderSettings {
@@ -64,6 +67,7 @@ impl RenderSettings {
         BaseStorage {
             quantize: self.quantize,
             blocks_on_device: self.blocks_on_device,
+            quantize_text_encoder: self.quantize_text_encoder,
         }
     }
 }
@@ -79,6 +83,7 @@ impl Default for RenderSettings {
             dtype: Precision::default(),
             quantize: None,
             blocks_on_device: None,
+            quantize_text_encoder: None,
         }
     }
 }
@@ -419,6 +424,14 @@ mod tests {
         assert!(err.contains("unknown quantization 'q2'"), "{err}");
         let plan: ValidationPlan = toml::from_str(&format!("{base}blocks_on_device = 3")).unwrap();
         assert_eq!(plan.render.storage().blocks_on_device, Some(3));
+        let text = format!("{base}quantize_text_encoder = \"int8\"");
+        let plan: ValidationPlan = toml::from_str(&text).unwrap();
+        let storage = plan.render.storage();
+        assert_eq!(storage.quantize_text_encoder, Some(Quantization::Int8));
+        let err = toml::from_str::<ValidationPlan>(&format!("{base}quantize_text_encoder = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("quantize_text_encoder"), "{err}");
         let err = toml::from_str::<ValidationPlan>(&format!("{base}blocks_on_device = -1"))
             .unwrap_err()
             .to_string();

@@ -96,7 +96,8 @@ impl Session {
             .collect::<candle_core::Result<Vec<_>>>()?;
         progress.stage(&format!("{model}: encoding {} prompts", prompts.len()));
         let negative = cfg.then_some(render.negative_prompt.as_str());
-        let conds = encode_conditions(&folder, prompts, negative, (dtype, &device), &mut |w| {
+        let storage = (dtype, &device, render.quantize_text_encoder);
+        let conds = encode_conditions(&folder, prompts, negative, storage, &mut |w| {
             progress.stage(w)
         })?;
         progress.stage(&format!("{model}: loading the transformer"));

@@ -165,6 +165,7 @@ fn render_settings(req: &SweepRequest, cfg: &TrainConfig, trigger: Option<&str>)
         // The base the LoRA was trained on.
         quantize: cfg.model.quantize,
         blocks_on_device: cfg.model.blocks_on_device,
+        quantize_text_encoder: cfg.model.quantize_text_encoder,
     }
 }
 
