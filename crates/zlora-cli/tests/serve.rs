@@ -9,30 +9,7 @@ mod serve_common;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use serve_common::{raw_request, train_config, validation_plan, Server};
-
-/// A folder with the tiny model at models/tiny and a six-image dataset at datasets/tiny.
-fn root_with_tiny() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-    common::stderr(&common::zlora(&[
-        "tiny-model",
-        "--out",
-        &p("models/tiny"),
-        "--dim",
-        "32",
-    ]));
-    common::stderr(&common::zlora(&[
-        "tiny-dataset",
-        "--out",
-        &p("datasets/tiny"),
-        "--count",
-        "6",
-        "--size",
-        "32",
-    ]));
-    dir
-}
+use serve_common::{raw_request, root_with_tiny, train_config, validation_plan, Server};
 
 fn submit(s: &Server, config: &str) -> i64 {
     let r = s.post_json("/api/jobs", &json!({"kind": "train", "config": config}));

@@ -7,7 +7,7 @@ mod common;
 mod serve_common;
 
 use serde_json::{json, Value};
-use serve_common::{train_config, validation_plan, Reply, Server};
+use serve_common::{root_with_tiny, train_config, validation_plan, Reply, Server};
 use zlora::lora::write::{save, Metadata};
 use zlora::lora::{Layout, LoraFile};
 use zlora::train::config::{TrainConfig, Variant};
@@ -150,29 +150,6 @@ fn the_new_run_form_writes_a_config_that_parses_plans_and_queues() {
         (job["kind"].as_str(), job["output"].as_str()),
         (Some("train"), Some("runs/q"))
     );
-}
-
-/// A folder with the tiny model (dim 32) and dataset, as serve.rs's tests use.
-fn root_with_tiny() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
-    common::stderr(&common::zlora(&[
-        "tiny-model",
-        "--out",
-        &p("models/tiny"),
-        "--dim",
-        "32",
-    ]));
-    common::stderr(&common::zlora(&[
-        "tiny-dataset",
-        "--out",
-        &p("datasets/tiny"),
-        "--count",
-        "6",
-        "--size",
-        "32",
-    ]));
-    dir
 }
 
 fn run_job(s: &Server, kind: &str, config: &str) {

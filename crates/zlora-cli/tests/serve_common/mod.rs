@@ -235,3 +235,26 @@ height = 32
 "#
     )
 }
+
+/// A folder with the tiny model at models/tiny and a six-image dataset at datasets/tiny.
+pub fn root_with_tiny() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |s: &str| dir.path().join(s).to_str().unwrap().to_string();
+    crate::common::stderr(&crate::common::zlora(&[
+        "tiny-model",
+        "--out",
+        &p("models/tiny"),
+        "--dim",
+        "32",
+    ]));
+    crate::common::stderr(&crate::common::zlora(&[
+        "tiny-dataset",
+        "--out",
+        &p("datasets/tiny"),
+        "--count",
+        "6",
+        "--size",
+        "32",
+    ]));
+    dir
+}
