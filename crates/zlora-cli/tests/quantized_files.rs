@@ -76,34 +76,18 @@ fn generate_from_a_quantized_gguf_equals_generate_with_quantize() {
             &format!("{q}-built"),
             &["--quantize", q],
         );
-        let diff = (&from_file - &built)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "{q}: the GGUF's model differs from --quantize's");
+        assert_eq!(
+            rel_err(&from_file, &built),
+            0.0,
+            "{q}: the GGUF's model differs from --quantize's"
+        );
         // Block swap holds the file's quantized weights in host memory between their
         // blocks' runs: the same latents.
-        let swapped = [s(&gguf), "--blocks-on-device", "0"];
-        let swapped = latents(
-            &model,
-            dir.path(),
-            &format!("{q}-swapped"),
-            &[&["--transformer"], &swapped[..]].concat(),
-        );
-        assert!(
-            (&swapped - &from_file)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                == 0.0,
+        let args = ["--transformer", s(&gguf), "--blocks-on-device", "0"];
+        let swapped = latents(&model, dir.path(), &format!("{q}-swapped"), &args);
+        assert_eq!(
+            rel_err(&swapped, &from_file),
+            0.0,
             "{q}: block swap changed the GGUF's latents"
         );
     }
@@ -200,20 +184,27 @@ fn fixture_latents(transformer: &Path, dir: &Path, name: &str) -> Tensor {
     candle_core::safetensors::load(&file, &Device::Cpu).unwrap()["latents"].clone()
 }
 
+/// The relative difference between the fixture model's latents with the quantized
+/// transformer file `file` and with its dequantized weights `dequantized` (both in
+/// fixtures/quantized/).
+fn against_dequantized(file: &str, dequantized: &str) -> f32 {
+    let dir = tempfile::tempdir().unwrap();
+    let q = quantized_fixtures();
+    let dense = overlaid(
+        &q.join(dequantized),
+        &dir.path().join("dense-transformer.safetensors"),
+    );
+    let from_file = fixture_latents(&q.join(file), dir.path(), "file");
+    let from_dense = fixture_latents(&dense, dir.path(), "dense");
+    rel_err(&from_file, &from_dense)
+}
+
 /// A GGUF the `gguf` package wrote in ComfyUI-GGUF's layout (Q8_0, Q4_0, F16, BF16 and F32
 /// tensors; scripts/make_quantized_fixtures.py) generates as its dequantized weights do, up
 /// to the 8-bit activations of the quantized kernels.
 #[test]
 fn a_gguf_from_the_gguf_package_generates_as_its_dequantized_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = quantized_fixtures();
-    let dense = overlaid(
-        &q.join("comfy_gguf_dequantized.safetensors"),
-        &dir.path().join("dense-transformer.safetensors"),
-    );
-    let from_gguf = fixture_latents(&q.join("comfy_gguf.gguf"), dir.path(), "gguf");
-    let from_dense = fixture_latents(&dense, dir.path(), "dense");
-    let err = rel_err(&from_gguf, &from_dense);
+    let err = against_dequantized("comfy_gguf.gguf", "comfy_gguf_dequantized.safetensors");
     eprintln!("GGUF fixture vs its dequantized weights: {err:.2e}");
     // Twice the measured 6.0e-3 (docs/generate.md).
     assert!(err < 1.2e-2, "{err}");
@@ -224,15 +215,7 @@ fn a_gguf_from_the_gguf_package_generates_as_its_dequantized_weights() {
 /// do: each Linear dequantizes its codes × scale in f32 before the same product.
 #[test]
 fn a_comfyui_fp8_checkpoint_generates_as_its_dequantized_weights() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = quantized_fixtures();
-    let dense = overlaid(
-        &q.join("comfy_fp8_dequantized.safetensors"),
-        &dir.path().join("dense-transformer.safetensors"),
-    );
-    let from_fp8 = fixture_latents(&q.join("comfy_fp8.safetensors"), dir.path(), "fp8");
-    let from_dense = fixture_latents(&dense, dir.path(), "dense");
-    let err = rel_err(&from_fp8, &from_dense);
+    let err = against_dequantized("comfy_fp8.safetensors", "comfy_fp8_dequantized.safetensors");
     assert_eq!(err, 0.0, "fp8 fixture vs its dequantized weights");
 }
 
