@@ -341,15 +341,8 @@ fn killed_runs_resume_exactly(optimizer: &str, kept: &str) {
     let s = Setup::new();
     let steps = ["--steps", "40"];
     let reference = s.config("reference", "", optimizer, "");
-    let started = Instant::now();
-    stderr(&zlora(&[
-        "train",
-        reference.to_str().unwrap(),
-        steps[0],
-        steps[1],
-    ]));
     let cfg = s.config("killed", "", optimizer, "");
-    train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 3);
+    reference_then_killed(&s, &reference, &cfg, &steps, 3);
     assert_same_tensors(
         &s.path("killed/lora.safetensors"),
         &s.path("reference/lora.safetensors"),
@@ -367,6 +360,16 @@ fn killed_runs_resume_exactly(optimizer: &str, kept: &str) {
         &s.path(&format!("killed/{state}")),
         &s.path(&format!("reference/{state}")),
     );
+}
+
+/// Trains `reference` uninterrupted, then `killed` (output folder "killed") with `kills`
+/// SIGKILLs at random moments within the reference run's time, resuming after each.
+fn reference_then_killed(s: &Setup, reference: &Path, killed: &Path, steps: &[&str], kills: usize) {
+    let started = Instant::now();
+    let mut args = vec!["train", reference.to_str().unwrap()];
+    args.extend_from_slice(steps);
+    stderr(&zlora(&args));
+    train_with_kills(s, "killed", killed, steps, started.elapsed(), kills);
 }
 
 /// Runs `cfg` (writing to `name`) SIGKILLed `kills` times at random moments of a run as long
@@ -1191,15 +1194,8 @@ fn a_preserving_run_killed_at_random_moments_resumes_exactly_and_logs_each_step_
     let steps = ["--steps", "30"];
     let extra = "preservation = { class = \"woman\" }\n[log]\ntensorboard = true";
     let reference = s.config("reference", "", extra, "");
-    let started = Instant::now();
-    stderr(&zlora(&[
-        "train",
-        reference.to_str().unwrap(),
-        steps[0],
-        steps[1],
-    ]));
     let cfg = s.config("killed", "", extra, "");
-    train_with_kills(&s, "killed", &cfg, &steps, started.elapsed(), 3);
+    reference_then_killed(&s, &reference, &cfg, &steps, 3);
     for file in [
         "lora.safetensors",
         "checkpoints/step-000030/state.safetensors",
