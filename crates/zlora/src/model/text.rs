@@ -15,12 +15,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::nn::attention::masked_attention;
-use crate::nn::{QuantWeight, Quantization};
+use crate::nn::{Linear, Quantization};
 use crate::{Error, Result};
 
 /// Z-Image's `max_sequence_length`: prompts are cut to this many tokens, template included.
@@ -209,56 +209,21 @@ impl TextEncoderConfig {
     }
 }
 
-/// A decoder layer's projection: dense, or its weight stored quantized (the bias, which Qwen3
-/// has only with `attention_bias`, stays dense).
-enum Projection {
-    Dense(Linear),
-    Quantized {
-        weight: QuantWeight,
-        bias: Option<Tensor>,
-    },
-}
-
-impl Projection {
-    /// Reads the dense weight and, with `quantize`, replaces it by its quantized copy at once.
-    fn new(
-        (inp, out): (usize, usize),
-        bias: bool,
-        quantize: Option<Quantization>,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let dense = candle_nn::linear_b(inp, out, bias, vb)?;
-        let Some(q) = quantize else {
-            return Ok(Self::Dense(dense));
-        };
-        Ok(Self::Quantized {
-            weight: QuantWeight::new(dense.weight(), q).map_err(Error::Invalid)?,
-            bias: dense.bias().cloned(),
-        })
+/// A decoder layer's projection (a bias only with `attention_bias`), its weight replaced by
+/// its quantized copy as soon as it is read when `quantize` is given (the bias stays dense;
+/// the widths were checked against the format before loading).
+fn projection(
+    (inp, out): (usize, usize),
+    bias: bool,
+    quantize: Option<Quantization>,
+    vb: VarBuilder,
+) -> Result<Linear> {
+    let dense = candle_nn::linear_b(inp, out, bias, vb)?;
+    let mut linear = Linear::new(dense.weight().clone(), dense.bias().cloned());
+    if let Some(q) = quantize {
+        linear.quantize(q).map_err(Error::Invalid)?;
     }
-
-    /// Bytes the stored weight takes (the bias left out).
-    fn bytes(&self) -> usize {
-        match self {
-            Self::Dense(linear) => {
-                linear.weight().elem_count() * linear.weight().dtype().size_in_bytes()
-            }
-            Self::Quantized { weight, .. } => weight.bytes(),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Self::Dense(linear) => linear.forward(x)?,
-            Self::Quantized { weight, bias } => {
-                let y = weight.forward(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
-        })
-    }
+    Ok(linear)
 }
 
 /// Qwen3RMSNorm: normalise in f32, cast back, then scale (the weight multiplies in its dtype).
@@ -336,10 +301,10 @@ pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 struct Attention {
-    q_proj: Projection,
-    k_proj: Projection,
-    v_proj: Projection,
-    o_proj: Projection,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     heads: usize,
@@ -352,7 +317,7 @@ impl Attention {
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
-        let proj = |shape, name| Projection::new(shape, bias, q, vb.pp(name));
+        let proj = |shape, name| projection(shape, bias, q, vb.pp(name));
         Ok(Self {
             q_proj: proj((hidden, heads * hd), "q_proj")?,
             k_proj: proj((hidden, kv_heads * hd), "k_proj")?,
@@ -386,21 +351,21 @@ impl Attention {
 
         let out = masked_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
         let out = out.reshape((b, len, self.heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        Ok(self.o_proj.forward(&out)?)
     }
 }
 
 /// SwiGLU: down(silu(gate(x)) * up(x)).
 struct Mlp {
-    gate_proj: Projection,
-    up_proj: Projection,
-    down_proj: Projection,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
     fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let proj = |shape, name| Projection::new(shape, false, q, vb.pp(name));
+        let proj = |shape, name| projection(shape, false, q, vb.pp(name));
         Ok(Self {
             gate_proj: proj((hidden, inter), "gate_proj")?,
             up_proj: proj((hidden, inter), "up_proj")?,
@@ -411,7 +376,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        Ok(self.down_proj.forward(&(gate * up)?)?)
     }
 }
 
@@ -506,7 +471,7 @@ impl Qwen3TextEncoder {
                     &m.down_proj,
                 ]
             })
-            .map(Projection::bytes)
+            .map(|p| p.weight().bytes())
             .sum()
     }
 
