@@ -7,6 +7,7 @@ pub mod adamw8bit;
 pub mod backprop;
 pub mod config;
 pub mod ema;
+pub mod exchange;
 pub(crate) mod host;
 pub mod log;
 pub mod lora;
