@@ -287,7 +287,7 @@ fn quantized_weights_caption_and_a_format_that_does_not_fit_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.trim().lines().last().unwrap();
     assert!(
-        last.contains("--quantize q4_k: model.visual.blocks.0.attn.qkv.weight")
+        last.contains("model.visual.blocks.0.attn.qkv.weight cannot be stored as q4_k")
             && last.contains("int8 and fp8 take any width"),
         "{err}"
     );

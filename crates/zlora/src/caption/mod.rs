@@ -397,8 +397,7 @@ impl Captioner {
     }
 }
 
-/// A checkpoint Linear at `vb` (weight (out, inp), optional bias), its weight stored as
-/// `quantize` when given; a width the format's blocks do not divide is an error naming it.
+/// A checkpoint Linear at `vb`, its weight stored as `quantize` when given.
 fn linear(
     inp: usize,
     out: usize,
@@ -406,21 +405,7 @@ fn linear(
     vb: candle_nn::VarBuilder,
     quantize: Option<Quantization>,
 ) -> Result<Linear> {
-    let bias = if bias {
-        Some(vb.get(out, "bias")?)
-    } else {
-        None
-    };
-    let mut linear = Linear::new(vb.get((out, inp), "weight")?, bias);
-    if let Some(q) = quantize {
-        linear.quantize(q).map_err(|e| {
-            Error::Invalid(format!(
-                "--quantize {q}: {}.weight: {e}; int8 and fp8 take any width",
-                vb.prefix()
-            ))
-        })?;
-    }
-    Ok(linear)
+    Ok(Linear::load((inp, out), bias, quantize, &vb)?)
 }
 
 /// For each prompt position (over the batch, sequence after sequence), its row in [token

@@ -21,14 +21,9 @@ use crate::nn::norm::layer_norm_no_affine;
 use crate::nn::swiglu::swiglu;
 use crate::nn::{Linear, LinearTargets, Quantization, RmsNorm};
 
+/// A dense Linear (blocks get their stored weight, maybe quantized, after the model is built).
 fn linear(vb: &VarBuilder, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let w = vb.get((out, inp), "weight")?;
-    let b = if bias {
-        Some(vb.get(out, "bias")?)
-    } else {
-        None
-    };
-    Ok(Linear::new(w, b))
+    Linear::load((inp, out), bias, None, vb)
 }
 
 /// The block stacks, in the order they run; a block is `<stack>.<index>`.

@@ -209,23 +209,6 @@ impl TextEncoderConfig {
     }
 }
 
-/// A decoder layer's projection (a bias only with `attention_bias`), its weight replaced by
-/// its quantized copy as soon as it is read when `quantize` is given (the bias stays dense;
-/// the widths were checked against the format before loading).
-fn projection(
-    (inp, out): (usize, usize),
-    bias: bool,
-    quantize: Option<Quantization>,
-    vb: VarBuilder,
-) -> Result<Linear> {
-    let dense = candle_nn::linear_b(inp, out, bias, vb)?;
-    let mut linear = Linear::new(dense.weight().clone(), dense.bias().cloned());
-    if let Some(q) = quantize {
-        linear.quantize(q).map_err(Error::Invalid)?;
-    }
-    Ok(linear)
-}
-
 /// Qwen3RMSNorm: normalise in f32, cast back, then scale (the weight multiplies in its dtype).
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -317,7 +300,7 @@ impl Attention {
         let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
         let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let bias = cfg.attention_bias;
-        let proj = |shape, name| projection(shape, bias, q, vb.pp(name));
+        let proj = |shape, name| Linear::load(shape, bias, q, &vb.pp(name));
         Ok(Self {
             q_proj: proj((hidden, heads * hd), "q_proj")?,
             k_proj: proj((hidden, kv_heads * hd), "k_proj")?,
@@ -365,7 +348,7 @@ struct Mlp {
 impl Mlp {
     fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
         let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let proj = |shape, name| projection(shape, false, q, vb.pp(name));
+        let proj = |shape, name| Linear::load(shape, false, q, &vb.pp(name));
         Ok(Self {
             gate_proj: proj((hidden, inter), "gate_proj")?,
             up_proj: proj((hidden, inter), "up_proj")?,

@@ -111,6 +111,32 @@ impl Linear {
         }
     }
 
+    /// A checkpoint's Linear at `vb` (`weight` (out, inp), `bias` when asked), its weight
+    /// stored as `quantize` as soon as it is read; a width the format's blocks do not divide
+    /// is an error naming the tensor.
+    pub fn load(
+        (inp, out): (usize, usize),
+        bias: bool,
+        quantize: Option<Quantization>,
+        vb: &candle_nn::VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let bias = if bias {
+            Some(vb.get(out, "bias")?)
+        } else {
+            None
+        };
+        let mut linear = Self::new(vb.get((out, inp), "weight")?, bias);
+        if let Some(q) = quantize {
+            linear.quantize(q).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}.weight cannot be stored as {q}: {e}; int8 and fp8 take any width",
+                    vb.prefix()
+                ))
+            })?;
+        }
+        Ok(linear)
+    }
+
     pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }
