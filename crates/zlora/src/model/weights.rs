@@ -447,11 +447,7 @@ impl SimpleBackend for Reader<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!("{name}: shape {:?}, expected {:?}", t.dims(), s.dims());
-        }
-        Ok(t)
+        shape_checked(name, s, self.get_unchecked(name, dtype, dev)?)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -466,6 +462,18 @@ impl SimpleBackend for Reader<'_> {
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.map.contains_key(name)
     }
+}
+
+/// `t` when it has the shape the model asks `name` for.
+fn shape_checked(name: &str, expected: Shape, t: Tensor) -> candle_core::Result<Tensor> {
+    if t.shape() != &expected {
+        candle_core::bail!(
+            "{name}: shape {:?}, expected {:?}",
+            t.dims(),
+            expected.dims()
+        );
+    }
+    Ok(t)
 }
 
 impl Source {
@@ -834,15 +842,7 @@ impl SimpleBackend for Upcast {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: t.shape().clone(),
-            });
-        }
-        Ok(t)
+        shape_checked(name, s, self.get_unchecked(name, dtype, dev)?)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
