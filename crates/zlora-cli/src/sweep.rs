@@ -129,9 +129,6 @@ fn run_in_process(plan: &SweepPlan, json: bool) -> anyhow::Result<Vec<String>> {
         match result {
             Ok(_) => arm_event(json, &arm.name, "finished", json!({})),
             Err(e) => {
-                if !json {
-                    eprintln!("{}: failed: {e}", arm.name);
-                }
                 arm_event(json, &arm.name, "failed", json!({"error": e.to_string()}));
                 failed.push(arm.name.clone());
             }
@@ -187,10 +184,9 @@ impl<'a> Scheduler<'a> {
         let mut failed = Vec::new();
         loop {
             while !queue.is_empty() && !free.is_empty() {
-                let (index, slot) = (
-                    queue.pop_front().unwrap_or_default(),
-                    free.pop().unwrap_or_default(),
-                );
+                let (Some(index), Some(slot)) = (queue.pop_front(), free.pop()) else {
+                    break;
+                };
                 let child = self.spawn(&exe, &logs, index, &devices[slot])?;
                 running.push(Running { child, index, slot });
             }
@@ -250,9 +246,6 @@ impl<'a> Scheduler<'a> {
             .stderr(err)
             .spawn()
             .with_context(|| format!("cannot start arm {name}"))?;
-        if !self.json {
-            eprintln!("{name}: started on {device} (log {})", log_path.display());
-        }
         arm_event(
             self.json,
             name,
@@ -263,9 +256,20 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// An `arm` event (started, finished, failed) with the time in seconds since the epoch.
+/// An arm started, finished or failed: an `arm` event with the time in seconds since the
+/// epoch, or a line on stderr.
 fn arm_event(json: bool, arm: &str, state: &str, extra: Value) {
     if !json {
+        let details: Vec<String> = extra
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k} {}", v.as_str().map_or(v.to_string(), str::to_string)))
+            .collect();
+        match details.is_empty() {
+            true => eprintln!("{arm}: {state}"),
+            false => eprintln!("{arm}: {state} ({})", details.join(", ")),
+        }
         return;
     }
     let time = SystemTime::now()

@@ -15,6 +15,7 @@ use super::file_hash;
 use super::plan::{RenderSettings, Sampling, ValidationPlan};
 use super::render;
 use super::run::{validate, Record};
+use crate::data::dataset::DatasetKind;
 use crate::fsutil::write_atomic;
 use crate::outdir::{self, OutputDir, Policy};
 use crate::train::config::{Mode, TrainConfig};
@@ -148,6 +149,19 @@ impl Arm {
 
     pub fn lora(&self) -> PathBuf {
         self.run_dir().join("lora.safetensors")
+    }
+
+    /// Every value an arm can set, as this arm trains with it (the plan's where it sets none).
+    pub fn settings(&self) -> ArmValues {
+        let c = &self.config;
+        let training = c.datasets.iter().find(|d| d.kind == DatasetKind::Train);
+        ArmValues {
+            mode: Some(self.mode.name().into()),
+            rank: Some(c.lora.rank),
+            learning_rate: Some(c.train.learning_rate),
+            steps: Some(c.train.steps),
+            dataset: training.map(|d| d.path.display().to_string()),
+        }
     }
 }
 

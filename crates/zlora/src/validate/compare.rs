@@ -25,6 +25,7 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ArmSummary {
     pub name: String,
+    /// The arm's mode, rank, learning rate, steps and training dataset.
     pub values: ArmValues,
     pub run: PathBuf,
     pub validation: PathBuf,
@@ -89,7 +90,7 @@ fn summarize(arm: &Arm, record: &Record, curve: &[(f64, f64)]) -> ArmSummary {
     let v = &record.verdicts;
     ArmSummary {
         name: arm.name.clone(),
-        values: arm.values.clone(),
+        values: arm.settings(),
         run: arm.run_dir().to_path_buf(),
         validation: arm.validation.output.join("report.html"),
         verdict: v.overall(),
@@ -219,7 +220,7 @@ const TABLE_HEAD: [&str; 11] = [
 ];
 
 fn table_rows(arms: &[ArmSummary], best: Option<usize>) -> Vec<Vec<Cell>> {
-    let opt = |v: Option<String>| Cell::plain(&v.unwrap_or_else(|| "plan".into()));
+    let opt = |v: Option<String>| Cell::plain(&v.unwrap_or_default());
     arms.iter()
         .enumerate()
         .map(|(i, a)| {

@@ -169,7 +169,7 @@ fn build_arms(plan: &ArmsPlan) -> Result<Vec<Arm>> {
         let name = v.name();
         if arms.iter().any(|a| a.name == name) {
             return Err(Error::Invalid(format!(
-                "two arms have the same values ({name}): list each combination once"
+                "two arms are both named {name}: list each combination of values once (datasets need folders of different names)"
             )));
         }
         arms.push(plan.arm(&name, v)?);
@@ -379,6 +379,24 @@ learning_rate = 1e-4
     }
 
     #[test]
+    fn the_example_plan_is_eight_arms() -> Result<()> {
+        let text = include_str!("../../../../examples/sweep.toml");
+        let plan = SweepPlan::parse(Path::new("examples/sweep.toml"), text)?;
+        assert_eq!(plan.arms.len(), 8);
+        assert_eq!(plan.arms[3].name, "turbo-adapter_r16_lr0.0002");
+        let patched: Vec<bool> = plan
+            .arms
+            .iter()
+            .map(|a| a.validation.distill_patch.is_some())
+            .collect();
+        assert_eq!(
+            patched,
+            [false, false, false, false, true, true, true, true]
+        );
+        Ok(())
+    }
+
+    #[test]
     fn bad_plans_are_refused_with_the_reason() {
         let cases = [
             (
@@ -396,7 +414,7 @@ learning_rate = 1e-4
             ("[grid]\nmode = [\"de-turbo\"]\n", "needs `de_turbo`"),
             (
                 "[grid]\nmode = [\"base\"]\nrank = [4, 4]\n",
-                "same values (base_r4)",
+                "both named base_r4",
             ),
             (
                 "[grid]\nmode = [\"base\"]\n[[arm]]\nmode = \"base\"\n",
