@@ -82,7 +82,7 @@ fn run_plan(a: &Args) -> anyhow::Result<()> {
     }
     let _claimed = grid::prepare(&plan, a.force)?;
     let failed = if devices.is_empty() {
-        run_in_process(&plan, json)?
+        run_in_process(&plan, json)
     } else {
         Scheduler::new(&a.plan, &plan, json).run(&devices)?
     };
@@ -98,16 +98,10 @@ fn run_plan(a: &Args) -> anyhow::Result<()> {
     report(&summary, json)
 }
 
-/// One arm: trained and validated unless finished, its completion recorded; the report
-/// when it completed the set.
+/// One arm of a prepared sweep: the report when it completed the set.
 fn run_one(plan: &SweepPlan, index: usize, json: bool) -> anyhow::Result<()> {
     let name = &plan.arms[index].name;
-    arm_event(json, name, "started", json!({}));
-    let mut progress = ArmProgress::new(json);
-    let result = grid::run_one(plan, index, &mut |e| progress.show(e));
-    progress.finish();
-    let summary = result.with_context(|| format!("arm {name} failed"))?;
-    arm_event(json, name, "finished", json!({}));
+    let summary = run_arm(plan, index, json).with_context(|| format!("arm {name} failed"))?;
     match summary {
         Some(s) => report(&s, json),
         None => finish(
@@ -119,22 +113,26 @@ fn run_one(plan: &SweepPlan, index: usize, json: bool) -> anyhow::Result<()> {
 }
 
 /// Every arm in turn; the names of those that failed.
-fn run_in_process(plan: &SweepPlan, json: bool) -> anyhow::Result<Vec<String>> {
-    let mut failed = Vec::new();
-    for (i, arm) in plan.arms.iter().enumerate() {
-        arm_event(json, &arm.name, "started", json!({}));
-        let mut progress = ArmProgress::new(json);
-        let result = grid::run_one(plan, i, &mut |e| progress.show(e));
-        progress.finish();
-        match result {
-            Ok(_) => arm_event(json, &arm.name, "finished", json!({})),
-            Err(e) => {
-                arm_event(json, &arm.name, "failed", json!({"error": e.to_string()}));
-                failed.push(arm.name.clone());
-            }
-        }
+fn run_in_process(plan: &SweepPlan, json: bool) -> Vec<String> {
+    (0..plan.arms.len())
+        .filter(|&i| run_arm(plan, i, json).is_err())
+        .map(|i| plan.arms[i].name.clone())
+        .collect()
+}
+
+/// Trains and validates one arm in this process (unless finished) and records its
+/// completion, between its `started` and `finished` or `failed` events.
+fn run_arm(plan: &SweepPlan, index: usize, json: bool) -> zlora::Result<Option<SweepSummary>> {
+    let name = &plan.arms[index].name;
+    arm_event(json, name, "started", json!({}));
+    let mut progress = ArmProgress::new(json);
+    let result = grid::run_one(plan, index, &mut |e| progress.show(e));
+    progress.finish();
+    match &result {
+        Ok(_) => arm_event(json, name, "finished", json!({})),
+        Err(e) => arm_event(json, name, "failed", json!({"error": e.to_string()})),
     }
-    Ok(failed)
+    result
 }
 
 /// `--gpus` values as ZLORA_DEVICE values.
