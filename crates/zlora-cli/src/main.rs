@@ -14,6 +14,7 @@ mod process;
 mod progress;
 mod quantize;
 mod serve;
+mod sweep;
 mod tiny;
 mod train;
 mod validate;
@@ -54,6 +55,9 @@ enum Command {
     Validate(Box<validate::Args>),
     /// Train Base, Turbo + training adapter and direct Turbo on one dataset, validate, compare.
     Experiment(experiment::Args),
+    /// Train and validate a grid or list of arms (rank, learning rate, steps, mode, dataset),
+    /// in turn, one per GPU or as a Slurm job array, and compare them in one report.
+    Sweep(sweep::Args),
     /// Download a model or adapter into the Hugging Face cache (resumable, verified).
     Fetch(fetch::Args),
     /// Estimate memory, time, cost and downloads of a training configuration per GPU.
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Sweep(args) => sweep::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),

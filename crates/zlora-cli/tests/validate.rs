@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{crop, find, stdout, zlora};
+use common::{crop, find, stdout, tiny_base_and_turbo, zlora};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,19 +39,8 @@ impl Setup {
         let s = Self {
             dir: tempfile::tempdir().unwrap(),
         };
-        let (base, turbo, data) = (s.p("base"), s.p("turbo"), s.p("data"));
-        ok(&["tiny-model", "--out", &turbo, "--dim", "32", "--shift", "3"]);
-        ok(&[
-            "tiny-model",
-            "--out",
-            &base,
-            "--dim",
-            "32",
-            "--shift",
-            "6",
-            "--seed",
-            "1",
-        ]);
+        tiny_base_and_turbo(s.dir.path());
+        let data = s.p("data");
         ok(&[
             "tiny-dataset",
             "--out",

@@ -66,6 +66,32 @@ pub fn tiny_model_and_data(dir: &std::path::Path, dim: usize, count: usize, size
     ]));
 }
 
+/// Writes two tiny models of width 32 that validation tells apart: a Base-like one with
+/// shift 6 to `dir/base` and a Turbo-like one with shift 3 to `dir/turbo`.
+pub fn tiny_base_and_turbo(dir: &std::path::Path) {
+    let p = |s: &str| dir.join(s).to_str().unwrap().to_string();
+    stderr(&zlora(&[
+        "tiny-model",
+        "--out",
+        &p("turbo"),
+        "--dim",
+        "32",
+        "--shift",
+        "3",
+    ]));
+    stderr(&zlora(&[
+        "tiny-model",
+        "--out",
+        &p("base"),
+        "--dim",
+        "32",
+        "--shift",
+        "6",
+        "--seed",
+        "1",
+    ]));
+}
+
 /// Copies a folder tree (e.g. the fixture model, to alter a copy).
 pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).unwrap();

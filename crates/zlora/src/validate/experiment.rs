@@ -3,81 +3,32 @@
 //! the model and the adapter (the variable under test), then each validated (the direct one
 //! with and without the DistillPatch) and compared in one report.
 //!
-//! Resumable: a finished run (final LoRA + `experiment-run.json` with its config) and a
-//! finished validation (`metrics.json` naming the LoRA's hash and the plan) are not repeated;
-//! an interrupted run continues from its newest checkpoint.
+//! The three ways are three arms of [`super::arms`], which makes it resumable: a finished run
+//! and a finished validation are not repeated; an interrupted run continues from its newest
+//! checkpoint.
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
+use super::arms::{run_arm, Arm, ArmValues, ArmsPlan, Event};
 use super::findings::effect_state;
 use super::html::{Cell, Page, State};
 use super::metrics::EffectCheck;
-use super::plan::{RenderSettings, Sampling, ValidationPlan};
-use super::render;
-use super::run::{validate, Record};
-use super::{file_hash, Outputs};
+use super::run::Record;
+use super::Outputs;
 use crate::fsutil::write_atomic;
-use crate::outdir::{self, OutputDir, Policy};
-use crate::train::config::{Mode, TrainConfig};
-use crate::train::resume::SAFE_KEYS;
-use crate::train::trainer::{self, train, TrainOptions};
+use crate::train::config::Mode;
 use crate::{Error, Result};
 
 /// The three ways, in report order.
 pub const WAYS: [Mode; 3] = [Mode::Base, Mode::TurboAdapter, Mode::TurboDirect];
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// An experiment plan: an arms plan (docs/validation.md) with a training adapter and no
+/// sweep tables, whose arms are the three ways, named after them.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExperimentPlan {
-    pub output: PathBuf,
-    pub base: String,
-    pub turbo: String,
-    pub training_adapter: PathBuf,
-    #[serde(default = "one")]
-    pub training_adapter_strength: f64,
-    #[serde(default)]
-    pub distill_patch: Option<PathBuf>,
-    #[serde(default = "one")]
-    pub distill_patch_strength: f64,
-    /// `[model] base_dtype` of the three runs.
-    #[serde(default = "bf16")]
-    pub base_dtype: String,
-    /// The `[dataset]`, `[lora]`, `[train]` (without `output`) and `[sample]` tables of a
-    /// training config (docs/training.md), shared by the three runs.
-    pub dataset: toml::Table,
-    pub lora: toml::Table,
-    pub train: toml::Table,
-    #[serde(default)]
-    pub sample: Option<toml::Table>,
-    /// How every run is validated (docs/validation.md).
-    #[serde(default)]
-    pub render: RenderSettings,
-    #[serde(default)]
-    pub sampling: Sampling,
-    /// The plan file it was read from (the output folder must not hold it).
-    #[serde(skip)]
-    pub source: Option<PathBuf>,
-}
-
-fn one() -> f64 {
-    1.0
-}
-fn bf16() -> String {
-    "bf16".into()
-}
-
-/// What the experiment reports while it works.
-pub enum Event<'a> {
-    Message(String),
-    /// A training run starts or continues: its events follow as [`Event::Train`].
-    Training {
-        way: Mode,
-        steps: u64,
-    },
-    Train(trainer::Event<'a>),
-    Validate(render::Event<'a>),
+    pub plan: ArmsPlan,
+    /// One arm per way, in [`WAYS`] order.
+    pub arms: Vec<Arm>,
 }
 
 pub struct ExperimentOutcome {
@@ -90,98 +41,32 @@ impl ExperimentPlan {
     /// Reads the plan and builds the three training configs, so a typo in any table is an
     /// error naming the file before anything runs.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = crate::fsutil::read_text(path)?;
-        let mut plan: Self =
-            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        plan.output =
-            outdir::resolve(&plan.output).map_err(|e| Error::bad_file(path, e.to_string()))?;
-        plan.source = Some(path.to_path_buf());
-        let check = || -> Result<()> {
-            plan.render.check()?;
-            for way in WAYS {
-                plan.train_config(way)?;
-                plan.validation_plan(way).check()?;
+        Self::parse(path, &crate::fsutil::read_text(path)?)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let plan = ArmsPlan::parse(path, text)?;
+        let check = || -> Result<Vec<Arm>> {
+            if plan.grid.is_some() || !plan.arms.is_empty() || plan.de_turbo.is_some() {
+                return Err(Error::Invalid(
+                    "[grid], [[arm]] and de_turbo belong in a `zlora sweep` plan; an experiment trains base, turbo-adapter and turbo-direct".into(),
+                ));
             }
-            Ok(())
+            WAYS.iter()
+                .map(|way| {
+                    let values = ArmValues {
+                        mode: Some(way.name().into()),
+                        ..ArmValues::default()
+                    };
+                    plan.arm(way.name(), &values)
+                })
+                .collect()
         };
-        check().map_err(|e| Error::bad_file(path, e.to_string()))?;
-        Ok(plan)
-    }
-
-    pub fn run_dir(&self, way: Mode) -> PathBuf {
-        self.output.join("runs").join(way.name())
-    }
-
-    pub fn validation_dir(&self, way: Mode) -> PathBuf {
-        self.output.join("validation").join(way.name())
-    }
-
-    /// The training config of one way: the shared tables with this way's `[model]`.
-    pub fn train_config(&self, way: Mode) -> Result<TrainConfig> {
-        let mut model = toml::Table::new();
-        let (path, variant) = match way {
-            Mode::Base => (&self.base, "base"),
-            _ => (&self.turbo, "turbo"),
-        };
-        model.insert("path".into(), path.clone().into());
-        model.insert("variant".into(), variant.into());
-        model.insert("base_dtype".into(), self.base_dtype.clone().into());
-        if way == Mode::TurboAdapter {
-            let adapter = self.training_adapter.display().to_string();
-            model.insert("training_adapter".into(), adapter.into());
-            model.insert(
-                "training_adapter_strength".into(),
-                self.training_adapter_strength.into(),
-            );
-        }
-        if self.train.contains_key("output") {
-            return Err(Error::Invalid(
-                "[train] output is set by the experiment (OUTPUT/runs/<way>); remove it".into(),
-            ));
-        }
-        let mut train = self.train.clone();
-        let output = self.run_dir(way).display().to_string();
-        train.insert("output".into(), output.into());
-        let mut doc = toml::Table::new();
-        doc.insert("model".into(), model.into());
-        doc.insert("dataset".into(), self.dataset.clone().into());
-        doc.insert("lora".into(), self.lora.clone().into());
-        doc.insert("train".into(), train.into());
-        if let Some(sample) = &self.sample {
-            doc.insert("sample".into(), sample.clone().into());
-        }
-        let text = toml::to_string(&doc).map_err(|e| Error::Invalid(e.to_string()))?;
-        TrainConfig::parse(&text)
-    }
-
-    /// The validation of one way's LoRA; only the direct run gets the DistillPatch variant
-    /// (the patch exists to repair direct Turbo training).
-    pub fn validation_plan(&self, way: Mode) -> ValidationPlan {
-        ValidationPlan {
-            lora: self.run_dir(way).join("lora.safetensors"),
-            lora_strength: 1.0,
-            base: self.base.clone(),
-            turbo: self.turbo.clone(),
-            distill_patch: self
-                .distill_patch
-                .clone()
-                .filter(|_| way == Mode::TurboDirect),
-            distill_patch_strength: self.distill_patch_strength,
-            output: self.validation_dir(way),
-            render: self.render.clone(),
-            sampling: self.sampling,
-        }
+        let arms = check().map_err(|e| Error::bad_file(path, e.to_string()))?;
+        Ok(Self { plan, arms })
     }
 }
 
-/// The marker of a finished run: the config it finished with.
-#[derive(Debug, Serialize, Deserialize)]
-struct RunMarker {
-    config: String,
-    lora_blake3: String,
-}
-
-const MARKER: &str = "experiment-run.json";
 const PLAN_COPY: &str = "plan.toml";
 
 pub fn experiment(
@@ -190,17 +75,18 @@ pub fn experiment(
     force: bool,
     events: &mut dyn FnMut(Event),
 ) -> Result<ExperimentOutcome> {
-    let _claimed = prepare_output(plan, force)?;
-    write_atomic(&plan.output.join(PLAN_COPY), plan_text.as_bytes(), true)?;
-    for way in WAYS {
-        train_way(plan, way, events)?;
-    }
+    let _claimed = plan.plan.claim_output("experiment", &plan.arms, force)?;
+    write_atomic(
+        &plan.plan.output.join(PLAN_COPY),
+        plan_text.as_bytes(),
+        true,
+    )?;
     let mut results = Vec::new();
-    for way in WAYS {
-        results.push((way, validate_way(plan, way, events)?));
+    for (way, arm) in WAYS.into_iter().zip(&plan.arms) {
+        results.push((way, run_arm(arm, events)?));
     }
     let html = report(plan, &results, plan_text)?;
-    let path = plan.output.join("report.html");
+    let path = plan.plan.output.join("report.html");
     write_atomic(&path, html.as_bytes(), true)?;
     Ok(ExperimentOutcome {
         report: path,
@@ -208,104 +94,9 @@ pub fn experiment(
     })
 }
 
-/// Claims the output folder for the whole experiment: a new or empty one, an earlier run of
-/// this experiment (continued), or with `force` any folder zlora made (started over).
-fn prepare_output(plan: &ExperimentPlan, force: bool) -> Result<OutputDir> {
-    let dataset = plan
-        .dataset
-        .get("path")
-        .and_then(|v| v.as_str())
-        .map(Path::new);
-    let mut inputs: Vec<outdir::Protected> = vec![
-        ("the Base model", Path::new(&plan.base)),
-        ("the Turbo model", Path::new(&plan.turbo)),
-        ("the training adapter", &plan.training_adapter),
-    ];
-    inputs.extend(dataset.map(|d| ("the dataset", d)));
-    inputs.extend(
-        plan.distill_patch
-            .as_deref()
-            .map(|d| ("the DistillPatch", d)),
-    );
-    inputs.extend(plan.source.as_deref().map(|s| ("the plan file", s)));
-    let out = &plan.output;
-    outdir::refuse_inputs(out, &inputs)?;
-    if force {
-        return OutputDir::claim(out, "experiment", &inputs, Policy::Replace);
-    }
-    if !outdir::is_zloras(out) && outdir::has_files(out)? {
-        return Err(outdir::not_zloras(out));
-    }
-    OutputDir::claim(out, "experiment", &inputs, Policy::Keep)
-}
-
-/// Trains one way unless it finished earlier with the same config.
-fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) -> Result<()> {
-    let cfg = plan.train_config(way)?;
-    let dir = plan.run_dir(way);
-    let lora = dir.join("lora.safetensors");
-    let marker = dir.join(MARKER);
-    if marker.is_file() && lora.is_file() {
-        let text = std::fs::read_to_string(&marker).map_err(|e| Error::io(&marker, e))?;
-        let m: RunMarker = serde_json::from_str(&text)
-            .map_err(|e| Error::bad_file(&marker, format!("unreadable run marker: {e}")))?;
-        if TrainConfig::parse(&m.config).ok().as_ref() != Some(&cfg) {
-            return Err(Error::bad_file(
-                &dir,
-                "finished with other settings than the plan now asks for (delete this folder or pass --force)",
-            ));
-        }
-        events(Event::Message(format!(
-            "{}: finished earlier, not repeated",
-            way.name()
-        )));
-        return Ok(());
-    }
-    let resume = crate::train::state::latest(&dir)?.is_some();
-    events(Event::Training {
-        way,
-        steps: cfg.train.steps,
-    });
-    // The plan is the only place to change a run's settings, and it has no --allow-changes:
-    // an interrupted run continues after a change of steps or samples; a change to what
-    // training computes is refused as `train --resume` refuses it.
-    let opts = TrainOptions {
-        resume,
-        force: !resume,
-        allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
-        config_file: None,
-        stop: None,
-    };
-    train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
-    let m = RunMarker {
-        config: toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?,
-        lora_blake3: file_hash(&lora)?,
-    };
-    let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&marker, json.as_bytes(), true)
-}
-
-/// Validates one way's LoRA unless a finished validation of this very file and plan exists.
-fn validate_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) -> Result<Record> {
-    let vplan = plan.validation_plan(way);
-    let record_path = vplan.output.join("metrics.json");
-    if record_path.is_file() {
-        let old = Record::read(&record_path)?;
-        let same_plan = toml::to_string(&vplan).map_err(|e| Error::Invalid(e.to_string()))?;
-        if old.plan == same_plan && old.lora_blake3 == file_hash(&vplan.lora)? {
-            events(Event::Message(format!(
-                "{}: validated earlier, not repeated",
-                way.name()
-            )));
-            return Ok(old);
-        }
-    }
-    events(Event::Message(format!("{}: validating", way.name())));
-    Ok(validate(&vplan, true, &mut |e| events(Event::Validate(e)))?.record)
-}
-
 /// The comparison page: one row per way, then each way's sheets and a link to its report.
 fn report(plan: &ExperimentPlan, results: &[(Mode, Record)], plan_text: &str) -> Result<String> {
+    let plan = &plan.plan;
     let title = format!("zlora experiment: {}", plan.output.display());
     let mut page = Page::new(&title);
     page.paragraph(&format!(
@@ -364,7 +155,7 @@ fn report(plan: &ExperimentPlan, results: &[(Mode, Record)], plan_text: &str) ->
             "full validation report",
         );
         let out = Outputs {
-            dir: plan.validation_dir(*way),
+            dir: plan.validation_dir(way.name()),
         };
         for (i, prompt) in r.prompts.iter().enumerate() {
             let path = out.sheet(i);
@@ -380,6 +171,7 @@ fn report(plan: &ExperimentPlan, results: &[(Mode, Record)], plan_text: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::config::TrainConfig;
 
     const PLAN: &str = r#"
 output = "exp"
@@ -401,15 +193,15 @@ steps = 10
 learning_rate = 1e-4
 "#;
 
+    fn parse(text: &str) -> Result<ExperimentPlan> {
+        ExperimentPlan::parse(Path::new("plan.toml"), text)
+    }
+
     #[test]
     fn the_three_runs_differ_only_in_model_and_adapter() -> Result<()> {
-        let plan: ExperimentPlan =
-            toml::from_str(PLAN).map_err(|e| Error::Invalid(e.to_string()))?;
-        let cfgs: Vec<TrainConfig> = WAYS
-            .iter()
-            .map(|&w| plan.train_config(w))
-            .collect::<Result<_>>()?;
-        let modes: Vec<Mode> = cfgs.iter().map(TrainConfig::mode).collect();
+        let plan = parse(PLAN)?;
+        let cfgs: Vec<&TrainConfig> = plan.arms.iter().map(|a| &a.config).collect();
+        let modes: Vec<Mode> = cfgs.iter().map(|c| c.mode()).collect();
         assert_eq!(modes, WAYS);
         for c in &cfgs[1..] {
             assert_eq!(
@@ -428,9 +220,10 @@ learning_rate = 1e-4
         assert_eq!(cfgs[2].model.training_adapter, None);
         assert_eq!(cfgs[2].train.output, Path::new("exp/runs/turbo-direct"));
         // Only the direct run is validated with the DistillPatch.
-        let patched: Vec<bool> = WAYS
+        let patched: Vec<bool> = plan
+            .arms
             .iter()
-            .map(|&w| plan.validation_plan(w).distill_patch.is_some())
+            .map(|a| a.validation.distill_patch.is_some())
             .collect();
         assert_eq!(patched, [false, false, true]);
         Ok(())
@@ -438,8 +231,24 @@ learning_rate = 1e-4
 
     #[test]
     fn an_output_in_the_train_table_is_refused() {
-        let plan: ExperimentPlan = toml::from_str(&format!("{PLAN}output = \"mine\"\n")).unwrap();
-        let err = plan.train_config(Mode::Base).unwrap_err().to_string();
-        assert!(err.contains("[train] output"), "{err}");
+        let err = parse(&format!("{PLAN}output = \"mine\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("plan.toml") && err.contains("[train] output"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sweep_tables_and_a_missing_adapter_are_refused() {
+        let err = parse(&format!("{PLAN}[grid]\nrank = [4, 8]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zlora sweep"), "{err}");
+        let err = parse(&PLAN.replace("training_adapter = \"adapter.safetensors\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs `training_adapter`"), "{err}");
     }
 }

@@ -5,15 +5,20 @@
 //!   DistillPatch — over fixed prompts and seeds, from identical noise per seed.
 //! - [`sweep::sweep`]: every checkpoint of a training run on the run's model, with a chart of
 //!   the metrics against step and the step that balances effect and sharpness best.
-//! - [`experiment::experiment`]: the workflow's three trainings on one dataset, each
-//!   validated, in one comparison report; finished parts are not repeated.
+//! - [`arms`]: trainings that share a plan and differ in a few values, each trained and
+//!   validated; finished parts are not repeated. [`experiment::experiment`] runs the
+//!   workflow's three ways as arms; [`grid`] (`zlora sweep`) a grid or list of arms, in this
+//!   process, one per device or as a Slurm job array, compared by [`compare`].
 //!
 //! Each loads a model once and switches adapters by name between variants; images keep their
 //! parameters in their PNG; reports are single self-contained HTML files.
 
+pub mod arms;
 pub mod chart;
+pub mod compare;
 pub mod experiment;
 pub mod findings;
+pub mod grid;
 pub mod html;
 pub mod metrics;
 pub mod plan;
