@@ -481,6 +481,7 @@ impl Context<'_> {
     fn estimate(&self, gpu: &Gpu, peak: f64, parallel: &DataParallel) -> Result<GpuEstimate> {
         let work = workload(self.cfg, self.run.dims, self.opts.caption_tokens)?;
         let time = self.time(gpu, &work, self.flops.per_step);
+        let hours = time.hours(self.cfg.train.steps);
         let capacity = gpu.memory_gib * GIB;
         let fits = peak <= capacity;
         let fit = self.fit(capacity, time.compute, self.opts.table.host_link(gpu));
@@ -494,9 +495,9 @@ impl Context<'_> {
             sustained_tflops: self.opts.table.sustained(gpu) / 1e12,
             seconds_per_step: time.per_step(),
             swap_seconds_per_step: time.swap,
-            total_hours: time.hours(self.cfg.train.steps),
+            total_hours: hours,
             usd_per_hour: gpu.usd_per_hour,
-            cost_usd: time.hours(self.cfg.train.steps) * gpu.usd_per_hour,
+            cost_usd: hours * gpu.usd_per_hour,
             download_hours: self.download_hours,
             changes: if fits {
                 Vec::new()
