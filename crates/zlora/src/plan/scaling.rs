@@ -220,7 +220,7 @@ fn verdict(counts: &[GpuCount], batch: usize, steps: u64) -> (usize, String) {
             .collect();
         format!(
             "pays off up to {} (efficiency {efficiency:.0} %); batch_size = {batch} does not \
-             divide over {}: more GPUs need a batch_size they divide",
+             split evenly over {} GPUs: more GPUs need a batch_size they divide",
             gpus(best_gpus),
             beyond.join(", ")
         )
@@ -394,7 +394,7 @@ mod tests {
         assert_eq!(divides, [(1, true), (2, true), (4, false), (8, false)]);
         assert_eq!(s.pays_off_up_to, 2, "{}", s.verdict);
         assert!(
-            s.verdict.contains("does not divide over 4, 8"),
+            s.verdict.contains("does not split evenly over 4, 8 GPUs"),
             "{}",
             s.verdict
         );
