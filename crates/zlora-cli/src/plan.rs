@@ -1,12 +1,14 @@
-//! `zlora plan CONFIG [--gpu 4090,a100,...] [--json]`: memory, time, cost and downloads of a
-//! training configuration before any GPU is rented (docs/plan.md).
+//! `zlora plan CONFIG [--gpu 4090,a100,...] [--gpus N [--link pcie|nvlink|network]] [--json]`:
+//! memory, time, cost and downloads of a training configuration before any GPU is rented, on
+//! one GPU or data-parallel on several (docs/plan.md).
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use zlora::plan::gpus::GpuTable;
+use zlora::plan::gpus::{GpuTable, Link};
 use zlora::plan::memory::{Phase, GIB};
-use zlora::plan::{plan, Plan, PlanOptions, MAX_CAPTION_TOKENS};
+use zlora::plan::scaling::{DataParallel, Scaling};
+use zlora::plan::{plan_on, GpuEstimate, Plan, PlanOptions, MAX_CAPTION_TOKENS};
 use zlora::train::config::TrainConfig;
 
 #[derive(clap::Args)]
@@ -19,6 +21,12 @@ pub struct Args {
     /// A GPU table replacing the built-in one (same format: see docs/plan.md).
     #[arg(long)]
     gpu_table: Option<PathBuf>,
+    /// Also plan data-parallel training on up to N GPUs of each kind (1, 2, 4, ..., N).
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
+    /// What links the GPUs (default: each GPU's usual link in the GPU table).
+    #[arg(long, value_name = "pcie|nvlink|network")]
+    link: Option<Link>,
     /// Print JSON instead of the report.
     #[arg(long)]
     json: bool,
@@ -48,6 +56,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
          {MAX_CAPTION_TOKENS} tokens), got {}",
         a.caption_tokens
     );
+    anyhow::ensure!(a.gpus >= 1, "--gpus must be at least 1");
+    anyhow::ensure!(
+        a.link.is_none() || a.gpus > 1,
+        "--link applies to several GPUs: add --gpus N (N > 1)"
+    );
     let cfg = TrainConfig::from_file(&a.config)?;
     let table = match &a.gpu_table {
         Some(path) => GpuTable::from_file(path)?,
@@ -60,7 +73,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bandwidth_mb_s: a.bandwidth,
         storage_days: a.storage_days,
     };
-    let plan = plan(&cfg, &opts)?;
+    let parallel = DataParallel {
+        gpus: a.gpus,
+        link: a.link,
+    };
+    let plan = plan_on(&cfg, &opts, &parallel)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
@@ -183,6 +200,11 @@ fn gpu_section(out: &mut String, p: &Plan) {
         );
     }
     fit_section(out, p);
+    for g in &p.gpus {
+        if let Some(s) = &g.scaling {
+            scaling_section(out, g, s);
+        }
+    }
     for g in p.gpus.iter().filter(|g| !g.fits) {
         let _ = writeln!(
             out,
@@ -198,6 +220,58 @@ fn gpu_section(out: &mut String, p: &Plan) {
             );
         }
     }
+}
+
+/// One GPU type on 1, 2, 4, ... GPUs, and where more stop paying off.
+fn scaling_section(out: &mut String, g: &GpuEstimate, s: &Scaling) {
+    let most = s.counts.last().map_or(1, |c| c.gpus);
+    let _ = writeln!(
+        out,
+        "\ndata-parallel on up to {most} × {} over {} (estimates: all-reduce bus bandwidth \
+         {:.0} GB/s, {:.1} µs per ring step; each optimizer step all-reduces {:.1} MB of f32 \
+         LoRA gradients after the backward, not overlapped; seconds per step, peak GiB per \
+         GPU):",
+        g.name,
+        s.link,
+        s.link_gb_s,
+        s.latency_us,
+        s.all_reduce_bytes / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "  {:>5} {:>9} {:>8} {:>5} {:>8} {:>11} {:>8} {:>8} {:>10} {:>9}",
+        "gpus",
+        "batch/gpu",
+        "peak",
+        "fits",
+        "s/step",
+        "all-reduce",
+        "hours",
+        "speedup",
+        "efficiency",
+        "cost $"
+    );
+    for c in &s.counts {
+        let Some(r) = &c.run else {
+            let _ = writeln!(out, "  {:>5} does not divide batch_size", c.gpus);
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "  {:>5} {:>9} {:>8.1} {:>5} {:>8.2} {:>11.3} {:>8.2} {:>8.2} {:>9.0}% {:>9.2}",
+            c.gpus,
+            r.per_gpu_batch,
+            r.peak_memory_gib,
+            if r.fits { "yes" } else { "no" },
+            r.seconds_per_step,
+            r.all_reduce_seconds,
+            r.total_hours,
+            r.speedup,
+            100.0 * r.efficiency,
+            r.cost_usd
+        );
+    }
+    let _ = writeln!(out, "  verdict: {}", s.verdict);
 }
 
 /// Per GPU and base storage, the fewest swapped blocks that fit and the step time then.

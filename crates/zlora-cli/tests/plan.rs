@@ -506,3 +506,100 @@ fn the_lokr_example_plans_its_parameters_and_dense_backward() {
     let dense = 4.0 * 30.0 * (4.0 * 3840.0f64.powi(2) + 3.0 * 3840.0 * 10240.0) * 4608.0;
     assert!((0.9..1.1).contains(&(extra / dense)), "{extra} vs {dense}");
 }
+
+/// `--gpus 8`: per GPU kind, its run on 1, 2, 4 and 8 GPUs over its usual link (or
+/// `--link`), the counts batch_size does not divide listed as such, and a verdict; one GPU
+/// (the default) prints and serializes none of it. A link the GPU lacks, --link without
+/// --gpus and --gpus 0 are refused with what to do.
+#[test]
+fn gpus_n_lists_each_gpu_count_and_where_more_stop_paying_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = variant_of(
+        "turbo-adapter.toml",
+        dir.path(),
+        &[("batch_size = 1", "batch_size = 4")],
+    );
+    let args = ["plan", &config, "--gpu", "h100,4090", "--gpus", "8"];
+    let text = stdout(&zlora(&args, dir.path()));
+    eprintln!("{text}");
+    for (gpu, link) in [("h100", "nvlink"), ("4090", "pcie")] {
+        let head = format!("data-parallel on up to 8 × {gpu} over {link} (estimates:");
+        assert!(text.contains(&head), "{head}\n{text}");
+    }
+    // Per GPU kind a row for 1, 2 and 4 GPUs with 4, 2 and 1 items per GPU.
+    for row in [["1", "4"], ["2", "2"], ["4", "1"]] {
+        let rows = text
+            .lines()
+            .filter(|l| l.split_whitespace().take(2).eq(row))
+            .count();
+        assert_eq!(rows, 2, "{row:?}\n{text}");
+    }
+    // A 4090 does not hold the whole batch; from 2 GPUs on, each one's share fits.
+    assert!(
+        text.contains("memory: each GPU's share of the batch does not fit at 1 GPU(s)"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("      8 does not divide batch_size").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("verdict: pays off up to 4 GPUs").count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("the per-GPU batch is already 1").count(),
+        2,
+        "{text}"
+    );
+
+    let json: serde_json::Value = serde_json::from_str(&stdout(&zlora(
+        &[&args[..], &["--link", "network", "--json"]].concat(),
+        dir.path(),
+    )))
+    .unwrap();
+    for g in json["gpus"].as_array().unwrap() {
+        let s = &g["scaling"];
+        assert_eq!(s["link"], "network");
+        let counts = s["counts"].as_array().unwrap();
+        let listed: Vec<u64> = counts.iter().map(|c| c["gpus"].as_u64().unwrap()).collect();
+        assert_eq!(listed, [1, 2, 4, 8]);
+        assert!(counts[3]["run"].is_null());
+        assert_eq!(counts[2]["run"]["per_gpu_batch"], 1);
+        let ring = counts[1]["run"]["all_reduce_seconds"].as_f64().unwrap();
+        let bytes = s["all_reduce_bytes"].as_f64().unwrap();
+        // 2 GPUs: half the bytes out and back at 12 GB/s, 2 steps of 14 µs.
+        assert!((ring - (bytes / 12e9 + 28e-6)).abs() < 1e-9, "{ring}");
+    }
+
+    let one = stdout(&zlora(&["plan", &config, "--gpu", "h100"], dir.path()));
+    assert!(!one.contains("data-parallel"), "{one}");
+    let one: serde_json::Value = serde_json::from_str(&stdout(&zlora(
+        &["plan", &config, "--gpu", "h100", "--json"],
+        dir.path(),
+    )))
+    .unwrap();
+    assert!(one["gpus"][0].get("scaling").is_none());
+
+    for (bad, says) in [
+        (
+            &["--gpu", "4090", "--gpus", "2", "--link", "nvlink"][..],
+            "\"4090\" has no NVLink",
+        ),
+        (&["--gpu", "h100", "--link", "network"][..], "--gpus N"),
+        (&["--gpus", "0"][..], "--gpus must be at least 1"),
+        (
+            &["--gpus", "2", "--link", "infiniband"][..],
+            "pcie, nvlink or network",
+        ),
+    ] {
+        let out = zlora(&[&["plan", &config][..], bad].concat(), dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{bad:?}: {err}"
+        );
+    }
+}

@@ -525,6 +525,8 @@ fn fit(cfg: &TrainConfig, found: &Found, memory_gib: Option<f64>) -> Result<Chec
         price_source: None,
         efficiency: None,
         host_link_gb_s: None,
+        link: Default::default(),
+        link_gb_s: None,
     }];
     let opts = PlanOptions {
         gpus: Vec::new(),

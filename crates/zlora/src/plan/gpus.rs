@@ -1,7 +1,10 @@
-//! The GPU table: memory, sustained throughput and price per GPU, from an editable TOML file.
-//! The shipped table (gpus.toml, with its sources) is built in; `--gpu-table` replaces it.
+//! The GPU table: memory, sustained throughput, price and multi-GPU link per GPU, from an
+//! editable TOML file. The shipped table (gpus.toml, with its sources) is built in;
+//! `--gpu-table` replaces it.
 
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +17,8 @@ const BUILT_IN: &str = include_str!("gpus.toml");
 pub struct GpuTable {
     pub defaults: Defaults,
     pub storage: Storage,
+    /// What data-parallel training exchanges gradients over.
+    pub links: Links,
     #[serde(rename = "gpu")]
     pub gpus: Vec<Gpu>,
 }
@@ -36,6 +41,89 @@ pub struct Storage {
     pub source: String,
 }
 
+/// How the GPUs of a data-parallel run reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Link {
+    /// Through the PCIe bus (GeForce cards: staged through host memory).
+    #[default]
+    Pcie,
+    Nvlink,
+    /// Between nodes: every ring crosses it, so it sets the pace (docs/plan.md).
+    Network,
+}
+
+const LINKS: [(Link, &str); 3] = [
+    (Link::Pcie, "pcie"),
+    (Link::Nvlink, "nvlink"),
+    (Link::Network, "network"),
+];
+
+impl Link {
+    pub fn name(self) -> &'static str {
+        LINKS
+            .iter()
+            .find(|(l, _)| *l == self)
+            .map_or("", |(_, n)| n)
+    }
+}
+
+impl fmt::Display for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Link {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        LINKS
+            .iter()
+            .find(|(_, n)| n.eq_ignore_ascii_case(s.trim()))
+            .map(|(l, _)| *l)
+            .ok_or_else(|| format!("unknown link '{s}': use pcie, nvlink or network"))
+    }
+}
+
+/// Each link's all-reduce figures.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Links {
+    pub pcie: LinkSpec,
+    pub nvlink: LinkSpec,
+    pub network: LinkSpec,
+}
+
+impl Links {
+    pub fn spec(&self, link: Link) -> &LinkSpec {
+        match link {
+            Link::Pcie => &self.pcie,
+            Link::Nvlink => &self.nvlink,
+            Link::Network => &self.network,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// All-reduce bus bandwidth in GB/s (10^9 bytes), as nccl-tests reports it: the rate
+    /// that the 2(N−1)/N of the bytes each GPU sends crosses its link at.
+    pub gb_s: f64,
+    /// Per ring step, microseconds.
+    pub latency_us: f64,
+    pub source: String,
+}
+
+/// The link a GPU exchanges gradients over, in bytes per second and seconds per ring step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LinkRate {
+    pub link: Link,
+    pub bytes_per_s: f64,
+    pub latency_s: f64,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gpu {
@@ -56,6 +144,12 @@ pub struct Gpu {
     /// Overrides `[defaults] host_link_gb_s` (another PCIe generation or width).
     #[serde(default)]
     pub host_link_gb_s: Option<f64>,
+    /// The usual link between several of these GPUs; only an `nvlink` GPU has NVLink.
+    #[serde(default)]
+    pub link: Link,
+    /// Overrides `[links.<its link>] gb_s` (another NVLink generation, PCIe peer-to-peer).
+    #[serde(default)]
+    pub link_gb_s: Option<f64>,
 }
 
 impl GpuTable {
@@ -95,6 +189,14 @@ impl GpuTable {
                 "[defaults] cuda_context_gib and allocator_slack must not be negative".into(),
             ));
         }
+        for (link, _) in LINKS {
+            let spec = self.links.spec(link);
+            if !(positive(spec.gb_s) && non_negative(spec.latency_us)) {
+                return Err(Error::Invalid(format!(
+                    "[links.{link}] gb_s must be positive and latency_us not negative"
+                )));
+            }
+        }
         if !non_negative(self.storage.usd_per_gb_month) {
             return Err(Error::Invalid(
                 "[storage] usd_per_gb_month must not be negative".into(),
@@ -105,11 +207,12 @@ impl GpuTable {
                 && positive(g.peak_tflops)
                 && non_negative(g.usd_per_hour)
                 && g.efficiency.is_none_or(share)
-                && g.host_link_gb_s.is_none_or(positive);
+                && g.host_link_gb_s.is_none_or(positive)
+                && g.link_gb_s.is_none_or(positive);
             if !valid {
                 return Err(Error::Invalid(format!(
-                    "GPU {:?}: memory_gib, peak_tflops and host_link_gb_s must be positive, \
-                     usd_per_hour not negative, efficiency in (0, 1]",
+                    "GPU {:?}: memory_gib, peak_tflops, host_link_gb_s and link_gb_s must be \
+                     positive, usd_per_hour not negative, efficiency in (0, 1]",
                     g.name
                 )));
             }
@@ -146,6 +249,37 @@ impl GpuTable {
     /// Host-to-device bytes per second of `gpu`.
     pub fn host_link(&self, gpu: &Gpu) -> f64 {
         gpu.host_link_gb_s.unwrap_or(self.defaults.host_link_gb_s) * 1e9
+    }
+
+    /// What several `gpu`s exchange gradients over: `chosen`, or the GPU's usual link. The
+    /// GPU's `link_gb_s` applies to its usual link only; NVLink only where the GPU has it.
+    pub fn link(&self, gpu: &Gpu, chosen: Option<Link>) -> Result<LinkRate> {
+        let link = chosen.unwrap_or(gpu.link);
+        if link == Link::Nvlink && gpu.link != Link::Nvlink {
+            let with: Vec<&str> = self
+                .gpus
+                .iter()
+                .filter(|g| g.link == Link::Nvlink)
+                .map(|g| g.name.as_str())
+                .collect();
+            return Err(Error::Invalid(format!(
+                "GPU {:?} has no NVLink (its link in the GPU table is {}): plan it over pcie or \
+                 network, or choose GPUs with NVLink ({})",
+                gpu.name,
+                gpu.link,
+                with.join(", ")
+            )));
+        }
+        let spec = self.links.spec(link);
+        let gb_s = match gpu.link_gb_s {
+            Some(own) if link == gpu.link => own,
+            _ => spec.gb_s,
+        };
+        Ok(LinkRate {
+            link,
+            bytes_per_s: gb_s * 1e9,
+            latency_s: spec.latency_us * 1e-6,
+        })
     }
 
     /// Sustained FLOP/s of `gpu`.
@@ -191,5 +325,42 @@ mod tests {
         let gpu = |n: &str| table.select(&[n.to_string()]).unwrap().remove(0);
         assert_eq!(table.host_link(&gpu("4090")), 16e9);
         assert_eq!(table.host_link(&gpu("h100")), 32e9);
+    }
+
+    /// A GPU's own link_gb_s sets its usual link only; NVLink only where the table has it;
+    /// unknown links and a still link are refused.
+    #[test]
+    fn each_gpu_exchanges_over_its_link() {
+        let table = GpuTable::built_in().unwrap();
+        let gpu = |n: &str| table.select(&[n.to_string()]).unwrap().remove(0);
+        let rate = |n: &str, link: Option<Link>| {
+            let r = table.link(&gpu(n), link).unwrap();
+            (r.link, r.bytes_per_s / 1e9)
+        };
+        assert_eq!(rate("4090", None), (Link::Pcie, 8.0));
+        assert_eq!(rate("h100-pcie", None), (Link::Pcie, 35.0));
+        assert_eq!(rate("a100", None), (Link::Nvlink, 230.0));
+        assert_eq!(rate("h100", None), (Link::Nvlink, 460.0));
+        assert_eq!(rate("h100", Some(Link::Pcie)), (Link::Pcie, 8.0));
+        assert_eq!(rate("h100", Some(Link::Network)), (Link::Network, 12.0));
+        assert_eq!(
+            rate("h100-pcie", Some(Link::Network)),
+            (Link::Network, 12.0)
+        );
+        assert!(table.link(&gpu("l40s"), Some(Link::Nvlink)).is_err());
+        assert_eq!("NVLink".parse::<Link>(), Ok(Link::Nvlink));
+        assert!("infiniband".parse::<Link>().is_err());
+
+        let unknown = BUILT_IN.replace("link = \"nvlink\"", "link = \"infiniband\"");
+        assert!(GpuTable::parse(&unknown).is_err());
+        let still = BUILT_IN.replace("gb_s = 12.0", "gb_s = 0.0");
+        let err = GpuTable::parse(&still).unwrap_err().to_string();
+        assert!(err.contains("[links.network]"), "{err}");
+        let own = BUILT_IN.replace("link_gb_s = 35.0", "link_gb_s = -35.0");
+        let err = GpuTable::parse(&own).unwrap_err().to_string();
+        assert!(
+            err.contains("h100-pcie") && err.contains("link_gb_s"),
+            "{err}"
+        );
     }
 }

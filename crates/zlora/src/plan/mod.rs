@@ -9,6 +9,7 @@ pub mod dims;
 pub mod flops;
 pub mod gpus;
 pub mod memory;
+pub mod scaling;
 
 use serde::Serialize;
 
@@ -23,6 +24,7 @@ use dims::{ModelDims, Source};
 use flops::{Flops, Tokens};
 use gpus::{Gpu, GpuTable};
 use memory::{Phase, Profile, Run, SampleShape, Workload, GIB, MIB};
+use scaling::{DataParallel, Scaling};
 
 /// Z-Image's longest caption (its `max_sequence_length`), the worst case a plan assumes.
 pub const MAX_CAPTION_TOKENS: usize = crate::model::text::DEFAULT_MAX_TOKENS;
@@ -93,6 +95,10 @@ pub struct GpuEstimate {
     pub changes: Vec<Change>,
     /// Per base storage (bf16, fp8, int8, q8_0, q4_k): the least block swap that fits.
     pub fit: Vec<Fit>,
+    /// With several GPUs: time and cost on 1, 2, 4, ... of them, and where more stop paying
+    /// off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<Scaling>,
 }
 
 impl Fit {
@@ -189,8 +195,13 @@ pub struct DownloadPart {
     pub present: bool,
 }
 
-/// The plan for `cfg`.
+/// The plan for `cfg` on one GPU.
 pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
+    plan_on(cfg, opts, &DataParallel::ONE)
+}
+
+/// The plan for `cfg`, with data-parallel training on `parallel`'s GPUs.
+pub fn plan_on(cfg: &TrainConfig, opts: &PlanOptions, parallel: &DataParallel) -> Result<Plan> {
     let dims = ModelDims::for_config(cfg)?;
     let lora = dims.lora(&cfg.lora);
     let adapter = match &cfg.model.training_adapter {
@@ -234,7 +245,7 @@ pub fn plan(cfg: &TrainConfig, opts: &PlanOptions) -> Result<Plan> {
         .table
         .select(&opts.gpus)?
         .iter()
-        .map(|g| per_gpu.estimate(g, peak))
+        .map(|g| per_gpu.estimate(g, peak, parallel))
         .collect::<Result<_>>()?;
     Ok(Plan {
         flops_per_step: flops.per_step,
@@ -433,6 +444,26 @@ struct StoragePeaks {
     block_bytes_per_step: f64,
 }
 
+/// A run's time on one GPU, seconds: per training step its compute, block swap's copies and
+/// the gradient exchange (none are overlapped); once per run the samples.
+#[derive(Debug, Clone, Copy)]
+struct RunTime {
+    compute: f64,
+    swap: f64,
+    all_reduce: f64,
+    sampling: f64,
+}
+
+impl RunTime {
+    fn per_step(&self) -> f64 {
+        self.compute + self.swap + self.all_reduce
+    }
+
+    fn hours(&self, steps: u64) -> f64 {
+        (self.per_step() * steps as f64 + self.sampling) / 3600.0
+    }
+}
+
 /// What one GPU estimate needs besides the GPU.
 struct Context<'a> {
     cfg: &'a TrainConfig,
@@ -447,24 +478,13 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn estimate(&self, gpu: &Gpu, peak: f64) -> Result<GpuEstimate> {
-        let sustained = self.opts.table.sustained(gpu);
-        let link = self.opts.table.host_link(gpu);
+    fn estimate(&self, gpu: &Gpu, peak: f64, parallel: &DataParallel) -> Result<GpuEstimate> {
         let work = workload(self.cfg, self.run.dims, self.opts.caption_tokens)?;
-        let swap_seconds_per_step = swap_bytes_per_step(self.run, &work) / link;
-        let compute_seconds = self.flops.per_step / sustained;
-        let seconds_per_step = compute_seconds + swap_seconds_per_step;
-        let sampling_swap = self.sampling.map_or(0.0, |s| {
-            let per_pass = memory::swapped_blocks(self.run, &work) as f64
-                * memory::block_weight_bytes(self.run, &work);
-            s.block_passes as f64 * per_pass / link
-        });
-        let sampling_seconds = self.sampling.map_or(0.0, |s| s.flops / sustained) + sampling_swap;
-        let total_hours =
-            (seconds_per_step * self.cfg.train.steps as f64 + sampling_seconds) / 3600.0;
+        let time = self.time(gpu, &work, self.flops.per_step);
+        let hours = time.hours(self.cfg.train.steps);
         let capacity = gpu.memory_gib * GIB;
         let fits = peak <= capacity;
-        let fit = self.fit(capacity, compute_seconds, link);
+        let fit = self.fit(capacity, time.compute, self.opts.table.host_link(gpu));
         Ok(GpuEstimate {
             name: gpu.name.clone(),
             label: gpu.label.clone(),
@@ -472,12 +492,12 @@ impl Context<'_> {
             peak_memory_gb: peak / 1e9,
             peak_memory_gib: peak / GIB,
             fits,
-            sustained_tflops: sustained / 1e12,
-            seconds_per_step,
-            swap_seconds_per_step,
-            total_hours,
+            sustained_tflops: self.opts.table.sustained(gpu) / 1e12,
+            seconds_per_step: time.per_step(),
+            swap_seconds_per_step: time.swap,
+            total_hours: hours,
             usd_per_hour: gpu.usd_per_hour,
-            cost_usd: total_hours * gpu.usd_per_hour,
+            cost_usd: hours * gpu.usd_per_hour,
             download_hours: self.download_hours,
             changes: if fits {
                 Vec::new()
@@ -485,7 +505,25 @@ impl Context<'_> {
                 self.changes(capacity, &fit)?
             },
             fit,
+            scaling: self.scaling(gpu, parallel)?,
         })
+    }
+
+    /// One `gpu`'s time for the run with micro-batches `work` and `flops_per_step`.
+    fn time(&self, gpu: &Gpu, work: &Workload, flops_per_step: f64) -> RunTime {
+        let sustained = self.opts.table.sustained(gpu);
+        let link = self.opts.table.host_link(gpu);
+        let sampling_swap = self.sampling.map_or(0.0, |s| {
+            let per_pass = memory::swapped_blocks(self.run, work) as f64
+                * memory::block_weight_bytes(self.run, work);
+            s.block_passes as f64 * per_pass / link
+        });
+        RunTime {
+            compute: flops_per_step / sustained,
+            swap: swap_bytes_per_step(self.run, work) / link,
+            all_reduce: 0.0,
+            sampling: self.sampling.map_or(0.0, |s| s.flops / sustained) + sampling_swap,
+        }
     }
 
     /// The configuration computed in bf16 with its base stored as `base`, `swapped` main
