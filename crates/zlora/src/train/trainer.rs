@@ -173,30 +173,7 @@ pub fn train_with(
         if let Some(ema) = ema.as_mut() {
             ema.update(&lora.vars())?;
         }
-        let loss = done.loss;
-        if !loss.is_finite() {
-            return Err(Error::Invalid(format!(
-                "loss became {loss} at step {step}: training stopped; {}",
-                kept_checkpoint(out)?
-            )));
-        }
-        run.step = step;
-        run.loader = loader.state();
-        run.loss_ema = Some(
-            run.loss_ema
-                .map_or(loss as f64, |e| 0.9 * e + 0.1 * loss as f64),
-        );
-        let entry = StepLog {
-            step,
-            loss,
-            preservation_loss: done.preservation_loss,
-            loss_smoothed: run.loss_ema.unwrap_or(0.0),
-            lr: done.lr,
-            grad_norm: done.grad_norm,
-            step_seconds: started.elapsed().as_secs_f64(),
-            peak_memory_mib: None,
-            gpu_memory_mib: None,
-        };
+        let entry = advance(&mut run, step, &done, &loader, started, out)?;
         let entry = match log.as_mut() {
             Some(log) => log.append(entry)?,
             None => entry,
@@ -239,6 +216,42 @@ pub fn train_with(
         lora: lora_path,
         steps: run.step,
         stopped,
+    })
+}
+
+/// Moves `run` past the finished `step` and returns the step's log entry; a loss that is
+/// not finite ends the run.
+fn advance(
+    run: &mut RunState,
+    step: u64,
+    done: &StepDone,
+    loader: &Loader,
+    started: Instant,
+    out: &Path,
+) -> Result<StepLog> {
+    let loss = done.loss;
+    if !loss.is_finite() {
+        return Err(Error::Invalid(format!(
+            "loss became {loss} at step {step}: training stopped; {}",
+            kept_checkpoint(out)?
+        )));
+    }
+    run.step = step;
+    run.loader = loader.state();
+    run.loss_ema = Some(
+        run.loss_ema
+            .map_or(loss as f64, |e| 0.9 * e + 0.1 * loss as f64),
+    );
+    Ok(StepLog {
+        step,
+        loss,
+        preservation_loss: done.preservation_loss,
+        loss_smoothed: run.loss_ema.unwrap_or(0.0),
+        lr: done.lr,
+        grad_norm: done.grad_norm,
+        step_seconds: started.elapsed().as_secs_f64(),
+        peak_memory_mib: None,
+        gpu_memory_mib: None,
     })
 }
 
@@ -660,8 +673,12 @@ fn optimizer_step(
 ) -> Result<StepDone> {
     let t = &ctx.cfg.train;
     let local = accumulate(ctx, model, loader, step)?;
+    // Read after this worker's forward and backward passes, the bulk of the step; its mean
+    // over the workers is above 0 when any of them was asked to stop.
     let stop = stop.is_some_and(|s| s.load(Ordering::SeqCst));
-    let mut numbers = vec![local.loss, Tensor::new(stop as u8 as f32, ctx.device)?];
+    let stop = Tensor::new(f32::from(u8::from(stop)), ctx.device)?;
+    // [loss sum, stop flag, preservation loss sum (with preservation)].
+    let mut numbers = vec![local.loss, stop];
     numbers.extend(local.preservation);
     let mut exchanged = local.grads;
     exchanged.push(Tensor::stack(&numbers, 0)?);
