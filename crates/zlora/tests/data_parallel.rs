@@ -3,7 +3,7 @@
 //! trains on the whole batch (with the epoch's short last batch, gradient accumulation and
 //! active clipping), only rank 0 writes, a run stopped on one worker's request resumes with
 //! another worker count to the uninterrupted run, and a batch the workers cannot split is
-//! refused.
+//! refused, and so are workers that resume from different checkpoints.
 //!
 //! Tolerance: the two runs compute the same sums in another order (two one-item forwards and
 //! a mean of their gradients, against one two-item forward and its mean), so they agree to
@@ -330,4 +330,36 @@ fn a_global_batch_the_workers_cannot_split_evenly_is_refused_by_each() {
         assert_eq!(written, 0);
     }
     assert!(!s.path("odd").exists());
+}
+
+/// Workers that find different checkpoints (here: each given another output folder, as
+/// machines without a shared filesystem would) refuse to train from different points.
+#[test]
+fn workers_that_resume_from_different_steps_refuse_to_go_on() {
+    let s = Setup::new();
+    let (at_3, at_2) = (s.config("at-3", 2), s.config("at-2", 2));
+    let stop_after = |step| Start {
+        resume: false,
+        stop_after: Some((0, step)),
+    };
+    assert_eq!(one_worker(&at_3, stop_after(2)).steps, 3);
+    assert_eq!(one_worker(&at_2, stop_after(1)).steps, 2);
+    let resume = Start {
+        resume: true,
+        stop_after: None,
+    };
+    let outcomes = two_workers([&at_3, &at_2], resume);
+    let errors: Vec<String> = outcomes
+        .into_iter()
+        .map(|(o, _)| o.err().expect("refused").to_string())
+        .collect();
+    assert!(
+        errors[1].contains("worker 1 resumed at step 2 but the others from another checkpoint"),
+        "{errors:?}"
+    );
+    // Worker 0 sees the difference too (the mean 2.5 is not its 3), or worker 1 leaving.
+    assert!(
+        errors[0].contains("worker 0 resumed at step 3") || errors[0].contains("has stopped"),
+        "{errors:?}"
+    );
 }
