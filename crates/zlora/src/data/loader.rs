@@ -90,6 +90,43 @@ pub struct BatchPlan {
     pub drop_caption: Vec<bool>,
 }
 
+impl BatchPlan {
+    /// The plan's items `range` (a data-parallel worker's share of a global batch).
+    pub fn share(&self, range: std::ops::Range<usize>) -> BatchPlan {
+        BatchPlan {
+            bucket: self.bucket,
+            indices: self.indices[range.clone()].to_vec(),
+            drop_caption: self.drop_caption[range].to_vec(),
+        }
+    }
+
+    /// The batch, read from the cache onto `device`.
+    pub fn load(self, data: &CachedDataset, device: &Device) -> Result<Batch> {
+        let latents = self
+            .indices
+            .iter()
+            .map(|&i| data.latent(i, device))
+            .collect::<Result<Vec<_>>>()?;
+        let captions = self
+            .indices
+            .iter()
+            .zip(&self.drop_caption)
+            .map(|(&i, &drop)| match drop {
+                true => Ok(data.empty_caption().to_device(device)?),
+                false => data.caption(i, device),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let latents = Tensor::stack(&latents, 0)?;
+        Ok(Batch {
+            masks: batch_masks(data, &self.indices, &latents, device)?,
+            latents,
+            captions,
+            indices: self.indices,
+            drop_caption: self.drop_caption,
+        })
+    }
+}
+
 /// One training batch.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -189,31 +226,8 @@ impl Loader {
 
     /// The next batch, read from the cache onto `device`.
     pub fn next_batch(&mut self, data: &CachedDataset, device: &Device) -> Result<Batch> {
-        let plan = self.next_plan();
-        let latents = plan
-            .indices
-            .iter()
-            .map(|&i| data.latent(i, device))
-            .collect::<Result<Vec<_>>>()?;
-        let captions = plan
-            .indices
-            .iter()
-            .zip(&plan.drop_caption)
-            .map(|(&i, &drop)| match drop {
-                true => Ok(data.empty_caption().to_device(device)?),
-                false => data.caption(i, device),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let latents = Tensor::stack(&latents, 0)?;
-        Ok(Batch {
-            masks: batch_masks(data, &plan.indices, &latents, device)?,
-            latents,
-            captions,
-            indices: plan.indices,
-            drop_caption: plan.drop_caption,
-        })
+        self.next_plan().load(data, device)
     }
-
     /// Epoch `epoch`'s batches. Batches are emitted as soon as they fill, walking the
     /// shuffled order, so bucket order is as random as item order; unfilled batches close the
     /// epoch rather than being dropped, so every image is seen every epoch.

@@ -33,7 +33,8 @@ mod tests {
     use crate::data::synthetic;
     use crate::model::tiny::{self, TinySpec};
     use crate::train::config::TrainConfig;
-    use crate::train::trainer::{train, Event, TrainOptions};
+    use crate::train::exchange::{Alone, GradientExchange, InProcess};
+    use crate::train::trainer::{train_with, Event, TrainOptions};
 
     /// Real steps on the tiny model, with two micro-batches per step (a read per micro-batch
     /// would show) and clipping on (a read per gradient tensor would show: 28 of them), with
@@ -41,26 +42,57 @@ mod tests {
     #[test]
     fn a_training_step_reads_from_the_device_at_most_twice() -> Result<()> {
         for optimizer in ["adamw", "adamw8bit", "prodigy", "adafactor"] {
-            let per_step = reads_per_step(optimizer)?;
-            assert_eq!(per_step.len(), 3);
-            assert!(
-                per_step.iter().all(|&n| (1..=2).contains(&n)),
-                "{optimizer}: device→host reads per step: {per_step:?}"
-            );
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = tiny_run(dir.path(), optimizer, 1)?;
+            assert_one_or_two_per_step(&reads_per_step(&cfg, &mut Alone)?, optimizer);
         }
         Ok(())
     }
 
-    fn reads_per_step(optimizer: &str) -> Result<Vec<u64>> {
+    /// Each of two data-parallel workers (threads) reads once or twice a step too: the
+    /// exchanged losses and stop flag come back in the step's one read. (The in-process
+    /// exchange itself goes through the host, where NCCL does not; it reads outside the count.)
+    #[test]
+    fn a_data_parallel_step_reads_from_the_device_at_most_twice_on_each_worker() -> Result<()> {
         let dir = tempfile::tempdir().unwrap();
-        let (model, data) = (dir.path().join("model"), dir.path().join("data"));
+        let cfg = tiny_run(dir.path(), "adamw", 2)?;
+        let per_worker = std::thread::scope(|scope| {
+            let threads: Vec<_> = InProcess::group(2)
+                .into_iter()
+                .map(|mut exchange| {
+                    let cfg = &cfg;
+                    scope.spawn(move || reads_per_step(cfg, &mut exchange))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect::<Result<Vec<_>>>()
+        })?;
+        for per_step in per_worker {
+            assert_one_or_two_per_step(&per_step, "adamw on two workers");
+        }
+        Ok(())
+    }
+
+    fn assert_one_or_two_per_step(per_step: &[u64], what: &str) {
+        assert_eq!(per_step.len(), 3);
+        assert!(
+            per_step.iter().all(|&n| (1..=2).contains(&n)),
+            "{what}: device→host reads per step: {per_step:?}"
+        );
+    }
+
+    /// A tiny model, data and a three-step config with `optimizer` in `dir`.
+    fn tiny_run(dir: &std::path::Path, optimizer: &str, batch_size: usize) -> Result<TrainConfig> {
+        let (model, data) = (dir.join("model"), dir.join("data"));
         let spec = TinySpec {
             dim: 32,
             ..TinySpec::default()
         };
         tiny::create(&model, &spec, false)?;
         synthetic::create(&data, 4, 64, false)?;
-        let cfg = TrainConfig::parse(&format!(
+        TrainConfig::parse(&format!(
             r#"[model]
 path = "{model}"
 variant = "turbo"
@@ -74,7 +106,7 @@ alpha = 2
 [train]
 steps = 3
 learning_rate = 1e-3
-batch_size = 1
+batch_size = {batch_size}
 gradient_accumulation = 2
 max_grad_norm = 1e-4
 save_every = 2
@@ -84,10 +116,13 @@ ema = 0.99
 "#,
             model = model.display(),
             data = data.display(),
-            out = dir.path().join("out").display(),
-        ))?;
+            out = dir.join("out").display(),
+        ))
+    }
+
+    fn reads_per_step(cfg: &TrainConfig, exchange: &mut dyn GradientExchange) -> Result<Vec<u64>> {
         let mut counts = vec![reads()];
-        train(&cfg, &TrainOptions::default(), &mut |event| {
+        train_with(cfg, &TrainOptions::default(), exchange, &mut |event| {
             if let Event::Step(_) = event {
                 counts.push(reads());
             }

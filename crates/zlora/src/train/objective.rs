@@ -130,6 +130,15 @@ pub fn gaussian_like(like: &Tensor, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     Tensor::from_vec(data, like.shape(), like.device())
 }
 
+/// Advances the stream past `n` of [`gaussian_like`]'s values (draws of a variable number
+/// of words each, so they are drawn, not skipped by seeking): a data-parallel worker's noise
+/// then starts where its share of the global batch starts.
+pub fn skip_gaussians(rng: &mut ChaCha8Rng, n: usize) {
+    for _ in 0..n {
+        let _: f32 = StandardNormal.sample(rng);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +210,26 @@ mod tests {
             vec![0.25, 0.5, 0.1, 0.5]
         );
         Ok(())
+    }
+
+    #[test]
+    fn skipped_gaussians_are_the_ones_gaussian_like_would_have_drawn() -> Result<()> {
+        let whole = gaussian_like(
+            &Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?,
+            &mut rng(),
+        )?;
+        let mut skipped = rng();
+        skip_gaussians(&mut skipped, 4);
+        let tail = gaussian_like(&Tensor::zeros(2, DType::F32, &Device::Cpu)?, &mut skipped)?;
+        assert_eq!(
+            whole.flatten_all()?.narrow(0, 4, 2)?.to_vec1::<f32>()?,
+            tail.to_vec1::<f32>()?
+        );
+        Ok(())
+    }
+
+    fn rng() -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(3)
     }
 
     #[test]

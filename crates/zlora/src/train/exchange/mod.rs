@@ -4,7 +4,11 @@
 //! trainer's math is the same whatever carries the numbers: [`Alone`] (one worker), an
 //! in-process group of threads (the CPU tests), or NCCL across GPUs and nodes.
 
-use candle_core::Tensor;
+mod in_process;
+
+pub use in_process::InProcess;
+
+use candle_core::{DType, Tensor};
 
 use crate::Result;
 
@@ -38,5 +42,90 @@ impl GradientExchange for Alone {
 
     fn barrier(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// Each tensor's mean over the workers through ONE `all_reduce_mean` call: the tensors are
+/// flattened into a single f32 vector and cut back into their shapes (each collective pays
+/// NCCL's latency, so a step makes one, not one per LoRA tensor). A world of one exchanges
+/// nothing and copies nothing.
+pub fn mean_in_one_call(
+    exchange: &mut dyn GradientExchange,
+    tensors: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
+    if exchange.world_size() == 1 {
+        return Ok(tensors);
+    }
+    let flat = tensors
+        .iter()
+        .map(|t| t.flatten_all()?.to_dtype(DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&flat, 0)?;
+    let mean = exchange
+        .all_reduce_mean(std::slice::from_ref(&packed))?
+        .pop()
+        .ok_or_else(|| crate::Error::Invalid("the gradient exchange returned nothing".into()))?;
+    let mut at = 0;
+    tensors
+        .iter()
+        .map(|t| {
+            let n = t.elem_count();
+            let part = mean
+                .narrow(0, at, n)?
+                .reshape(t.shape())?
+                .to_dtype(t.dtype())?;
+            at += n;
+            Ok(part)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Counts the collectives it passes on to an in-process group.
+    struct Counted(InProcess, usize);
+
+    impl GradientExchange for Counted {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_reduce_mean(&mut self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+            self.1 += 1;
+            self.0.all_reduce_mean(tensors)
+        }
+        fn barrier(&mut self) -> Result<()> {
+            self.0.barrier()
+        }
+    }
+
+    #[test]
+    fn tensors_of_several_shapes_are_averaged_in_one_collective() {
+        let threads: Vec<_> = InProcess::group(2)
+            .into_iter()
+            .map(|w| {
+                std::thread::spawn(move || {
+                    let r = w.rank() as f32;
+                    let mut w = Counted(w, 0);
+                    let a = Tensor::new(&[[r, 1.0], [2.0 * r, 3.0]], &Device::Cpu).unwrap();
+                    let b = Tensor::new(4.0 * r, &Device::Cpu).unwrap();
+                    let means = mean_in_one_call(&mut w, vec![a, b]).unwrap();
+                    assert_eq!(means[1].dims(), &[] as &[usize]);
+                    let a = means[0].to_vec2::<f32>().unwrap();
+                    (a, means[1].to_scalar::<f32>().unwrap(), w.1)
+                })
+            })
+            .collect();
+        for t in threads {
+            let (a, b, calls) = t.join().unwrap();
+            assert_eq!(a, vec![vec![0.5, 1.0], vec![1.0, 3.0]]);
+            assert_eq!(b, 2.0);
+            assert_eq!(calls, 1);
+        }
     }
 }
