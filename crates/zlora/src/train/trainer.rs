@@ -75,6 +75,22 @@ pub struct Outcome {
     pub stopped: bool,
 }
 
+/// PLACEHOLDER of branch `nccl`, so that the CLI's multi-GPU paths compile: branch `dp`'s
+/// data-parallel `train_with` replaces it at merge. Until then only a world of one trains.
+pub fn train_with(
+    cfg: &TrainConfig,
+    opts: &TrainOptions,
+    exchange: &mut dyn super::exchange::GradientExchange,
+    events: &mut dyn FnMut(Event),
+) -> Result<Outcome> {
+    if exchange.world_size() > 1 {
+        return Err(Error::Invalid(
+            "this build's trainer has no data-parallel training yet (branch dp)".into(),
+        ));
+    }
+    train(cfg, opts, events)
+}
+
 pub fn train(
     cfg: &TrainConfig,
     opts: &TrainOptions,

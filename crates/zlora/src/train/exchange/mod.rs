@@ -4,6 +4,10 @@
 //! trainer's math is the same whatever carries the numbers: [`Alone`] (one worker), an
 //! in-process group of threads (the CPU tests), or NCCL across GPUs and nodes.
 
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
+
 use candle_core::Tensor;
 
 use crate::Result;
