@@ -69,7 +69,7 @@ fn open() -> std::result::Result<Library, String> {
     // SAFETY: loading NCCL runs only its initialisers, which have no preconditions.
     let library = LIBRARY_NAMES
         .iter()
-        .find_map(|name| unsafe { libloading::Library::new(name) }.ok())
+        .find_map(|name| unsafe { libloading::Library::new(*name) }.ok())
         .ok_or_else(|| {
             "NCCL (libnccl.so.2) is not installed, and training on several GPUs needs it: \
              `pip install nvidia-nccl-cu13` (CUDA 13; nvidia-nccl-cu12 for CUDA 12) and add its \

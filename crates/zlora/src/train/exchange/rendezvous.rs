@@ -65,6 +65,18 @@ impl World {
 
     fn torchrun(var: &dyn Fn(&str) -> Option<String>) -> Result<World> {
         const BY_HAND: &str = "(torchrun sets it; by hand, set it for every process)";
+        let mut root_port = port(var)?;
+        // torchrun's own store already listens on MASTER_PORT when it shares it with its
+        // workers; zlora's rank 0 takes the next port.
+        if var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True") {
+            root_port = root_port.checked_add(1).ok_or_else(|| {
+                Error::Invalid(
+                    "MASTER_PORT=65535 is torchrun's store, and zlora listens on the next \
+                     port: give torchrun a lower --master-port"
+                        .into(),
+                )
+            })?;
+        }
         Ok(World {
             rank: number(var, "RANK", BY_HAND)?,
             world_size: number(var, "WORLD_SIZE", BY_HAND)?,
@@ -74,7 +86,7 @@ impl World {
                     "MASTER_ADDR is not set: set it to rank 0's host name or address {BY_HAND}"
                 ))
             })?,
-            root_port: port(var)?,
+            root_port,
         })
     }
 
@@ -387,6 +399,11 @@ mod tests {
         assert_eq!(world(&[]).unwrap(), None);
         expect(&TORCHRUN, 3, 8, 1, ("node7", 1234));
         expect(&TORCHRUN[..4], 3, 8, 1, ("node7", DEFAULT_PORT));
+        // torchrun's store on MASTER_PORT: zlora's rendezvous on the next port.
+        let shared = [&TORCHRUN[..], &[("TORCHELASTIC_USE_AGENT_STORE", "True")]].concat();
+        expect(&shared, 3, 8, 1, ("node7", 1235));
+        let own = [&TORCHRUN[..], &[("TORCHELASTIC_USE_AGENT_STORE", "False")]].concat();
+        expect(&own, 3, 8, 1, ("node7", 1234));
         expect(&SLURM, 5, 8, 1, ("gpu03", DEFAULT_PORT));
         // torchrun inside a Slurm job: torchrun's variables describe this process.
         let mixed = [&SLURM[..], &TORCHRUN[..]].concat();
