@@ -242,6 +242,10 @@ impl Forwarded {
 mod tests {
     use super::*;
 
+    /// The tests that run ranks one at a time: a signal to this process reaches every
+    /// launcher in it.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn sh(script: &str) -> Command {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", script]);
@@ -266,6 +270,7 @@ mod tests {
 
     #[test]
     fn a_failing_rank_stops_the_others_and_is_named() {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         // Rank 0 would run for a minute; rank 2 ignores SIGTERM, as a rank blocked in NCCL does.
         let ranks = vec![
@@ -289,9 +294,31 @@ mod tests {
 
     #[test]
     fn ranks_that_all_finish_are_a_success_and_a_stopped_one_is_stopped() {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let code = supervise(vec![sh("exit 0"), sh("sleep 0.2")], GRACE).unwrap();
         assert_eq!(code, ExitCode::SUCCESS);
         let code = supervise(vec![sh("exit 0"), sh("exit 130")], GRACE).unwrap();
         assert_eq!(code, ExitCode::from(STOPPED));
+    }
+
+    #[test]
+    fn sigterm_to_the_launcher_reaches_every_rank() {
+        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        // Each rank stops cleanly (exit 130) on SIGTERM and would otherwise run for a minute.
+        let rank = || sh("trap 'exit 130' TERM; sleep 60 & wait");
+        let signal_self = std::thread::spawn(|| {
+            sleep(Duration::from_millis(500));
+            // SAFETY: sends SIGTERM to this process, whose handler supervise installed.
+            unsafe { libc::kill(libc::getpid(), SIGTERM) };
+        });
+        let started = Instant::now();
+        let code = supervise(vec![rank(), rank(), rank()], GRACE).unwrap();
+        signal_self.join().unwrap();
+        assert_eq!(code, ExitCode::from(STOPPED));
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

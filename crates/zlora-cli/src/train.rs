@@ -102,7 +102,7 @@ fn run_in_world(mut a: Args) -> anyhow::Result<ExitCode> {
         (Some(Gpus(gpus)), None) if gpus.len() == 1 => {
             // Read by the trainer's device selection; set while only this thread runs.
             std::env::set_var(zlora::device::ENV, format!("cuda:{}", gpus[0]));
-            run_training(a, &mut Alone)
+            run_training(prepare(a)?, &mut Alone)
         }
         (Some(Gpus(gpus)), None) => {
             if !cfg!(feature = "nccl") {
@@ -111,8 +111,8 @@ fn run_in_world(mut a: Args) -> anyhow::Result<ExitCode> {
             }
             crate::launch::launch(&gpus)
         }
-        (None, Some(w)) => join(a, &w),
-        (None, None) => run_training(a, &mut Alone),
+        (None, Some(w)) => join(prepare(a)?, &w),
+        (None, None) => run_training(prepare(a)?, &mut Alone),
     }
 }
 
@@ -127,7 +127,7 @@ fn no_nccl(what: &str) -> anyhow::Error {
 /// One rank of a launcher's world: rendezvous with the others, open NCCL on this rank's GPU,
 /// train its share of each batch.
 #[cfg(feature = "nccl")]
-fn join(a: Args, world: &World) -> anyhow::Result<ExitCode> {
+fn join(run: Run, world: &World) -> anyhow::Result<ExitCode> {
     use zlora::train::exchange::nccl::{unique_id, Nccl};
     use zlora::train::exchange::rendezvous::DEFAULT_TIMEOUT;
     if std::env::var_os(zlora::device::ENV).is_none() {
@@ -141,18 +141,27 @@ fn join(a: Args, world: &World) -> anyhow::Result<ExitCode> {
         .share_id(unique_id, DEFAULT_TIMEOUT)
         .context("the ranks did not meet")?;
     let mut nccl = Nccl::join(&device, world, &id)?;
-    run_training(a, &mut nccl)
+    run_training(run, &mut nccl)
 }
 
 #[cfg(not(feature = "nccl"))]
-fn join(_: Args, world: &World) -> anyhow::Result<ExitCode> {
+fn join(_: Run, world: &World) -> anyhow::Result<ExitCode> {
     Err(no_nccl(&format!(
         "rank {} of a world of {} (the launcher's WORLD_SIZE or SLURM_NTASKS)",
         world.rank, world.world_size
     )))
 }
 
-fn run_training(a: Args, exchange: &mut dyn GradientExchange) -> anyhow::Result<ExitCode> {
+/// What one run trains with: the config and the command line's options.
+struct Run {
+    cfg: TrainConfig,
+    opts: TrainOptions,
+    events: Option<EventFormat>,
+}
+
+/// The config read and the command line applied, before any rank waits for the others, so
+/// that a mistake in them is reported at once.
+fn prepare(a: Args) -> anyhow::Result<Run> {
     let mut cfg = TrainConfig::from_file(&a.config)?;
     let mut allow_changes = a.allow_changes;
     if let Some(steps) = a.steps {
@@ -171,7 +180,16 @@ fn run_training(a: Args, exchange: &mut dyn GradientExchange) -> anyhow::Result<
         config_file: Some(a.config),
         stop: Some(stop_on_signals()?),
     };
-    let outcome = match a.events {
+    Ok(Run {
+        cfg,
+        opts,
+        events: a.events,
+    })
+}
+
+fn run_training(run: Run, exchange: &mut dyn GradientExchange) -> anyhow::Result<ExitCode> {
+    let Run { cfg, opts, events } = run;
+    let outcome = match events {
         Some(EventFormat::Json) => {
             let mut sink = TrainEvents::new(cfg.train.steps);
             let outcome = train_with(&cfg, &opts, exchange, &mut |event| sink.show(event))
