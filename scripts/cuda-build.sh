@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds `zlora` with `--features cuda`, one binary per GPU architecture, on a machine without a
-# GPU. The kernels are PTX for one architecture (candle's CUDA_COMPUTE_CAP): see docs/gpu.md.
+# Builds `zlora` with `--features cuda,nccl`, one binary per GPU architecture, on a machine without
+# a GPU. The kernels are PTX for one architecture (candle's CUDA_COMPUTE_CAP): see docs/gpu.md.
+# `nccl` (training on several GPUs, docs/multi-gpu.md) opens libnccl.so.2 at run time, so NCCL is
+# needed neither here nor by a run on one GPU.
 #
 #   scripts/cuda-build.sh                    # sm90 (H100/H200) with CUDA 13.0 from PyPI
 #   scripts/cuda-build.sh 80 86 89 90 120    # one binary per architecture
@@ -99,7 +101,7 @@ export CUDA_TOOLKIT_ROOT_DIR="$(cd "$link/.." && pwd)"
 mkdir -p "$dist"
 for arch in "${archs[@]}"; do
     export CUDA_COMPUTE_CAP=$arch
-    cargo build --release -p zlora-cli --features cuda
+    cargo build --release -p zlora-cli --features cuda,nccl
     bin="$CARGO_TARGET_DIR/release/zlora"
     # The embedded PTX must target exactly the architecture asked for (sm_90a for 90).
     want=$(case $arch in 90|120) echo "sm_${arch}a" ;; *) echo "sm_$arch" ;; esac)

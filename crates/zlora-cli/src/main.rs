@@ -8,6 +8,7 @@ mod events;
 mod experiment;
 mod fetch;
 mod generate;
+mod launch;
 mod lora;
 mod plan;
 mod process;

@@ -1,6 +1,11 @@
 //! `zlora train CONFIG [--resume [--allow-changes KEY...]] [--force] [--steps N] [--output DIR]
-//! [--events json]`. SIGTERM or SIGINT stops it cleanly: the step in progress is finished and
-//! checkpointed, and it exits with [`STOPPED`].
+//! [--events json] [--gpus LIST]`. SIGTERM or SIGINT stops it cleanly: the step in progress is
+//! finished and checkpointed, and it exits with [`STOPPED`].
+//!
+//! Several GPUs (docs/multi-gpu.md): `--gpus 0,1,2,3` starts one process per GPU
+//! (`launch.rs`), and a process started by a launcher (torchrun, srun, or `--gpus`: its
+//! variables say WORLD_SIZE > 1) joins that world through NCCL and trains its share of each
+//! batch.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +15,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use indicatif::ProgressBar;
 use zlora::train::config::TrainConfig;
-use zlora::train::trainer::{train, Event, TrainOptions};
+use zlora::train::exchange::rendezvous::World;
+use zlora::train::exchange::{Alone, GradientExchange};
+use zlora::train::trainer::{train_with, Event, TrainOptions};
 
 use crate::events::{self, EventFormat, TrainEvents};
 use crate::progress::{count_bar, steps_bar};
@@ -44,18 +51,117 @@ pub struct Args {
     /// instead of bars; docs/serve.md lists the events.
     #[arg(long, value_enum)]
     events: Option<EventFormat>,
+    /// Train on these CUDA GPUs of this machine, one process each, e.g. 0,1,2,3
+    /// (docs/multi-gpu.md); [train] batch_size is the batch of all of them together. One GPU:
+    /// a plain run on it.
+    #[arg(long, value_name = "LIST", value_parser = parse_gpus)]
+    gpus: Option<Gpus>,
+}
+
+/// The GPU numbers of `--gpus`: distinct, in the order given (the first is rank 0).
+#[derive(Debug, Clone)]
+pub struct Gpus(Vec<usize>);
+
+fn parse_gpus(list: &str) -> Result<Gpus, String> {
+    let mut gpus = Vec::new();
+    for item in list.split(',') {
+        let gpu = item.trim().parse::<usize>().map_err(|_| {
+            format!(
+                "'{item}' is not a GPU number: expected numbers separated by commas, e.g. 0,1,2,3"
+            )
+        })?;
+        if gpus.contains(&gpu) {
+            return Err(format!(
+                "GPU {gpu} is listed twice: each GPU runs one process"
+            ));
+        }
+        gpus.push(gpu);
+    }
+    Ok(Gpus(gpus))
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let json = a.events.is_some();
-    let result = run_training(a);
+    let result = run_in_world(a);
     if let (true, Err(e)) = (json, &result) {
         events::failed(e);
     }
     result
 }
 
-fn run_training(a: Args) -> anyhow::Result<ExitCode> {
+/// A plain run, the launcher of `--gpus`, or one rank of a launcher's world.
+fn run_in_world(mut a: Args) -> anyhow::Result<ExitCode> {
+    let world = World::from_env(&|name| std::env::var(name).ok())?.filter(|w| w.world_size > 1);
+    match (a.gpus.take(), world) {
+        (Some(_), Some(w)) => anyhow::bail!(
+            "--gpus starts one process per GPU, but this one already is rank {} of {} \
+             (WORLD_SIZE/RANK or SLURM_NTASKS/SLURM_PROCID are set by a launcher): leave out --gpus",
+            w.rank,
+            w.world_size
+        ),
+        (Some(Gpus(gpus)), None) if gpus.len() == 1 => {
+            // Read by the trainer's device selection; set while only this thread runs.
+            std::env::set_var(zlora::device::ENV, format!("cuda:{}", gpus[0]));
+            run_training(prepare(a)?, &mut Alone)
+        }
+        (Some(Gpus(gpus)), None) => {
+            if !cfg!(feature = "nccl") {
+                let list: Vec<String> = gpus.iter().map(usize::to_string).collect();
+                return Err(no_nccl(&format!("--gpus {}", list.join(","))));
+            }
+            crate::launch::launch(&gpus)
+        }
+        (None, Some(w)) => join(prepare(a)?, &w),
+        (None, None) => run_training(prepare(a)?, &mut Alone),
+    }
+}
+
+/// Training on several GPUs needs NCCL, which only a build with the `nccl` feature has.
+fn no_nccl(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what}: training on several GPUs needs a zlora built with the `nccl` feature \
+         (scripts/cuda-build.sh builds one; docs/multi-gpu.md)"
+    )
+}
+
+/// One rank of a launcher's world: rendezvous with the others, open NCCL on this rank's GPU,
+/// train its share of each batch.
+#[cfg(feature = "nccl")]
+fn join(run: Run, world: &World) -> anyhow::Result<ExitCode> {
+    use zlora::train::exchange::nccl::{unique_id, Nccl};
+    use zlora::train::exchange::rendezvous::DEFAULT_TIMEOUT;
+    if std::env::var_os(zlora::device::ENV).is_none() {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let gpu = world.gpu(visible.as_deref());
+        // Read by the trainer's device selection; set while only this thread runs.
+        std::env::set_var(zlora::device::ENV, format!("cuda:{gpu}"));
+    }
+    let device = zlora::device::select()?;
+    let id = world
+        .share_id(unique_id, DEFAULT_TIMEOUT)
+        .context("the ranks did not meet")?;
+    let mut nccl = Nccl::join(&device, world, &id)?;
+    run_training(run, &mut nccl)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn join(_: Run, world: &World) -> anyhow::Result<ExitCode> {
+    Err(no_nccl(&format!(
+        "rank {} of a world of {} (the launcher's WORLD_SIZE or SLURM_NTASKS)",
+        world.rank, world.world_size
+    )))
+}
+
+/// What one run trains with: the config and the command line's options.
+struct Run {
+    cfg: TrainConfig,
+    opts: TrainOptions,
+    events: Option<EventFormat>,
+}
+
+/// The config read and the command line applied, before any rank waits for the others, so
+/// that a mistake in them is reported at once.
+fn prepare(a: Args) -> anyhow::Result<Run> {
     let mut cfg = TrainConfig::from_file(&a.config)?;
     let mut allow_changes = a.allow_changes;
     if let Some(steps) = a.steps {
@@ -74,18 +180,27 @@ fn run_training(a: Args) -> anyhow::Result<ExitCode> {
         config_file: Some(a.config),
         stop: Some(stop_on_signals()?),
     };
-    let outcome = match a.events {
+    Ok(Run {
+        cfg,
+        opts,
+        events: a.events,
+    })
+}
+
+fn run_training(run: Run, exchange: &mut dyn GradientExchange) -> anyhow::Result<ExitCode> {
+    let Run { cfg, opts, events } = run;
+    let outcome = match events {
         Some(EventFormat::Json) => {
             let mut sink = TrainEvents::new(cfg.train.steps);
-            let outcome =
-                train(&cfg, &opts, &mut |event| sink.show(event)).context("training failed")?;
+            let outcome = train_with(&cfg, &opts, exchange, &mut |event| sink.show(event))
+                .context("training failed")?;
             events::finished(&outcome);
             outcome
         }
         None => {
             let mut display = TrainDisplay::new(cfg.train.steps);
-            let outcome =
-                train(&cfg, &opts, &mut |event| display.show(event)).context("training failed")?;
+            let outcome = train_with(&cfg, &opts, exchange, &mut |event| display.show(event))
+                .context("training failed")?;
             display.finish();
             println!("{}", outcome.lora.display());
             outcome

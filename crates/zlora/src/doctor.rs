@@ -183,10 +183,25 @@ pub fn diagnose(opts: &Options) -> Result<Report> {
             None
         }
     };
+    #[cfg(feature = "nccl")]
+    checks.push(nccl());
     if let (Some(cfg), Some(found)) = (opts.config, &device) {
         checks.push(fit(cfg, found, opts.memory_gib)?);
     }
     Ok(Report { checks, device })
+}
+
+/// Whether NCCL can be opened, for training on several GPUs. Not a problem when it cannot:
+/// one GPU does not need it.
+#[cfg(feature = "nccl")]
+fn nccl() -> Check {
+    match crate::train::exchange::nccl::version() {
+        Ok(version) => Check::ok(
+            "nccl",
+            format!("NCCL {version}: training on several GPUs (docs/multi-gpu.md)"),
+        ),
+        Err(e) => Check::ok("nccl", format!("one GPU only: {e}")),
+    }
 }
 
 /// The backend `ZLORA_DEVICE` asks for, or the build's GPU backend when it is unset.

@@ -5,6 +5,9 @@
 //! in-process group of threads (the CPU tests), or NCCL across GPUs and nodes.
 
 mod in_process;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod rendezvous;
 
 pub use in_process::InProcess;
 
