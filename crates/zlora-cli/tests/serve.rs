@@ -784,6 +784,9 @@ fn script_payloads_in_every_user_string_never_run_in_a_browser() {
         caption.as_bytes(),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // A caption file without its image, which the dataset check names.
+    let orphan = format!("{PAYLOAD_IMG}-orphan.txt");
+    std::fs::write(dir.path().join("datasets/tiny").join(&orphan), "alone").unwrap();
     // A prompt and an output folder in a job's config, and a dataset path that makes the job
     // fail with the payload in its error.
     let output = format!("runs/{PAYLOAD_IMG}");
@@ -841,5 +844,17 @@ fn script_payloads_in_every_user_string_never_run_in_a_browser() {
             "{page} does not show the payload"
         );
         assert!(!dom.contains("data-xss"), "a payload ran on {page}: {dom}");
+    }
+    // The dataset check names both payload files, as text.
+    let dom = browser_dom(&format!("{base}/datasets/tiny"), "</main>");
+    let table = &dom[dom
+        .find("<table class=\"preflight\">")
+        .expect("the findings")..];
+    for file in [format!("{PAYLOAD_IMG}.png"), orphan] {
+        let shown = file.replace('<', "&lt;").replace('>', "&gt;");
+        assert!(
+            table.contains(&format!("<code>{shown}</code>")),
+            "{file} is not in the findings: {table}"
+        );
     }
 }
