@@ -220,7 +220,21 @@ fn caption_jobs_write_what_zlora_caption_writes_and_stay_inside_the_root() {
     let expected = |name: &str| read(reference.path(), name);
     assert!(expected("wide.txt").starts_with("zk, "));
 
-    let s = Server::start(root.path(), &[]);
+    // The same model as a repo in a Hugging Face cache of its own.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--org--tiny-vl");
+    std::fs::create_dir_all(repo.join("snapshots/0123abcd")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(
+            &f,
+            repo.join("snapshots/0123abcd").join(f.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let s = Server::start_env(root.path(), &[], &[("HF_HUB_CACHE", cache.path())]);
     let outside = tempfile::tempdir().unwrap();
     copy_images(outside.path());
     std::os::unix::fs::symlink(outside.path(), root.path().join("datasets/out")).unwrap();
@@ -286,13 +300,20 @@ fn caption_jobs_write_what_zlora_caption_writes_and_stay_inside_the_root() {
     assert_eq!(read(&data, "wide.txt"), "mine");
     assert_eq!(read(&data, "tall.txt"), expected("tall.txt"));
     let page = s.get(&format!("/jobs/{}", job["id"])).text();
-    assert!(page.contains("image 2 / 2"), "{page}");
+    assert!(
+        page.contains("image 2 / 2") && !page.contains("<h2>Loss</h2>"),
+        "{page}"
+    );
     assert!(page.contains("captioned 1, skipped 1, failed 0"), "{page}");
 
-    let job = done(caption(json!({"force": true})));
+    // Overwriting, with the model named by its repo id: read from the cache's snapshot.
+    std::fs::write(data.join("wide.txt"), "mine").unwrap();
+    let job = done(caption(json!({"force": true, "model": "org/tiny-vl"})));
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(read(&data, "wide.txt"), expected("wide.txt"));
     assert_eq!(read(&data, "tall.txt"), expected("tall.txt"));
+    let page = s.get(&format!("/jobs/{}", job["id"])).text();
+    assert!(page.contains("snapshots/0123abcd"), "{page}");
 
     // The dataset page's form: the model offered, overwriting a box of its own.
     let html = s.get("/datasets/cap").text();

@@ -89,7 +89,10 @@ fn model_folder(root: &Root, model: &str) -> Result<PathBuf, Refused> {
                 "model {model:?} is not in the Hugging Face cache: zlora fetch {model} first, or put its folder under models/"
             ))
         })?;
-        config.parent().map(Path::to_path_buf).unwrap_or_default()
+        config
+            .parent()
+            .ok_or_else(|| Refused(format!("model {model:?}: no folder holds its config.json")))?
+            .to_path_buf()
     };
     let spec = folder
         .to_str()

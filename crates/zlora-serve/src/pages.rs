@@ -1,7 +1,7 @@
 //! The HTML pages, rendered on the server with maud (which escapes every interpolated string).
 //! The little JavaScript they need (static/app.js) only calls the JSON API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use maud::{html, Markup, DOCTYPE};
 
@@ -114,10 +114,13 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                 @if run.join(REPORT).is_file() {
                     p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
                 }
-                h2 { "Loss" }
-                (loss_chart(&losses(&run)))
-                h2 { "Samples" }
-                (samples(jobs, &run))
+                // A caption job's output is a dataset: no loss, no samples.
+                @if job.kind != "caption" {
+                    h2 { "Loss" }
+                    (loss_chart(&losses(&run)))
+                    h2 { "Samples" }
+                    (samples(jobs, &run))
+                }
                 h2 { "Log" }
                 pre.log { (log_tail(&jobs.log_path(id))) }
                 details { summary { "Config" } pre { (job.config) } }
@@ -221,6 +224,9 @@ pub fn dataset(jobs: &Jobs, raw_name: &str, req: &Request) -> Answer {
         |c| c.resolution,
     );
     let checked_model = check.as_ref().ok().map(|c| c.model.as_str());
+    let zimages = preflight::zimage_models(&jobs.root).map_err(|e| internal(e.0))?;
+    let vlms = preflight::models_with(&jobs.root, &crate::caption::VLM_FILES)
+        .map_err(|e| internal(e.0))?;
     Ok(Reply::html(
         200,
         layout(
@@ -229,13 +235,13 @@ pub fn dataset(jobs: &Jobs, raw_name: &str, req: &Request) -> Answer {
                 p { (list.len()) " images · captions are saved as you leave the field" }
                 label { "Add images " input type="file" accept="image/png,image/jpeg,image/webp" multiple data-upload=(format!("{base}/images/")); }
                 h2 { "Check" }
-                (preflight::form(&jobs.root, resolution, checked_model))
+                (preflight::form(&jobs.root, &zimages, resolution, checked_model))
                 @match &check {
                     Ok(c) => (c.markup()),
                     Err(e) => p.error { (e.0) },
                 }
                 h2 { "Caption" }
-                (caption_form(jobs, &name))
+                (caption_form(jobs, &vlms, &name))
                 h2 { "Images" }
                 div.grid {
                     @for img in &list {
@@ -260,13 +266,11 @@ pub fn dataset(jobs: &Jobs, raw_name: &str, req: &Request) -> Answer {
     ))
 }
 
-/// Queues `zlora caption` of the dataset with a Qwen3-VL under models/ (offered) or a repo id
-/// in the Hugging Face cache. Existing captions are kept or overwritten only when a box says so.
-fn caption_form(jobs: &Jobs, dataset: &str) -> Markup {
-    let models: Vec<String> = preflight::models_with(&jobs.root, &crate::caption::VLM_FILES)
-        .iter()
-        .map(|m| jobs.root.relative(m))
-        .collect();
+/// Queues `zlora caption` of the dataset with a Qwen3-VL under models/ (one of `vlms`,
+/// offered) or a repo id in the Hugging Face cache. Existing captions are kept or overwritten
+/// only when a box says so.
+fn caption_form(jobs: &Jobs, vlms: &[PathBuf], dataset: &str) -> Markup {
+    let models: Vec<String> = vlms.iter().map(|m| jobs.root.relative(m)).collect();
     html! {
         p.muted { "Writes NAME.txt beside each image with a local Qwen3-VL (" code { "zlora caption" } ", docs/caption.md), as a job." }
         form.caption data-json="" action="/api/jobs" data-next="/jobs/{id}" {

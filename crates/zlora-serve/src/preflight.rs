@@ -51,7 +51,7 @@ pub fn check(root: &Root, dir: &Path, query: &HashMap<String, String>) -> Result
     };
     let model = match query.get("model") {
         Some(m) => root.config_path("model", Path::new(m), true)?,
-        None => zimage_models(root).into_iter().next().ok_or_else(|| {
+        None => zimage_models(root)?.into_iter().next().ok_or_else(|| {
             Refused(
                 "the dataset check reads a Z-Image model's tokenizer (caption lengths) and VAE \
                  (bucket sizes): put one under models/ (zlora fetch, or a link to its folder)"
@@ -68,6 +68,7 @@ pub fn check(root: &Root, dir: &Path, query: &HashMap<String, String>) -> Result
     };
     let buckets = cfg.buckets(vae.spatial_factor()).map_err(refused)?;
     let (dataset, report) = Dataset::scan(&cfg, &buckets, &tokenizer).map_err(refused)?;
+    // One resolution: one bucket per item, one bucket set.
     let mut counts = BTreeMap::new();
     for item in dataset.items() {
         *counts.entry(item.buckets[0]).or_insert(0) += 1;
@@ -82,17 +83,18 @@ pub fn check(root: &Root, dir: &Path, query: &HashMap<String, String>) -> Result
 }
 
 /// The Z-Image folders under DIR/models (links to folders elsewhere included).
-pub fn zimage_models(root: &Root) -> Vec<PathBuf> {
+pub fn zimage_models(root: &Root) -> Result<Vec<PathBuf>, Refused> {
     models_with(root, &[TOKENIZER, VAE_CONFIG])
 }
 
 /// The folders under DIR/models that hold every one of `files`.
-pub fn models_with(root: &Root, files: &[&str]) -> Vec<PathBuf> {
-    zlora::fsutil::sorted_entries(&root.path().join("models"))
-        .unwrap_or_default()
+pub fn models_with(root: &Root, files: &[&str]) -> Result<Vec<PathBuf>, Refused> {
+    let entries = zlora::fsutil::sorted_entries(&root.path().join("models"))
+        .map_err(|e| Refused(e.to_string()))?;
+    Ok(entries
         .into_iter()
         .filter(|p| files.iter().all(|f| p.join(f).is_file()))
-        .collect()
+        .collect())
 }
 
 impl Check {
@@ -188,19 +190,21 @@ impl Check {
             }
             h3 { "Buckets at " (self.resolution) " px" }
             p.muted { (self.buckets.len()) " of the " (self.bucket_count) " aspect buckets hold images (each image is cropped to its nearest one)." }
-            table.buckets {
-                thead { tr { th { "Bucket" } th { "Images" } } }
-                tbody {
-                    @for (b, n) in &self.buckets { tr { td { (b) } td { (n) } } }
+            @if !self.buckets.is_empty() {
+                table.buckets {
+                    thead { tr { th { "Bucket" } th { "Images" } } }
+                    tbody {
+                        @for (b, n) in &self.buckets { tr { td { (b) } td { (n) } } }
+                    }
                 }
             }
         }
     }
 }
 
-/// The form that asks for another resolution or model; `model` is the one checked, if any.
-pub fn form(root: &Root, resolution: u32, model: Option<&str>) -> Markup {
-    let models = zimage_models(root);
+/// The form that asks for another resolution or one of `models` (the Z-Image folders);
+/// `model` is the one checked, if any.
+pub fn form(root: &Root, models: &[PathBuf], resolution: u32, model: Option<&str>) -> Markup {
     html! {
         form.inline method="get" {
             label { "Resolution "
@@ -210,7 +214,7 @@ pub fn form(root: &Root, resolution: u32, model: Option<&str>) -> Markup {
             @if models.len() > 1 {
                 label { " Model "
                     select name="model" {
-                        @for m in &models {
+                        @for m in models {
                             @let rel = root.relative(m);
                             option value=(rel) selected[model == Some(rel.as_str())] { (rel) }
                         }
