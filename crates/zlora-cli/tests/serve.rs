@@ -79,6 +79,7 @@ fn the_token_guards_every_route_but_health_and_the_login_sets_a_strict_cookie() 
         ("GET", "/api/datasets"),
         ("POST", "/api/datasets"),
         ("GET", "/api/datasets/a"),
+        ("GET", "/api/datasets/a/preflight"),
         ("PUT", "/api/datasets/a/captions/x.png"),
         ("PUT", "/api/datasets/a/images/x.png"),
         ("DELETE", "/api/datasets/a/images/x.png"),

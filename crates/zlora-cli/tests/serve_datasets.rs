@@ -315,6 +315,34 @@ fn caption_jobs_write_what_zlora_caption_writes_and_stay_inside_the_root() {
     let page = s.get(&format!("/jobs/{}", job["id"])).text();
     assert!(page.contains("snapshots/0123abcd"), "{page}");
 
+    // A job that failed on one image resumes with the captions it wrote kept: run again, it
+    // skips them (without that, its own captions would be refused as existing ones).
+    let again = root.path().join("datasets/again");
+    copy_images(&again);
+    std::fs::write(again.join("broken.png"), b"not a png").unwrap();
+    let failed = done(caption(json!({"dataset": "again"})));
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("1 image(s) could not be captioned") && error.contains("broken.png"),
+        "{error}"
+    );
+    assert_eq!(read(&again, "wide.txt"), expected("wide.txt"));
+    std::fs::remove_file(again.join("broken.png")).unwrap();
+    let id = failed["id"].as_i64().unwrap();
+    let r = s.request("POST", &format!("/api/jobs/{id}/resume"), &[], b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let resumed = s.wait_job(id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(resumed["state"], "done", "{resumed}");
+    let log = std::fs::read_to_string(root.path().join(format!(".zlora-serve/jobs/{id}/log.txt")))
+        .unwrap();
+    assert!(
+        log.contains("== resumed ==") && log.contains("captioned 0, skipped 2, failed 0"),
+        "{log}"
+    );
+
     // The dataset page's form: the model offered, overwriting a box of its own.
     let html = s.get("/datasets/cap").text();
     assert!(html.contains("<input type=\"hidden\" name=\"kind\" value=\"caption\">"));

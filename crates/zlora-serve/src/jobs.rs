@@ -103,7 +103,8 @@ pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig
         }
         Kind::Caption => {
             return Err(Refused(
-                "a caption job has no config: see docs/serve.md".into(),
+                "a caption job is queued with its fields (dataset, model, style, …), not a config"
+                    .into(),
             ))
         }
     };

@@ -214,15 +214,10 @@ pub fn dataset(jobs: &Jobs, raw_name: &str, req: &Request) -> Answer {
     let base = format!("/api/datasets/{}", encode(&name));
     let list = images(&dir).map_err(internal)?;
     let check = preflight::check(&jobs.root, &dir, &req.query);
-    let resolution = check.as_ref().map_or_else(
-        |_| {
-            req.query
-                .get("resolution")
-                .and_then(|r| r.parse().ok())
-                .unwrap_or(preflight::DEFAULT_RESOLUTION)
-        },
-        |c| c.resolution,
-    );
+    // The form shows what was checked, or after a refused check the default to edit.
+    let resolution = check
+        .as_ref()
+        .map_or(preflight::DEFAULT_RESOLUTION, |c| c.resolution);
     let checked_model = check.as_ref().ok().map(|c| c.model.as_str());
     let zimages = preflight::zimage_models(&jobs.root).map_err(|e| internal(e.0))?;
     let vlms = preflight::models_with(&jobs.root, &crate::caption::VLM_FILES)
