@@ -1,16 +1,20 @@
 //! `zlora caption DIR --model M`: a caption file beside every image of a dataset folder,
-//! written by a local Qwen3-VL (docs/caption.md).
+//! written by a local Qwen3-VL (docs/caption.md); with `--events json` its progress and
+//! outcome as JSON lines on stdout (how `zlora serve` runs it as a job).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
+use indicatif::ProgressBar;
+use serde_json::json;
 use zlora::caption::job::{Action, CaptionJob, Existing, Outcome, Planned, Style, Summary};
 use zlora::caption::sheet::{write_review_sheet, SheetFormat, SheetRow};
 use zlora::caption::{Captioner, Decoding, VlmFolder};
 use zlora::model::text::PromptTokenizer;
 use zlora::nn::Quantization;
 
+use crate::events::{self, EventFormat};
 use crate::progress::images_bar;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,6 +74,10 @@ pub struct Args {
     /// The sampling seed (with --temperature).
     #[arg(long, requires = "temperature", default_value_t = 0)]
     seed: u64,
+    /// Print progress and the outcome as JSON lines on stdout (image, then done or failed)
+    /// instead of a bar; docs/serve.md lists the events.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
 }
 
 fn job(a: &Args) -> CaptionJob {
@@ -100,7 +108,53 @@ fn job(a: &Args) -> CaptionJob {
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let job = job(&a);
+    let json = a.events.is_some();
+    let summary = match caption(&a) {
+        Ok(summary) => summary,
+        Err(e) => {
+            if json {
+                events::failed(&e);
+            }
+            return Err(e);
+        }
+    };
+    if json {
+        finished(&summary);
+    }
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The last event: `done` with the counts, or `failed` naming the images that failed.
+fn finished(s: &Summary) {
+    if s.failed.is_empty() {
+        events::done(json!({
+            "captioned": s.captioned,
+            "skipped": s.skipped,
+            "too_long": s.too_long,
+        }));
+        return;
+    }
+    let failed: Vec<String> = s
+        .failed
+        .iter()
+        .map(|(image, reason)| format!("{}: {reason}", zlora::error::shown(image)))
+        .collect();
+    let error = anyhow::anyhow!(
+        "{} image(s) could not be captioned: {}",
+        failed.len(),
+        failed.join("; ")
+    );
+    events::failed(&error);
+}
+
+/// Captions the folder; the summary of what happened to each image.
+fn caption(a: &Args) -> anyhow::Result<Summary> {
+    let json = a.events.is_some();
+    let job = job(a);
     let planned = job.plan()?;
     if let Some(sheet) = &a.sheet {
         SheetFormat::of(sheet)?;
@@ -124,17 +178,30 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let bar = images_bar(planned.len() as u64, "captioning".into());
+    let total = planned.len();
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        images_bar(total as u64, "captioning".into())
+    };
     let mut summary = Summary::default();
-    let mut outcomes = vec![None; planned.len()];
+    let mut outcomes = vec![None; total];
     job.run(&planned, model.as_mut(), &limit, |i, outcome| {
         let p = &planned[i];
         if let (true, Outcome::Captioned { caption, .. }) = (a.dry_run, outcome) {
-            bar.suspend(|| println!("{}: {caption}", zlora::error::shown(&p.caption_file)));
+            let line = format!("{}: {caption}", zlora::error::shown(&p.caption_file));
+            if json {
+                events::emit(json!({"event": "message", "text": line}));
+            } else {
+                bar.suspend(|| println!("{line}"));
+            }
         }
         summary.add(p, outcome);
         outcomes[i] = Some(outcome.clone());
         bar.inc(1);
+        if json {
+            events::images(bar.position() as usize, total);
+        }
     });
     bar.finish();
     // In the folder's order, whichever batch each image finished in.
@@ -148,11 +215,7 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
         write_review_sheet(path, &rows, a.force)?;
         eprintln!("review sheet: {}", zlora::error::shown(path));
     }
-    Ok(if summary.failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(summary)
 }
 
 /// The sheet's line for one image: its caption, the kept one, or why it has none.

@@ -1,5 +1,5 @@
-//! `--events json`: a training's or a validation's progress as one JSON object per line on
-//! stdout, for scripts and for `zlora serve`, which runs jobs as child processes and reads this
+//! `--events json`: a training's, a validation's or a captioning's progress as one JSON object
+//! per line on stdout, for scripts and for `zlora serve`, which runs jobs as child processes and reads this
 //! stream (docs/serve.md lists the events).
 
 use std::io::Write;
@@ -79,12 +79,15 @@ pub fn failed(error: &anyhow::Error) {
 
 /// A validation's events: its stages and each image rendered.
 pub fn validation(event: render::Event) {
-    emit(match event {
-        render::Event::Stage(text) => json!({"event": "stage", "text": text}),
-        render::Event::Image { done, total } => {
-            json!({"event": "image", "done": done, "total": total})
-        }
-    });
+    match event {
+        render::Event::Stage(text) => emit(json!({"event": "stage", "text": text})),
+        render::Event::Image { done, total } => images(done, total),
+    }
+}
+
+/// `done` of `total` images finished (rendered by a validation, captioned by `zlora caption`).
+pub fn images(done: usize, total: usize) {
+    emit(json!({"event": "image", "done": done, "total": total}));
 }
 
 /// The last event of a command that succeeded: `done` with what it wrote.

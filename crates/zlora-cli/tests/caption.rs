@@ -89,6 +89,67 @@ fn existing_captions_are_refused_kept_or_overwritten_as_asked() {
     assert_ne!(read(dir.path(), "wide.txt"), "mine");
 }
 
+/// The JSON lines of a run's stdout.
+fn events(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect()
+}
+
+#[test]
+fn events_json_reports_each_image_then_done_or_failed() {
+    let dir = dataset();
+    fs::write(dir.path().join("wide.txt"), "mine").unwrap();
+    let refused = caption(dir.path(), &["--events", "json"]);
+    assert!(!refused.status.success());
+    let lines = events(&refused);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["event"], "failed");
+    assert!(
+        lines[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already have a caption"),
+        "{lines:?}"
+    );
+
+    let out = caption(
+        dir.path(),
+        &["--skip-existing", "--max-tokens", "4", "--events", "json"],
+    );
+    let err = stderr(&out);
+    assert!(err.contains("captioned 1, skipped 1, failed 0"), "{err}");
+    assert_eq!(
+        events(&out),
+        [
+            serde_json::json!({"event": "image", "done": 1, "total": 2}),
+            serde_json::json!({"event": "image", "done": 2, "total": 2}),
+            serde_json::json!({"event": "done", "captioned": 1, "skipped": 1, "too_long": []}),
+        ]
+    );
+
+    // An image that cannot be decoded fails alone; the run ends with `failed` naming it.
+    fs::write(dir.path().join("broken.png"), b"not a png").unwrap();
+    let out = caption(
+        dir.path(),
+        &["--skip-existing", "--max-tokens", "4", "--events", "json"],
+    );
+    assert!(!out.status.success());
+    let lines = events(&out);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(
+        lines[2],
+        serde_json::json!({"event": "image", "done": 3, "total": 3})
+    );
+    assert_eq!(lines[3]["event"], "failed");
+    let error = lines[3]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("1 image(s) could not be captioned: ") && error.contains("broken.png"),
+        "{error}"
+    );
+}
+
 #[test]
 fn the_trigger_goes_first_and_trigger_only_writes_just_it() {
     let dir = dataset();

@@ -79,6 +79,7 @@ fn the_token_guards_every_route_but_health_and_the_login_sets_a_strict_cookie() 
         ("GET", "/api/datasets"),
         ("POST", "/api/datasets"),
         ("GET", "/api/datasets/a"),
+        ("GET", "/api/datasets/a/preflight"),
         ("PUT", "/api/datasets/a/captions/x.png"),
         ("PUT", "/api/datasets/a/images/x.png"),
         ("DELETE", "/api/datasets/a/images/x.png"),
@@ -784,6 +785,9 @@ fn script_payloads_in_every_user_string_never_run_in_a_browser() {
         caption.as_bytes(),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // A caption file without its image, which the dataset check names.
+    let orphan = format!("{PAYLOAD_IMG}-orphan.txt");
+    std::fs::write(dir.path().join("datasets/tiny").join(&orphan), "alone").unwrap();
     // A prompt and an output folder in a job's config, and a dataset path that makes the job
     // fail with the payload in its error.
     let output = format!("runs/{PAYLOAD_IMG}");
@@ -841,5 +845,17 @@ fn script_payloads_in_every_user_string_never_run_in_a_browser() {
             "{page} does not show the payload"
         );
         assert!(!dom.contains("data-xss"), "a payload ran on {page}: {dom}");
+    }
+    // The dataset check names both payload files, as text.
+    let dom = browser_dom(&format!("{base}/datasets/tiny"), "</main>");
+    let table = &dom[dom
+        .find("<table class=\"preflight\">")
+        .expect("the findings")..];
+    for file in [format!("{PAYLOAD_IMG}.png"), orphan] {
+        let shown = file.replace('<', "&lt;").replace('>', "&gt;");
+        assert!(
+            table.contains(&format!("<code>{shown}</code>")),
+            "{file} is not in the findings: {table}"
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! The web app's workflow in headless Chromium, by mouse clicks and typing (serve_common/cdp.rs):
 //! open the app, make a dataset from the built-in tiny one, edit a caption, write a run on the
 //! New run page and queue it, watch the loss chart and the sample grids, stop, resume, queue a
-//! validation and open its report, see the run in Results and compare its grids. A screenshot
-//! of each stage is kept in target/tmp/serve-walk/. Not done with the mouse: making the model
-//! (the operator's part, by the CLI) and choosing "validate" in a <select> (set by script: its
-//! popup is not part of the page).
+//! validation and open its report, see the run in Results and compare its grids, then see the
+//! dataset check and caption the dataset from its page. A screenshot of each stage is kept in
+//! target/tmp/serve-walk/. Not done with the mouse: making the models (the operator's part, by
+//! the CLI and a copy) and choosing "validate" in a <select> (set by script: its popup is not
+//! part of the page).
 
 mod common;
 mod serve_common;
@@ -162,4 +163,30 @@ fn the_workflow_by_clicks_in_chromium() {
         .html()
         .contains("/files/runs/walk/samples/step%2D000400%2Epng"));
     shot(&mut b, "10-compare");
+
+    // Captions from the dataset's page, with the tiny Qwen3-VL fixture put under models/ as an
+    // operator would: the folder is offered, and overwriting the captions takes its own box.
+    let vl = root.path().join("models/vl");
+    std::fs::create_dir_all(&vl).unwrap();
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/caption/model");
+    for f in std::fs::read_dir(fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, vl.join(f.file_name().unwrap())).unwrap();
+    }
+    b.goto(&format!("{base}/datasets/walk"));
+    let page = b.html();
+    assert!(
+        page.contains("<table class=\"preflight\">") && page.contains("Buckets at 1024 px"),
+        "{page}"
+    );
+    b.type_into("form.caption input[name=trigger]", "zkwalk");
+    b.click("form.caption input[name=force]");
+    shot(&mut b, "11-dataset-check");
+    b.click_to_load("form.caption button");
+    assert!(b.url().ends_with("/jobs/3"), "{}", b.url());
+    b.wait_for(&job_is("done"), 120);
+    let caption = std::fs::read_to_string(root.path().join("datasets/walk/000.txt")).unwrap();
+    assert!(caption.starts_with("zkwalk, "), "{caption}");
+    shot(&mut b, "12-captioned");
 }

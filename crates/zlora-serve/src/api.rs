@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use zlora::data::dataset::{decode_image, IMAGE_EXTENSIONS};
 
 use crate::http::{Reply, Request};
-use crate::jobs::{check_config, Jobs, Kind};
+use crate::jobs::{check_config, CheckedConfig, Jobs, Kind};
 use crate::root::{segment, Refused};
 use crate::store::{Job, State};
 
@@ -35,16 +35,22 @@ pub fn list_jobs(jobs: &Jobs) -> Answer {
     Ok(Reply::json(200, &json!(list)))
 }
 
-/// `{"kind": "train" | "validate", "config": "<TOML>"}` → 201 `{"id": N}`.
+/// `{"kind": "train" | "validate", "config": "<TOML>"}`, or `{"kind": "caption", …}`
+/// (crate::caption) → 201 `{"id": N}`.
 pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
     let body = req.json()?;
     let name = body["kind"].as_str().unwrap_or_default();
     let Some(kind) = Kind::parse(name) else {
         return Err(Reply::error(
             400,
-            &format!("\"kind\" must be \"train\" or \"validate\", got {name:?}"),
+            &format!("\"kind\" must be \"train\", \"validate\" or \"caption\", got {name:?}"),
         ));
     };
+    if kind == Kind::Caption {
+        let checked = crate::caption::check(&jobs.root, &body)?;
+        let id = insert(jobs, kind, &checked)?;
+        return Ok(Reply::json(201, &json!({ "id": id })));
+    }
     let Some(text) = body["config"].as_str() else {
         return Err(Reply::error(
             400,
@@ -59,6 +65,10 @@ pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
 /// enters the queue, from the API and from the New run page.
 pub fn queue(jobs: &Jobs, kind: Kind, text: &str) -> Result<i64, Reply> {
     let checked = check_config(&jobs.root, kind, text)?;
+    insert(jobs, kind, &checked)
+}
+
+fn insert(jobs: &Jobs, kind: Kind, checked: &CheckedConfig) -> Result<i64, Reply> {
     jobs.store()
         .insert(kind.as_str(), &checked.toml, &checked.output, checked.steps)
         .map_err(internal)
@@ -238,6 +248,14 @@ pub fn get_dataset(jobs: &Jobs, name: &str) -> Answer {
         200,
         &json!({ "name": segment(name)?, "items": items }),
     ))
+}
+
+/// The trainer's dataset check at `?resolution=` (default 1024) with `?model=`'s tokenizer
+/// and VAE (default the first Z-Image folder under models/), and the bucket counts.
+pub fn preflight(jobs: &Jobs, name: &str, req: &Request) -> Answer {
+    let dir = dataset_dir(jobs, name)?;
+    let check = crate::preflight::check(&jobs.root, &dir, &req.query)?;
+    Ok(Reply::json(200, &check.json(&segment(name)?)))
 }
 
 /// An image of a dataset named by URL segments (it must have an image's extension), and

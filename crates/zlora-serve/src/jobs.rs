@@ -1,8 +1,10 @@
 //! Jobs: a submitted config checked against DIR, and the runner that takes queued jobs one at
-//! a time and runs each as a child process of this same binary (`zlora train --events json`),
+//! a time and runs each as a child process of this same binary (`zlora train --events json`,
+//! `zlora validate …`, `zlora caption …`),
 //! so that a crash stays in the child, its memory goes back to the system when it ends, and a
 //! stop is a signal the trainer answers with a checkpoint.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,11 +19,13 @@ use zlora::validate::plan::ValidationPlan;
 use crate::root::{Refused, Root};
 use crate::store::{Job, State, Store};
 
-/// What a job runs: `zlora train` or `zlora validate` of a config.
+/// What a job runs: `zlora train` or `zlora validate` of a config, or `zlora caption` of a
+/// dataset (crate::caption).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Train,
     Validate,
+    Caption,
 }
 
 impl Kind {
@@ -29,6 +33,7 @@ impl Kind {
         match s {
             "train" => Some(Kind::Train),
             "validate" => Some(Kind::Validate),
+            "caption" => Some(Kind::Caption),
             _ => None,
         }
     }
@@ -37,6 +42,7 @@ impl Kind {
         match self {
             Kind::Train => "train",
             Kind::Validate => "validate",
+            Kind::Caption => "caption",
         }
     }
 }
@@ -94,6 +100,12 @@ pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig
             plan.output = path("output", &plan.output, false)?;
             let toml = toml::to_string(&plan).map_err(|e| invalid(&e))?;
             (toml, plan.output, 0)
+        }
+        Kind::Caption => {
+            return Err(Refused(
+                "a caption job is queued with its fields (dataset, model, style, …), not a config"
+                    .into(),
+            ))
         }
     };
     Ok(CheckedConfig {
@@ -225,10 +237,11 @@ impl Jobs {
             .with_context(|| format!("job {} has an unknown kind {:?}", job.id, job.kind))?;
         let again = match kind {
             Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
-            Kind::Validate => job.resume,
+            Kind::Validate | Kind::Caption => job.resume,
         };
         writeln!(log, "== {} ==", if again { "resumed" } else { "started" })?;
-        let mut child = spawn(kind, &config, again, log.try_clone()?)?;
+        let args = command_args(kind, &config, &job.config, again)?;
+        let mut child = spawn(&args, log.try_clone()?)?;
         if let Some(r) = self.running().as_mut() {
             r.pid = Some(child.id());
             if r.stop {
@@ -317,20 +330,31 @@ impl Progress {
     }
 }
 
-/// `zlora train CONFIG --events json [--resume]` or `zlora validate PLAN --events json
-/// [--force]` (run again, a validation replaces its own earlier output) of this binary; its
-/// stderr goes to the log.
-fn spawn(kind: Kind, config: &Path, again: bool, log: std::fs::File) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("cannot find this program to run the job")?;
+/// `zlora train CONFIG --events json [--resume]`, `zlora validate PLAN --events json
+/// [--force]` (run again, a validation replaces its own earlier output), or the `zlora
+/// caption` of a caption job's settings (`text`, the config file's content).
+fn command_args(
+    kind: Kind,
+    config: &Path,
+    text: &str,
+    again: bool,
+) -> anyhow::Result<Vec<OsString>> {
     let again_flag = match kind {
         Kind::Train => "--resume",
         Kind::Validate => "--force",
+        Kind::Caption => return crate::caption::args(text, again),
     };
+    let mut args: Vec<OsString> = vec![kind.as_str().into(), config.into()];
+    args.extend(["--events", "json"].map(OsString::from));
+    args.extend(again.then(|| again_flag.into()));
+    Ok(args)
+}
+
+/// This binary with `args`; its stderr goes to the log.
+fn spawn(args: &[OsString], log: std::fs::File) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find this program to run the job")?;
     let mut cmd = Command::new(exe);
-    cmd.arg(kind.as_str())
-        .arg(config)
-        .args(["--events", "json"])
-        .args(again.then_some(again_flag))
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);

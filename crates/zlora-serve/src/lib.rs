@@ -3,11 +3,13 @@
 //! The library holds no server code; this crate calls what the CLI calls.
 
 mod api;
+mod caption;
 mod chart;
 mod http;
 mod jobs;
 mod newrun;
 mod pages;
+mod preflight;
 mod results;
 mod root;
 mod store;
@@ -148,6 +150,9 @@ impl App {
             (Method::Get, ["api", "datasets"]) => api::list_datasets(jobs),
             (Method::Post, ["api", "datasets"]) => api::create_dataset(jobs, req),
             (Method::Get, ["api", "datasets", name]) => api::get_dataset(jobs, name),
+            (Method::Get, ["api", "datasets", name, "preflight"]) => {
+                api::preflight(jobs, name, req)
+            }
             (Method::Put, ["api", "datasets", name, "captions", file]) => {
                 api::put_caption(jobs, name, file, req)
             }
@@ -169,7 +174,7 @@ impl App {
             (Method::Get, ["runs", run, "lora"]) => results::download(jobs, run, req),
             (Method::Get, ["compare"]) => results::compare(jobs, req),
             (Method::Get, ["datasets"]) => pages::datasets(jobs),
-            (Method::Get, ["datasets", name]) => pages::dataset(jobs, name),
+            (Method::Get, ["datasets", name]) => pages::dataset(jobs, name, req),
             (Method::Get, ["login"]) => Ok(Reply::html(200, pages::login(false))),
             (Method::Post, ["login"]) => Ok(self.login(req)),
             (Method::Get, ["static", "app.js"]) => {

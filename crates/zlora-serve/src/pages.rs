@@ -1,14 +1,15 @@
 //! The HTML pages, rendered on the server with maud (which escapes every interpolated string).
 //! The little JavaScript they need (static/app.js) only calls the JSON API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use maud::{html, Markup, DOCTYPE};
 
 use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
-use crate::http::Reply;
+use crate::http::{Reply, Request};
 use crate::jobs::Jobs;
+use crate::preflight;
 use crate::root::segment;
 use crate::store::{Job, State};
 
@@ -113,10 +114,13 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                 @if run.join(REPORT).is_file() {
                     p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
                 }
-                h2 { "Loss" }
-                (loss_chart(&losses(&run)))
-                h2 { "Samples" }
-                (samples(jobs, &run))
+                // A caption job's output is a dataset: no loss, no samples.
+                @if job.kind != "caption" {
+                    h2 { "Loss" }
+                    (loss_chart(&losses(&run)))
+                    h2 { "Samples" }
+                    (samples(jobs, &run))
+                }
                 h2 { "Log" }
                 pre.log { (log_tail(&jobs.log_path(id))) }
                 details { summary { "Config" } pre { (job.config) } }
@@ -130,11 +134,13 @@ fn progress(job: &Job) -> Markup {
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| (job.steps.saturating_sub(job.step)) as f64 / r);
+    // A validation's and a captioning's progress counts images.
+    let unit = if job.kind == "train" { "step" } else { "image" };
     html! {
         p {
             progress max=(job.steps) value=(job.step) {}
-            " step " (job.step) " / " (job.steps)
-            @if let Some(r) = job.rate { " · " (format!("{r:.2}")) " steps/s" }
+            " " (unit) " " (job.step) " / " (job.steps)
+            @if let Some(r) = job.rate { " · " (format!("{r:.2}")) " " (unit) "s/s" }
             @if let Some(s) = eta.filter(|_| job.state == State::Running) { " · ETA " (format!("{:.0}", s)) " s" }
         }
         p { "Output " code { (job.output) } }
@@ -200,11 +206,22 @@ pub fn datasets(jobs: &Jobs) -> Answer {
     ))
 }
 
-pub fn dataset(jobs: &Jobs, raw_name: &str) -> Answer {
+/// A dataset's images with their captions (edited in place) and findings, the trainer's
+/// check of the folder with its bucket counts, and a form that queues a caption job.
+pub fn dataset(jobs: &Jobs, raw_name: &str, req: &Request) -> Answer {
     let dir = dataset_dir(jobs, raw_name)?;
     let name = segment(raw_name)?;
     let base = format!("/api/datasets/{}", encode(&name));
     let list = images(&dir).map_err(internal)?;
+    let check = preflight::check(&jobs.root, &dir, &req.query);
+    // The form shows what was checked, or after a refused check the default to edit.
+    let resolution = check
+        .as_ref()
+        .map_or(preflight::DEFAULT_RESOLUTION, |c| c.resolution);
+    let checked_model = check.as_ref().ok().map(|c| c.model.as_str());
+    let zimages = preflight::zimage_models(&jobs.root).map_err(|e| internal(e.0))?;
+    let vlms = preflight::models_with(&jobs.root, &crate::caption::VLM_FILES)
+        .map_err(|e| internal(e.0))?;
     Ok(Reply::html(
         200,
         layout(
@@ -212,6 +229,15 @@ pub fn dataset(jobs: &Jobs, raw_name: &str) -> Answer {
             html! {
                 p { (list.len()) " images · captions are saved as you leave the field" }
                 label { "Add images " input type="file" accept="image/png,image/jpeg,image/webp" multiple data-upload=(format!("{base}/images/")); }
+                h2 { "Check" }
+                (preflight::form(&jobs.root, &zimages, resolution, checked_model))
+                @match &check {
+                    Ok(c) => (c.markup()),
+                    Err(e) => p.error { (e.0) },
+                }
+                h2 { "Caption" }
+                (caption_form(jobs, &vlms, &name))
+                h2 { "Images" }
                 div.grid {
                     @for img in &list {
                         @let file = img.file_name().unwrap_or_default().to_string_lossy().into_owned();
@@ -219,6 +245,11 @@ pub fn dataset(jobs: &Jobs, raw_name: &str) -> Answer {
                             img src=(file_url(jobs, img)) alt=(file) loading="lazy";
                             figcaption {
                                 (file)
+                                @if let Ok(c) = &check {
+                                    @for p in c.problems_of(img) {
+                                        p class=(format!("finding {}", preflight::severity(p))) { (p.kind) }
+                                    }
+                                }
                                 textarea data-put=(format!("{base}/captions/{}", encode(&file))) rows="3" { (caption(img)) }
                                 button data-delete=(format!("{base}/images/{}", encode(&file))) { "Delete" }
                             }
@@ -228,4 +259,25 @@ pub fn dataset(jobs: &Jobs, raw_name: &str) -> Answer {
             },
         ),
     ))
+}
+
+/// Queues `zlora caption` of the dataset with a Qwen3-VL under models/ (one of `vlms`,
+/// offered) or a repo id in the Hugging Face cache. Existing captions are kept or overwritten
+/// only when a box says so.
+fn caption_form(jobs: &Jobs, vlms: &[PathBuf], dataset: &str) -> Markup {
+    let models: Vec<String> = vlms.iter().map(|m| jobs.root.relative(m)).collect();
+    html! {
+        p.muted { "Writes NAME.txt beside each image with a local Qwen3-VL (" code { "zlora caption" } ", docs/caption.md), as a job." }
+        form.caption data-json="" action="/api/jobs" data-next="/jobs/{id}" {
+            input type="hidden" name="kind" value="caption";
+            input type="hidden" name="dataset" value=(dataset);
+            label { "Model " input name="model" list="vlms" required value=[models.first()] placeholder="models/NAME or org/name"; }
+            datalist #vlms { @for m in &models { option value=(m) {} } }
+            label { " Style " select name="style" { @for s in crate::caption::STYLES { option value=(s) { (s) } } } }
+            label { " Trigger " input name="trigger"; }
+            label { input type="checkbox" name="skip_existing"; " only the images without a caption" }
+            label { input type="checkbox" name="force"; " overwrite existing captions" }
+            button { "Caption" }
+        }
+    }
 }

@@ -48,10 +48,11 @@ document.addEventListener("change", async (e) => {
 document.addEventListener("input", (e) => e.target.classList.remove("saved"));
 
 // Forms with data-json post their fields as a JSON object (checkboxes as true/false) and go
-// to data-next ({id} filled).
+// to data-next ({id} filled). A form's named fields shadow its properties (a field named
+// "dataset" is form.dataset), so the form's own attributes are read with getAttribute.
 document.addEventListener("submit", async (e) => {
   const f = e.target;
-  if (f.dataset.json === undefined) return;
+  if (!f.hasAttribute("data-json")) return;
   e.preventDefault();
   try {
     const fields = Object.fromEntries(new FormData(f));
@@ -59,7 +60,7 @@ document.addEventListener("submit", async (e) => {
     const body = JSON.stringify(fields);
     const r = await call("POST", f.getAttribute("action"), body, "application/json");
     const made = await r.json();
-    location.href = f.dataset.next.replace("{id}", made.id);
+    location.href = f.getAttribute("data-next").replace("{id}", made.id);
   } catch (err) { report(err); }
 });
 
