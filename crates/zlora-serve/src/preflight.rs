@@ -244,6 +244,7 @@ fn kind_name(kind: &ProblemKind) -> &'static str {
         ProblemKind::EmptyCaption => "empty_caption",
         ProblemKind::CaptionTooLong { .. } => "caption_too_long",
         ProblemKind::DuplicateStem { .. } => "duplicate_name",
+        ProblemKind::DuplicateImage { .. } => "duplicate_image",
         ProblemKind::OrphanCaption => "orphan_caption",
         ProblemKind::MaskUnreadable(_) => "mask_unreadable",
         ProblemKind::MaskMismatch { .. } => "mask_mismatch",

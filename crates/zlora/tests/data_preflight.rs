@@ -219,7 +219,7 @@ fn skip_problems_trains_the_good_items_and_labels_the_rest() {
 fn missing_captions_can_be_read_as_empty() {
     let dir = tempfile::tempdir().expect("tempdir");
     save(dir.path(), "one.png", &image(64, 64), ImageFormat::Png);
-    save(dir.path(), "two.png", &image(64, 64), ImageFormat::Png);
+    save(dir.path(), "two.png", &image(64, 72), ImageFormat::Png);
     write(dir.path(), "two.txt", "second");
     let strict = config(dir.path());
     let (dataset, report) = scan(&strict);
@@ -388,5 +388,42 @@ fn masks_are_found_checked_and_reported() {
     assert!(
         err.to_string().contains("nope") && err.to_string().contains("masks"),
         "{err}"
+    );
+}
+
+#[test]
+fn copies_of_one_picture_under_other_names_are_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The same pixels in two files, and one image that differs from them in a single pixel.
+    save(d, "first.png", &image(64, 64), ImageFormat::Png);
+    save(d, "second.png", &image(64, 64), ImageFormat::Png);
+    let mut nearly = image(64, 64).to_rgb8();
+    nearly.put_pixel(3, 5, image::Rgb([1, 2, 3]));
+    save(
+        d,
+        "other.png",
+        &DynamicImage::ImageRgb8(nearly),
+        ImageFormat::Png,
+    );
+    for stem in ["first", "second", "other"] {
+        write(d, &format!("{stem}.txt"), format!("{stem} caption"));
+    }
+    let (dataset, report) = scan(&config(d));
+    assert_eq!(dataset.len(), 3, "copies still train: {report}");
+    assert!(!report.is_fatal(), "{report}");
+    let copy_of = |file: &str| match kinds_of(&report, file).as_slice() {
+        [(ProblemKind::DuplicateImage { other }, Severity::Warning)] => {
+            other.file_name().unwrap().to_string_lossy().into_owned()
+        }
+        other => panic!("{file}: {other:?}"),
+    };
+    assert_eq!(copy_of("first.png"), "second.png");
+    assert_eq!(copy_of("second.png"), "first.png");
+    assert!(kinds_of(&report, "other.png").is_empty(), "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("warning: first.png: is the same picture as second.png"),
+        "{text}"
     );
 }

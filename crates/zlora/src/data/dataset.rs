@@ -430,6 +430,7 @@ impl Dataset {
         let listing = Listing::read(&cfg.path, &cfg.caption_extension)?;
         let mut problems = Vec::new();
         let mut items = Vec::new();
+        let mut pictures = Vec::new();
         for images in listing.images.values() {
             if let [image] = images.as_slice() {
                 let check = ItemCheck {
@@ -438,13 +439,15 @@ impl Dataset {
                     tokenizer,
                     beside: &listing.masks,
                 };
-                if let Some(item) = check.run(image, &mut problems) {
+                if let Some((item, picture)) = check.run(image, &mut problems) {
                     items.push(item);
+                    pictures.push(picture);
                 }
             } else {
                 duplicates(images, &mut problems);
             }
         }
+        same_pictures(&items, &pictures, &mut problems);
         for caption in &listing.captions {
             let has_image = caption
                 .file_stem()
@@ -502,6 +505,24 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+}
+
+/// Images that decode to the same pixels, each reported with the next of its group.
+fn same_pictures(items: &[Item], pictures: &[blake3::Hash], problems: &mut Vec<Problem>) {
+    let mut groups: BTreeMap<[u8; 32], Vec<PathBuf>> = BTreeMap::new();
+    for (item, picture) in items.iter().zip(pictures) {
+        groups
+            .entry(*picture.as_bytes())
+            .or_default()
+            .push(item.image.clone());
+    }
+    for group in groups.values().filter(|g| g.len() > 1) {
+        for (i, image) in group.iter().enumerate() {
+            let other = group[(i + 1) % group.len()].clone();
+            let kind = ProblemKind::DuplicateImage { other };
+            push(problems, image.clone(), kind, Severity::Warning);
+        }
     }
 }
 
@@ -590,10 +611,11 @@ struct ItemCheck<'a> {
 }
 
 impl ItemCheck<'_> {
-    fn run(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<Item> {
+    /// The item, and a hash of its decoded pixels (to find copies under other names).
+    fn run(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<(Item, blake3::Hash)> {
         let caption = self.caption(image, problems);
-        let size = self.image_size(image, problems);
-        let (caption, (width, height)) = (caption?, size?);
+        let decoded = self.image_size(image, problems);
+        let (caption, ((width, height), picture)) = (caption?, decoded?);
         let mask = match self.mask_files(image).as_slice() {
             [] => None,
             [mask] => Some(check_mask(mask, (width, height), problems)?),
@@ -605,7 +627,7 @@ impl ItemCheck<'_> {
                 return None;
             }
         };
-        Some(Item {
+        let item = Item {
             image: image.to_path_buf(),
             caption,
             width,
@@ -616,7 +638,8 @@ impl ItemCheck<'_> {
                 .map(|b| b.assign(width, height))
                 .collect(),
             mask,
-        })
+        };
+        Some((item, picture))
     }
 
     /// The image's mask files (one, or none): with `masks = DIR`, `DIR/<image file name>`,
@@ -684,13 +707,18 @@ impl ItemCheck<'_> {
         }
     }
 
-    fn image_size(&self, image: &Path, problems: &mut Vec<Problem>) -> Option<(u32, u32)> {
+    /// The decoded image's size and a hash of its pixels, or None with the problem recorded.
+    fn image_size(
+        &self,
+        image: &Path,
+        problems: &mut Vec<Problem>,
+    ) -> Option<((u32, u32), blake3::Hash)> {
         let mut report = |kind| push(problems, image.to_path_buf(), kind, Severity::Error);
         let decoded = crate::fsutil::read_regular(image)
             .map_err(|e| Decode::Failed(e.to_string()))
             .and_then(|bytes| decode_image(&bytes));
-        let (width, height) = match decoded {
-            Ok(img) => (img.width(), img.height()),
+        let (width, height, picture) = match decoded {
+            Ok(img) => (img.width(), img.height(), pixel_hash(&img)),
             Err(Decode::TooLarge { width, height }) => {
                 report(ProblemKind::TooLarge { width, height });
                 return None;
@@ -709,8 +737,19 @@ impl ItemCheck<'_> {
             });
             return None;
         }
-        Some((width, height))
+        Some(((width, height), picture))
     }
+}
+
+/// The decoded pixels' hash: equal for copies of one picture whatever their names or
+/// containers, as long as the pixels and their layout are the same.
+fn pixel_hash(img: &DynamicImage) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&img.width().to_le_bytes());
+    hasher.update(&img.height().to_le_bytes());
+    hasher.update(format!("{:?}", img.color()).as_bytes());
+    hasher.update(img.as_bytes());
+    hasher.finalize()
 }
 
 /// `mask` decodes and has the image's aspect ratio (to within a pixel, so a mask painted at a

@@ -34,6 +34,9 @@ pub enum ProblemKind {
     CaptionTooLong { max: usize },
     /// Another image has the same stem, so both would read the same caption file.
     DuplicateStem { other: PathBuf },
+    /// Another image decodes to the same pixels (a copy under another name): the picture
+    /// would weigh twice in training.
+    DuplicateImage { other: PathBuf },
     /// A caption file with no image of the same stem.
     OrphanCaption,
     /// The loss mask cannot be opened or decoded.
@@ -181,6 +184,12 @@ impl fmt::Display for ProblemKind {
             Self::DuplicateStem { other } => write!(
                 f,
                 "has the same name as {} and would share its caption; rename one",
+                file_name(other)
+            ),
+            Self::DuplicateImage { other } => write!(
+                f,
+                "is the same picture as {} (identical pixels): it would be trained twice as \
+                 often; remove one unless that is meant",
                 file_name(other)
             ),
             Self::OrphanCaption => write!(f, "caption without an image of the same name"),
