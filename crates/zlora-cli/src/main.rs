@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
-        Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Experiment(args) => experiment::run(args),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),

@@ -35,20 +35,26 @@ pub fn list_jobs(jobs: &Jobs) -> Answer {
     Ok(Reply::json(200, &json!(list)))
 }
 
-/// `{"kind": "train" | "validate", "config": "<TOML>"}` → 201 `{"id": N}`.
+/// `{"kind": K, FIELD: …}` → 201 `{"id": N}`: `"config": "<TOML>"` for a train,
+/// validate or experiment job, `"repo": NAME` for a fetch ([`Kind::field`]).
 pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
     let body = req.json()?;
     let name = body["kind"].as_str().unwrap_or_default();
     let Some(kind) = Kind::parse(name) else {
+        let kinds: Vec<String> = Kind::ALL
+            .iter()
+            .map(|k| format!("{:?}", k.as_str()))
+            .collect();
         return Err(Reply::error(
             400,
-            &format!("\"kind\" must be \"train\" or \"validate\", got {name:?}"),
+            &format!("\"kind\" must be one of {}, got {name:?}", kinds.join(", ")),
         ));
     };
-    let Some(text) = body["config"].as_str() else {
+    let (field, what) = kind.field();
+    let Some(text) = body[field].as_str() else {
         return Err(Reply::error(
             400,
-            "\"config\" must be the TOML text of a train config or a validation plan",
+            &format!("a job of kind {name:?} needs \"{field}\": {what}"),
         ));
     };
     let id = queue(jobs, kind, text)?;

@@ -1,11 +1,14 @@
 //! The New run page: a form for each way of training (and De-Turbo) that writes the train
 //! config as TOML (shown, editable), `zlora plan`'s verdict for one GPU, and a button that
-//! queues the TOML as POST /api/jobs does. Plain form posts; no script.
+//! queues the TOML as POST /api/jobs does. Plain form posts; the page's script also posts the
+//! form to `POST /api/plan` as it changes and puts the verdict (and the TOML) in place.
 
 use std::collections::HashMap;
 
 use maud::{html, Markup};
+use serde_json::json;
 use toml::{Table, Value};
+use zlora::nn::quant::Quantization;
 use zlora::plan::gpus::GpuTable;
 use zlora::plan::{plan, GpuEstimate, PlanOptions, MAX_CAPTION_TOKENS};
 use zlora::train::config::TrainConfig;
@@ -65,6 +68,7 @@ impl Form {
             ("steps", "3000"),
             ("learning_rate", "1e-4"),
             ("output", "runs/my-lora"),
+            ("quantize", ""),
             ("gpu", "4090"),
         ];
         Form(
@@ -112,32 +116,58 @@ pub fn page(jobs: &Jobs) -> Answer {
 /// checked; `action=queue`: the edited TOML queued (then the job's page).
 pub fn post(jobs: &Jobs, req: &Request) -> Answer {
     let form = Form::posted(req.form());
-    let outcome = match form.get("action") {
-        "fields" => match config_text(&form) {
-            Ok(config) => checked(jobs, &form, config),
+    if form.get("action") != "queue" {
+        let outcome = check(jobs, &form)?;
+        return Ok(Reply::html(200, render(jobs, &form, &outcome)?));
+    }
+    let id = api::queue(jobs, Kind::Train, form.get("config")).map_err(|e| {
+        let message = error_text(&e);
+        let outcome = Outcome {
+            config: form.get("config").to_string(),
+            verdict: Some(Err(message)),
+        };
+        match render(jobs, &form, &outcome) {
+            Ok(page) => Reply::html(e.status, page),
+            Err(failed) => failed,
+        }
+    })?;
+    Ok(Reply::redirect(&format!("/jobs/{id}")))
+}
+
+/// `POST /api/plan`: the page's form as it posts it (`action=fields` or `toml`), checked as
+/// "Make the TOML and check" or "Check this TOML" would → `{"config", "plan", "html"}`: the
+/// TOML, the GPU's estimate (`zlora plan --json`'s fields) and the verdict box as the page
+/// shows it; 400 `{"error", "html"}` when there is no plan (the message in the box).
+pub fn plan_json(jobs: &Jobs, req: &Request) -> Answer {
+    let form = Form::posted(req.form());
+    let outcome = check(jobs, &form)?;
+    let Some(verdict) = &outcome.verdict else {
+        return Err(internal("a checked form has a verdict"));
+    };
+    let html = verdict_markup(verdict).into_string();
+    match verdict {
+        Ok(estimate) => Ok(Reply::json(
+            200,
+            &json!({"config": outcome.config, "plan": estimate, "html": html}),
+        )),
+        Err(e) => Err(Reply::json(400, &json!({"error": e, "html": html}))),
+    }
+}
+
+/// The TOML of `action=fields` (made from the fields) or `action=toml` (the edited one),
+/// with its verdict.
+fn check(jobs: &Jobs, form: &Form) -> Result<Outcome, Reply> {
+    match form.get("action") {
+        "fields" => Ok(match config_text(form) {
+            Ok(config) => checked(jobs, form, config),
             Err(e) => Outcome {
                 config: String::new(),
                 verdict: Some(Err(e)),
             },
-        },
-        "toml" => checked(jobs, &form, form.get("config").to_string()),
-        "queue" => {
-            let id = api::queue(jobs, Kind::Train, form.get("config")).map_err(|e| {
-                let message = error_text(&e);
-                let outcome = Outcome {
-                    config: form.get("config").to_string(),
-                    verdict: Some(Err(message)),
-                };
-                match render(jobs, &form, &outcome) {
-                    Ok(page) => Reply::html(e.status, page),
-                    Err(failed) => failed,
-                }
-            })?;
-            return Ok(Reply::redirect(&format!("/jobs/{id}")));
-        }
-        other => return Err(Reply::error(400, &format!("unknown action {other:?}"))),
-    };
-    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
+        }),
+        "toml" => Ok(checked(jobs, form, form.get("config").to_string())),
+        other => Err(Reply::error(400, &format!("unknown action {other:?}"))),
+    }
 }
 
 fn checked(jobs: &Jobs, form: &Form, config: String) -> Outcome {
@@ -179,6 +209,10 @@ fn config_text(form: &Form) -> Result<String, String> {
     set(&mut t, "lora", "alpha", rank.into());
     let steps: i64 = form.number("steps", "a whole number")?;
     set(&mut t, "train", "steps", steps.into());
+    let quantize = form.get("quantize");
+    if !quantize.is_empty() {
+        set(&mut t, "model", "quantize", quantize.into());
+    }
     let lr: f64 = form.number("learning_rate", "a number")?;
     set(&mut t, "train", "learning_rate", lr.into());
     set(&mut t, "train", "output", form.get("output").into());
@@ -233,7 +267,7 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
     Ok(layout(
         "New run",
         html! {
-            form method="post" action="/new" {
+            form #new-run method="post" action="/new" data-plan="/api/plan" {
                 fieldset {
                     legend { "Way" }
                     @for (value, label, _, model) in &WAYS {
@@ -253,6 +287,15 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                 (field("steps", "Steps"))
                 (field("learning_rate", "Learning rate"))
                 (field("output", "Output folder"))
+                label { "Transformer storage "
+                    select name="quantize" {
+                        option value="" selected[form.get("quantize").is_empty()] { "as the model (no quantization)" }
+                        @for q in Quantization::ALL {
+                            @let name = q.to_string();
+                            option value=(name) selected[form.get("quantize") == name] { (name) }
+                        }
+                    }
+                }
                 label { "GPU "
                     select name="gpu" {
                         @for g in &gpus { option value=(g.name) selected[form.get("gpu") == g.name] { (g.label) } }
@@ -268,7 +311,10 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                     button name="action" value="queue" { "Queue this run" }
                 }
             }
-            @if let Some(v) = &outcome.verdict { (verdict_markup(v)) }
+            @match &outcome.verdict {
+                Some(v) => (verdict_markup(v)),
+                None => section #verdict {},
+            }
         },
     ))
 }

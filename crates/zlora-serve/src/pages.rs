@@ -4,11 +4,12 @@
 use std::path::Path;
 
 use maud::{html, Markup, DOCTYPE};
+use zlora::hub::known::KNOWN;
 
 use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
 use crate::http::Reply;
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, Kind, FETCH_CACHE};
 use crate::root::segment;
 use crate::store::{Job, State};
 
@@ -71,7 +72,7 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                                     td { a href=(format!("/jobs/{}", job.id)) { "#" (job.id) } }
                                     td { (job.kind) }
                                     td { span class=(format!("state {}", job.state.as_str())) { (job.state.as_str()) } }
-                                    td { (job.step) " / " (job.steps) }
+                                    td { (progress_text(job)) }
                                     td { code { (job.output) } }
                                 }
                             }
@@ -79,12 +80,25 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                     }
                 }
                 h2 { "New job" }
-                p.muted { "A train config (docs/training.md) or a validation plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
+                p.muted { "A train config (docs/training.md), a validation plan or an experiment plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
                     code { "models/tiny" } ", " code { "datasets/tiny" } ", " code { "runs/first" } "." }
                 form data-json="" action="/api/jobs" data-next="/jobs/{id}" {
-                    select name="kind" { option value="train" { "train" } option value="validate" { "validate" } }
+                    select name="kind" {
+                        @for kind in Kind::ALL.into_iter().filter(|k| k.field().0 == "config") {
+                            option value=(kind.as_str()) { (kind.as_str()) }
+                        }
+                    }
                     textarea name="config" rows="14" cols="80" spellcheck="false" required {}
                     button { "Queue" }
+                }
+                h2 { "Fetch a model" }
+                p.muted { "Downloads into " code { (FETCH_CACHE) } " (a Hugging Face cache); the job's output is the model's folder, for a config's "
+                    code { "[model] path" } ". Names: " (KNOWN.iter().map(|k| k.alias).collect::<Vec<_>>().join(", ")) ", or a repository id (org/name)." }
+                form #fetch data-json="" action="/api/jobs" data-next="/jobs/{id}" {
+                    input type="hidden" name="kind" value="fetch";
+                    input name="repo" placeholder="turbo" required;
+                    " "
+                    button { "Fetch" }
                 }
             },
         ),
@@ -125,16 +139,37 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
     ))
 }
 
+/// A job's progress in its own units: steps, a validation's images, a fetch's bytes; an
+/// experiment's phase (way and stage) first.
+fn progress_text(job: &Job) -> String {
+    let counts = match Kind::parse(&job.kind) {
+        Some(Kind::Fetch) => format!("{} / {}", gigabytes(job.step), gigabytes(job.steps)),
+        _ => format!("{} / {}", job.step, job.steps),
+    };
+    match &job.phase {
+        Some(phase) => format!("{phase}: {counts}"),
+        None => counts,
+    }
+}
+
+fn gigabytes(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
 fn progress(job: &Job) -> Markup {
     let eta = job
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| (job.steps.saturating_sub(job.step)) as f64 / r);
+    let rate = match Kind::parse(&job.kind) {
+        Some(Kind::Fetch) => job.rate.map(|r| format!("{:.1} MB/s", r / 1e6)),
+        _ => job.rate.map(|r| format!("{r:.2} steps/s")),
+    };
     html! {
         p {
             progress max=(job.steps) value=(job.step) {}
-            " step " (job.step) " / " (job.steps)
-            @if let Some(r) = job.rate { " · " (format!("{r:.2}")) " steps/s" }
+            " " (progress_text(job))
+            @if let Some(r) = rate { " · " (r) }
             @if let Some(s) = eta.filter(|_| job.state == State::Running) { " · ETA " (format!("{:.0}", s)) " s" }
         }
         p { "Output " code { (job.output) } }

@@ -21,10 +21,16 @@ pub struct Server {
 impl Server {
     /// Starts `zlora serve --root ROOT --port 0 EXTRA...` and waits for its address.
     pub fn start(root: &Path, extra: &[&str]) -> Server {
+        Self::start_env(root, extra, &[])
+    }
+
+    /// [`Server::start`] with environment variables, which its jobs inherit.
+    pub fn start_env(root: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_zlora"))
             .args(["serve", "--root", root.to_str().unwrap(), "--port", "0"])
             .args(extra)
             .env_remove("ZLORA_TOKEN")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -5,9 +5,13 @@
 //!
 //! Resumable: a finished run (final LoRA + `experiment-run.json` with its config) and a
 //! finished validation (`metrics.json` naming the LoRA's hash and the plan) are not repeated;
-//! an interrupted run continues from its newest checkpoint.
+//! an interrupted run continues from its newest checkpoint. A stop (a flag the caller sets,
+//! e.g. on SIGTERM) ends a training after its step with a checkpoint, and a validation in
+//! progress when that validation ends; a rerun continues from there.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +81,10 @@ pub enum Event<'a> {
         steps: u64,
     },
     Train(trainer::Event<'a>),
+    /// A way's validation starts: its events follow as [`Event::Validate`].
+    Validating {
+        way: Mode,
+    },
     Validate(render::Event<'a>),
 }
 
@@ -91,20 +99,22 @@ impl ExperimentPlan {
     /// error naming the file before anything runs.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = crate::fsutil::read_text(path)?;
-        let mut plan: Self =
-            toml::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let mut plan = Self::parse(&text).map_err(|e| Error::bad_file(path, e.to_string()))?;
         plan.output =
             outdir::resolve(&plan.output).map_err(|e| Error::bad_file(path, e.to_string()))?;
         plan.source = Some(path.to_path_buf());
-        let check = || -> Result<()> {
-            plan.render.check()?;
-            for way in WAYS {
-                plan.train_config(way)?;
-                plan.validation_plan(way).check()?;
-            }
-            Ok(())
-        };
-        check().map_err(|e| Error::bad_file(path, e.to_string()))?;
+        Ok(plan)
+    }
+
+    /// A plan from its TOML text, checked as [`ExperimentPlan::from_file`] checks it (its
+    /// paths as written).
+    pub fn parse(text: &str) -> Result<Self> {
+        let plan: Self = toml::from_str(text).map_err(|e| Error::Invalid(e.to_string()))?;
+        plan.render.check()?;
+        for way in WAYS {
+            plan.train_config(way)?;
+            plan.validation_plan(way).check()?;
+        }
         Ok(plan)
     }
 
@@ -184,28 +194,36 @@ struct RunMarker {
 const MARKER: &str = "experiment-run.json";
 const PLAN_COPY: &str = "plan.toml";
 
+/// Runs the experiment; `None` when `stop` was set before its end (a rerun continues).
 pub fn experiment(
     plan: &ExperimentPlan,
     plan_text: &str,
     force: bool,
+    stop: Option<Arc<AtomicBool>>,
     events: &mut dyn FnMut(Event),
-) -> Result<ExperimentOutcome> {
+) -> Result<Option<ExperimentOutcome>> {
     let _claimed = prepare_output(plan, force)?;
     write_atomic(&plan.output.join(PLAN_COPY), plan_text.as_bytes(), true)?;
+    let stopped = || stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
     for way in WAYS {
-        train_way(plan, way, events)?;
+        if stopped() || !train_way(plan, way, stop.clone(), events)? {
+            return Ok(None);
+        }
     }
     let mut results = Vec::new();
     for way in WAYS {
+        if stopped() {
+            return Ok(None);
+        }
         results.push((way, validate_way(plan, way, events)?));
     }
     let html = report(plan, &results, plan_text)?;
     let path = plan.output.join("report.html");
     write_atomic(&path, html.as_bytes(), true)?;
-    Ok(ExperimentOutcome {
+    Ok(Some(ExperimentOutcome {
         report: path,
         results,
-    })
+    }))
 }
 
 /// Claims the output folder for the whole experiment: a new or empty one, an earlier run of
@@ -239,8 +257,14 @@ fn prepare_output(plan: &ExperimentPlan, force: bool) -> Result<OutputDir> {
     OutputDir::claim(out, "experiment", &inputs, Policy::Keep)
 }
 
-/// Trains one way unless it finished earlier with the same config.
-fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) -> Result<()> {
+/// Trains one way unless it finished earlier with the same config; `false` when it stopped
+/// before its end (then it has no finished marker, and a rerun resumes it).
+fn train_way(
+    plan: &ExperimentPlan,
+    way: Mode,
+    stop: Option<Arc<AtomicBool>>,
+    events: &mut dyn FnMut(Event),
+) -> Result<bool> {
     let cfg = plan.train_config(way)?;
     let dir = plan.run_dir(way);
     let lora = dir.join("lora.safetensors");
@@ -259,7 +283,7 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
             "{}: finished earlier, not repeated",
             way.name()
         )));
-        return Ok(());
+        return Ok(true);
     }
     let resume = crate::train::state::latest(&dir)?.is_some();
     events(Event::Training {
@@ -274,15 +298,18 @@ fn train_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event)) ->
         force: !resume,
         allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
         config_file: None,
-        stop: None,
+        stop,
     };
-    train(&cfg, &opts, &mut |e| events(Event::Train(e)))?;
+    if train(&cfg, &opts, &mut |e| events(Event::Train(e)))?.stopped {
+        return Ok(false);
+    }
     let m = RunMarker {
         config: toml::to_string(&cfg).map_err(|e| Error::Invalid(e.to_string()))?,
         lora_blake3: file_hash(&lora)?,
     };
     let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&marker, json.as_bytes(), true)
+    write_atomic(&marker, json.as_bytes(), true)?;
+    Ok(true)
 }
 
 /// Validates one way's LoRA unless a finished validation of this very file and plan exists.
@@ -300,7 +327,7 @@ fn validate_way(plan: &ExperimentPlan, way: Mode, events: &mut dyn FnMut(Event))
             return Ok(old);
         }
     }
-    events(Event::Message(format!("{}: validating", way.name())));
+    events(Event::Validating { way });
     Ok(validate(&vplan, true, &mut |e| events(Event::Validate(e)))?.record)
 }
 
