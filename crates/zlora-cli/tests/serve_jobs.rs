@@ -202,7 +202,11 @@ fn a_fetch_job_downloads_into_the_folder_and_an_unknown_name_fails_with_the_cli_
         page.contains(&format!("downloading {TURBO_REPO}: ")),
         "{page}"
     );
-    assert!(s.get(&format!("/jobs/{turbo}")).text().contains(output));
+    let page = s.get(&format!("/jobs/{turbo}")).text();
+    assert!(
+        page.contains(output) && !page.contains("<h2>Loss"),
+        "{page}"
+    );
 
     // The fetched folder is a model path like any other.
     let config = train_config("runs/x", 1, 1, 0).replace("models/tiny", output);
@@ -249,7 +253,17 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
         "{text}"
     );
     let page = s.get(&format!("/jobs/{id}")).text();
-    assert!(page.contains("/report/exp/report%2Ehtml"), "{page}");
+    assert!(
+        page.contains("/report/exp/report%2Ehtml\">Experiment report"),
+        "{page}"
+    );
+    // Each way's loss chart (four steps each).
+    for way in ["base", "turbo-adapter", "turbo-direct"] {
+        assert!(
+            page.contains(&format!("<h2>Loss · {way}</h2><svg")),
+            "{way}: {page}"
+        );
+    }
     assert!(s.get("/jobs").text().contains("turbo-direct validating: "));
 
     // A long one: stopped in its first training with a checkpoint, resumed from it.

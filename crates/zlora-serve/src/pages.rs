@@ -1,10 +1,11 @@
 //! The HTML pages, rendered on the server with maud (which escapes every interpolated string).
 //! The little JavaScript they need (static/app.js) only calls the JSON API.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use maud::{html, Markup, DOCTYPE};
 use zlora::hub::known::KNOWN;
+use zlora::validate::experiment::WAYS;
 
 use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
@@ -110,6 +111,11 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
     let run = jobs.root.path().join(&job.output);
     let live = matches!(job.state, State::Queued | State::Running);
     let title = format!("Job #{} · {}", job.id, job.state.as_str());
+    let kind = Kind::parse(&job.kind);
+    let report_label = match kind {
+        Some(Kind::Experiment) => "Experiment report",
+        _ => "Validation report",
+    };
     Ok(Reply::html(
         200,
         layout(
@@ -125,18 +131,33 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                     @if let Some(e) = &job.error { p.error { (e) } }
                 }
                 @if run.join(REPORT).is_file() {
-                    p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
+                    p { a href=(report_url(jobs, &run.join(REPORT))) { (report_label) } }
                 }
-                h2 { "Loss" }
-                (loss_chart(&losses(&run)))
-                h2 { "Samples" }
-                (samples(jobs, &run))
+                @for (way, folder) in trainings(kind, &run) {
+                    h2 { "Loss" @if let Some(w) = way { " · " (w) } }
+                    (loss_chart(&losses(&folder)))
+                    h2 { "Samples" @if let Some(w) = way { " · " (w) } }
+                    (samples(jobs, &folder))
+                }
                 h2 { "Log" }
                 pre.log { (log_tail(&jobs.log_path(id))) }
                 details { summary { "Config" } pre { (job.config) } }
             },
         ),
     ))
+}
+
+/// The training runs whose loss and samples a job's page shows: a training's folder, an
+/// experiment's three (`OUTPUT/runs/WAY`, named); none for the other kinds.
+fn trainings(kind: Option<Kind>, output: &Path) -> Vec<(Option<&'static str>, PathBuf)> {
+    match kind {
+        Some(Kind::Train) => vec![(None, output.to_path_buf())],
+        Some(Kind::Experiment) => WAYS
+            .iter()
+            .map(|w| (Some(w.name()), output.join("runs").join(w.name())))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A job's progress in its own units: steps, a validation's images, a fetch's bytes; an
