@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use serve_common::cdp::Browser;
 use serve_common::{root_with_tiny, train_config, Reply, Server};
 use zlora::hub::known::TURBO_REPO;
+use zlora::validate::experiment::ExperimentPlan;
 
 /// An experiment plan on the tiny model (as Base and Turbo) and dataset, with the LoRA of a
 /// tiny run at runs/adapter as its training adapter, into `output`.
@@ -320,13 +321,7 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
 }
 
 fn plan(s: &Server, fields: &[(&str, &str)]) -> Reply {
-    let body: Vec<String> = fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    s.request(
-        "POST",
-        "/api/plan",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        body.join("&").as_bytes(),
-    )
+    s.post_form("/api/plan", fields)
 }
 
 #[test]
@@ -349,7 +344,9 @@ fn the_plan_route_answers_the_verdict_for_the_gpu_rank_and_quantization() {
         let r = plan(&s, &fields);
         assert_eq!(r.status, 200, "{fields:?}: {}", r.text());
         let answer = r.json();
-        let p = &answer["plan"];
+        assert_eq!(answer["plans"].as_array().unwrap().len(), 1, "{answer}");
+        let p = &answer["plans"][0];
+        assert_eq!(p["way"], Value::Null);
         assert_eq!(
             (p["name"].as_str(), p["fits"].as_bool()),
             (Some(gpu), Some(fits)),
@@ -393,6 +390,86 @@ fn the_plan_route_answers_the_verdict_for_the_gpu_rank_and_quantization() {
         );
     }
     assert_eq!(plan(&s, &[("action", "queue")]).status, 400);
+
+    // The experiment way: the plan of the three ways with the form's settings, each planned.
+    let r = plan(
+        &s,
+        &[
+            ("action", "fields"),
+            ("way", "experiment"),
+            ("gpu", "3060"),
+            ("output", "exp"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    let text = answer["config"].as_str().unwrap();
+    let experiment = ExperimentPlan::parse(text).unwrap();
+    assert_eq!(
+        (
+            experiment.base.as_str(),
+            experiment.turbo.as_str(),
+            experiment.output.to_str()
+        ),
+        ("models/Z-Image", "models/Z-Image-Turbo", Some("exp"))
+    );
+    assert!(experiment
+        .training_adapter
+        .ends_with("zimage_turbo_training_adapter_v2.safetensors"));
+    assert_eq!(experiment.lora["rank"].as_integer(), Some(16));
+    let ways: Vec<&str> = answer["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["way"].as_str().unwrap())
+        .collect();
+    assert_eq!(ways, ["base", "turbo-adapter", "turbo-direct"]);
+    // Each is the plan of that way's training config: the adapter's way needs the most.
+    let peaks: Vec<f64> = answer["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peak_memory_gib"].as_f64().unwrap())
+        .collect();
+    assert!(peaks[1] > peaks[0] && peaks[1] > peaks[2], "{peaks:?}");
+    let html = answer["html"].as_str().unwrap();
+    assert!(
+        html.contains("<h3>turbo-direct</h3>") && html.contains("In all: "),
+        "{html}"
+    );
+    let r = plan(
+        &s,
+        &[
+            ("action", "fields"),
+            ("way", "experiment"),
+            ("quantize", "fp8"),
+        ],
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("an experiment plan has no [model] quantize"));
+    // Queued from the page as an experiment job (in the app's folder).
+    let queued = s.post_form(
+        "/new",
+        &[("action", "queue"), ("way", "experiment"), ("config", text)],
+    );
+    assert_eq!(queued.status, 303, "{}", queued.text());
+    let job = s
+        .get(
+            queued
+                .header("location")
+                .unwrap()
+                .replace("/jobs/", "/api/jobs/")
+                .as_str(),
+        )
+        .json();
+    assert_eq!(
+        (job["kind"].as_str(), job["output"].as_str()),
+        (Some("experiment"), Some("exp")),
+        "{job}"
+    );
     let cross = s.request(
         "POST",
         "/api/plan",
@@ -415,7 +492,7 @@ fn the_new_run_verdict_follows_the_rank_gpu_and_storage_as_they_change_in_chromi
     let expect = |fields: &[(&str, &str)]| {
         let mut all = vec![("action", "fields")];
         all.extend_from_slice(fields);
-        let p = plan(&s, &all).json()["plan"].clone();
+        let p = plan(&s, &all).json()["plans"][0].clone();
         let said = if p["fits"] == true {
             "Fits: "
         } else {

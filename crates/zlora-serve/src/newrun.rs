@@ -11,7 +11,8 @@ use toml::{Table, Value};
 use zlora::nn::quant::Quantization;
 use zlora::plan::gpus::GpuTable;
 use zlora::plan::{plan, GpuEstimate, PlanOptions, MAX_CAPTION_TOKENS};
-use zlora::train::config::TrainConfig;
+use zlora::train::config::{Mode, TrainConfig};
+use zlora::validate::experiment::{self, ExperimentPlan};
 
 use crate::api::{self, internal, Answer};
 use crate::http::{Reply, Request};
@@ -47,6 +48,10 @@ const WAYS: [(&str, &str, &str, &str); 4] = [
     ),
 ];
 
+/// The form's way that makes an experiment plan (docs/validation.md): the three ways at once,
+/// with the Turbo + adapter way's settings, compared in one report.
+const EXPERIMENT: &str = "experiment";
+
 /// The adapter the Turbo + adapter way suggests (a file the operator puts under models/).
 const ADAPTER: &str = "models/zimage_turbo_training_adapter_v2.safetensors";
 /// The trigger word of the examples, replaced in their sample prompts by the form's.
@@ -60,6 +65,7 @@ impl Form {
         let pairs = [
             ("way", "turbo-adapter"),
             ("model", "models/Z-Image-Turbo"),
+            ("base_model", "models/Z-Image"),
             ("adapter", ADAPTER),
             ("dataset", "datasets/tiny"),
             ("trigger", EXAMPLE_TRIGGER),
@@ -99,7 +105,13 @@ impl Form {
 /// What the page shows under the form: the TOML and, when checked, the verdict or the error.
 struct Outcome {
     config: String,
-    verdict: Option<Result<GpuEstimate, String>>,
+    verdict: Option<Result<Vec<Estimate>, String>>,
+}
+
+/// The plan of one training on the chosen GPU; an experiment's name their way.
+struct Estimate {
+    way: Option<Mode>,
+    gpu: GpuEstimate,
 }
 
 pub fn page(jobs: &Jobs) -> Answer {
@@ -120,7 +132,11 @@ pub fn post(jobs: &Jobs, req: &Request) -> Answer {
         let outcome = check(jobs, &form)?;
         return Ok(Reply::html(200, render(jobs, &form, &outcome)?));
     }
-    let id = api::queue(jobs, Kind::Train, form.get("config")).map_err(|e| {
+    let kind = match form.get("way") {
+        EXPERIMENT => Kind::Experiment,
+        _ => Kind::Train,
+    };
+    let id = api::queue(jobs, kind, form.get("config")).map_err(|e| {
         let message = error_text(&e);
         let outcome = Outcome {
             config: form.get("config").to_string(),
@@ -135,9 +151,10 @@ pub fn post(jobs: &Jobs, req: &Request) -> Answer {
 }
 
 /// `POST /api/plan`: the page's form as it posts it (`action=fields` or `toml`), checked as
-/// "Make the TOML and check" or "Check this TOML" would → `{"config", "plan", "html"}`: the
-/// TOML, the GPU's estimate (`zlora plan --json`'s fields) and the verdict box as the page
-/// shows it; 400 `{"error", "html"}` when there is no plan (the message in the box).
+/// "Make the TOML and check" or "Check this TOML" would → `{"config", "plans", "html"}`: the
+/// TOML, the GPU's estimate of each training (`zlora plan --json`'s fields and `way`: null for
+/// a training, an experiment's three by name) and the verdict box as the page shows it; 400
+/// `{"error", "html"}` when there is no plan (the message in the box).
 pub fn plan_json(jobs: &Jobs, req: &Request) -> Answer {
     let form = Form::posted(req.form());
     let outcome = check(jobs, &form)?;
@@ -146,10 +163,20 @@ pub fn plan_json(jobs: &Jobs, req: &Request) -> Answer {
     };
     let html = verdict_markup(verdict).into_string();
     match verdict {
-        Ok(estimate) => Ok(Reply::json(
-            200,
-            &json!({"config": outcome.config, "plan": estimate, "html": html}),
-        )),
+        Ok(estimates) => {
+            let plans: Vec<serde_json::Value> = estimates
+                .iter()
+                .map(|e| {
+                    let mut plan = json!(e.gpu);
+                    plan["way"] = json!(e.way.map(Mode::name));
+                    plan
+                })
+                .collect();
+            Ok(Reply::json(
+                200,
+                &json!({"config": outcome.config, "plans": plans, "html": html}),
+            ))
+        }
         Err(e) => Err(Reply::json(400, &json!({"error": e, "html": html}))),
     }
 }
@@ -171,7 +198,7 @@ fn check(jobs: &Jobs, form: &Form) -> Result<Outcome, Reply> {
 }
 
 fn checked(jobs: &Jobs, form: &Form, config: String) -> Outcome {
-    let verdict = Some(verdict(jobs, &config, form.get("gpu")));
+    let verdict = Some(verdict(jobs, &config, form.get("way"), form.get("gpu")));
     Outcome { config, verdict }
 }
 
@@ -183,9 +210,12 @@ fn error_text(reply: &Reply) -> String {
         .unwrap_or_else(|| format!("error {}", reply.status))
 }
 
-/// The way's example config with the form's values in place.
+/// The way's example config with the form's values in place (for an experiment, its plan).
 fn config_text(form: &Form) -> Result<String, String> {
     let way = form.get("way");
+    if way == EXPERIMENT {
+        return experiment_text(form);
+    }
     let (_, _, example, _) = WAYS.iter().find(|w| w.0 == way).ok_or_else(|| {
         format!("unknown way {way:?}: one of base, turbo-adapter, turbo-direct, de-turbo")
     })?;
@@ -232,6 +262,37 @@ fn config_text(form: &Form) -> Result<String, String> {
     Ok(text)
 }
 
+/// The experiment plan of the form: the Turbo + adapter way's config from the same fields,
+/// its `[model]` becoming the plan's `turbo` and `training_adapter` (with `base` from its own
+/// field), its `[train] output` the plan's `output` (each way's run goes under it).
+fn experiment_text(form: &Form) -> Result<String, String> {
+    if !form.get("quantize").is_empty() {
+        return Err("an experiment plan has no [model] quantize: choose the transformer storage \"as the model\"".into());
+    }
+    let mut fields = form.0.clone();
+    fields.insert("way".into(), "turbo-adapter".into());
+    let mut t: Table = config_text(&Form(fields))?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut take = |section: &str, key: &str| {
+        t.get_mut(section)
+            .and_then(Value::as_table_mut)
+            .and_then(|s| s.remove(key))
+            .ok_or_else(|| format!("the turbo-adapter example has no [{section}] {key}"))
+    };
+    let turbo = take("model", "path")?;
+    let adapter = take("model", "training_adapter")?;
+    let output = take("train", "output")?;
+    t.remove("model");
+    t.insert("output".into(), output);
+    t.insert("base".into(), form.get("base_model").into());
+    t.insert("turbo".into(), turbo);
+    t.insert("training_adapter".into(), adapter);
+    let text = toml::to_string(&t).map_err(|e| e.to_string())?;
+    ExperimentPlan::parse(&text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
 fn set(t: &mut Table, section: &str, key: &str, value: Value) {
     if let Some(Value::Table(s)) = t.get_mut(section) {
         s.insert(key.to_string(), value);
@@ -240,10 +301,28 @@ fn set(t: &mut Table, section: &str, key: &str, value: Value) {
 
 /// `zlora plan` for one GPU of the built-in table, on the config as the job would run it
 /// (paths resolved inside DIR; a model folder that is not there is planned from the
-/// variant's published sizes, as `zlora plan` does).
-fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
-    let checked = check_config(&jobs.root, Kind::Train, text).map_err(|r| r.0)?;
-    let cfg = TrainConfig::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+/// variant's published sizes, as `zlora plan` does); for an experiment, each way's training.
+fn verdict(jobs: &Jobs, text: &str, way: &str, gpu: &str) -> Result<Vec<Estimate>, String> {
+    let trainings = if way == EXPERIMENT {
+        let checked = check_config(&jobs.root, Kind::Experiment, text).map_err(|r| r.0)?;
+        let plan = ExperimentPlan::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+        experiment::WAYS
+            .iter()
+            .map(|&w| Ok((Some(w), plan.train_config(w)?)))
+            .collect::<zlora::Result<Vec<_>>>()
+            .map_err(|e| format!("config: {e}"))?
+    } else {
+        let checked = check_config(&jobs.root, Kind::Train, text).map_err(|r| r.0)?;
+        let cfg = TrainConfig::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+        vec![(None, cfg)]
+    };
+    trainings
+        .into_iter()
+        .map(|(way, cfg)| estimate(&cfg, gpu).map(|gpu| Estimate { way, gpu }))
+        .collect()
+}
+
+fn estimate(cfg: &TrainConfig, gpu: &str) -> Result<GpuEstimate, String> {
     let opts = PlanOptions {
         gpus: vec![gpu.to_string()],
         table: GpuTable::built_in().map_err(|e| e.to_string())?,
@@ -251,7 +330,7 @@ fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
         bandwidth_mb_s: 100.0,
         storage_days: 30.0,
     };
-    let p = plan(&cfg, &opts).map_err(|e| format!("plan: {e}"))?;
+    let p = plan(cfg, &opts).map_err(|e| format!("plan: {e}"))?;
     p.gpus
         .into_iter()
         .next()
@@ -276,9 +355,15 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                             (label) " " span.muted { "(model e.g. " code { (model) } ")" }
                         }
                     }
+                    label.way {
+                        input type="radio" name="way" value=(EXPERIMENT) checked[form.get("way") == EXPERIMENT];
+                        "Experiment: Base, Turbo + adapter and Turbo directly with these settings, validated and compared "
+                        span.muted { "(the model is Turbo; the Base model below)" }
+                    }
                 }
                 (field("model", "Model folder"))
-                (field("adapter", "Training adapter (Turbo + adapter only)"))
+                (field("base_model", "Base model folder (experiment only)"))
+                (field("adapter", "Training adapter (Turbo + adapter and experiment)"))
                 label { "Dataset " input name="dataset" value=(form.get("dataset")) list="datasets"; }
                 datalist #datasets { @for (name, _) in &datasets { option value=(format!("datasets/{name}")) {} } }
                 (field("trigger", "Trigger word"))
@@ -319,27 +404,43 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
     ))
 }
 
-fn verdict_markup(v: &Result<GpuEstimate, String>) -> Markup {
-    match v {
-        Err(e) => html! { section #verdict { h2 { "Plan" } p.error { (e) } } },
-        Ok(g) => html! {
-            section #verdict {
-                h2 { "Plan: " (g.label) }
-                p class=(if g.fits { "fits" } else { "error" }) {
-                    @if g.fits { "Fits: " } @else { "Does not fit: " }
-                    "peak " (format!("{:.1}", g.peak_memory_gib)) " GiB of " (format!("{:.0}", g.memory_gib)) " GiB"
-                }
-                p {
-                    (format!("{:.2}", g.seconds_per_step)) " s/step · "
-                    (format!("{:.2}", g.total_hours)) " h · $"
-                    (format!("{:.2}", g.cost_usd)) " at $" (format!("{:.2}", g.usd_per_hour)) "/h"
-                }
-                @if !g.changes.is_empty() {
-                    ul { @for c in &g.changes {
-                        li { (c.change) ": " (format!("{:.1}", c.peak_memory_gib)) " GiB" @if c.fits { " (fits)" } }
-                    } }
-                }
+fn verdict_markup(v: &Result<Vec<Estimate>, String>) -> Markup {
+    let estimates = match v {
+        Err(e) => return html! { section #verdict { h2 { "Plan" } p.error { (e) } } },
+        Ok(estimates) => estimates,
+    };
+    let label = estimates.first().map_or("", |e| e.gpu.label.as_str());
+    let hours: f64 = estimates.iter().map(|e| e.gpu.total_hours).sum();
+    let cost: f64 = estimates.iter().map(|e| e.gpu.cost_usd).sum();
+    html! {
+        section #verdict {
+            h2 { "Plan: " (label) }
+            @for e in estimates {
+                @if let Some(way) = e.way { h3 { (way.name()) } }
+                (estimate_markup(&e.gpu))
             }
-        },
+            @if estimates.len() > 1 {
+                p { "In all: " (format!("{hours:.2}")) " h · $" (format!("{cost:.2}")) " (the trainings; validation not counted)" }
+            }
+        }
+    }
+}
+
+fn estimate_markup(g: &GpuEstimate) -> Markup {
+    html! {
+        p class=(if g.fits { "fits" } else { "error" }) {
+            @if g.fits { "Fits: " } @else { "Does not fit: " }
+            "peak " (format!("{:.1}", g.peak_memory_gib)) " GiB of " (format!("{:.0}", g.memory_gib)) " GiB"
+        }
+        p {
+            (format!("{:.2}", g.seconds_per_step)) " s/step · "
+            (format!("{:.2}", g.total_hours)) " h · $"
+            (format!("{:.2}", g.cost_usd)) " at $" (format!("{:.2}", g.usd_per_hour)) "/h"
+        }
+        @if !g.changes.is_empty() {
+            ul { @for c in &g.changes {
+                li { (c.change) ": " (format!("{:.1}", c.peak_memory_gib)) " GiB" @if c.fits { " (fits)" } }
+            } }
+        }
     }
 }

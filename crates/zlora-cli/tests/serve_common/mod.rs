@@ -88,6 +88,20 @@ impl Server {
         )
     }
 
+    /// A form post (`application/x-www-form-urlencoded`) of `fields`, as a browser sends one.
+    pub fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Reply {
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect();
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            body.join("&").as_bytes(),
+        )
+    }
+
     /// Polls job `id` for up to `secs`: whether `done` came to hold of it.
     pub fn wait_job_for(&self, id: i64, secs: u64, done: impl Fn(&Value) -> bool) -> bool {
         let start = Instant::now();
@@ -192,6 +206,15 @@ pub fn raw_request(
         headers,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+pub fn percent_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A train config for the tiny model at models/tiny and dataset at datasets/tiny.
