@@ -1,7 +1,8 @@
 //! Jobs: a submitted config checked against DIR, and the runner that takes queued jobs one at
-//! a time and runs each as a child process of this same binary (`zlora train --events json`),
-//! so that a crash stays in the child, its memory goes back to the system when it ends, and a
-//! stop is a signal the trainer answers with a checkpoint.
+//! a time and runs each as a child process of this same binary (`zlora KIND --events json`:
+//! train, validate, experiment, fetch), so that a crash stays in the child, its memory goes
+//! back to the system when it ends, and a stop is a signal the trainer answers with a
+//! checkpoint.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
-//! The New run page: a form for each way of training (and De-Turbo) that writes the train
-//! config as TOML (shown, editable), `zlora plan`'s verdict for one GPU, and a button that
-//! queues the TOML as POST /api/jobs does. Plain form posts; the page's script also posts the
-//! form to `POST /api/plan` as it changes and puts the verdict (and the TOML) in place.
+//! The New run page: a form for each way of training (and De-Turbo, and the experiment of the
+//! three ways) that writes the train config or experiment plan as TOML (shown, editable),
+//! `zlora plan`'s verdict for one GPU, and a button that queues the TOML as POST /api/jobs
+//! does. Plain form posts; the page's script also posts the form to `POST /api/plan` as it
+//! changes and puts the verdict (and the TOML) in place.
 
 use std::collections::HashMap;
 
