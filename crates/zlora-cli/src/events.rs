@@ -1,10 +1,12 @@
-//! `--events json`: a training's, a validation's or a captioning's progress as one JSON object
-//! per line on stdout, for scripts and for `zlora serve`, which runs jobs as child processes and reads this
+//! `--events json`: a training's, validation's, captioning's, experiment's, sweep's or
+//! fetch's progress as one JSON object per line on stdout, for scripts and for `zlora serve`,
+//! which runs jobs as child processes and reads this
 //! stream (docs/serve.md lists the events).
 
 use std::io::Write;
 
 use serde_json::{json, Value};
+use zlora::hub::fetch;
 use zlora::train::trainer::{Event, Outcome};
 use zlora::validate::render;
 
@@ -97,4 +99,66 @@ pub fn done(fields: Value) {
         e.extend(f);
     }
     emit(event);
+}
+
+/// A fetch's events: `listed` (the bytes still missing), `download` (bytes of them done so
+/// far, of all of them, and the rate since the listing), messages.
+#[derive(Default)]
+pub struct FetchEvents {
+    total: u64,
+    /// Bytes of the files finished in this run, and of those, the ones this run moved (a
+    /// file may continue an earlier run's partial one).
+    finished: u64,
+    moved: u64,
+    /// The file in progress: its size, and the bytes it had at its start.
+    current: (u64, u64),
+    listed: Option<std::time::Instant>,
+}
+
+impl FetchEvents {
+    pub fn show(&mut self, event: fetch::Event) {
+        let message = |text: String| json!({"event": "message", "text": text});
+        emit(match event {
+            fetch::Event::Listed {
+                repo,
+                commit,
+                files,
+                missing_bytes,
+            } => {
+                self.total = missing_bytes;
+                self.listed = Some(std::time::Instant::now());
+                json!({"event": "listed", "repo": repo, "commit": commit, "files": files, "bytes": missing_bytes})
+            }
+            fetch::Event::Start { size, from, .. } => {
+                self.current = (size, from);
+                return;
+            }
+            fetch::Event::Progress { path, done } => {
+                let seconds = self.listed.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                let moved = self.moved + done.saturating_sub(self.current.1);
+                json!({
+                    "event": "download",
+                    "path": path,
+                    "done": self.finished + done,
+                    "total": self.total,
+                    "rate": (seconds > 0.0).then(|| moved as f64 / seconds),
+                })
+            }
+            fetch::Event::Retry {
+                path,
+                attempt,
+                error,
+            } => message(format!("{path}: {error}; continuing (attempt {attempt})")),
+            fetch::Event::Done {
+                path,
+                downloaded: false,
+            } => message(format!("{path}: already in the cache")),
+            fetch::Event::Done { .. } => {
+                let (size, from) = std::mem::take(&mut self.current);
+                self.finished += size;
+                self.moved += size - from;
+                return;
+            }
+        });
+    }
 }

@@ -1,16 +1,19 @@
-//! `zlora experiment PLAN.toml [--force]`, and the display of arms' progress that `sweep`
-//! shares.
+//! `zlora experiment PLAN.toml [--force] [--events json]`, and the display of arms' progress
+//! that `sweep` shares. SIGTERM or SIGINT stops an experiment cleanly: a training finishes its
+//! step and writes a checkpoint, a validation in progress finishes first; it exits with
+//! [`STOPPED`] and a rerun continues.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use indicatif::ProgressBar;
 use serde_json::json;
 use zlora::validate::arms::Event;
-use zlora::validate::experiment::{experiment, ExperimentPlan};
+use zlora::validate::experiment::{experiment, ExperimentOutcome, ExperimentPlan};
 
-use crate::events::{self, TrainEvents};
-use crate::train::TrainDisplay;
+use crate::events::{self, EventFormat, TrainEvents};
+use crate::train::{stop_on_signals, TrainDisplay, STOPPED};
 use crate::validate::show;
 
 #[derive(clap::Args)]
@@ -21,16 +24,44 @@ pub struct Args {
     /// folder zlora made.
     #[arg(long)]
     force: bool,
+    /// Print progress as JSON lines on stdout (training, step, validating, image, then
+    /// done, stopped or failed) instead of bars; docs/serve.md lists the events.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let json = a.events.is_some();
+    let result = run_experiment(a);
+    if let (true, Err(e)) = (json, &result) {
+        events::failed(e);
+    }
+    result
+}
+
+fn run_experiment(a: Args) -> anyhow::Result<ExitCode> {
     let plan = ExperimentPlan::from_file(&a.plan)?;
     let text = std::fs::read_to_string(&a.plan)
         .with_context(|| format!("{}: cannot read", a.plan.display()))?;
-    let mut progress = ArmProgress::new(false);
-    let outcome = experiment(&plan, &text, a.force, &mut |e| progress.show(e))
+    let stop = Some(stop_on_signals()?);
+    let json = a.events.is_some();
+    let mut progress = ArmProgress::new(json);
+    let outcome = experiment(&plan, &text, a.force, stop, &mut |e| progress.show(e))
         .context("experiment failed")?;
     progress.finish();
+    match (&outcome, json) {
+        (Some(o), true) => events::done(json!({"report": o.report, "results": results_json(o)})),
+        (Some(o), false) => print_results(o),
+        (None, true) => events::emit(json!({"event": "stopped"})),
+        (None, false) => eprintln!("stopped; run the same command again to continue"),
+    }
+    Ok(match outcome {
+        Some(_) => ExitCode::SUCCESS,
+        None => ExitCode::from(STOPPED),
+    })
+}
+
+fn print_results(outcome: &ExperimentOutcome) {
     for (way, record) in &outcome.results {
         let v = &record.verdicts;
         println!(
@@ -48,7 +79,23 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         );
     }
     println!("{}", outcome.report.display());
-    Ok(())
+}
+
+/// Each way's verdicts, as the `done` event gives them.
+fn results_json(outcome: &ExperimentOutcome) -> Vec<serde_json::Value> {
+    outcome
+        .results
+        .iter()
+        .map(|(way, record)| {
+            let v = &record.verdicts;
+            json!({
+                "way": way.name(),
+                "base": {"verdict": v.base.verdict.label(), "effect": v.base.effect},
+                "turbo": {"verdict": v.turbo.verdict.label(), "effect": v.turbo.effect},
+                "blurred": v.blur.blurred,
+            })
+        })
+        .collect()
 }
 
 /// The arms' progress: messages and bars on stderr, or `--events json` lines on stdout.
@@ -92,6 +139,10 @@ impl ArmProgress {
                 if let Some(t) = self.train_events.as_mut() {
                     t.show(e);
                 }
+            }
+            (Event::Validating { arm }, false) => eprintln!("{arm}: validating"),
+            (Event::Validating { arm }, true) => {
+                events::emit(json!({"event": "validating", "arm": arm}));
             }
             (Event::Validate(e), false) => show(e, &mut self.bar),
             (Event::Validate(e), true) => events::validation(e),

@@ -1,10 +1,12 @@
-//! `zlora fetch base|turbo|adapter|distill-patch|qwen3-vl-{2b,4b,8b}|REPO_ID [--revision R]`: downloads what zlora
-//! needs into the Hugging Face cache and prints the snapshot folder (docs/fetch.md).
+//! `zlora fetch base|turbo|adapter|distill-patch|qwen3-vl-{2b,4b,8b}|REPO_ID [--revision R]
+//! [--events json]`: downloads what zlora needs into the Hugging Face cache and prints the
+//! snapshot folder (docs/fetch.md).
 
 use anyhow::Context;
 use indicatif::ProgressBar;
 use zlora::hub::fetch::{fetch, Event, FetchOptions};
 
+use crate::events::{self, EventFormat, FetchEvents};
 use crate::progress::bytes_bar;
 
 #[derive(clap::Args)]
@@ -14,9 +16,34 @@ pub struct Args {
     /// Branch, tag or commit.
     #[arg(long, default_value = "main")]
     revision: String,
+    /// Print progress as JSON lines on stdout (listed, download, then done or failed)
+    /// instead of bars; docs/serve.md lists the events.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
+    let Some(EventFormat::Json) = a.events else {
+        return run_with_bars(a);
+    };
+    let opts = FetchOptions::from_env(&a.revision);
+    let mut sink = FetchEvents::default();
+    let result = fetch(&a.name, &opts, &mut |event| sink.show(event))
+        .with_context(|| format!("fetching {} failed", a.name));
+    match &result {
+        Ok(f) => events::done(serde_json::json!({
+            "snapshot": f.snapshot,
+            "repo": f.repo,
+            "commit": f.commit,
+            "files": f.files.len(),
+            "downloaded_bytes": f.downloaded_bytes,
+        })),
+        Err(e) => events::failed(e),
+    }
+    result.map(drop)
+}
+
+fn run_with_bars(a: Args) -> anyhow::Result<()> {
     let opts = FetchOptions::from_env(&a.revision);
     eprintln!(
         "{} @ {} from {} into {}",

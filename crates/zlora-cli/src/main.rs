@@ -89,7 +89,7 @@ fn main() -> ExitCode {
         Command::TinyDataset(args) => tiny::run_dataset(args).map(|()| ExitCode::SUCCESS),
         Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
-        Command::Experiment(args) => experiment::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Experiment(args) => experiment::run(args),
         Command::Sweep(args) => sweep::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),

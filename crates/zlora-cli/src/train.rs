@@ -220,7 +220,7 @@ fn run_training(run: Run, exchange: &mut dyn GradientExchange) -> anyhow::Result
 /// SIGTERM and SIGINT set the trainer's stop flag. A second SIGINT (Ctrl-C twice) exits at
 /// once; SIGTERM may come more than once (a parent-death signal is sent again at each
 /// reparenting) and only ever stops cleanly.
-fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+pub fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
     let installed = || "cannot install the stop signal handlers";

@@ -87,3 +87,67 @@ fn failures_name_the_problem() {
         assert!(err.contains(expected), "{name}: {err}");
     }
 }
+
+/// The JSON lines of `zlora fetch --events json` (its exit status checked).
+fn events(name: &str, server: &HubServer, cache: &Path) -> Vec<serde_json::Value> {
+    let out = zlora(&["fetch", name, "--events", "json"], server, cache);
+    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let last = &parsed.last().unwrap()["event"];
+    assert_eq!(out.status.success(), last == "done", "{lines}");
+    parsed
+}
+
+#[test]
+fn events_json_counts_the_missing_bytes_up_to_the_listing_and_ends_with_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = hub(dir.path());
+    let cache = dir.path().join("hub");
+    let first = events("turbo", &server, &cache);
+    let listed = &first[0];
+    assert_eq!(
+        (listed["event"].as_str(), listed["repo"].as_str()),
+        (Some("listed"), Some(TURBO_REPO))
+    );
+    let total = listed["bytes"].as_u64().unwrap();
+    let done: Vec<u64> = first
+        .iter()
+        .filter(|e| e["event"] == "download")
+        .map(|e| {
+            assert_eq!(e["total"].as_u64(), Some(total), "{e}");
+            e["done"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(done.windows(2).all(|w| w[0] <= w[1]), "{done:?}");
+    assert_eq!(done.last(), Some(&total));
+    let end = first.last().unwrap();
+    assert_eq!(end["downloaded_bytes"].as_u64(), Some(total), "{end}");
+    let snapshot = PathBuf::from(end["snapshot"].as_str().unwrap());
+    assert!(snapshot.starts_with(&cache) && snapshot.join("transformer/config.json").is_file());
+
+    // Again: nothing missing, each file said to be in the cache.
+    let again = events("turbo", &server, &cache);
+    assert_eq!(again[0]["bytes"], 0);
+    assert!(!again.iter().any(|e| e["event"] == "download"));
+    let cached = again.iter().filter(|e| {
+        e["event"] == "message"
+            && e["text"]
+                .as_str()
+                .unwrap()
+                .ends_with("already in the cache")
+    });
+    assert_eq!(Some(cached.count() as u64), end["files"].as_u64());
+
+    let unknown = events("turbo-xl", &server, &cache);
+    assert_eq!(unknown.len(), 1);
+    assert!(
+        unknown[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("neither a known name"),
+        "{unknown:?}"
+    );
+}

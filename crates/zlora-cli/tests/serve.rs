@@ -476,7 +476,7 @@ fn jobs_train_one_at_a_time_stop_with_a_checkpoint_and_resume() {
     assert_eq!(
         done,
         json!({"id": short, "kind": "train", "state": "done", "step": 6, "steps": 6,
-               "output": "runs/short", "rate": done["rate"], "error": null})
+               "output": "runs/short", "rate": done["rate"], "error": null, "phase": null})
     );
     assert!(done["rate"].as_f64().unwrap() > 0.0, "{done}");
     assert!(dir.path().join("runs/short/lora.safetensors").is_file());

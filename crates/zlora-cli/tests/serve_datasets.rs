@@ -295,7 +295,7 @@ fn caption_jobs_write_what_zlora_caption_writes_and_stay_inside_the_root() {
     assert_eq!(
         job,
         json!({"id": job["id"], "kind": "caption", "state": "done", "step": 2, "steps": 2,
-               "output": "datasets/cap", "rate": null, "error": null})
+               "output": "datasets/cap", "rate": null, "error": null, "phase": null})
     );
     assert_eq!(read(&data, "wide.txt"), "mine");
     assert_eq!(read(&data, "tall.txt"), expected("tall.txt"));

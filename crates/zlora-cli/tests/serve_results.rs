@@ -7,32 +7,10 @@ mod common;
 mod serve_common;
 
 use serde_json::{json, Value};
-use serve_common::{root_with_tiny, train_config, validation_plan, Reply, Server};
+use serve_common::{percent_encode, root_with_tiny, train_config, validation_plan, Server};
 use zlora::lora::write::{save, Metadata};
 use zlora::lora::{Layout, LoraFile};
 use zlora::train::config::{TrainConfig, Variant};
-
-fn post_form(s: &Server, fields: &[(&str, &str)]) -> Reply {
-    let body: Vec<String> = fields
-        .iter()
-        .map(|(k, v)| format!("{k}={}", percent_encode(v)))
-        .collect();
-    s.request(
-        "POST",
-        "/new",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        body.join("&").as_bytes(),
-    )
-}
-
-fn percent_encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 /// The text of the page's config textarea, unescaped.
 fn textarea(page: &str) -> String {
@@ -82,8 +60,8 @@ fn the_new_run_form_writes_a_config_that_parses_plans_and_queues() {
         ("turbo-direct", Variant::Turbo, false),
         ("de-turbo", Variant::DeTurbo, false),
     ] {
-        let page = post_form(
-            &s,
+        let page = s.post_form(
+            "/new",
             &[
                 ("action", "fields"),
                 ("way", way),
@@ -122,8 +100,8 @@ fn the_new_run_form_writes_a_config_that_parses_plans_and_queues() {
         assert!(html.contains(&cost), "{cost} not in {html}");
     }
     // Edited TOML is checked as it is; errors are shown escaped.
-    let page = post_form(
-        &s,
+    let page = s.post_form(
+        "/new",
         &[("action", "toml"), ("config", "<script>alert(1)</script>")],
     );
     assert!(page.text().contains("&lt;script&gt;alert(1)"));
@@ -131,12 +109,12 @@ fn the_new_run_form_writes_a_config_that_parses_plans_and_queues() {
 
     // Queueing goes through the API's checks: a path out of the folder is refused, no job.
     let outside = train_config("../elsewhere", 4, 2, 0);
-    let refused = post_form(&s, &[("action", "queue"), ("config", &outside)]);
+    let refused = s.post_form("/new", &[("action", "queue"), ("config", &outside)]);
     assert_eq!(refused.status, 400);
     assert!(refused.text().contains("outside") || refused.text().contains(".."));
     assert_eq!(s.get("/api/jobs").json().as_array().unwrap().len(), 0);
-    let queued = post_form(
-        &s,
+    let queued = s.post_form(
+        "/new",
         &[
             ("action", "queue"),
             ("config", &train_config("runs/q", 4, 2, 0)),

@@ -17,6 +17,7 @@ use zlora::lora::{Layout, LoraModule};
 use zlora::model::folder::ModelFolder;
 use zlora::nn::{AdapterWeights, LinearTargets};
 use zlora::sample::image::{read_png, Rgb8};
+use zlora::validate::run::Record;
 
 /// Runs zlora, asserts success and returns stdout.
 fn ok(args: &[&str]) -> String {
@@ -534,4 +535,32 @@ fn an_experiment_trains_three_ways_validates_compares_and_resumes() {
         std::fs::metadata(&lora).unwrap().modified().unwrap(),
         before
     );
+
+    // --events json: nothing to train or validate again, then the verdicts of the three ways.
+    let third = zlora(&["experiment", plan, "--events", "json"]);
+    assert!(third.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&third.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(!events
+        .iter()
+        .any(|e| e["event"] == "training" || e["event"] == "validating"));
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert_eq!(
+        PathBuf::from(done["report"].as_str().unwrap()),
+        exp.join("report.html")
+    );
+    let ways: Vec<&str> = done["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["way"].as_str().unwrap())
+        .collect();
+    assert_eq!(ways, ["base", "turbo-adapter", "turbo-direct"]);
+    let metrics = Record::read(&exp.join("validation/base/metrics.json")).unwrap();
+    let base = &done["results"][0]["base"];
+    assert_eq!(base["verdict"], metrics.verdicts.base.verdict.label());
+    assert_eq!(base["effect"].as_f64(), Some(metrics.verdicts.base.effect));
 }

@@ -35,15 +35,20 @@ pub fn list_jobs(jobs: &Jobs) -> Answer {
     Ok(Reply::json(200, &json!(list)))
 }
 
-/// `{"kind": "train" | "validate", "config": "<TOML>"}`, or `{"kind": "caption", …}`
-/// (crate::caption) → 201 `{"id": N}`.
+/// `{"kind": K, FIELD: …}` → 201 `{"id": N}`: `"config": "<TOML>"` for a train,
+/// validate or experiment job, `"repo": NAME` for a fetch ([`Kind::field`]), a caption job's
+/// own fields (crate::caption).
 pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
     let body = req.json()?;
     let name = body["kind"].as_str().unwrap_or_default();
     let Some(kind) = Kind::parse(name) else {
+        let kinds: Vec<String> = Kind::ALL
+            .iter()
+            .map(|k| format!("{:?}", k.as_str()))
+            .collect();
         return Err(Reply::error(
             400,
-            &format!("\"kind\" must be \"train\", \"validate\" or \"caption\", got {name:?}"),
+            &format!("\"kind\" must be one of {}, got {name:?}", kinds.join(", ")),
         ));
     };
     if kind == Kind::Caption {
@@ -51,10 +56,11 @@ pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
         let id = insert(jobs, kind, &checked)?;
         return Ok(Reply::json(201, &json!({ "id": id })));
     }
-    let Some(text) = body["config"].as_str() else {
+    let (field, what) = kind.field();
+    let Some(text) = body[field].as_str() else {
         return Err(Reply::error(
             400,
-            "\"config\" must be the TOML text of a train config or a validation plan",
+            &format!("a job of kind {name:?} needs \"{field}\": {what}"),
         ));
     };
     let id = queue(jobs, kind, text)?;

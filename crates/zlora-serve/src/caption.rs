@@ -156,12 +156,11 @@ impl Request {
     }
 }
 
-/// The child's arguments for a queued job's config. Run again (a resume), the images
+/// The arguments after `zlora caption --events json` for a queued job's config. Run again (a resume), the images
 /// captioned so far are kept: `--skip-existing`, unless the job overwrites.
 pub fn args(config: &str, again: bool) -> anyhow::Result<Vec<OsString>> {
     let r: Request = toml::from_str(config)?;
     let mut args: Vec<OsString> = vec![
-        "caption".into(),
         r.dataset.into(),
         "--model".into(),
         r.model.into(),
@@ -177,6 +176,5 @@ pub fn args(config: &str, again: bool) -> anyhow::Result<Vec<OsString>> {
     } else if r.skip_existing || again {
         args.push("--skip-existing".into());
     }
-    args.extend(["--events".into(), "json".into()]);
     Ok(args)
 }

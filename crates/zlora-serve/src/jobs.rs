@@ -1,10 +1,9 @@
 //! Jobs: a submitted config checked against DIR, and the runner that takes queued jobs one at
-//! a time and runs each as a child process of this same binary (`zlora train --events json`,
-//! `zlora validate …`, `zlora caption …`),
-//! so that a crash stays in the child, its memory goes back to the system when it ends, and a
-//! stop is a signal the trainer answers with a checkpoint.
+//! a time and runs each as a child process of this same binary (`zlora KIND --events json`:
+//! train, validate, caption, experiment, fetch), so that a crash stays in the child, its
+//! memory goes back to the system when it ends, and a stop is a signal the trainer answers
+//! with a checkpoint.
 
-use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,28 +13,36 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::Value;
 use zlora::train::config::TrainConfig;
+use zlora::validate::arms::ArmsPlan;
+use zlora::validate::experiment::ExperimentPlan;
 use zlora::validate::plan::ValidationPlan;
 
 use crate::root::{Refused, Root};
 use crate::store::{Job, State, Store};
 
-/// What a job runs: `zlora train` or `zlora validate` of a config, or `zlora caption` of a
-/// dataset (crate::caption).
+/// What a job runs: a command of this binary (`zlora KIND … --events json`). A kind is one
+/// entry in each `match` below: its name, the request field it takes, how that is checked,
+/// and its command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Train,
     Validate,
     Caption,
+    Experiment,
+    Fetch,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Train,
+        Kind::Validate,
+        Kind::Caption,
+        Kind::Experiment,
+        Kind::Fetch,
+    ];
+
     pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "train" => Some(Kind::Train),
-            "validate" => Some(Kind::Validate),
-            "caption" => Some(Kind::Caption),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -43,76 +50,170 @@ impl Kind {
             Kind::Train => "train",
             Kind::Validate => "validate",
             Kind::Caption => "caption",
+            Kind::Experiment => "experiment",
+            Kind::Fetch => "fetch",
+        }
+    }
+
+    /// The field of `POST /api/jobs` that holds what the job runs, and what it must be.
+    pub fn field(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Train => ("config", "the TOML text of a train config"),
+            Kind::Validate => ("config", "the TOML text of a validation plan"),
+            Kind::Caption => (
+                "dataset",
+                "a dataset's name (with model, style, …: docs/serve.md)",
+            ),
+            Kind::Experiment => ("config", "the TOML text of an experiment plan"),
+            Kind::Fetch => ("repo", "a known model name or a repository id (org/name)"),
         }
     }
 }
 
-/// A submitted config made safe to run: every path absolute and inside DIR.
+/// Where a fetch job puts models: a Hugging Face cache (`HF_HUB_CACHE`) inside DIR, so that
+/// a snapshot folder under it is a `[model] path` like any other.
+pub const FETCH_CACHE: &str = "models/hub";
+
+/// A submitted job made safe to run: every path absolute and inside DIR.
 pub struct CheckedConfig {
+    /// What the command reads: a config's TOML, or a fetch's model name.
     pub toml: String,
     /// The job's output folder, relative to DIR.
     pub output: String,
-    /// Known before the run for a training; a validation's count of images comes with its
-    /// first event.
+    /// Known before the run for a training; the others' counts come with their events.
     pub steps: u64,
 }
 
 /// Parses a submitted config with the command's own parser and resolves each of its path
 /// fields against DIR, refusing any that leaves it.
 pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig, Refused> {
-    let invalid = |e: &dyn std::fmt::Display| Refused(format!("config: {e}"));
-    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
-    let (toml, output, steps) = match kind {
-        Kind::Train => {
-            let mut cfg = TrainConfig::parse(text).map_err(|e| invalid(&e))?;
-            let model = path("[model] path", Path::new(&cfg.model.path), true)?;
-            cfg.model.path = model.to_string_lossy().into_owned();
-            if let Some(adapter) = &cfg.model.training_adapter {
-                cfg.model.training_adapter = Some(path("[model] training_adapter", adapter, true)?);
-            }
-            if let Some(file) = &cfg.model.transformer {
-                cfg.model.transformer = Some(path("[model] transformer", file, true)?);
-            }
-            for d in &mut cfg.datasets {
-                d.path = path("[dataset] path", &d.path, false)?;
-                if let Some(cache) = &d.cache_dir {
-                    d.cache_dir = Some(path("[dataset] cache_dir", cache, false)?);
-                }
-                if let Some(masks) = &d.masks {
-                    d.masks = Some(path("[dataset] masks", masks, false)?);
-                }
-            }
-            cfg.train.output = path("[train] output", &cfg.train.output, false)?;
-            let toml = toml::to_string(&cfg).map_err(|e| invalid(&e))?;
-            (toml, cfg.train.output, cfg.train.steps)
-        }
-        Kind::Validate => {
-            let mut plan = ValidationPlan::parse(text).map_err(|e| invalid(&e))?;
-            plan.lora = path("lora", &plan.lora, false)?;
-            for (field, model) in [("base", &mut plan.base), ("turbo", &mut plan.turbo)] {
-                *model = path(field, Path::new(model.as_str()), true)?
-                    .to_string_lossy()
-                    .into_owned();
-            }
-            if let Some(patch) = &plan.distill_patch {
-                plan.distill_patch = Some(path("distill_patch", patch, true)?);
-            }
-            plan.output = path("output", &plan.output, false)?;
-            let toml = toml::to_string(&plan).map_err(|e| invalid(&e))?;
-            (toml, plan.output, 0)
-        }
-        Kind::Caption => {
-            return Err(Refused(
+    let (toml, output, steps) =
+        match kind {
+            Kind::Train => check_train(root, text)?,
+            Kind::Validate => check_validation(root, text)?,
+            Kind::Caption => return Err(Refused(
                 "a caption job is queued with its fields (dataset, model, style, …), not a config"
                     .into(),
-            ))
-        }
-    };
+            )),
+            Kind::Experiment => check_experiment(root, text)?,
+            Kind::Fetch => (check_fetch_name(text)?, root.path().join(FETCH_CACHE), 0),
+        };
     Ok(CheckedConfig {
         toml,
         output: root.relative(&output),
         steps,
     })
+}
+
+/// A config's TOML (paths made absolute), its output folder and its step count.
+type Checked = (String, PathBuf, u64);
+
+fn invalid(e: impl std::fmt::Display) -> Refused {
+    Refused(format!("config: {e}"))
+}
+
+fn check_train(root: &Root, text: &str) -> Result<Checked, Refused> {
+    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+    let mut cfg = TrainConfig::parse(text).map_err(invalid)?;
+    let model = path("[model] path", Path::new(&cfg.model.path), true)?;
+    cfg.model.path = model.to_string_lossy().into_owned();
+    if let Some(adapter) = &cfg.model.training_adapter {
+        cfg.model.training_adapter = Some(path("[model] training_adapter", adapter, true)?);
+    }
+    if let Some(file) = &cfg.model.transformer {
+        cfg.model.transformer = Some(path("[model] transformer", file, true)?);
+    }
+    for d in &mut cfg.datasets {
+        d.path = path("[dataset] path", &d.path, false)?;
+        if let Some(cache) = &d.cache_dir {
+            d.cache_dir = Some(path("[dataset] cache_dir", cache, false)?);
+        }
+        if let Some(masks) = &d.masks {
+            d.masks = Some(path("[dataset] masks", masks, false)?);
+        }
+    }
+    cfg.train.output = path("[train] output", &cfg.train.output, false)?;
+    let toml = toml::to_string(&cfg).map_err(invalid)?;
+    Ok((toml, cfg.train.output, cfg.train.steps))
+}
+
+fn check_validation(root: &Root, text: &str) -> Result<Checked, Refused> {
+    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+    let mut plan = ValidationPlan::parse(text).map_err(invalid)?;
+    plan.lora = path("lora", &plan.lora, false)?;
+    for (field, model) in [("base", &mut plan.base), ("turbo", &mut plan.turbo)] {
+        *model = model_path(root, field, model)?;
+    }
+    if let Some(patch) = &plan.distill_patch {
+        plan.distill_patch = Some(path("distill_patch", patch, true)?);
+    }
+    plan.output = path("output", &plan.output, false)?;
+    let toml = toml::to_string(&plan).map_err(invalid)?;
+    Ok((toml, plan.output, 0))
+}
+
+/// An experiment plan: its models and adapters, output, and the shared `[dataset]` table's
+/// folders (those of a train config's `[dataset]`); the three runs' outputs are under its
+/// output.
+fn check_experiment(root: &Root, text: &str) -> Result<Checked, Refused> {
+    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+    let mut plan: ArmsPlan = toml::from_str(text).map_err(invalid)?;
+    for (field, model) in [("base", &mut plan.base), ("turbo", &mut plan.turbo)] {
+        *model = model_path(root, field, model)?;
+    }
+    for (field, file) in [
+        ("training_adapter", &mut plan.training_adapter),
+        ("distill_patch", &mut plan.distill_patch),
+    ] {
+        if let Some(p) = file {
+            *file = Some(path(field, p, true)?);
+        }
+    }
+    let datasets = match &mut plan.dataset {
+        toml::Value::Array(tables) => tables.iter_mut().collect(),
+        one => vec![one],
+    };
+    for dataset in datasets {
+        let Some(table) = dataset.as_table_mut() else {
+            return Err(invalid("[dataset] must be a table"));
+        };
+        for key in ["path", "cache_dir", "masks"] {
+            let field = format!("[dataset] {key}");
+            match table.get_mut(key) {
+                None => {}
+                Some(toml::Value::String(p)) => {
+                    *p = path(&field, Path::new(p.as_str()), false)?
+                        .to_string_lossy()
+                        .into_owned();
+                }
+                Some(other) => return Err(invalid(format!("{field} must be a path, got {other}"))),
+            }
+        }
+    }
+    plan.output = path("output", &plan.output, false)?;
+    let toml = toml::to_string(&plan).map_err(invalid)?;
+    // The command's own check (the three ways' configs), on the paths as the job gets them.
+    ExperimentPlan::parse(Path::new("the experiment plan"), &toml).map_err(invalid)?;
+    Ok((toml, plan.output, 0))
+}
+
+/// A model named by a string field, made absolute inside DIR.
+fn model_path(root: &Root, field: &str, value: &str) -> Result<String, Refused> {
+    let p = root.config_path(field, Path::new(value), true)?;
+    Ok(p.to_string_lossy().into_owned())
+}
+
+/// A fetch's name goes to `zlora fetch` as an argument (after `--`, so never as an option),
+/// which says whether it knows it: here it need only be one plain line.
+fn check_fetch_name(name: &str) -> Result<String, Refused> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(Refused(format!(
+            "\"repo\" must be {}, got {name:?}",
+            Kind::Fetch.field().1
+        )));
+    }
+    Ok(name.to_string())
 }
 
 /// What the HTTP side shares with the runner.
@@ -235,13 +336,10 @@ impl Jobs {
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let kind = Kind::parse(&job.kind)
             .with_context(|| format!("job {} has an unknown kind {:?}", job.id, job.kind))?;
-        let again = match kind {
-            Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
-            Kind::Validate | Kind::Caption => job.resume,
-        };
+        let (mut cmd, again) = self.command(kind, job, &config)?;
         writeln!(log, "== {} ==", if again { "resumed" } else { "started" })?;
-        let args = command_args(kind, &config, &job.config, again)?;
-        let mut child = spawn(&args, log.try_clone()?)?;
+        cmd.stderr(log.try_clone()?);
+        let mut child = cmd.spawn().context("cannot start the job")?;
         if let Some(r) = self.running().as_mut() {
             r.pid = Some(child.id());
             if r.stop {
@@ -281,27 +379,33 @@ impl Jobs {
                 continue;
             };
             let text = |k: &str| event[k].as_str().unwrap_or_default().to_string();
+            let count = |k: &str| event[k].as_u64().unwrap_or(0);
             match event["event"].as_str().unwrap_or_default() {
-                "step" | "image" => {
-                    let [step, steps] = match event["event"].as_str() {
-                        Some("step") => ["step", "steps"],
-                        _ => ["done", "total"],
-                    }
-                    .map(|k| event[k].as_u64().unwrap_or(0));
-                    progress.latest = (step, steps, event["rate"].as_f64());
-                    if progress.due() {
-                        self.save_progress(id, &mut progress)?;
-                    }
-                }
+                "step" => progress.count(count("step"), count("steps"), event["rate"].as_f64()),
+                "image" => progress.count(count("done"), count("total"), None),
+                "download" => progress.count(count("done"), count("total"), event["rate"].as_f64()),
+                "training" => progress.phase(format!("{} training", text("arm")), count("steps")),
+                "validating" => progress.phase(format!("{} validating", text("arm")), 0),
+                "listed" => progress.phase(format!("downloading {}", text("repo")), count("bytes")),
                 "message" | "stage" => writeln!(log, "{}", text("text"))?,
                 "checkpoint" | "samples" => writeln!(log, "{} {}", text("event"), text("path"))?,
-                "done" => end = Some((State::Done, None)),
+                "done" => {
+                    if let Some(folder) = event["snapshot"].as_str() {
+                        writeln!(log, "snapshot {folder}")?;
+                        let output = self.root.relative(Path::new(folder));
+                        self.store().set_output(id, &output)?;
+                    }
+                    end = Some((State::Done, None));
+                }
                 "stopped" => end = Some((State::Stopped, None)),
                 "failed" => end = Some((State::Failed, Some(text("error")))),
                 _ => {}
             }
+            if progress.due() {
+                self.save_progress(id, &mut progress)?;
+            }
         }
-        if progress.saved.is_some() {
+        if progress.pending {
             self.save_progress(id, &mut progress)?;
         }
         Ok(end)
@@ -310,56 +414,73 @@ impl Jobs {
     fn save_progress(&self, id: i64, progress: &mut Progress) -> anyhow::Result<()> {
         let (step, steps, rate) = progress.latest;
         progress.saved = Some(Instant::now());
-        self.store().progress(id, step, steps, rate)
+        progress.pending = false;
+        self.store()
+            .progress(id, step, steps, rate, progress.name.as_deref())
     }
 }
 
-/// A job's newest step, step count (images for a validation) and rate, written to the database at most every [`Progress::EVERY`]:
-/// a tiny model takes hundreds of steps a second, and each write is a disk sync.
+/// A job's newest step, step count (images for a validation, bytes for a fetch), rate and
+/// phase (an experiment's way and stage, a fetch's repository), written to the database at
+/// most every [`Progress::EVERY`] (a tiny model takes hundreds of steps a second, and each
+/// write is a disk sync), and at once when the phase changes.
 #[derive(Default)]
 struct Progress {
     latest: (u64, u64, Option<f64>),
+    name: Option<String>,
     saved: Option<Instant>,
+    /// Whether `latest` or `name` changed since the last write.
+    pending: bool,
 }
 
 impl Progress {
     const EVERY: Duration = Duration::from_millis(200);
 
+    fn count(&mut self, step: u64, steps: u64, rate: Option<f64>) {
+        self.latest = (step, steps, rate);
+        self.pending = true;
+    }
+
+    fn phase(&mut self, name: String, steps: u64) {
+        self.count(0, steps, None);
+        self.name = Some(name);
+        self.saved = None;
+    }
+
     fn due(&self) -> bool {
-        self.saved.is_none_or(|t| t.elapsed() >= Self::EVERY)
+        self.pending && self.saved.is_none_or(|t| t.elapsed() >= Self::EVERY)
     }
 }
 
-/// `zlora train CONFIG --events json [--resume]`, `zlora validate PLAN --events json
-/// [--force]` (run again, a validation replaces its own earlier output), or the `zlora
-/// caption` of a caption job's settings (`text`, the config file's content).
-fn command_args(
-    kind: Kind,
-    config: &Path,
-    text: &str,
-    again: bool,
-) -> anyhow::Result<Vec<OsString>> {
-    let again_flag = match kind {
-        Kind::Train => "--resume",
-        Kind::Validate => "--force",
-        Kind::Caption => return crate::caption::args(text, again),
-    };
-    let mut args: Vec<OsString> = vec![kind.as_str().into(), config.into()];
-    args.extend(["--events", "json"].map(OsString::from));
-    args.extend(again.then(|| again_flag.into()));
-    Ok(args)
-}
-
-/// This binary with `args`; its stderr goes to the log.
-fn spawn(args: &[OsString], log: std::fs::File) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe().context("cannot find this program to run the job")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
-    stop_with_parent(&mut cmd);
-    cmd.spawn().context("cannot start the job")
+impl Jobs {
+    /// The job's command: `zlora KIND --events json …` of this binary, its stdout piped (the
+    /// events) and its stdin closed; and whether it continues an earlier run. A training
+    /// resumes from its checkpoint (`--resume`, when there is one), a validation runs again
+    /// (`--force`, replacing its own output), an experiment keeps what it finished and
+    /// resumes its training in progress, a fetch continues its partial files.
+    fn command(&self, kind: Kind, job: &Job, config: &Path) -> anyhow::Result<(Command, bool)> {
+        let exe = std::env::current_exe().context("cannot find this program to run the job")?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(kind.as_str())
+            .args(["--events", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        stop_with_parent(&mut cmd);
+        let again = match kind {
+            Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
+            Kind::Validate | Kind::Caption | Kind::Experiment | Kind::Fetch => job.resume,
+        };
+        match kind {
+            Kind::Train => cmd.arg(config).args(again.then_some("--resume")),
+            Kind::Validate => cmd.arg(config).args(again.then_some("--force")),
+            Kind::Caption => cmd.args(crate::caption::args(&job.config, again)?),
+            Kind::Experiment => cmd.arg(config),
+            Kind::Fetch => cmd
+                .env("HF_HUB_CACHE", self.root.path().join(FETCH_CACHE))
+                .args(["--", &job.config]),
+        };
+        Ok((cmd, again))
+    }
 }
 
 /// The child gets SIGTERM when the server goes away, so that it stops cleanly with a

@@ -147,6 +147,7 @@ impl App {
             (Method::Delete, ["api", "jobs", n]) => api::delete_job(jobs, id(n)?),
             (Method::Post, ["api", "jobs", n, "stop"]) => api::stop_job(jobs, id(n)?),
             (Method::Post, ["api", "jobs", n, "resume"]) => api::resume_job(jobs, id(n)?),
+            (Method::Post, ["api", "plan"]) => newrun::plan_json(jobs, req),
             (Method::Get, ["api", "datasets"]) => api::list_datasets(jobs),
             (Method::Post, ["api", "datasets"]) => api::create_dataset(jobs, req),
             (Method::Get, ["api", "datasets", name]) => api::get_dataset(jobs, name),

@@ -1,14 +1,20 @@
-//! The New run page: a form for each way of training (and De-Turbo) that writes the train
-//! config as TOML (shown, editable), `zlora plan`'s verdict for one GPU, and a button that
-//! queues the TOML as POST /api/jobs does. Plain form posts; no script.
+//! The New run page: a form for each way of training (and De-Turbo, and the experiment of the
+//! three ways) that writes the train config or experiment plan as TOML (shown, editable),
+//! `zlora plan`'s verdict for one GPU, and a button that queues the TOML as POST /api/jobs
+//! does. Plain form posts; the page's script also posts the form to `POST /api/plan` as it
+//! changes and puts the verdict (and the TOML) in place.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use maud::{html, Markup};
+use serde_json::json;
 use toml::{Table, Value};
+use zlora::nn::quant::Quantization;
 use zlora::plan::gpus::GpuTable;
 use zlora::plan::{plan, GpuEstimate, PlanOptions, MAX_CAPTION_TOKENS};
-use zlora::train::config::TrainConfig;
+use zlora::train::config::{Mode, TrainConfig};
+use zlora::validate::experiment::{self, ExperimentPlan};
 
 use crate::api::{self, internal, Answer};
 use crate::http::{Reply, Request};
@@ -44,6 +50,10 @@ const WAYS: [(&str, &str, &str, &str); 4] = [
     ),
 ];
 
+/// The form's way that makes an experiment plan (docs/validation.md): the three ways at once,
+/// with the Turbo + adapter way's settings, compared in one report.
+const EXPERIMENT: &str = "experiment";
+
 /// The adapter the Turbo + adapter way suggests (a file the operator puts under models/).
 const ADAPTER: &str = "models/zimage_turbo_training_adapter_v2.safetensors";
 /// The trigger word of the examples, replaced in their sample prompts by the form's.
@@ -57,6 +67,7 @@ impl Form {
         let pairs = [
             ("way", "turbo-adapter"),
             ("model", "models/Z-Image-Turbo"),
+            ("base_model", "models/Z-Image"),
             ("adapter", ADAPTER),
             ("dataset", "datasets/tiny"),
             ("trigger", EXAMPLE_TRIGGER),
@@ -65,6 +76,7 @@ impl Form {
             ("steps", "3000"),
             ("learning_rate", "1e-4"),
             ("output", "runs/my-lora"),
+            ("quantize", ""),
             ("gpu", "4090"),
         ];
         Form(
@@ -95,7 +107,13 @@ impl Form {
 /// What the page shows under the form: the TOML and, when checked, the verdict or the error.
 struct Outcome {
     config: String,
-    verdict: Option<Result<GpuEstimate, String>>,
+    verdict: Option<Result<Vec<Estimate>, String>>,
+}
+
+/// The plan of one training on the chosen GPU; an experiment's name their way.
+struct Estimate {
+    way: Option<Mode>,
+    gpu: GpuEstimate,
 }
 
 pub fn page(jobs: &Jobs) -> Answer {
@@ -112,36 +130,77 @@ pub fn page(jobs: &Jobs) -> Answer {
 /// checked; `action=queue`: the edited TOML queued (then the job's page).
 pub fn post(jobs: &Jobs, req: &Request) -> Answer {
     let form = Form::posted(req.form());
-    let outcome = match form.get("action") {
-        "fields" => match config_text(&form) {
-            Ok(config) => checked(jobs, &form, config),
+    if form.get("action") != "queue" {
+        let outcome = check(jobs, &form)?;
+        return Ok(Reply::html(200, render(jobs, &form, &outcome)?));
+    }
+    let kind = match form.get("way") {
+        EXPERIMENT => Kind::Experiment,
+        _ => Kind::Train,
+    };
+    let id = api::queue(jobs, kind, form.get("config")).map_err(|e| {
+        let message = error_text(&e);
+        let outcome = Outcome {
+            config: form.get("config").to_string(),
+            verdict: Some(Err(message)),
+        };
+        match render(jobs, &form, &outcome) {
+            Ok(page) => Reply::html(e.status, page),
+            Err(failed) => failed,
+        }
+    })?;
+    Ok(Reply::redirect(&format!("/jobs/{id}")))
+}
+
+/// `POST /api/plan`: the page's form as it posts it (`action=fields` or `toml`), checked as
+/// "Make the TOML and check" or "Check this TOML" would → `{"config", "plans", "html"}`: the
+/// TOML, the GPU's estimate of each training (`zlora plan --json`'s fields and `way`: null for
+/// a training, an experiment's three by name) and the verdict box as the page shows it; 400
+/// `{"error", "html"}` when there is no plan (the message in the box).
+pub fn plan_json(jobs: &Jobs, req: &Request) -> Answer {
+    let form = Form::posted(req.form());
+    let outcome = check(jobs, &form)?;
+    let Some(verdict) = &outcome.verdict else {
+        return Err(internal("a checked form has a verdict"));
+    };
+    let html = verdict_markup(verdict).into_string();
+    match verdict {
+        Ok(estimates) => {
+            let plans: Vec<serde_json::Value> = estimates
+                .iter()
+                .map(|e| {
+                    let mut plan = json!(e.gpu);
+                    plan["way"] = json!(e.way.map(Mode::name));
+                    plan
+                })
+                .collect();
+            Ok(Reply::json(
+                200,
+                &json!({"config": outcome.config, "plans": plans, "html": html}),
+            ))
+        }
+        Err(e) => Err(Reply::json(400, &json!({"error": e, "html": html}))),
+    }
+}
+
+/// The TOML of `action=fields` (made from the fields) or `action=toml` (the edited one),
+/// with its verdict.
+fn check(jobs: &Jobs, form: &Form) -> Result<Outcome, Reply> {
+    match form.get("action") {
+        "fields" => Ok(match config_text(form) {
+            Ok(config) => checked(jobs, form, config),
             Err(e) => Outcome {
                 config: String::new(),
                 verdict: Some(Err(e)),
             },
-        },
-        "toml" => checked(jobs, &form, form.get("config").to_string()),
-        "queue" => {
-            let id = api::queue(jobs, Kind::Train, form.get("config")).map_err(|e| {
-                let message = error_text(&e);
-                let outcome = Outcome {
-                    config: form.get("config").to_string(),
-                    verdict: Some(Err(message)),
-                };
-                match render(jobs, &form, &outcome) {
-                    Ok(page) => Reply::html(e.status, page),
-                    Err(failed) => failed,
-                }
-            })?;
-            return Ok(Reply::redirect(&format!("/jobs/{id}")));
-        }
-        other => return Err(Reply::error(400, &format!("unknown action {other:?}"))),
-    };
-    Ok(Reply::html(200, render(jobs, &form, &outcome)?))
+        }),
+        "toml" => Ok(checked(jobs, form, form.get("config").to_string())),
+        other => Err(Reply::error(400, &format!("unknown action {other:?}"))),
+    }
 }
 
 fn checked(jobs: &Jobs, form: &Form, config: String) -> Outcome {
-    let verdict = Some(verdict(jobs, &config, form.get("gpu")));
+    let verdict = Some(verdict(jobs, &config, form.get("way"), form.get("gpu")));
     Outcome { config, verdict }
 }
 
@@ -153,9 +212,12 @@ fn error_text(reply: &Reply) -> String {
         .unwrap_or_else(|| format!("error {}", reply.status))
 }
 
-/// The way's example config with the form's values in place.
+/// The way's example config with the form's values in place (for an experiment, its plan).
 fn config_text(form: &Form) -> Result<String, String> {
     let way = form.get("way");
+    if way == EXPERIMENT {
+        return experiment_text(form);
+    }
     let (_, _, example, _) = WAYS.iter().find(|w| w.0 == way).ok_or_else(|| {
         format!("unknown way {way:?}: one of base, turbo-adapter, turbo-direct, de-turbo")
     })?;
@@ -179,6 +241,10 @@ fn config_text(form: &Form) -> Result<String, String> {
     set(&mut t, "lora", "alpha", rank.into());
     let steps: i64 = form.number("steps", "a whole number")?;
     set(&mut t, "train", "steps", steps.into());
+    let quantize = form.get("quantize");
+    if !quantize.is_empty() {
+        set(&mut t, "model", "quantize", quantize.into());
+    }
     let lr: f64 = form.number("learning_rate", "a number")?;
     set(&mut t, "train", "learning_rate", lr.into());
     set(&mut t, "train", "output", form.get("output").into());
@@ -198,6 +264,37 @@ fn config_text(form: &Form) -> Result<String, String> {
     Ok(text)
 }
 
+/// The experiment plan of the form: the Turbo + adapter way's config from the same fields,
+/// its `[model]` becoming the plan's `turbo` and `training_adapter` (with `base` from its own
+/// field), its `[train] output` the plan's `output` (each way's run goes under it).
+fn experiment_text(form: &Form) -> Result<String, String> {
+    if !form.get("quantize").is_empty() {
+        return Err("an experiment plan has no [model] quantize: choose the transformer storage \"as the model\"".into());
+    }
+    let mut fields = form.0.clone();
+    fields.insert("way".into(), "turbo-adapter".into());
+    let mut t: Table = config_text(&Form(fields))?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let mut take = |section: &str, key: &str| {
+        t.get_mut(section)
+            .and_then(Value::as_table_mut)
+            .and_then(|s| s.remove(key))
+            .ok_or_else(|| format!("the turbo-adapter example has no [{section}] {key}"))
+    };
+    let turbo = take("model", "path")?;
+    let adapter = take("model", "training_adapter")?;
+    let output = take("train", "output")?;
+    t.remove("model");
+    t.insert("output".into(), output);
+    t.insert("base".into(), form.get("base_model").into());
+    t.insert("turbo".into(), turbo);
+    t.insert("training_adapter".into(), adapter);
+    let text = toml::to_string(&t).map_err(|e| e.to_string())?;
+    ExperimentPlan::parse(Path::new("the experiment plan"), &text).map_err(|e| e.to_string())?;
+    Ok(text)
+}
+
 fn set(t: &mut Table, section: &str, key: &str, value: Value) {
     if let Some(Value::Table(s)) = t.get_mut(section) {
         s.insert(key.to_string(), value);
@@ -206,10 +303,29 @@ fn set(t: &mut Table, section: &str, key: &str, value: Value) {
 
 /// `zlora plan` for one GPU of the built-in table, on the config as the job would run it
 /// (paths resolved inside DIR; a model folder that is not there is planned from the
-/// variant's published sizes, as `zlora plan` does).
-fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
-    let checked = check_config(&jobs.root, Kind::Train, text).map_err(|r| r.0)?;
-    let cfg = TrainConfig::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+/// variant's published sizes, as `zlora plan` does); for an experiment, each way's training.
+fn verdict(jobs: &Jobs, text: &str, way: &str, gpu: &str) -> Result<Vec<Estimate>, String> {
+    let trainings = if way == EXPERIMENT {
+        let checked = check_config(&jobs.root, Kind::Experiment, text).map_err(|r| r.0)?;
+        let plan = ExperimentPlan::parse(Path::new("the experiment plan"), &checked.toml)
+            .map_err(|e| format!("config: {e}"))?;
+        experiment::WAYS
+            .into_iter()
+            .zip(plan.arms)
+            .map(|(w, arm)| (Some(w), arm.config))
+            .collect()
+    } else {
+        let checked = check_config(&jobs.root, Kind::Train, text).map_err(|r| r.0)?;
+        let cfg = TrainConfig::parse(&checked.toml).map_err(|e| format!("config: {e}"))?;
+        vec![(None, cfg)]
+    };
+    trainings
+        .into_iter()
+        .map(|(way, cfg)| estimate(&cfg, gpu).map(|gpu| Estimate { way, gpu }))
+        .collect()
+}
+
+fn estimate(cfg: &TrainConfig, gpu: &str) -> Result<GpuEstimate, String> {
     let opts = PlanOptions {
         gpus: vec![gpu.to_string()],
         table: GpuTable::built_in().map_err(|e| e.to_string())?,
@@ -217,7 +333,7 @@ fn verdict(jobs: &Jobs, text: &str, gpu: &str) -> Result<GpuEstimate, String> {
         bandwidth_mb_s: 100.0,
         storage_days: 30.0,
     };
-    let p = plan(&cfg, &opts).map_err(|e| format!("plan: {e}"))?;
+    let p = plan(cfg, &opts).map_err(|e| format!("plan: {e}"))?;
     p.gpus
         .into_iter()
         .next()
@@ -233,7 +349,7 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
     Ok(layout(
         "New run",
         html! {
-            form method="post" action="/new" {
+            form #new-run method="post" action="/new" data-plan="/api/plan" {
                 fieldset {
                     legend { "Way" }
                     @for (value, label, _, model) in &WAYS {
@@ -242,9 +358,15 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                             (label) " " span.muted { "(model e.g. " code { (model) } ")" }
                         }
                     }
+                    label.way {
+                        input type="radio" name="way" value=(EXPERIMENT) checked[form.get("way") == EXPERIMENT];
+                        "Experiment: Base, Turbo + adapter and Turbo directly with these settings, validated and compared "
+                        span.muted { "(the model is Turbo; the Base model below)" }
+                    }
                 }
                 (field("model", "Model folder"))
-                (field("adapter", "Training adapter (Turbo + adapter only)"))
+                (field("base_model", "Base model folder (experiment only)"))
+                (field("adapter", "Training adapter (Turbo + adapter and experiment)"))
                 label { "Dataset " input name="dataset" value=(form.get("dataset")) list="datasets"; }
                 datalist #datasets { @for (name, _) in &datasets { option value=(format!("datasets/{name}")) {} } }
                 (field("trigger", "Trigger word"))
@@ -253,6 +375,15 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                 (field("steps", "Steps"))
                 (field("learning_rate", "Learning rate"))
                 (field("output", "Output folder"))
+                label { "Transformer storage "
+                    select name="quantize" {
+                        option value="" selected[form.get("quantize").is_empty()] { "as the model (no quantization)" }
+                        @for q in Quantization::ALL {
+                            @let name = q.to_string();
+                            option value=(name) selected[form.get("quantize") == name] { (name) }
+                        }
+                    }
+                }
                 label { "GPU "
                     select name="gpu" {
                         @for g in &gpus { option value=(g.name) selected[form.get("gpu") == g.name] { (g.label) } }
@@ -268,32 +399,51 @@ fn render(jobs: &Jobs, form: &Form, outcome: &Outcome) -> Result<Markup, Reply> 
                     button name="action" value="queue" { "Queue this run" }
                 }
             }
-            @if let Some(v) = &outcome.verdict { (verdict_markup(v)) }
+            @match &outcome.verdict {
+                Some(v) => (verdict_markup(v)),
+                None => section #verdict {},
+            }
         },
     ))
 }
 
-fn verdict_markup(v: &Result<GpuEstimate, String>) -> Markup {
-    match v {
-        Err(e) => html! { section #verdict { h2 { "Plan" } p.error { (e) } } },
-        Ok(g) => html! {
-            section #verdict {
-                h2 { "Plan: " (g.label) }
-                p class=(if g.fits { "fits" } else { "error" }) {
-                    @if g.fits { "Fits: " } @else { "Does not fit: " }
-                    "peak " (format!("{:.1}", g.peak_memory_gib)) " GiB of " (format!("{:.0}", g.memory_gib)) " GiB"
-                }
-                p {
-                    (format!("{:.2}", g.seconds_per_step)) " s/step · "
-                    (format!("{:.2}", g.total_hours)) " h · $"
-                    (format!("{:.2}", g.cost_usd)) " at $" (format!("{:.2}", g.usd_per_hour)) "/h"
-                }
-                @if !g.changes.is_empty() {
-                    ul { @for c in &g.changes {
-                        li { (c.change) ": " (format!("{:.1}", c.peak_memory_gib)) " GiB" @if c.fits { " (fits)" } }
-                    } }
-                }
+fn verdict_markup(v: &Result<Vec<Estimate>, String>) -> Markup {
+    let estimates = match v {
+        Err(e) => return html! { section #verdict { h2 { "Plan" } p.error { (e) } } },
+        Ok(estimates) => estimates,
+    };
+    let label = estimates.first().map_or("", |e| e.gpu.label.as_str());
+    let hours: f64 = estimates.iter().map(|e| e.gpu.total_hours).sum();
+    let cost: f64 = estimates.iter().map(|e| e.gpu.cost_usd).sum();
+    html! {
+        section #verdict {
+            h2 { "Plan: " (label) }
+            @for e in estimates {
+                @if let Some(way) = e.way { h3 { (way.name()) } }
+                (estimate_markup(&e.gpu))
             }
-        },
+            @if estimates.len() > 1 {
+                p { "In all: " (format!("{hours:.2}")) " h · $" (format!("{cost:.2}")) " (the trainings; validation not counted)" }
+            }
+        }
+    }
+}
+
+fn estimate_markup(g: &GpuEstimate) -> Markup {
+    html! {
+        p class=(if g.fits { "fits" } else { "error" }) {
+            @if g.fits { "Fits: " } @else { "Does not fit: " }
+            "peak " (format!("{:.1}", g.peak_memory_gib)) " GiB of " (format!("{:.0}", g.memory_gib)) " GiB"
+        }
+        p {
+            (format!("{:.2}", g.seconds_per_step)) " s/step · "
+            (format!("{:.2}", g.total_hours)) " h · $"
+            (format!("{:.2}", g.cost_usd)) " at $" (format!("{:.2}", g.usd_per_hour)) "/h"
+        }
+        @if !g.changes.is_empty() {
+            ul { @for c in &g.changes {
+                li { (c.change) ": " (format!("{:.1}", c.peak_memory_gib)) " GiB" @if c.fits { " (fits)" } }
+            } }
+        }
     }
 }

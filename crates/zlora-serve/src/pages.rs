@@ -4,11 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use maud::{html, Markup, DOCTYPE};
+use zlora::hub::known::KNOWN;
+use zlora::validate::experiment::WAYS;
 
 use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
 use crate::http::{Reply, Request};
-use crate::jobs::Jobs;
+use crate::jobs::{Jobs, Kind, FETCH_CACHE};
 use crate::preflight;
 use crate::root::segment;
 use crate::store::{Job, State};
@@ -72,7 +74,7 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                                     td { a href=(format!("/jobs/{}", job.id)) { "#" (job.id) } }
                                     td { (job.kind) }
                                     td { span class=(format!("state {}", job.state.as_str())) { (job.state.as_str()) } }
-                                    td { (job.step) " / " (job.steps) }
+                                    td { (progress_text(job)) }
                                     td { code { (job.output) } }
                                 }
                             }
@@ -80,12 +82,25 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                     }
                 }
                 h2 { "New job" }
-                p.muted { "A train config (docs/training.md) or a validation plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
+                p.muted { "A train config (docs/training.md), a validation plan or an experiment plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
                     code { "models/tiny" } ", " code { "datasets/tiny" } ", " code { "runs/first" } "." }
                 form data-json="" action="/api/jobs" data-next="/jobs/{id}" {
-                    select name="kind" { option value="train" { "train" } option value="validate" { "validate" } }
+                    select name="kind" {
+                        @for kind in Kind::ALL.into_iter().filter(|k| k.field().0 == "config") {
+                            option value=(kind.as_str()) { (kind.as_str()) }
+                        }
+                    }
                     textarea name="config" rows="14" cols="80" spellcheck="false" required {}
                     button { "Queue" }
+                }
+                h2 { "Fetch a model" }
+                p.muted { "Downloads into " code { (FETCH_CACHE) } " (a Hugging Face cache); the job's output is the model's folder, for a config's "
+                    code { "[model] path" } ". Names: " (KNOWN.iter().map(|k| k.alias).collect::<Vec<_>>().join(", ")) ", or a repository id (org/name)." }
+                form #fetch data-json="" action="/api/jobs" data-next="/jobs/{id}" {
+                    input type="hidden" name="kind" value="fetch";
+                    input name="repo" placeholder="turbo" required;
+                    " "
+                    button { "Fetch" }
                 }
             },
         ),
@@ -97,6 +112,11 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
     let run = jobs.root.path().join(&job.output);
     let live = matches!(job.state, State::Queued | State::Running);
     let title = format!("Job #{} · {}", job.id, job.state.as_str());
+    let kind = Kind::parse(&job.kind);
+    let report_label = match kind {
+        Some(Kind::Experiment) => "Experiment report",
+        _ => "Validation report",
+    };
     Ok(Reply::html(
         200,
         layout(
@@ -112,14 +132,13 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                     @if let Some(e) = &job.error { p.error { (e) } }
                 }
                 @if run.join(REPORT).is_file() {
-                    p { a href=(report_url(jobs, &run.join(REPORT))) { "Validation report" } }
+                    p { a href=(report_url(jobs, &run.join(REPORT))) { (report_label) } }
                 }
-                // A caption job's output is a dataset: no loss, no samples.
-                @if job.kind != "caption" {
-                    h2 { "Loss" }
-                    (loss_chart(&losses(&run)))
-                    h2 { "Samples" }
-                    (samples(jobs, &run))
+                @for (way, folder) in trainings(kind, &run) {
+                    h2 { "Loss" @if let Some(w) = way { " · " (w) } }
+                    (loss_chart(&losses(&folder)))
+                    h2 { "Samples" @if let Some(w) = way { " · " (w) } }
+                    (samples(jobs, &folder))
                 }
                 h2 { "Log" }
                 pre.log { (log_tail(&jobs.log_path(id))) }
@@ -129,18 +148,53 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
     ))
 }
 
+/// The training runs whose loss and samples a job's page shows: a training's folder, an
+/// experiment's three (`OUTPUT/runs/WAY`, named); none for the other kinds.
+fn trainings(kind: Option<Kind>, output: &Path) -> Vec<(Option<&'static str>, PathBuf)> {
+    match kind {
+        Some(Kind::Train) => vec![(None, output.to_path_buf())],
+        Some(Kind::Experiment) => WAYS
+            .iter()
+            .map(|w| (Some(w.name()), output.join("runs").join(w.name())))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A job's progress in its own units: a training's steps, a validation's or a captioning's
+/// images, a fetch's bytes; an experiment's phase (way and stage) first.
+fn progress_text(job: &Job) -> String {
+    let counts = match Kind::parse(&job.kind) {
+        Some(Kind::Fetch) => format!("{} / {}", gigabytes(job.step), gigabytes(job.steps)),
+        Some(Kind::Train) => format!("step {} / {}", job.step, job.steps),
+        Some(Kind::Validate | Kind::Caption) => format!("image {} / {}", job.step, job.steps),
+        _ => format!("{} / {}", job.step, job.steps),
+    };
+    match &job.phase {
+        Some(phase) => format!("{phase}: {counts}"),
+        None => counts,
+    }
+}
+
+fn gigabytes(bytes: u64) -> String {
+    format!("{:.2} GB", bytes as f64 / 1e9)
+}
+
 fn progress(job: &Job) -> Markup {
     let eta = job
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| (job.steps.saturating_sub(job.step)) as f64 / r);
-    // A validation's and a captioning's progress counts images.
-    let unit = if job.kind == "train" { "step" } else { "image" };
+    let rate = match Kind::parse(&job.kind) {
+        Some(Kind::Fetch) => job.rate.map(|r| format!("{:.1} MB/s", r / 1e6)),
+        Some(Kind::Validate | Kind::Caption) => job.rate.map(|r| format!("{r:.2} images/s")),
+        _ => job.rate.map(|r| format!("{r:.2} steps/s")),
+    };
     html! {
         p {
             progress max=(job.steps) value=(job.step) {}
-            " " (unit) " " (job.step) " / " (job.steps)
-            @if let Some(r) = job.rate { " · " (format!("{r:.2}")) " " (unit) "s/s" }
+            " " (progress_text(job))
+            @if let Some(r) = rate { " · " (r) }
             @if let Some(s) = eta.filter(|_| job.state == State::Running) { " · ETA " (format!("{:.0}", s)) " s" }
         }
         p { "Output " code { (job.output) } }

@@ -61,8 +61,11 @@ pub struct Job {
     pub steps: u64,
     /// The run's folder, relative to DIR.
     pub output: String,
-    /// Steps per second over the last step.
+    /// Steps (images, bytes) per second, lately.
     pub rate: Option<f64>,
+    /// What a job of several stages is doing: an experiment's way and stage (`base
+    /// training`, `turbo-direct validating`), a fetch's `downloading REPO`; else null.
+    pub phase: Option<String>,
     pub error: Option<String>,
     #[serde(skip)]
     pub config: String,
@@ -85,10 +88,14 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
     steps INTEGER NOT NULL,
     rate REAL,
     error TEXT,
-    resume INTEGER NOT NULL DEFAULT 0
+    resume INTEGER NOT NULL DEFAULT 0,
+    phase TEXT
 )";
 
-const COLUMNS: &str = "id, kind, state, step, steps, output, rate, error, config, resume";
+/// Columns added since the first schema, each added to an older database when it opens.
+const ADDED: [(&str, &str); 1] = [("phase", "TEXT")];
+
+const COLUMNS: &str = "id, kind, state, step, steps, output, rate, error, config, resume, phase";
 
 impl Store {
     /// Opens (or creates) the database; a job still marked running belonged to a server that
@@ -101,6 +108,8 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)
             .with_context(|| format!("cannot set up the job database {}", path.display()))?;
+        add_columns(&conn)
+            .with_context(|| format!("cannot update the job database {}", path.display()))?;
         conn.execute(
             "UPDATE jobs SET state = 'interrupted' WHERE state = 'running'",
             [],
@@ -160,10 +169,20 @@ impl Store {
         step: u64,
         steps: u64,
         rate: Option<f64>,
+        phase: Option<&str>,
     ) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET step = ?2, steps = ?3, rate = ?4 WHERE id = ?1",
-            params![id, step, steps, rate],
+            "UPDATE jobs SET step = ?2, steps = ?3, rate = ?4, phase = ?5 WHERE id = ?1",
+            params![id, step, steps, rate, phase],
+        )?;
+        Ok(())
+    }
+
+    /// The folder a job made, known at its end (a fetch's snapshot), relative to DIR.
+    pub fn set_output(&self, id: i64, output: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET output = ?2 WHERE id = ?1",
+            params![id, output],
         )?;
         Ok(())
     }
@@ -181,6 +200,21 @@ impl Store {
         )?;
         Ok(())
     }
+}
+
+/// Adds the columns of [`ADDED`] that a database made by an earlier version lacks.
+fn add_columns(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, kind) in ADDED {
+        let present: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = ?1",
+            [name],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE jobs ADD COLUMN {name} {kind}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn job(row: &Row) -> rusqlite::Result<Job> {
@@ -202,6 +236,7 @@ fn job(row: &Row) -> rusqlite::Result<Job> {
         error: row.get(7)?,
         config: row.get(8)?,
         resume: row.get(9)?,
+        phase: row.get(10)?,
     })
 }
 
@@ -217,11 +252,14 @@ mod tests {
         let a = store.insert("train", "a", "runs/a", 10).unwrap();
         let b = store.insert("train", "b", "runs/b", 10).unwrap();
         assert_eq!(store.start_next().unwrap().unwrap().id, a);
-        store.progress(a, 3, 10, Some(2.0)).unwrap();
+        store
+            .progress(a, 3, 10, Some(2.0), Some("base training"))
+            .unwrap();
         drop(store);
         let store = Store::open(&path).unwrap();
         let ja = store.get(a).unwrap().unwrap();
         assert_eq!((ja.state, ja.step), (State::Interrupted, 3));
+        assert_eq!(ja.phase.as_deref(), Some("base training"));
         assert_eq!(store.get(b).unwrap().unwrap().state, State::Queued);
         store.requeue(a).unwrap();
         let again = store.start_next().unwrap().unwrap();
@@ -229,5 +267,28 @@ mod tests {
         store.delete(b).unwrap();
         assert!(store.get(b).unwrap().is_none());
         assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_gets_the_phase_column_and_keeps_its_jobs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("jobs.sqlite");
+        let first = SCHEMA.replace(",\n    phase TEXT", "");
+        assert!(!first.contains("phase"), "{first}");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&first).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (kind, state, config, output, steps) VALUES ('train', 'done', 'c', 'runs/a', 5)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        let old = store.list().unwrap();
+        assert_eq!((old.len(), old[0].phase.clone()), (1, None));
+        store.progress(old[0].id, 5, 5, None, Some("x")).unwrap();
+        drop(store);
+        let again = Store::open(&path).unwrap().get(old[0].id).unwrap().unwrap();
+        assert_eq!(again.phase.as_deref(), Some("x"));
     }
 }

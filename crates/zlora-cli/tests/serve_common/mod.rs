@@ -21,16 +21,20 @@ pub struct Server {
 impl Server {
     /// Starts `zlora serve --root ROOT --port 0 EXTRA...` and waits for its address.
     pub fn start(root: &Path, extra: &[&str]) -> Server {
-        Self::start_env(root, extra, &[])
+        Self::start_env::<&str>(root, extra, &[])
     }
 
     /// [`Server::start`] with environment variables set for the server (and its jobs).
-    pub fn start_env(root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Server {
+    pub fn start_env<V: AsRef<std::ffi::OsStr>>(
+        root: &Path,
+        extra: &[&str],
+        env: &[(&str, V)],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_zlora"))
             .args(["serve", "--root", root.to_str().unwrap(), "--port", "0"])
             .args(extra)
-            .envs(env.iter().copied())
             .env_remove("ZLORA_TOKEN")
+            .envs(env.iter().map(|(k, v)| (k, v.as_ref())))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -85,6 +89,20 @@ impl Server {
             path,
             &[("Content-Type", "application/json")],
             body.to_string().as_bytes(),
+        )
+    }
+
+    /// A form post (`application/x-www-form-urlencoded`) of `fields`, as a browser sends one.
+    pub fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Reply {
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect();
+        self.request(
+            "POST",
+            path,
+            &[("Content-Type", "application/x-www-form-urlencoded")],
+            body.join("&").as_bytes(),
         )
     }
 
@@ -192,6 +210,15 @@ pub fn raw_request(
         headers,
         body: raw[split + 4..].to_vec(),
     }
+}
+
+pub fn percent_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A train config for the tiny model at models/tiny and dataset at datasets/tiny.

@@ -1,5 +1,6 @@
 // zlora serve: the live parts of the pages. Everything else is plain server-rendered HTML;
-// this only calls the JSON API (docs/serve.md) and reloads the page to show the result.
+// this only calls the JSON API (docs/serve.md) and reloads the page to show the result, or
+// puts a server-rendered fragment in place (the New run page's verdict).
 "use strict";
 
 async function call(method, url, body, type) {
@@ -78,4 +79,35 @@ if (live) {
       last = now;
     } catch (err) { report(err); }
   }, 2000);
+}
+
+// New run: as the form changes, it is posted to data-plan (POST /api/plan) and the verdict
+// box is replaced by the answer's (server-rendered, escaped). A field's change makes the TOML
+// from the fields (and shows it, unless the TOML was edited since); an edit of the TOML
+// checks the TOML; the GPU checks whichever was last. The buttons post the whole form as
+// before.
+const planned = document.querySelector("form[data-plan]");
+if (planned) {
+  let source = "fields", timer = null, edits = 0, asked = 0;
+  const update = async () => {
+    const body = new URLSearchParams(new FormData(planned));
+    body.set("action", source);
+    const [mine, from, editsThen] = [++asked, source, edits];
+    try {
+      // getAttribute, not .dataset: the form's field named "dataset" shadows that property.
+      const r = await fetch(planned.getAttribute("data-plan"), { method: "POST", body, credentials: "same-origin" });
+      const answer = await r.json();
+      if (mine !== asked) return; // a later change was posted after this one
+      if (answer.html === undefined) throw new Error(answer.error || `${r.status} ${r.statusText}`);
+      document.getElementById("verdict").outerHTML = answer.html;
+      if (r.ok && from === "fields" && edits === editsThen) planned.elements.config.value = answer.config;
+      report(null);
+    } catch (err) { report(err); }
+  };
+  planned.addEventListener("input", (e) => {
+    if (e.target.name === "config") { source = "toml"; edits++; }
+    else if (e.target.name !== "gpu") source = "fields";
+    clearTimeout(timer);
+    timer = setTimeout(update, 300);
+  });
 }

@@ -8,6 +8,8 @@
 //! its newest checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -174,6 +176,10 @@ pub enum Event<'a> {
         steps: u64,
     },
     Train(trainer::Event<'a>),
+    /// An arm's validation starts: its events follow as [`Event::Validate`].
+    Validating {
+        arm: &'a str,
+    },
     Validate(render::Event<'a>),
 }
 
@@ -417,10 +423,19 @@ struct RunMarker {
 const RUN_MARKER: &str = "experiment-run.json";
 
 /// Trains an arm unless it finished earlier, then validates it unless a validation of this
-/// very LoRA and plan finished earlier.
-pub fn run_arm(arm: &Arm, events: &mut dyn FnMut(Event)) -> Result<Record> {
-    train_arm(arm, events)?;
-    validate_arm(arm, events)
+/// very LoRA and plan finished earlier. `None` when `stop` was set before the arm's end: a
+/// training stops after its step with a checkpoint, a validation in progress finishes
+/// first; a rerun continues from there.
+pub fn run_arm(
+    arm: &Arm,
+    stop: Option<&Arc<AtomicBool>>,
+    events: &mut dyn FnMut(Event),
+) -> Result<Option<Record>> {
+    let stopped = || stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    if stopped() || !train_arm(arm, stop, events)? || stopped() {
+        return Ok(None);
+    }
+    validate_arm(arm, events).map(Some)
 }
 
 /// The arm's validation record if the whole arm finished (nothing of it would be repeated).
@@ -464,14 +479,19 @@ fn validated(arm: &Arm) -> Result<Option<Record>> {
     Ok(current.then_some(old))
 }
 
-/// Trains an arm unless it finished earlier with the same config.
-fn train_arm(arm: &Arm, events: &mut dyn FnMut(Event)) -> Result<()> {
+/// Trains an arm unless it finished earlier with the same config; `false` when it stopped
+/// before its end (then it has no finished marker, and a rerun resumes it).
+fn train_arm(
+    arm: &Arm,
+    stop: Option<&Arc<AtomicBool>>,
+    events: &mut dyn FnMut(Event),
+) -> Result<bool> {
     if trained(arm)? {
         events(Event::Message(format!(
             "{}: finished earlier, not repeated",
             arm.name
         )));
-        return Ok(());
+        return Ok(true);
     }
     let dir = arm.run_dir();
     let resume = crate::train::state::latest(dir)?.is_some();
@@ -487,15 +507,18 @@ fn train_arm(arm: &Arm, events: &mut dyn FnMut(Event)) -> Result<()> {
         force: !resume,
         allow_changes: SAFE_KEYS.iter().map(|k| k.to_string()).collect(),
         config_file: None,
-        stop: None,
+        stop: stop.cloned(),
     };
-    train(&arm.config, &opts, &mut |e| events(Event::Train(e)))?;
+    if train(&arm.config, &opts, &mut |e| events(Event::Train(e)))?.stopped {
+        return Ok(false);
+    }
     let m = RunMarker {
         config: toml::to_string(&arm.config).map_err(|e| Error::Invalid(e.to_string()))?,
         lora_blake3: file_hash(&arm.lora())?,
     };
     let json = serde_json::to_string_pretty(&m).map_err(|e| Error::Invalid(e.to_string()))?;
-    write_atomic(&dir.join(RUN_MARKER), json.as_bytes(), true)
+    write_atomic(&dir.join(RUN_MARKER), json.as_bytes(), true)?;
+    Ok(true)
 }
 
 /// Validates an arm's LoRA unless a finished validation of this very file and plan exists.
@@ -507,7 +530,7 @@ fn validate_arm(arm: &Arm, events: &mut dyn FnMut(Event)) -> Result<Record> {
         )));
         return Ok(old);
     }
-    events(Event::Message(format!("{}: validating", arm.name)));
+    events(Event::Validating { arm: &arm.name });
     Ok(validate(&arm.validation, true, &mut |e| events(Event::Validate(e)))?.record)
 }
 

@@ -5,9 +5,13 @@
 //!
 //! The three ways are three arms of [`super::arms`], which makes it resumable: a finished run
 //! and a finished validation are not repeated; an interrupted run continues from its newest
-//! checkpoint.
+//! checkpoint. A stop (a flag the caller sets, e.g. on SIGTERM) ends a training after its
+//! step with a checkpoint, and a validation in progress when that validation ends; a rerun
+//! continues from there.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use super::arms::{run_arm, Arm, ArmValues, ArmsPlan, Event};
 use super::findings::effect_state;
@@ -69,12 +73,14 @@ impl ExperimentPlan {
 
 const PLAN_COPY: &str = "plan.toml";
 
+/// Runs the experiment; `None` when `stop` was set before its end (a rerun continues).
 pub fn experiment(
     plan: &ExperimentPlan,
     plan_text: &str,
     force: bool,
+    stop: Option<Arc<AtomicBool>>,
     events: &mut dyn FnMut(Event),
-) -> Result<ExperimentOutcome> {
+) -> Result<Option<ExperimentOutcome>> {
     let _claimed = plan.plan.claim_output("experiment", &plan.arms, force)?;
     write_atomic(
         &plan.plan.output.join(PLAN_COPY),
@@ -83,15 +89,18 @@ pub fn experiment(
     )?;
     let mut results = Vec::new();
     for (way, arm) in WAYS.into_iter().zip(&plan.arms) {
-        results.push((way, run_arm(arm, events)?));
+        match run_arm(arm, stop.as_ref(), events)? {
+            Some(record) => results.push((way, record)),
+            None => return Ok(None),
+        }
     }
     let html = report(plan, &results, plan_text)?;
     let path = plan.plan.output.join("report.html");
     write_atomic(&path, html.as_bytes(), true)?;
-    Ok(ExperimentOutcome {
+    Ok(Some(ExperimentOutcome {
         report: path,
         results,
-    })
+    }))
 }
 
 /// The comparison page: one row per way, then each way's sheets and a link to its report.

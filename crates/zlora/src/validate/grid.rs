@@ -216,7 +216,9 @@ pub fn run_one(
 ) -> Result<Option<SweepSummary>> {
     plan.check_index(index)?;
     let arm = &plan.arms[index];
-    let record = run_arm(arm, events)?;
+    // Sweeps stop by their processes ending: an arm without a stop flag runs to its end.
+    let record = run_arm(arm, None, events)?
+        .ok_or_else(|| Error::Invalid(format!("arm {}: stopped before its end", arm.name)))?;
     let lock = hold_lock(plan.output())?;
     let path = plan.finished_record(arm);
     let json = serde_json::json!({"arm": arm.name, "lora_blake3": record.lora_blake3});

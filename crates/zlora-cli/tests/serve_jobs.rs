@@ -1,0 +1,560 @@
+//! `zlora serve`'s job kinds beyond train and validate, through the HTTP API: experiment
+//! (`zlora experiment --events json`: checked like a train config, run through the queue,
+//! stopped with a checkpoint and resumed) and fetch (`zlora fetch --events json` into
+//! DIR/models/hub from a local Hub, its bytes as progress; an unknown name fails with the
+//! CLI's error); and the New run page's live verdict (`POST /api/plan`), over HTTP and typed
+//! into in headless Chromium.
+
+#[path = "../../zlora/tests/hub_server/mod.rs"]
+mod hub_server;
+
+mod common;
+mod serve_common;
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use serve_common::cdp::Browser;
+use serve_common::{root_with_tiny, train_config, Reply, Server};
+use zlora::hub::known::TURBO_REPO;
+use zlora::validate::arms::ArmsPlan;
+use zlora::validate::experiment::ExperimentPlan;
+
+/// An experiment plan on the tiny model (as Base and Turbo) and dataset, with the LoRA of a
+/// tiny run at runs/adapter as its training adapter, into `output`.
+fn experiment_plan(output: &str, steps: u64, save_every: u64) -> String {
+    format!(
+        r#"output = "{output}"
+base = "models/tiny"
+turbo = "models/tiny"
+training_adapter = "runs/adapter/lora.safetensors"
+base_dtype = "f32"
+
+[dataset]
+path = "datasets/tiny"
+resolution = 32
+
+[lora]
+rank = 2
+alpha = 2
+
+[train]
+steps = {steps}
+learning_rate = 1e-3
+batch_size = 2
+save_every = {save_every}
+
+[render]
+prompts = ["a red circle"]
+seeds = [1]
+width = 32
+height = 32
+"#
+    )
+}
+
+fn queue(s: &Server, body: Value) -> i64 {
+    let r = s.post_json("/api/jobs", &body);
+    assert_eq!(r.status, 201, "{body}: {}", r.text());
+    r.json()["id"].as_i64().unwrap()
+}
+
+fn state_is(state: &'static str) -> impl Fn(&Value) -> bool {
+    move |j| j["state"] == state
+}
+
+fn log(s: &Server, id: i64) -> String {
+    std::fs::read_to_string(s.root.join(format!(".zlora-serve/jobs/{id}/log.txt"))).unwrap()
+}
+
+#[test]
+fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    std::os::unix::fs::symlink("/tmp", tmp.path().join("datasets/out")).unwrap();
+    let plan = experiment_plan("exp", 2, 2);
+    let kinds =
+        "\"kind\" must be one of \"train\", \"validate\", \"caption\", \"experiment\", \"fetch\"";
+    let bad = [
+        (json!({"kind": "deploy", "config": plan}), kinds),
+        (json!({"kind": "experiment"}), "needs \"config\""),
+        (json!({"kind": "fetch"}), "needs \"repo\""),
+        (
+            json!({"kind": "fetch", "config": "turbo"}),
+            "needs \"repo\"",
+        ),
+        (json!({"kind": "fetch", "repo": 3}), "needs \"repo\""),
+        (json!({"kind": "fetch", "repo": " "}), "\"repo\" must be"),
+        (json!({"kind": "fetch", "repo": "a\nb"}), "\"repo\" must be"),
+        (
+            json!({"kind": "experiment", "config": plan.replace("output = \"exp\"", "output = \"../exp\"")}),
+            "output = \"../exp\" contains \"..\"",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("output = \"exp\"", "output = \"/tmp/exp\"")}),
+            "output = \"/tmp/exp\" is outside",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("runs/adapter/lora.safetensors", "/etc/passwd")}),
+            "training_adapter = \"/etc/passwd\" is outside",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("base = \"models/tiny\"", "base = \"/models/tiny\"")}),
+            "base = \"/models/tiny\" is outside",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("path = \"datasets/tiny\"", "path = \"../../d\"")}),
+            "[dataset] path = \"../../d\" contains",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("path = \"datasets/tiny\"", "path = \"datasets/out/x\"")}),
+            "leads out through a symbolic link",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("path = \"datasets/tiny\"", "path = \"datasets/tiny\"\ncache_dir = \"/var/c\"")}),
+            "[dataset] cache_dir = \"/var/c\" is outside",
+        ),
+        (
+            json!({"kind": "experiment", "config": plan.replace("save_every = 2", "save_every = 2\noutput = \"runs/x\"")}),
+            "[train] output is set by the plan",
+        ),
+        (
+            json!({"kind": "experiment", "config": format!("typo = 1\n{plan}")}),
+            "config: ",
+        ),
+    ];
+    for (body, message) in bad {
+        let r = s.post_json("/api/jobs", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.text());
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(message), "{body}: {error}");
+    }
+    assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
+}
+
+/// The size of every file under `dir` (links followed).
+fn bytes_under(dir: &Path) -> u64 {
+    zlora::fsutil::sorted_entries(dir)
+        .unwrap()
+        .iter()
+        .map(|p| match p.is_dir() {
+            true => bytes_under(p),
+            false => std::fs::metadata(p).unwrap().len(),
+        })
+        .sum()
+}
+
+#[test]
+fn a_fetch_job_downloads_into_the_folder_and_an_unknown_name_fails_with_the_cli_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let published = tmp.path().join("published");
+    zlora::model::tiny::create(&published, &zlora::model::tiny::TinySpec::default(), false)
+        .unwrap();
+    let hub = hub_server::HubServer::start();
+    hub.add_repo(TURBO_REPO, &published, &[]);
+    // The server's own HF_HUB_CACHE is not where its jobs fetch to.
+    let elsewhere = tmp.path().join("elsewhere");
+    let root = tmp.path().join("root");
+    let s = Server::start_env(
+        &root,
+        &[],
+        &[
+            ("HF_ENDPOINT", hub.endpoint.as_str()),
+            ("HF_HUB_CACHE", elsewhere.to_str().unwrap()),
+        ],
+    );
+
+    let unknown = queue(&s, json!({"kind": "fetch", "repo": "no-such-model"}));
+    let job = s.wait_job(unknown, 60, state_is("failed"));
+    let error = job["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"no-such-model\" is neither a known name"),
+        "{job}"
+    );
+    assert!(
+        log(&s, unknown).contains(
+            "error: fetching no-such-model failed: \"no-such-model\" is neither a known name"
+        ),
+        "{}",
+        log(&s, unknown)
+    );
+
+    let turbo = queue(&s, json!({"kind": "fetch", "repo": "turbo"}));
+    let job = s.wait_job(turbo, 120, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, turbo));
+    let output = job["output"].as_str().unwrap();
+    assert!(
+        output.starts_with("models/hub/models--Tongyi-MAI--Z-Image-Turbo/snapshots/"),
+        "{job}"
+    );
+    let snapshot = root.join(output);
+    assert!(snapshot.join("transformer/config.json").is_file());
+    // Progress in bytes: everything the snapshot holds was missing, and all of it came.
+    let total = bytes_under(&snapshot);
+    assert_eq!(
+        (job["step"].as_u64(), job["steps"].as_u64()),
+        (Some(total), Some(total)),
+        "{job}"
+    );
+    assert_eq!(job["phase"], format!("downloading {TURBO_REPO}"));
+    assert!(!elsewhere.exists(), "fetched outside the app's folder");
+    let page = s.get("/jobs").text();
+    assert!(
+        page.contains(&format!("downloading {TURBO_REPO}: ")),
+        "{page}"
+    );
+    let page = s.get(&format!("/jobs/{turbo}")).text();
+    assert!(
+        page.contains(output) && !page.contains("<h2>Loss"),
+        "{page}"
+    );
+
+    // The fetched folder is a model path like any other.
+    let config = train_config("runs/x", 1, 1, 0).replace("models/tiny", output);
+    queue(&s, json!({"kind": "train", "config": config}));
+}
+
+#[test]
+fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    // The training adapter: a LoRA of the tiny model, from a tiny training job.
+    let adapter = queue(
+        &s,
+        json!({"kind": "train", "config": train_config("runs/adapter", 2, 2, 0)}),
+    );
+    s.wait_job(adapter, 120, state_is("done"));
+
+    let id = queue(
+        &s,
+        json!({"kind": "experiment", "config": experiment_plan("exp", 4, 2)}),
+    );
+    let job = s.wait_job(id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, id));
+    assert_eq!(job["output"], "exp");
+    // The last phase: the direct run's validation, all its images rendered.
+    assert_eq!(job["phase"], "turbo-direct validating", "{job}");
+    assert!(
+        job["steps"].as_u64().unwrap() > 0 && job["step"] == job["steps"],
+        "{job}"
+    );
+    let exp = dir.path().join("exp");
+    assert!(exp.join("report.html").is_file());
+    for way in ["base", "turbo-adapter", "turbo-direct"] {
+        assert!(
+            exp.join(format!("runs/{way}/lora.safetensors")).is_file(),
+            "{way}"
+        );
+    }
+    let text = log(&s, id);
+    assert!(
+        text.contains("training adapter") && text.contains("checkpoint "),
+        "{text}"
+    );
+    let page = s.get(&format!("/jobs/{id}")).text();
+    assert!(
+        page.contains("/report/exp/report%2Ehtml\">Experiment report"),
+        "{page}"
+    );
+    // Each way's loss chart (four steps each).
+    for way in ["base", "turbo-adapter", "turbo-direct"] {
+        assert!(
+            page.contains(&format!("<h2>Loss · {way}</h2><svg")),
+            "{way}: {page}"
+        );
+    }
+    assert!(s.get("/jobs").text().contains("turbo-direct validating: "));
+
+    // A long one: stopped in its first training with a checkpoint, resumed from it.
+    let long = queue(
+        &s,
+        json!({"kind": "experiment", "config": experiment_plan("long", 100000, 50)}),
+    );
+    let training = |j: &Value| j["phase"] == "base training" && j["step"].as_u64() > Some(50);
+    s.wait_job(long, 120, training);
+    assert_eq!(
+        s.request("POST", &format!("/api/jobs/{long}/stop"), &[], b"")
+            .status,
+        202
+    );
+    let stopped = s.wait_job(long, 60, |j| j["state"] != "running");
+    assert_eq!(
+        (stopped["state"].as_str(), &stopped["error"]),
+        (Some("stopped"), &Value::Null),
+        "{stopped}"
+    );
+    let base = dir.path().join("long/runs/base");
+    let checkpoints = zlora::fsutil::sorted_entries(&base.join("checkpoints")).unwrap();
+    let at = stopped["step"].as_u64().unwrap();
+    assert!(
+        checkpoints
+            .iter()
+            .any(|c| c.ends_with(format!("step-{at:06}"))),
+        "no checkpoint at the stop's step {at}: {checkpoints:?}"
+    );
+    assert!(!base.join("lora.safetensors").exists() && !base.join("experiment-run.json").exists());
+
+    assert_eq!(
+        s.request("POST", &format!("/api/jobs/{long}/resume"), &[], b"")
+            .status,
+        202
+    );
+    s.wait_job(long, 120, |j| {
+        j["state"] == "running" && j["step"].as_u64() > Some(at)
+    });
+    assert!(
+        log(&s, long).contains(&format!(
+            "resumed from {}",
+            base.join(format!("checkpoints/step-{at:06}")).display()
+        )),
+        "{}",
+        log(&s, long)
+    );
+    assert_eq!(
+        s.request("POST", &format!("/api/jobs/{long}/stop"), &[], b"")
+            .status,
+        202
+    );
+    s.wait_job(long, 60, state_is("stopped"));
+}
+
+fn plan(s: &Server, fields: &[(&str, &str)]) -> Reply {
+    s.post_form("/api/plan", fields)
+}
+
+#[test]
+fn the_plan_route_answers_the_verdict_for_the_gpu_rank_and_quantization() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    // The default form (Turbo + adapter at 1024 px) on each GPU, rank and storage.
+    for (gpu, rank, quantize, fits) in [
+        ("4090", "16", "", true),
+        ("3060", "16", "", false),
+        ("3060", "16", "q4_k", true),
+        ("4090", "256", "", false),
+    ] {
+        let fields = [
+            ("action", "fields"),
+            ("gpu", gpu),
+            ("rank", rank),
+            ("quantize", quantize),
+        ];
+        let r = plan(&s, &fields);
+        assert_eq!(r.status, 200, "{fields:?}: {}", r.text());
+        let answer = r.json();
+        assert_eq!(answer["plans"].as_array().unwrap().len(), 1, "{answer}");
+        let p = &answer["plans"][0];
+        assert_eq!(p["way"], Value::Null);
+        assert_eq!(
+            (p["name"].as_str(), p["fits"].as_bool()),
+            (Some(gpu), Some(fits)),
+            "{fields:?}: {p}"
+        );
+        let html = answer["html"].as_str().unwrap();
+        let label = p["label"].as_str().unwrap();
+        let peak = format!("peak {:.1} GiB", p["peak_memory_gib"].as_f64().unwrap());
+        let said = if fits { "Fits: " } else { "Does not fit: " };
+        assert!(
+            html.contains(label) && html.contains(said) && html.contains(&peak),
+            "{html}"
+        );
+        let config = answer["config"].as_str().unwrap();
+        assert!(config.contains(&format!("rank = {rank}")), "{config}");
+        assert_eq!(
+            config.contains("quantize = \"q4_k\""),
+            quantize == "q4_k",
+            "{config}"
+        );
+    }
+    for (fields, message) in [
+        (
+            vec![("action", "fields"), ("rank", "abc")],
+            "rank must be a whole number",
+        ),
+        (
+            vec![("action", "fields"), ("gpu", "t4")],
+            "unknown GPU \"t4\"",
+        ),
+        (vec![("action", "toml"), ("config", "nonsense")], "config: "),
+    ] {
+        let r = plan(&s, &fields);
+        assert_eq!(r.status, 400, "{fields:?}: {}", r.text());
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(message), "{fields:?}: {error}");
+        let html = r.json()["html"].as_str().unwrap().to_string();
+        assert!(
+            html.contains("id=\"verdict\"") && html.contains(&error.replace('"', "&quot;")),
+            "{html}"
+        );
+    }
+    assert_eq!(plan(&s, &[("action", "queue")]).status, 400);
+
+    // The experiment way: the plan of the three ways with the form's settings, each planned.
+    let r = plan(
+        &s,
+        &[
+            ("action", "fields"),
+            ("way", "experiment"),
+            ("gpu", "3060"),
+            ("output", "exp"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    let text = answer["config"].as_str().unwrap();
+    // The plan as the form wrote it (paths relative to DIR), and as the command reads it.
+    ExperimentPlan::parse(Path::new("plan.toml"), text).unwrap();
+    let experiment: ArmsPlan = toml::from_str(text).unwrap();
+    assert_eq!(
+        (
+            experiment.base.as_str(),
+            experiment.turbo.as_str(),
+            experiment.output.to_str()
+        ),
+        ("models/Z-Image", "models/Z-Image-Turbo", Some("exp"))
+    );
+    assert!(experiment
+        .training_adapter
+        .unwrap()
+        .ends_with("zimage_turbo_training_adapter_v2.safetensors"));
+    assert_eq!(experiment.lora["rank"].as_integer(), Some(16));
+    let ways: Vec<&str> = answer["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["way"].as_str().unwrap())
+        .collect();
+    assert_eq!(ways, ["base", "turbo-adapter", "turbo-direct"]);
+    // Each is the plan of that way's training config: the adapter's way needs the most.
+    let peaks: Vec<f64> = answer["plans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["peak_memory_gib"].as_f64().unwrap())
+        .collect();
+    assert!(peaks[1] > peaks[0] && peaks[1] > peaks[2], "{peaks:?}");
+    let html = answer["html"].as_str().unwrap();
+    assert!(
+        html.contains("<h3>turbo-direct</h3>") && html.contains("In all: "),
+        "{html}"
+    );
+    let r = plan(
+        &s,
+        &[
+            ("action", "fields"),
+            ("way", "experiment"),
+            ("quantize", "fp8"),
+        ],
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("an experiment plan has no [model] quantize"));
+    // Queued from the page as an experiment job (in the app's folder).
+    let queued = s.post_form(
+        "/new",
+        &[("action", "queue"), ("way", "experiment"), ("config", text)],
+    );
+    assert_eq!(queued.status, 303, "{}", queued.text());
+    let job = s
+        .get(
+            queued
+                .header("location")
+                .unwrap()
+                .replace("/jobs/", "/api/jobs/")
+                .as_str(),
+        )
+        .json();
+    assert_eq!(
+        (job["kind"].as_str(), job["output"].as_str()),
+        (Some("experiment"), Some("exp")),
+        "{job}"
+    );
+    let cross = s.request(
+        "POST",
+        "/api/plan",
+        &[("Origin", "http://evil.example")],
+        b"action=fields",
+    );
+    assert_eq!(cross.status, 403);
+}
+
+#[test]
+fn the_new_run_verdict_follows_the_rank_gpu_and_storage_as_they_change_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    let mut b = Browser::start(common::chromium());
+    b.goto(&format!("http://127.0.0.1:{}/new", s.port));
+    let verdict = "document.getElementById('verdict').textContent";
+    assert_eq!(b.eval(verdict), "", "no verdict before a change");
+    // Set on this page; a reload or a form post would lose it.
+    b.eval("window.sameLoad = true");
+    let expect = |fields: &[(&str, &str)]| {
+        let mut all = vec![("action", "fields")];
+        all.extend_from_slice(fields);
+        let p = plan(&s, &all).json()["plans"][0].clone();
+        let said = if p["fits"] == true {
+            "Fits: "
+        } else {
+            "Does not fit: "
+        };
+        format!(
+            "{said}peak {:.1} GiB",
+            p["peak_memory_gib"].as_f64().unwrap()
+        )
+    };
+    let shows = |text: &str| format!("{verdict}.includes({})", json!(text));
+
+    b.type_into("input[name=rank]", "256");
+    let big = expect(&[("rank", "256")]);
+    assert!(big.starts_with("Does not fit"), "{big}");
+    b.wait_for(&shows(&big), 30);
+    assert!(b
+        .eval("document.querySelector('textarea[name=config]').value")
+        .as_str()
+        .unwrap()
+        .contains("rank = 256"));
+    b.type_into("input[name=rank]", "16");
+    b.wait_for(&shows(&expect(&[("rank", "16")])), 30);
+    b.wait_for(&shows("Fits: "), 1);
+
+    // Selects by keyboard (their popups are not part of the page): the GPU up from the 4090
+    // to the 3060 (the table's second), then the last storage, q4_k.
+    b.eval("document.querySelector('select[name=gpu]').focus()");
+    for _ in 0..3 {
+        key(&mut b, "ArrowUp", 38);
+    }
+    assert_eq!(
+        b.eval("document.querySelector('select[name=gpu]').value"),
+        "3060"
+    );
+    b.wait_for(&shows(&expect(&[("gpu", "3060")])), 30);
+    b.wait_for(&shows("Does not fit: "), 1);
+    b.eval("document.querySelector('select[name=quantize]').focus()");
+    key(&mut b, "End", 35);
+    assert_eq!(
+        b.eval("document.querySelector('select[name=quantize]').value"),
+        "q4_k"
+    );
+    b.wait_for(
+        &shows(&expect(&[("gpu", "3060"), ("quantize", "q4_k")])),
+        30,
+    );
+    b.wait_for(&shows("Fits: "), 1);
+    assert_eq!(b.eval("window.sameLoad"), true, "the page was reloaded");
+}
+
+/// One key press on the focused element.
+fn key(b: &mut Browser, key: &str, code: u32) {
+    for kind in ["keyDown", "keyUp"] {
+        b.call(
+            "Input.dispatchKeyEvent",
+            json!({"type": kind, "key": key, "code": key, "windowsVirtualKeyCode": code}),
+        );
+    }
+}
