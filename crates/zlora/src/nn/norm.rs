@@ -38,6 +38,22 @@ impl RmsNorm {
         fused::rms_norm(x, &self.weight, self.eps)
     }
 
+    /// transformers' `Qwen3RMSNorm` rounding: normalise in f32, cast back to x's dtype, then
+    /// scale by the weight in its dtype. In f32 that is `forward`; in bf16 it differs, since
+    /// candle's CPU kernel rounds each row's RMS to bf16 and divides in bf16. No backward
+    /// (the Qwen3 text models are frozen).
+    pub fn forward_cast_then_scale(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 {
+            return self.forward(x);
+        }
+        let xf = x.to_dtype(DType::F32)?;
+        let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()?;
+        let normed = xf.broadcast_mul(&inv_rms)?.to_dtype(x.dtype())?;
+        normed.broadcast_mul(&self.weight)
+    }
+
     /// The gradient of the input `x` for the output gradient `g` (the weight is frozen).
     pub fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         fused::rms_norm_input_grad(x, &self.weight, g, self.eps)
