@@ -12,7 +12,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 
 use super::config::TextConfig;
-use crate::model::qwen3::{causal_mask, DecoderLayer, KvCache, LayerDims, Rotary};
+use crate::model::qwen3::{
+    causal_mask, inverse_frequencies, DecoderLayer, KvCache, LayerDims, Rotary,
+};
 use crate::nn::{Quantization, RmsNorm};
 use crate::Result;
 
@@ -20,12 +22,7 @@ use crate::Result;
 /// `positions[b][axis][l]`: the (T, H, W) position of token l of sequence b (all of one
 /// length).
 fn mrope(cfg: &TextConfig, positions: &[[Vec<i64>; 3]], device: &Device) -> Result<Rotary> {
-    let dim = cfg.head_dim;
-    let theta = cfg.rope_theta as f32;
-    let inv_freq: Vec<f32> = (0..dim)
-        .step_by(2)
-        .map(|i| 1.0 / theta.powf(i as f32 / dim as f32))
-        .collect();
+    let inv_freq = inverse_frequencies(cfg.head_dim, cfg.rope_theta);
     let axis = |j: usize| -> usize {
         let [_, h, w] = cfg.mrope_section;
         match j % 3 {
@@ -45,7 +42,7 @@ fn mrope(cfg: &TextConfig, positions: &[[Vec<i64>; 3]], device: &Device) -> Resu
             })
         })
         .collect();
-    let angles = Tensor::from_vec(angles, (positions.len(), 1, len, dim / 2), device)?;
+    let angles = Tensor::from_vec(angles, (positions.len(), 1, len, inv_freq.len()), device)?;
     Rotary::from_angles(&angles)
 }
 

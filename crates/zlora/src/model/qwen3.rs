@@ -35,6 +35,16 @@ impl LayerDims {
     }
 }
 
+/// RoPE's inverse frequencies θ^(−2i/head_dim), i < head_dim/2, in f32 as transformers
+/// computes them (the exponent and the power in f32).
+pub fn inverse_frequencies(head_dim: usize, theta: f64) -> Vec<f32> {
+    let theta = theta as f32;
+    (0..head_dim)
+        .step_by(2)
+        .map(|i| 1.0 / theta.powf(i as f32 / head_dim as f32))
+        .collect()
+}
+
 /// Rotary tables in the half-split layout, in f32, broadcasting against (B, heads, L,
 /// head_dim): (L, head_dim) for plain RoPE, (B, 1, L, head_dim) for M-RoPE.
 pub struct Rotary {

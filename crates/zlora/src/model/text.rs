@@ -20,7 +20,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use super::qwen3::{causal_mask, DecoderLayer, LayerDims, Rotary};
+use super::qwen3::{causal_mask, inverse_frequencies, DecoderLayer, LayerDims, Rotary};
 use crate::nn::Quantization;
 use crate::{Error, Result};
 
@@ -223,14 +223,11 @@ impl TextEncoderConfig {
 
 /// Plain RoPE for positions 0..len: (len, head_dim) tables in f32.
 fn rope_tables(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Rotary> {
-    let inv_freq: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
+    let inv_freq = inverse_frequencies(head_dim, theta);
+    let angles: Vec<f32> = (0..len)
+        .flat_map(|l| inv_freq.iter().map(move |f| l as f32 * f))
         .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
-    let pos = Tensor::arange(0u32, len as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((len, 1))?;
-    Rotary::from_angles(&pos.broadcast_mul(&inv_freq)?)
+    Rotary::from_angles(&Tensor::from_vec(angles, (len, inv_freq.len()), device)?)
 }
 
 /// Qwen3 truncated to the layers Z-Image reads.
