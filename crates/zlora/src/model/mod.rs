@@ -4,6 +4,7 @@ pub mod config;
 pub mod dit;
 pub mod folder;
 pub mod gguf;
+pub mod qwen3;
 pub mod rope;
 pub mod text;
 pub mod tiny;

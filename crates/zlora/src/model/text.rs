@@ -5,7 +5,8 @@
 //! output of decoder layer `num_hidden_layers - 2` (the final layer and the final norm are not
 //! used), so only the first `num_hidden_layers - 1` layers are loaded and run. Module names
 //! follow the Hugging Face checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, ...), with
-//! or without the `model.` prefix that `Qwen3ForCausalLM` checkpoints carry.
+//! or without the `model.` prefix that `Qwen3ForCausalLM` checkpoints carry. The decoder layer
+//! is `model::qwen3`'s, which the captioner's text decoder runs too.
 //!
 //! Precision: weights may be bf16 or f32; RMSNorm, RoPE tables, attention scores and softmax
 //! are computed in f32 (`nn::attention`). The decoder layers' projections may instead be stored
@@ -14,13 +15,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use crate::nn::attention::masked_attention;
-use crate::nn::{Linear, Quantization};
+use super::qwen3::{causal_mask, inverse_frequencies, DecoderLayer, LayerDims, Rotary};
+use crate::nn::Quantization;
 use crate::{Error, Result};
 
 /// Z-Image's `max_sequence_length`: prompts are cut to this many tokens, template included.
@@ -173,14 +174,25 @@ impl TextEncoderConfig {
         self.num_hidden_layers - 1
     }
 
+    /// The sizes of one decoder layer.
+    pub fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            attention_bias: self.attention_bias,
+        }
+    }
+
     /// (out, in) of every projection of the decoder layers loaded: the weights
     /// `quantize_text_encoder` stores quantized.
     pub fn projection_shapes(&self) -> Vec<(usize, usize)> {
-        let (h, i) = (self.hidden_size, self.intermediate_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let layer = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
-        layer.repeat(self.layers_used())
+        self.layer_dims()
+            .projection_shapes()
+            .repeat(self.layers_used())
     }
 
     /// Why `q` cannot store this encoder's projections (their input widths), if it cannot.
@@ -209,188 +221,13 @@ impl TextEncoderConfig {
     }
 }
 
-/// Qwen3RMSNorm: normalise in f32, cast back, then scale (the weight multiplies in its dtype).
-#[derive(Debug, Clone)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.to_dtype(x.dtype())?.broadcast_mul(&self.weight)?)
-    }
-}
-
-/// NeoX-style rotary tables for positions 0..len, shape (len, head_dim), in f32.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Self> {
-        let inv_freq: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64) as f32)
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, head_dim / 2), device)?;
-        let pos = Tensor::arange(0u32, len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq)?;
-        // The half-split layout: the same angle drives element i and element i + head_dim/2.
-        let angles = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
-    }
-
-    /// x: (B, heads, L, head_dim) → x·cos + rotate_half(x)·sin, computed in f32.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::nn::rotary::rotate_half_split(
-            x, &self.cos, &self.sin,
-        )?)
-    }
-}
-
-/// Additive causal mask (L, L) in f32: 0 on and below the diagonal, -inf above.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+/// Plain RoPE for positions 0..len: (len, head_dim) tables in f32.
+fn rope_tables(len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<Rotary> {
+    let inv_freq = inverse_frequencies(head_dim, theta);
+    let angles: Vec<f32> = (0..len)
+        .flat_map(|l| inv_freq.iter().map(move |f| l as f32 * f))
         .collect();
-    Ok(Tensor::from_vec(mask, (len, len), device)?)
-}
-
-/// Grouped-query attention: each key/value head serves `n_rep` consecutive query heads.
-pub(crate) fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, kv_heads, len, dim) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .expand((b, kv_heads, n_rep, len, dim))?
-        .reshape((b, kv_heads * n_rep, len, dim))?)
-}
-
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
-        let (hidden, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (heads, kv_heads) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let bias = cfg.attention_bias;
-        let proj = |shape, name| Linear::load(shape, bias, q, &vb.pp(name));
-        Ok(Self {
-            q_proj: proj((hidden, heads * hd), "q_proj")?,
-            k_proj: proj((hidden, kv_heads * hd), "k_proj")?,
-            v_proj: proj((hidden, kv_heads * hd), "v_proj")?,
-            o_proj: proj((heads * hd, hidden), "o_proj")?,
-            q_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: RmsNorm::new(hd, cfg.rms_norm_eps, vb.pp("k_norm"))?,
-            heads,
-            kv_heads,
-            head_dim: hd,
-        })
-    }
-
-    /// (B, L, hidden) → (B, heads, L, head_dim).
-    fn split_heads(&self, x: Tensor, heads: usize) -> Result<Tensor> {
-        let (b, len, _) = x.dims3()?;
-        Ok(x.reshape((b, len, heads, self.head_dim))?.transpose(1, 2)?)
-    }
-
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let (b, len, _) = x.dims3()?;
-        // The q/k norms act per head, before RoPE.
-        let q = self.split_heads(self.q_proj.forward(x)?, self.heads)?;
-        let k = self.split_heads(self.k_proj.forward(x)?, self.kv_heads)?;
-        let v = self.split_heads(self.v_proj.forward(x)?, self.kv_heads)?;
-        let q = rope.apply(&self.q_norm.forward(&q)?)?;
-        let k = rope.apply(&self.k_norm.forward(&k)?)?;
-        let n_rep = self.heads / self.kv_heads;
-        let k = repeat_kv(k, n_rep)?.contiguous()?;
-        let v = repeat_kv(v, n_rep)?.contiguous()?;
-
-        let out = masked_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
-        let out = out.reshape((b, len, self.heads * self.head_dim))?;
-        Ok(self.o_proj.forward(&out)?)
-    }
-}
-
-/// SwiGLU: down(silu(gate(x)) * up(x)).
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
-impl Mlp {
-    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
-        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let proj = |shape, name| Linear::load(shape, false, q, &vb.pp(name));
-        Ok(Self {
-            gate_proj: proj((hidden, inter), "gate_proj")?,
-            up_proj: proj((hidden, inter), "up_proj")?,
-            down_proj: proj((inter, hidden), "down_proj")?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
-    }
-}
-
-struct DecoderLayer {
-    input_layernorm: RmsNorm,
-    self_attn: Attention,
-    post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
-}
-
-impl DecoderLayer {
-    fn new(cfg: &TextEncoderConfig, q: Option<Quantization>, vb: VarBuilder) -> Result<Self> {
-        let eps = cfg.rms_norm_eps;
-        Ok(Self {
-            input_layernorm: RmsNorm::new(cfg.hidden_size, eps, vb.pp("input_layernorm"))?,
-            self_attn: Attention::new(cfg, q, vb.pp("self_attn"))?,
-            post_attention_layernorm: RmsNorm::new(
-                cfg.hidden_size,
-                eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-            mlp: Mlp::new(cfg, q, vb.pp("mlp"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, rope: &Rope, mask: &Tensor) -> Result<Tensor> {
-        let h = self.input_layernorm.forward(x)?;
-        let x = (x + self.self_attn.forward(&h, rope, mask)?)?;
-        let h = self.post_attention_layernorm.forward(&x)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
-    }
+    Rotary::from_angles(&Tensor::from_vec(angles, (len, inv_freq.len()), device)?)
 }
 
 /// Qwen3 truncated to the layers Z-Image reads.
@@ -424,8 +261,9 @@ impl Qwen3TextEncoder {
         };
         let embed_tokens =
             candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("embed_tokens"))?;
+        let dims = cfg.layer_dims();
         let layers = (0..cfg.layers_used())
-            .map(|i| DecoderLayer::new(cfg, quantize, vb.pp(format!("layers.{i}"))))
+            .map(|i| DecoderLayer::new(&dims, quantize, vb.pp(format!("layers.{i}"))))
             .collect::<Result<_>>()?;
         Ok(Self {
             embed_tokens,
@@ -442,18 +280,7 @@ impl Qwen3TextEncoder {
     pub fn projection_bytes(&self) -> usize {
         self.layers
             .iter()
-            .flat_map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-            })
+            .flat_map(DecoderLayer::projections)
             .map(|p| p.weight().bytes())
             .sum()
     }
@@ -471,11 +298,12 @@ impl Qwen3TextEncoder {
             )));
         }
         let device = ids.device();
-        let rope = Rope::new(len, self.cfg.head_dim, self.cfg.rope_theta, device)?;
-        let mask = causal_mask(len, device)?;
+        let rope = rope_tables(len, self.cfg.head_dim, self.cfg.rope_theta, device)?;
+        // No padding on the left (the batch is right-padded) and nothing cached.
+        let mask = causal_mask(&[0], 0, len, device)?;
         let mut x = self.embed_tokens.forward(ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, &mask)?;
+            x = layer.forward(&x, &rope, &mask, None)?;
         }
         Ok(x)
     }
