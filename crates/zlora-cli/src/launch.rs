@@ -141,7 +141,7 @@ fn start(rank: usize, mut cmd: Command) -> anyhow::Result<Rank> {
     // Its own process group: a terminal's Ctrl-C reaches the launcher only, which forwards it
     // once (a second SIGINT would make a rank exit without its checkpoint).
     cmd.process_group(0).stdin(Stdio::null());
-    stop_with_parent(&mut cmd);
+    zlora::child::stop_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start rank {rank}"))?;
@@ -193,23 +193,6 @@ fn signal(child: &Child, sig: i32) {
         }
     }
 }
-
-/// A rank gets SIGTERM when the launcher dies, even by SIGKILL: no orphaned ranks holding GPUs.
-#[cfg(target_os = "linux")]
-fn stop_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn stop_with_parent(_cmd: &mut Command) {}
 
 /// SIGINT and SIGTERM received by the launcher, to pass on to the ranks.
 struct Forwarded {

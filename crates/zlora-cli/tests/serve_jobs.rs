@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use serve_common::cdp::Browser;
-use serve_common::{root_with_tiny, train_config, Reply, Server};
+use serve_common::{root_with_tiny, tiny_run_tables, train_config, Reply, Server};
 use zlora::hub::known::TURBO_REPO;
 use zlora::validate::arms::ArmsPlan;
 use zlora::validate::experiment::ExperimentPlan;
@@ -30,26 +30,14 @@ turbo = "models/tiny"
 training_adapter = "runs/adapter/lora.safetensors"
 base_dtype = "f32"
 
-[dataset]
-path = "datasets/tiny"
-resolution = 32
-
-[lora]
-rank = 2
-alpha = 2
-
-[train]
-steps = {steps}
-learning_rate = 1e-3
-batch_size = 2
-save_every = {save_every}
-
+{}
 [render]
 prompts = ["a red circle"]
 seeds = [1]
 width = 32
 height = 32
-"#
+"#,
+        tiny_run_tables(steps, save_every)
     )
 }
 

@@ -465,7 +465,7 @@ impl Jobs {
             .args(["--events", "json"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
-        stop_with_parent(&mut cmd);
+        zlora::child::stop_with_parent(&mut cmd);
         let again = match kind {
             Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
             Kind::Validate | Kind::Caption | Kind::Experiment | Kind::Fetch => job.resume,
@@ -482,25 +482,6 @@ impl Jobs {
         Ok((cmd, again))
     }
 }
-
-/// The child gets SIGTERM when the server goes away, so that it stops cleanly with a
-/// checkpoint instead of running on unseen (and holding its output folder's lock).
-#[cfg(target_os = "linux")]
-fn stop_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe, as code between fork and exec must be.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn stop_with_parent(_cmd: &mut Command) {}
 
 fn terminate(pid: u32) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {

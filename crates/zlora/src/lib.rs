@@ -8,6 +8,7 @@
 
 pub mod bake;
 pub mod caption;
+pub mod child;
 pub mod data;
 pub mod device;
 pub mod doctor;

@@ -221,15 +221,11 @@ pub fn percent_encode(v: &str) -> String {
         .collect()
 }
 
-/// A train config for the tiny model at models/tiny and dataset at datasets/tiny.
-pub fn train_config(output: &str, steps: u64, save_every: u64, sample_every: u64) -> String {
+/// The `[dataset]`, `[lora]` and `[train]` tables (without `output`) of a tiny run on the
+/// dataset at datasets/tiny, shared by train configs and experiment plans.
+pub fn tiny_run_tables(steps: u64, save_every: u64) -> String {
     format!(
-        r#"[model]
-path = "models/tiny"
-variant = "turbo"
-base_dtype = "f32"
-
-[dataset]
+        r#"[dataset]
 path = "datasets/tiny"
 resolution = 32
 
@@ -242,13 +238,26 @@ steps = {steps}
 learning_rate = 1e-3
 batch_size = 2
 save_every = {save_every}
-output = "{output}"
+"#
+    )
+}
+
+/// A train config for the tiny model at models/tiny and dataset at datasets/tiny.
+pub fn train_config(output: &str, steps: u64, save_every: u64, sample_every: u64) -> String {
+    format!(
+        r#"[model]
+path = "models/tiny"
+variant = "turbo"
+base_dtype = "f32"
+
+{}output = "{output}"
 
 [sample]
 every = {sample_every}
 prompts = ["a red circle"]
 seeds = [1]
-"#
+"#,
+        tiny_run_tables(steps, save_every)
     )
 }
 

@@ -14,6 +14,7 @@ use candle_nn::{LayerNorm, VarBuilder};
 use super::config::VisionConfig;
 use super::linear;
 use super::preprocess::merge_block_order;
+use crate::model::qwen3::{inverse_frequencies, Rotary};
 use crate::nn::attention::attention;
 use crate::nn::{Linear, Quantization};
 use crate::Result;
@@ -44,7 +45,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, lengths: &[usize]) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rotary, lengths: &[usize]) -> Result<Tensor> {
         let h = self.attend(&self.norm1.forward(x)?, rope, lengths)?;
         let x = (x + h)?;
         // gelu_pytorch_tanh: candle's `gelu` is the tanh approximation.
@@ -55,7 +56,7 @@ impl Block {
     }
 
     /// Attention over each image's patches on its own (transformers' cu_seqlens).
-    fn attend(&self, x: &Tensor, rope: &Rope, lengths: &[usize]) -> Result<Tensor> {
+    fn attend(&self, x: &Tensor, rope: &Rotary, lengths: &[usize]) -> Result<Tensor> {
         let (n, d) = x.dims2()?;
         let qkv = self
             .qkv
@@ -83,48 +84,23 @@ impl Block {
     }
 }
 
-/// The rotary tables of every patch row: (N, head_dim) cos and sin in f32.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// Angles: the row position on the first head_dim / 4 frequencies, the column on the
-    /// next head_dim / 4, then both halves again (rotate-half layout).
-    fn new(cfg: &VisionConfig, grids: &[[usize; 3]], device: &Device) -> Result<Self> {
-        let spatial = cfg.head_dim() / 2;
-        let theta = cfg.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..spatial)
-            .step_by(2)
-            .map(|i| 1.0 / theta.powf(i as f32 / spatial as f32))
-            .collect();
-        let mut angles = Vec::new();
-        for &[t, h, w] in grids {
-            for _ in 0..t {
-                for (row, col) in merge_block_order(h, w, cfg.spatial_merge_size) {
-                    let fh = inv_freq.iter().map(|f| row as f32 * f);
-                    let fw = inv_freq.iter().map(|f| col as f32 * f);
-                    let half: Vec<f32> = fh.chain(fw).collect();
-                    angles.extend_from_slice(&half);
-                    angles.extend_from_slice(&half);
-                }
+/// The rotary tables of every patch row, (N, 1, head_dim): the row position on the first
+/// head_dim / 4 frequencies, the column on the next head_dim / 4, then both halves again
+/// (rotate-half layout).
+fn rotary(cfg: &VisionConfig, grids: &[[usize; 3]], device: &Device) -> Result<Rotary> {
+    let spatial = cfg.head_dim() / 2;
+    let inv_freq = inverse_frequencies(spatial, cfg.rope_theta);
+    let mut angles = Vec::new();
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            for (row, col) in merge_block_order(h, w, cfg.spatial_merge_size) {
+                angles.extend(inv_freq.iter().map(|f| row as f32 * f));
+                angles.extend(inv_freq.iter().map(|f| col as f32 * f));
             }
         }
-        let n = angles.len() / (2 * spatial);
-        let angles = Tensor::from_vec(angles, (n, 1, 2 * spatial), device)?;
-        Ok(Self {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
     }
-
-    /// x: (N, heads, head_dim), rotated in f32 and cast back.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(crate::nn::rotary::rotate_half_split(
-            x, &self.cos, &self.sin,
-        )?)
-    }
+    let n = angles.len() / spatial;
+    Rotary::from_angles(&Tensor::from_vec(angles, (n, 1, spatial), device)?)
 }
 
 /// 2×2 patch merger: LayerNorm before (main merger) or after (DeepStack) grouping each merge
@@ -222,7 +198,7 @@ impl VisionModel {
         let x = pixels.matmul(&self.patch_weight.t()?)?;
         let x = x.broadcast_add(&self.patch_bias)?;
         let mut x = (x + self.positions(grids, pixels.device())?)?;
-        let rope = Rope::new(&self.cfg, grids, pixels.device())?;
+        let rope = rotary(&self.cfg, grids, pixels.device())?;
         let lengths: Vec<usize> = grids
             .iter()
             .flat_map(|&[t, h, w]| std::iter::repeat_n(h * w, t))

@@ -64,7 +64,7 @@ impl Rotary {
     }
 
     /// x: (B, heads, L, head_dim), rotated in f32 and cast back.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(crate::nn::rotary::rotate_half_split(
             x, &self.cos, &self.sin,
         )?)
