@@ -13,6 +13,7 @@
 //! Each loads a model once and switches adapters by name between variants; images keep their
 //! parameters in their PNG; reports are single self-contained HTML files.
 
+pub mod arm_set;
 pub mod arms;
 pub mod chart;
 pub mod compare;
