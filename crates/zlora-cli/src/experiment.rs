@@ -28,8 +28,9 @@ pub struct Args {
     /// folder zlora made.
     #[arg(long, conflicts_with_all = ["arm", "arm_index"])]
     force: bool,
-    /// Print progress as JSON lines on stdout (training, step, validating, image, then
-    /// done, stopped or failed) instead of bars; docs/serve.md lists the events.
+    /// Print progress as JSON lines on stdout (training, step, validating, image, with
+    /// `--gpus` arm, then done, stopped or failed) instead of bars; docs/serve.md and
+    /// docs/sweep.md list the events.
     #[arg(long, value_enum)]
     events: Option<EventFormat>,
 }
