@@ -1,11 +1,12 @@
 //! `zlora validate` and `zlora experiment` end to end on two tiny models (a Base-like one with
 //! shift 6 and a Turbo-like one with shift 3): outputs, parameters in every PNG, identical
 //! noise across variants, verdicts with known answers, the report in a real browser, the
-//! checkpoint sweep, and an experiment that resumes.
+//! checkpoint sweep, and an experiment that resumes and runs the same in one process, as
+//! three CPU child processes at once and as a Slurm job array run task by task.
 
 mod common;
 
-use common::{crop, find, stdout, tiny_base_and_turbo, zlora};
+use common::{crop, event_lines, find, lora_contents, stdout, tiny_base_and_turbo, zlora};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,6 +104,44 @@ impl Setup {
         let file = self.path(&format!("{name}.safetensors"));
         save(&file, &map, Layout::AiToolkit, DType::F32, &meta, false).unwrap();
         file.to_str().unwrap().to_string()
+    }
+
+    /// The experiment's training adapter and DistillPatch.
+    fn adapter_and_patch(&self) -> (String, String) {
+        let adapter = self.lora(
+            "adapter",
+            &["feed_forward.w1", "feed_forward.w3"],
+            Up::Random(0.3),
+            None,
+        );
+        (
+            adapter,
+            self.lora("patch", &ATTENTION, Up::Random(0.3), None),
+        )
+    }
+
+    /// Writes `NAME.toml`, a tiny experiment plan into the folder `NAME`; its path.
+    fn experiment_plan(&self, name: &str, (adapter, patch): &(String, String)) -> String {
+        let plan = self.path(&format!("{name}.toml"));
+        std::fs::write(
+            &plan,
+            format!(
+                "output = \"{}\"\nbase = \"{}\"\nturbo = \"{}\"\ntraining_adapter = \"{adapter}\"\n\
+                 distill_patch = \"{patch}\"\nbase_dtype = \"f32\"\n\
+                 [dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n\
+                 [lora]\nrank = 2\nalpha = 2\n\
+                 [train]\nsteps = 2\nlearning_rate = 1e-2\nbatch_size = 2\nsave_every = 2\n\
+                 [render]\nprompts = [\"zkchar\"]\nseeds = [1, 2]\nwidth = 32\nheight = 32\n\
+                 [sampling.base]\nsteps = 4\nguidance = 2.0\n\
+                 [sampling.turbo_long]\nsteps = 6\nguidance = 0.0\n",
+                self.p(name),
+                self.p("base"),
+                self.p("turbo"),
+                self.p("data")
+            ),
+        )
+        .unwrap();
+        plan.to_str().unwrap().to_string()
     }
 }
 
@@ -450,46 +489,6 @@ fn a_checkpoint_sweep_charts_the_metrics_and_names_the_best_step() {
     assert_eq!(last["event"], "failed");
 }
 
-impl Setup {
-    /// The experiment's training adapter and DistillPatch.
-    fn adapter_and_patch(&self) -> (String, String) {
-        let adapter = self.lora(
-            "adapter",
-            &["feed_forward.w1", "feed_forward.w3"],
-            Up::Random(0.3),
-            None,
-        );
-        (
-            adapter,
-            self.lora("patch", &ATTENTION, Up::Random(0.3), None),
-        )
-    }
-
-    /// Writes `NAME.toml`, a tiny experiment plan into the folder `NAME`; its path.
-    fn experiment_plan(&self, name: &str, (adapter, patch): &(String, String)) -> String {
-        let plan = self.path(&format!("{name}.toml"));
-        std::fs::write(
-            &plan,
-            format!(
-                "output = \"{}\"\nbase = \"{}\"\nturbo = \"{}\"\ntraining_adapter = \"{adapter}\"\n\
-                 distill_patch = \"{patch}\"\nbase_dtype = \"f32\"\n\
-                 [dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n\
-                 [lora]\nrank = 2\nalpha = 2\n\
-                 [train]\nsteps = 2\nlearning_rate = 1e-2\nbatch_size = 2\nsave_every = 2\n\
-                 [render]\nprompts = [\"zkchar\"]\nseeds = [1, 2]\nwidth = 32\nheight = 32\n\
-                 [sampling.base]\nsteps = 4\nguidance = 2.0\n\
-                 [sampling.turbo_long]\nsteps = 6\nguidance = 0.0\n",
-                self.p(name),
-                self.p("base"),
-                self.p("turbo"),
-                self.p("data")
-            ),
-        )
-        .unwrap();
-        plan.to_str().unwrap().to_string()
-    }
-}
-
 #[test]
 fn an_experiment_trains_three_ways_validates_compares_and_resumes() {
     let s = Setup::new();
@@ -578,22 +577,6 @@ fn an_experiment_trains_three_ways_validates_compares_and_resumes() {
     let base = &done["results"][0]["base"];
     assert_eq!(base["verdict"], metrics.verdicts.base.verdict.label());
     assert_eq!(base["effect"].as_f64(), Some(metrics.verdicts.base.effect));
-}
-
-/// The JSON lines of a run's stdout.
-fn event_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
-
-/// A safetensors file's tensors: its header (as JSON) and data bytes.
-fn lora_contents(path: &Path) -> (serde_json::Value, Vec<u8>) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header, bytes[8 + n..].to_vec())
 }
 
 const WAYS: [&str; 3] = ["base", "turbo-adapter", "turbo-direct"];
