@@ -27,7 +27,8 @@ pub struct Placement {
     /// (`0,1` gives ZLORA_DEVICE=cuda:0 and cuda:1) or `cpu` (`cpu,cpu`: two arms at once).
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["arm", "arm_index", "emit"])]
     gpus: Vec<String>,
-    /// Write OUTPUT/COMMAND.sbatch, a Slurm job array of one task per arm, instead of running.
+    /// Write OUTPUT/sweep.sbatch (or experiment.sbatch), a Slurm job array of one task per
+    /// arm, instead of running.
     #[arg(long, value_enum, conflicts_with_all = ["arm", "arm_index"])]
     emit: Option<Emit>,
     /// Run only the arm of this name, in a set prepared from the same plan.
