@@ -1,7 +1,8 @@
 //! `zlora experiment PLAN.toml [--force] [--events json]`, and the display of arms' progress
-//! that `sweep` shares. SIGTERM or SIGINT stops an experiment cleanly: a training finishes its
-//! step and writes a checkpoint, a validation in progress finishes first; it exits with
-//! [`STOPPED`] and a rerun continues.
+//! that `sweep` shares. Run in this process, SIGTERM or SIGINT stops an experiment cleanly: a
+//! training finishes its step and writes a checkpoint, a validation in progress finishes
+//! first; it exits with [`STOPPED`] and a rerun continues. `--gpus`, `--arm`, `--arm-index`
+//! and `--emit slurm` place the three arms as `sweep` does ([`crate::arm_set`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use serde_json::json;
 use zlora::validate::arms::Event;
 use zlora::validate::experiment::{experiment, ExperimentOutcome, ExperimentPlan};
 
+use crate::arm_set::{self, Placed, Placement};
 use crate::events::{self, EventFormat, TrainEvents};
 use crate::train::{stop_on_signals, TrainDisplay, STOPPED};
 use crate::validate::show;
@@ -20,12 +22,15 @@ use crate::validate::show;
 pub struct Args {
     /// The experiment plan (TOML; see docs/validation.md).
     plan: PathBuf,
+    #[command(flatten)]
+    placement: Placement,
     /// Delete the output folder and start over (otherwise finished parts are kept); only a
     /// folder zlora made.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["arm", "arm_index"])]
     force: bool,
-    /// Print progress as JSON lines on stdout (training, step, validating, image, then
-    /// done, stopped or failed) instead of bars; docs/serve.md lists the events.
+    /// Print progress as JSON lines on stdout (training, step, validating, image, with
+    /// `--gpus` arm, then done, stopped or failed) instead of bars; docs/serve.md and
+    /// docs/sweep.md list the events.
     #[arg(long, value_enum)]
     events: Option<EventFormat>,
 }
@@ -40,18 +45,29 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 }
 
 fn run_experiment(a: Args) -> anyhow::Result<ExitCode> {
-    let plan = ExperimentPlan::from_file(&a.plan)?;
-    let text = std::fs::read_to_string(&a.plan)
-        .with_context(|| format!("{}: cannot read", a.plan.display()))?;
-    let stop = Some(stop_on_signals()?);
+    let (plan, placed) = a.placement.placed(|| ExperimentPlan::from_file(&a.plan))?;
     let json = a.events.is_some();
+    match placed {
+        Placed::InProcess => return run_in_process(&plan, a.force, json),
+        Placed::Slurm => arm_set::emit_slurm(&plan, a.force, json)?,
+        Placed::One(i) => arm_set::run_one(&plan, i, json, show_results)?,
+        Placed::Devices(devices) => {
+            let outcome = arm_set::run_all(&a.plan, &plan, &devices, a.force, json)?;
+            show_results(&outcome, json);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The three arms in turn in this process, stopped cleanly by SIGTERM or SIGINT.
+fn run_in_process(plan: &ExperimentPlan, force: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let stop = Some(stop_on_signals()?);
     let mut progress = ArmProgress::new(json);
-    let outcome = experiment(&plan, &text, a.force, stop, &mut |e| progress.show(e))
-        .context("experiment failed")?;
+    let outcome =
+        experiment(plan, force, stop, &mut |e| progress.show(e)).context("experiment failed")?;
     progress.finish();
     match (&outcome, json) {
-        (Some(o), true) => events::done(json!({"report": o.report, "results": results_json(o)})),
-        (Some(o), false) => print_results(o),
+        (Some(o), _) => show_results(o, json),
         (None, true) => events::emit(json!({"event": "stopped"})),
         (None, false) => eprintln!("stopped; run the same command again to continue"),
     }
@@ -59,6 +75,14 @@ fn run_experiment(a: Args) -> anyhow::Result<ExitCode> {
         Some(_) => ExitCode::SUCCESS,
         None => ExitCode::from(STOPPED),
     })
+}
+
+/// The `done` event with each way's verdicts, or a line per way and the report's path.
+fn show_results(outcome: &ExperimentOutcome, json: bool) {
+    match json {
+        true => events::done(json!({"report": outcome.report, "results": results_json(outcome)})),
+        false => print_results(outcome),
+    }
 }
 
 fn print_results(outcome: &ExperimentOutcome) {

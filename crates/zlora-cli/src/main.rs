@@ -1,6 +1,7 @@
 //! `zlora`: the command line. This file only parses arguments and dispatches; each command
 //! lives in its own file and calls the library.
 
+mod arm_set;
 mod caption;
 mod demo;
 mod doctor;

@@ -7,7 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{copy_tree, stderr, tiny_base_and_turbo, zlora, zlora_env};
+use common::{
+    copy_tree, event_lines, lora_contents, stderr, tiny_base_and_turbo, zlora, zlora_env,
+};
 use serde_json::Value;
 
 /// A temp folder with the two tiny models and a synthetic dataset in `data`.
@@ -58,22 +60,6 @@ impl Setup {
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_string()
     }
-}
-
-/// The JSON lines of a run's stdout.
-fn event_lines(out: &std::process::Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
-}
-
-/// A safetensors file's header (as JSON, so metadata order does not matter) and data bytes.
-fn lora_contents(path: &Path) -> (Value, Vec<u8>) {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    (header, bytes[8 + n..].to_vec())
 }
 
 fn modified(path: &Path) -> std::time::SystemTime {

@@ -1,11 +1,12 @@
 //! `zlora validate` and `zlora experiment` end to end on two tiny models (a Base-like one with
 //! shift 6 and a Turbo-like one with shift 3): outputs, parameters in every PNG, identical
 //! noise across variants, verdicts with known answers, the report in a real browser, the
-//! checkpoint sweep, and an experiment that resumes.
+//! checkpoint sweep, and an experiment that resumes and runs the same in one process, as
+//! three CPU child processes at once and as a Slurm job array run task by task.
 
 mod common;
 
-use common::{crop, find, stdout, tiny_base_and_turbo, zlora};
+use common::{crop, event_lines, find, lora_contents, stdout, tiny_base_and_turbo, zlora};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,6 +104,44 @@ impl Setup {
         let file = self.path(&format!("{name}.safetensors"));
         save(&file, &map, Layout::AiToolkit, DType::F32, &meta, false).unwrap();
         file.to_str().unwrap().to_string()
+    }
+
+    /// The experiment's training adapter and DistillPatch.
+    fn adapter_and_patch(&self) -> (String, String) {
+        let adapter = self.lora(
+            "adapter",
+            &["feed_forward.w1", "feed_forward.w3"],
+            Up::Random(0.3),
+            None,
+        );
+        (
+            adapter,
+            self.lora("patch", &ATTENTION, Up::Random(0.3), None),
+        )
+    }
+
+    /// Writes `NAME.toml`, a tiny experiment plan into the folder `NAME`; its path.
+    fn experiment_plan(&self, name: &str, (adapter, patch): &(String, String)) -> String {
+        let plan = self.path(&format!("{name}.toml"));
+        std::fs::write(
+            &plan,
+            format!(
+                "output = \"{}\"\nbase = \"{}\"\nturbo = \"{}\"\ntraining_adapter = \"{adapter}\"\n\
+                 distill_patch = \"{patch}\"\nbase_dtype = \"f32\"\n\
+                 [dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n\
+                 [lora]\nrank = 2\nalpha = 2\n\
+                 [train]\nsteps = 2\nlearning_rate = 1e-2\nbatch_size = 2\nsave_every = 2\n\
+                 [render]\nprompts = [\"zkchar\"]\nseeds = [1, 2]\nwidth = 32\nheight = 32\n\
+                 [sampling.base]\nsteps = 4\nguidance = 2.0\n\
+                 [sampling.turbo_long]\nsteps = 6\nguidance = 0.0\n",
+                self.p(name),
+                self.p("base"),
+                self.p("turbo"),
+                self.p("data")
+            ),
+        )
+        .unwrap();
+        plan.to_str().unwrap().to_string()
     }
 }
 
@@ -453,33 +492,8 @@ fn a_checkpoint_sweep_charts_the_metrics_and_names_the_best_step() {
 #[test]
 fn an_experiment_trains_three_ways_validates_compares_and_resumes() {
     let s = Setup::new();
-    let adapter = s.lora(
-        "adapter",
-        &["feed_forward.w1", "feed_forward.w3"],
-        Up::Random(0.3),
-        None,
-    );
-    let patch = s.lora("patch", &ATTENTION, Up::Random(0.3), None);
-    let plan = s.path("experiment.toml");
-    std::fs::write(
-        &plan,
-        format!(
-            "output = \"{}\"\nbase = \"{}\"\nturbo = \"{}\"\ntraining_adapter = \"{adapter}\"\n\
-             distill_patch = \"{patch}\"\nbase_dtype = \"f32\"\n\
-             [dataset]\npath = \"{}\"\nresolution = 32\ntrigger = \"zkchar\"\n\
-             [lora]\nrank = 2\nalpha = 2\n\
-             [train]\nsteps = 2\nlearning_rate = 1e-2\nbatch_size = 2\nsave_every = 2\n\
-             [render]\nprompts = [\"zkchar\"]\nseeds = [1, 2]\nwidth = 32\nheight = 32\n\
-             [sampling.base]\nsteps = 4\nguidance = 2.0\n\
-             [sampling.turbo_long]\nsteps = 6\nguidance = 0.0\n",
-            s.p("exp"),
-            s.p("base"),
-            s.p("turbo"),
-            s.p("data")
-        ),
-    )
-    .unwrap();
-    let plan = plan.to_str().unwrap();
+    let plan = s.experiment_plan("exp", &s.adapter_and_patch());
+    let plan = plan.as_str();
     let first = zlora(&["experiment", plan]);
     assert!(
         first.status.success(),
@@ -563,4 +577,137 @@ fn an_experiment_trains_three_ways_validates_compares_and_resumes() {
     let base = &done["results"][0]["base"];
     assert_eq!(base["verdict"], metrics.verdicts.base.verdict.label());
     assert_eq!(base["effect"].as_f64(), Some(metrics.verdicts.base.effect));
+}
+
+const WAYS: [&str; 3] = ["base", "turbo-adapter", "turbo-direct"];
+
+#[test]
+fn an_experiment_runs_its_arms_on_three_devices_at_once_or_as_a_slurm_array() {
+    let s = Setup::new();
+    let files = s.adapter_and_patch();
+    let serial = s.experiment_plan("serial", &files);
+    let done = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        event_lines(out).last().unwrap().clone()
+    };
+    let in_process = done(&zlora(&["experiment", &serial, "--events", "json"]));
+
+    // Three CPU child processes at once: the same LoRAs, verdicts and report.
+    let parallel = s.experiment_plan("parallel", &files);
+    let run = zlora(&[
+        "experiment",
+        &parallel,
+        "--gpus",
+        "cpu,cpu,cpu",
+        "--events",
+        "json",
+    ]);
+    let states: Vec<serde_json::Value> = event_lines(&run)
+        .iter()
+        .filter(|e| e["event"] == "arm")
+        .map(|e| {
+            assert_eq!(e["device"], "cpu");
+            e["state"].clone()
+        })
+        .collect();
+    assert_eq!(
+        states,
+        ["started", "started", "started", "finished", "finished", "finished"],
+        "the three arms ran at once"
+    );
+    let by_devices = done(&run);
+    assert_eq!(by_devices["results"], in_process["results"]);
+    let p = s.path("parallel");
+    assert_eq!(
+        PathBuf::from(by_devices["report"].as_str().unwrap()),
+        p.join("report.html")
+    );
+    let html = std::fs::read_to_string(p.join("report.html")).unwrap();
+    assert!(html.contains("validation/turbo-direct/report.html"));
+    let lora =
+        |dir: &Path, way: &str| lora_contents(&dir.join(format!("runs/{way}/lora.safetensors")));
+    for way in WAYS {
+        let log = std::fs::read_to_string(p.join(format!("logs/{way}.log"))).unwrap();
+        assert!(log.contains("device: CPU"), "{log}");
+        assert!(
+            lora(&p, way) == lora(&s.path("serial"), way),
+            "{way}: the same LoRA as in one process"
+        );
+    }
+    // A rerun skips the finished arms.
+    let trained = std::fs::metadata(p.join("runs/base/lora.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(
+        done(&zlora(&[
+            "experiment",
+            &parallel,
+            "--gpus",
+            "cpu,cpu,cpu",
+            "--events",
+            "json"
+        ]))["results"],
+        in_process["results"]
+    );
+    for way in WAYS {
+        let log = std::fs::read_to_string(p.join(format!("logs/{way}.log"))).unwrap();
+        assert!(
+            log.contains("finished earlier, not repeated")
+                && log.contains("validated earlier, not repeated"),
+            "{log}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(p.join("runs/base/lora.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        trained
+    );
+
+    // A Slurm job array: the script, then each task in turn; the report after the last.
+    let slurm = s.experiment_plan("slurm", &files);
+    let out = s.path("slurm");
+    let script_path = stdout(&zlora(&["experiment", &slurm, "--emit", "slurm"]));
+    assert_eq!(Path::new(&script_path), out.join("experiment.sbatch"));
+    let script = std::fs::read_to_string(&script_path).unwrap();
+    for line in [
+        "#!/bin/bash",
+        "#SBATCH --job-name=zlora-experiment",
+        "#SBATCH --array=0-2",
+        "#SBATCH --gres=gpu:1",
+        &format!(
+            "exec '{}' experiment '{slurm}' --arm-index \"$SLURM_ARRAY_TASK_ID\"",
+            env!("CARGO_BIN_EXE_zlora")
+        ),
+    ] {
+        assert!(script.lines().any(|l| l == line), "{line} in\n{script}");
+    }
+    for (index, way) in WAYS.iter().enumerate() {
+        assert!(!out.join("report.html").exists(), "before task {index}");
+        let task = zlora(&["experiment", &slurm, "--arm-index", &index.to_string()]);
+        let printed = stdout(&task);
+        assert_eq!(
+            printed.contains("finished; other arms have not yet"),
+            index < 2,
+            "{printed}"
+        );
+        assert!(lora(&out, way) == lora(&s.path("serial"), way), "{way}");
+    }
+    assert!(out.join("report.html").is_file());
+    let bad = zlora(&["experiment", &slurm, "--arm-index", "3"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("arm index 3 is out of range"));
+    let unprepared = s.experiment_plan("unprepared", &files);
+    let refused = zlora(&["experiment", &unprepared, "--arm", "base"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is not prepared for this experiment"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }

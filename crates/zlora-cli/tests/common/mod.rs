@@ -203,3 +203,19 @@ pub fn python_json(package: &str, script: &std::path::Path, args: &[&OsStr]) -> 
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The JSON lines of a run's stdout.
+pub fn event_lines(out: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// A safetensors file's header (as JSON, so metadata order does not matter) and data bytes.
+pub fn lora_contents(path: &std::path::Path) -> (serde_json::Value, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::arm_set::ArmSet;
 use super::arms::{Arm, ArmValues};
 use super::chart::{line_chart, Series};
 use super::findings::effect_state;

@@ -7,13 +7,15 @@
 //! and a finished validation are not repeated; an interrupted run continues from its newest
 //! checkpoint. A stop (a flag the caller sets, e.g. on SIGTERM) ends a training after its
 //! step with a checkpoint, and a validation in progress when that validation ends; a rerun
-//! continues from there.
+//! continues from there. The arms form an [`ArmSet`], so they may also run one per device
+//! or as a Slurm job array ([`super::arm_set`]); the last to finish writes the report.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use super::arms::{run_arm, Arm, ArmValues, ArmsPlan, Event};
+use super::arm_set::{self, ArmOutcome, ArmSet};
+use super::arms::{self, Arm, ArmValues, ArmsPlan, Event};
 use super::findings::effect_state;
 use super::html::{Cell, Page, State};
 use super::metrics::EffectCheck;
@@ -33,6 +35,7 @@ pub struct ExperimentPlan {
     pub plan: ArmsPlan,
     /// One arm per way, in [`WAYS`] order.
     pub arms: Vec<Arm>,
+    pub text: String,
 }
 
 pub struct ExperimentOutcome {
@@ -67,44 +70,96 @@ impl ExperimentPlan {
                 .collect()
         };
         let arms = check().map_err(|e| Error::bad_file(path, e.to_string()))?;
-        Ok(Self { plan, arms })
+        Ok(Self {
+            plan,
+            arms,
+            text: text.to_string(),
+        })
     }
 }
 
-const PLAN_COPY: &str = "plan.toml";
+impl ArmSet for ExperimentPlan {
+    type Report = ExperimentOutcome;
+    const COMMAND: &'static str = "experiment";
 
-/// Runs the experiment; `None` when `stop` was set before its end (a rerun continues).
+    fn plan(&self) -> &ArmsPlan {
+        &self.plan
+    }
+
+    fn arms(&self) -> &[Arm] {
+        &self.arms
+    }
+
+    fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// `report.html`, the three ways compared.
+    fn write_report(&self, records: &[Record]) -> Result<ExperimentOutcome> {
+        let results: Vec<(Mode, Record)> = WAYS.into_iter().zip(records.iter().cloned()).collect();
+        let path = self.output().join("report.html");
+        write_atomic(&path, report(self, &results)?.as_bytes(), true)?;
+        Ok(ExperimentOutcome {
+            report: path,
+            results,
+        })
+    }
+
+    /// Each way's validation record, beside the report.
+    fn written_report(&self) -> Result<ExperimentOutcome> {
+        let report = self.output().join("report.html");
+        if !report.is_file() {
+            return Err(Error::bad_file(
+                &report,
+                "is missing: the experiment's arms have not all finished; run it again",
+            ));
+        }
+        let mut results = Vec::new();
+        for (way, arm) in WAYS.into_iter().zip(&self.arms) {
+            let record = arms::finished(arm)?.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "arm {}: not finished; run the experiment again",
+                    arm.name
+                ))
+            })?;
+            results.push((way, record));
+        }
+        Ok(ExperimentOutcome { report, results })
+    }
+}
+
+/// Runs the experiment's arms one after another in this process; `None` when `stop` was set
+/// before its end (a rerun continues).
 pub fn experiment(
     plan: &ExperimentPlan,
-    plan_text: &str,
     force: bool,
     stop: Option<Arc<AtomicBool>>,
     events: &mut dyn FnMut(Event),
 ) -> Result<Option<ExperimentOutcome>> {
-    let _claimed = plan.plan.claim_output("experiment", &plan.arms, force)?;
-    write_atomic(
-        &plan.plan.output.join(PLAN_COPY),
-        plan_text.as_bytes(),
-        true,
-    )?;
-    let mut results = Vec::new();
-    for (way, arm) in WAYS.into_iter().zip(&plan.arms) {
-        match run_arm(arm, stop.as_ref(), events)? {
-            Some(record) => results.push((way, record)),
-            None => return Ok(None),
+    let _claimed = arm_set::prepare(plan, force)?;
+    let mut outcome = None;
+    // Every arm, even when an earlier one completes the set: a rerun checks each arm (and
+    // continues one whose output is missing) before the report stands.
+    for index in 0..plan.arms.len() {
+        match arm_set::run_one(plan, index, stop.as_ref(), events)? {
+            ArmOutcome::Stopped => return Ok(None),
+            ArmOutcome::Finished => {}
+            ArmOutcome::Completed(o) => outcome = Some(o),
         }
     }
-    let html = report(plan, &results, plan_text)?;
-    let path = plan.plan.output.join("report.html");
-    write_atomic(&path, html.as_bytes(), true)?;
-    Ok(Some(ExperimentOutcome {
-        report: path,
-        results,
-    }))
+    // The last arm's completion record makes the set complete unless an earlier arm's
+    // output changed while this one ran.
+    outcome.map(Some).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: an arm's output changed while the experiment ran; run it again",
+            plan.output().display()
+        ))
+    })
 }
 
 /// The comparison page: one row per way, then each way's sheets and a link to its report.
-fn report(plan: &ExperimentPlan, results: &[(Mode, Record)], plan_text: &str) -> Result<String> {
+fn report(plan: &ExperimentPlan, results: &[(Mode, Record)]) -> Result<String> {
+    let plan_text = &plan.text;
     let plan = &plan.plan;
     let title = format!("zlora experiment: {}", plan.output.display());
     let mut page = Page::new(&title);

@@ -3,20 +3,17 @@
 //! then compared in one report ([`super::compare`]). (The checkpoint sweep of one run is
 //! [`super::sweep`].)
 //!
-//! Arms may run in this process one after another, as child processes one per device, or as
-//! the tasks of a Slurm job array. However they run, each arm that finishes records its
-//! completion in `OUTPUT/finished/` under the sweep's lock, and the arm whose completion
-//! makes the set complete builds the report: the report is written once, by the last arm.
+//! The arms run as an [`ArmSet`] ([`super::arm_set`]): in this process, one per device, or
+//! as a Slurm job array; the last arm to finish writes the comparison.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::arms::{self, run_arm, Arm, ArmValues, ArmsPlan, Event};
+use super::arm_set::ArmSet;
+use super::arms::{Arm, ArmValues, ArmsPlan};
 use super::compare::{self, SweepSummary};
-use crate::fsutil::write_atomic;
-use crate::outdir::{self, OutputDir};
+use super::run::Record;
 use crate::{Error, Result};
 
 /// A sweep's axes: every combination of the listed values is an arm, the first axis
@@ -81,14 +78,6 @@ pub struct SweepPlan {
     pub text: String,
 }
 
-/// The plan's copy in the output folder: arms run by index or name check against it.
-const PLAN_COPY: &str = "plan.toml";
-/// Completion records, one `NAME.json` per finished arm.
-const FINISHED: &str = "finished";
-/// Held while an arm records its completion and, if it completes the set, writes the report.
-const LOCK: &str = ".sweep-lock";
-pub const SLURM_SCRIPT: &str = "sweep.sbatch";
-
 impl SweepPlan {
     pub fn from_file(path: &Path) -> Result<Self> {
         Self::parse(path, &crate::fsutil::read_text(path)?)
@@ -105,41 +94,35 @@ impl SweepPlan {
             text: text.to_string(),
         })
     }
+}
 
-    pub fn output(&self) -> &Path {
-        &self.plan.output
+impl ArmSet for SweepPlan {
+    type Report = SweepSummary;
+    const COMMAND: &'static str = "sweep";
+
+    fn plan(&self) -> &ArmsPlan {
+        &self.plan
     }
 
-    /// The index of the arm named `name`, or an error listing the names.
-    pub fn index_of(&self, name: &str) -> Result<usize> {
-        self.arms
-            .iter()
-            .position(|a| a.name == name)
-            .ok_or_else(|| {
-                let names: Vec<&str> = self.arms.iter().map(|a| a.name.as_str()).collect();
-                Error::Invalid(format!(
-                    "the plan has no arm {name:?} (its arms: {})",
-                    names.join(", ")
-                ))
-            })
+    fn arms(&self) -> &[Arm] {
+        &self.arms
     }
 
-    /// The arm of a job array's task index, or an error naming the range.
-    pub fn check_index(&self, index: usize) -> Result<()> {
-        if index < self.arms.len() {
-            return Ok(());
-        }
-        Err(Error::Invalid(format!(
-            "arm index {index} is out of range: the plan has {} arms (0-{})",
-            self.arms.len(),
-            self.arms.len() - 1
-        )))
+    fn text(&self) -> &str {
+        &self.text
     }
 
-    fn finished_record(&self, arm: &Arm) -> PathBuf {
-        self.output()
-            .join(FINISHED)
-            .join(format!("{}.json", arm.name))
+    /// The comparison: `report.html`, `loss.png` and `sweep.json`.
+    fn write_report(&self, records: &[Record]) -> Result<SweepSummary> {
+        compare::write_report(self, records)
+    }
+
+    /// `sweep.json`.
+    fn written_report(&self) -> Result<SweepSummary> {
+        let path = self.output().join("sweep.json");
+        let text = crate::fsutil::read_text(&path)?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::bad_file(&path, format!("not a sweep summary: {e}")))
     }
 }
 
@@ -175,140 +158,6 @@ fn build_arms(plan: &ArmsPlan) -> Result<Vec<Arm>> {
         arms.push(plan.arm(&name, v)?);
     }
     Ok(arms)
-}
-
-/// Claims the output folder for a whole sweep (this process, or its child processes) and
-/// writes the plan's copy; with `force`, a folder zlora made is started over.
-pub fn prepare(plan: &SweepPlan, force: bool) -> Result<OutputDir> {
-    let claimed = plan.plan.claim_output("sweep", &plan.arms, force)?;
-    write_atomic(&plan.output().join(PLAN_COPY), plan.text.as_bytes(), true)?;
-    Ok(claimed)
-}
-
-/// For one arm run on its own (`--arm`, `--arm-index`): the output folder must be this
-/// sweep's, prepared from the same plan text (by the whole sweep or `--emit slurm`), so that
-/// every task agrees on the arms and their indices.
-pub fn check_prepared(plan: &SweepPlan) -> Result<()> {
-    let out = plan.output();
-    let copy = out.join(PLAN_COPY);
-    if outdir::made_by(out).as_deref() != Some("sweep") || !copy.is_file() {
-        return Err(Error::bad_file(
-            out,
-            "is not prepared for this sweep: run `zlora sweep PLAN --emit slurm` (or the whole sweep) first",
-        ));
-    }
-    let text = std::fs::read_to_string(&copy).map_err(|e| Error::io(&copy, e))?;
-    if text != plan.text {
-        return Err(Error::bad_file(
-            &copy,
-            "differs from the plan given: the sweep was prepared from another plan; prepare it again (`--emit slurm`)",
-        ));
-    }
-    Ok(())
-}
-
-/// Runs one arm (skipping what finished earlier), records its completion and, when that
-/// completes the set, writes the report and `sweep.json`.
-pub fn run_one(
-    plan: &SweepPlan,
-    index: usize,
-    events: &mut dyn FnMut(Event),
-) -> Result<Option<SweepSummary>> {
-    plan.check_index(index)?;
-    let arm = &plan.arms[index];
-    // Sweeps stop by their processes ending: an arm without a stop flag runs to its end.
-    let record = run_arm(arm, None, events)?
-        .ok_or_else(|| Error::Invalid(format!("arm {}: stopped before its end", arm.name)))?;
-    let lock = hold_lock(plan.output())?;
-    let path = plan.finished_record(arm);
-    let json = serde_json::json!({"arm": arm.name, "lora_blake3": record.lora_blake3});
-    write_atomic(&path, json.to_string().as_bytes(), true)?;
-    let summary = complete_set(plan)?
-        .map(|records| compare::write_report(plan, &records))
-        .transpose()?;
-    drop(lock);
-    if let Some(s) = &summary {
-        events(Event::Message(format!(
-            "every arm finished: {}",
-            s.report.display()
-        )));
-    }
-    Ok(summary)
-}
-
-/// Every arm's validation record when each has recorded its completion and is still
-/// finished (a stale record of an arm whose plan changed does not count).
-fn complete_set(plan: &SweepPlan) -> Result<Option<Vec<super::run::Record>>> {
-    let mut records = Vec::new();
-    for arm in &plan.arms {
-        if !plan.finished_record(arm).is_file() {
-            return Ok(None);
-        }
-        match arms::finished(arm)? {
-            Some(r) => records.push(r),
-            None => return Ok(None),
-        }
-    }
-    Ok(Some(records))
-}
-
-/// The sweep's lock, waited for: arms finishing at the same time record their completion
-/// one after the other.
-fn hold_lock(out: &Path) -> Result<File> {
-    let path = out.join(LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    file.lock().map_err(|e| Error::io(&path, e))?;
-    Ok(file)
-}
-
-/// Writes `OUTPUT/sweep.sbatch`: a Slurm job array of one task per arm, one GPU each, in the
-/// folder the sweep was planned from (relative paths in the plan stay right); `zlora` is
-/// this executable. Prepares the output folder first (as a whole sweep would).
-pub fn emit_slurm(plan: &SweepPlan, zlora: &Path, force: bool) -> Result<PathBuf> {
-    let _claimed = prepare(plan, force)?;
-    let here = std::env::current_dir().map_err(|e| Error::io(".", e))?;
-    let source = plan
-        .plan
-        .source
-        .as_deref()
-        .ok_or_else(|| Error::Invalid("the plan was not read from a file".into()))?;
-    let plan_file = here.join(source);
-    let logs = here.join(plan.output()).join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| Error::io(&logs, e))?;
-    let script = format!(
-        "#!/bin/bash\n\
-         # zlora sweep: one array task per arm (0-{last}); each trains and validates its arm,\n\
-         # and the task that completes the set writes {out}/report.html.\n\
-         # Submit: sbatch {script}. Resubmitting reruns only the arms that did not finish.\n\
-         #SBATCH --job-name=zlora-sweep\n\
-         #SBATCH --array=0-{last}\n\
-         #SBATCH --ntasks=1\n\
-         #SBATCH --gres=gpu:1\n\
-         #SBATCH --chdir={here}\n\
-         #SBATCH --output={logs}/slurm-%A_%a.log\n\
-         set -euo pipefail\n\
-         exec {zlora} sweep {plan} --arm-index \"$SLURM_ARRAY_TASK_ID\"\n",
-        last = plan.arms.len() - 1,
-        out = shell_quote(&here.join(plan.output())),
-        script = shell_quote(&here.join(plan.output()).join(SLURM_SCRIPT)),
-        here = here.display(),
-        logs = logs.display(),
-        zlora = shell_quote(zlora),
-        plan = shell_quote(&plan_file),
-    );
-    let path = plan.output().join(SLURM_SCRIPT);
-    write_atomic(&path, script.as_bytes(), true)?;
-    Ok(path)
-}
-
-/// A path as one single-quoted shell word.
-fn shell_quote(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
 }
 
 #[cfg(test)]

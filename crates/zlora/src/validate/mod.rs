@@ -6,13 +6,15 @@
 //! - [`sweep::sweep`]: every checkpoint of a training run on the run's model, with a chart of
 //!   the metrics against step and the step that balances effect and sharpness best.
 //! - [`arms`]: trainings that share a plan and differ in a few values, each trained and
-//!   validated; finished parts are not repeated. [`experiment::experiment`] runs the
-//!   workflow's three ways as arms; [`grid`] (`zlora sweep`) a grid or list of arms, in this
-//!   process, one per device or as a Slurm job array, compared by [`compare`].
+//!   validated; finished parts are not repeated. [`experiment`] is the workflow's three ways
+//!   as arms; [`grid`] (`zlora sweep`) a grid or list of arms, compared by [`compare`]. Both
+//!   are an [`arm_set::ArmSet`]: their arms run in this process, one per device or as a Slurm
+//!   job array, and the last to finish writes the report.
 //!
 //! Each loads a model once and switches adapters by name between variants; images keep their
 //! parameters in their PNG; reports are single self-contained HTML files.
 
+pub mod arm_set;
 pub mod arms;
 pub mod chart;
 pub mod compare;
