@@ -5,7 +5,9 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
@@ -14,6 +16,7 @@ use zlora::validate::arm_set::{self, ArmOutcome, ArmSet};
 
 use crate::events;
 use crate::experiment::ArmProgress;
+use crate::train::{stop_on_signals, STOPPED};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Emit {
@@ -108,45 +111,49 @@ pub fn emit_slurm<S: ArmSet>(set: &S, force: bool, json: bool) -> anyhow::Result
 }
 
 /// One arm of a prepared set; `show` prints the report when this arm completed the set.
+/// SIGTERM or SIGINT stops it cleanly (its training checkpoints; exit status 130).
 pub fn run_one<S: ArmSet>(
     set: &S,
     index: usize,
     json: bool,
     show: fn(&S::Report, bool),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ExitCode> {
     arm_set::check_prepared(set)?;
+    let stop = stop_on_signals()?;
     let name = &set.arms()[index].name;
-    match run_arm(set, index, json).with_context(|| format!("arm {name} failed"))? {
-        Some(report) => {
-            show(&report, json);
-            Ok(())
-        }
-        None => finish(
+    match run_arm(set, index, json, &stop).with_context(|| format!("arm {name} failed"))? {
+        ArmOutcome::Completed(report) => show(&report, json),
+        ArmOutcome::Finished => finish(
             json,
             json!({"arm": name}),
             &format!("{name}: finished; other arms have not yet"),
-        ),
+        )?,
+        ArmOutcome::Stopped => return Ok(stopped(json)),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs every arm, in this process one after another (`devices` empty; an arm that fails
 /// does not stop the others) or as child processes one per device, in a folder claimed
-/// for the set; then reads back the report the last arm wrote.
+/// for the set; then reads back the report the last arm wrote. `None` when SIGTERM or
+/// SIGINT stopped it: the arms in progress checkpoint, no other starts.
 pub fn run_all<S: ArmSet>(
     plan_file: &Path,
     set: &S,
     devices: &[String],
     force: bool,
     json: bool,
-) -> anyhow::Result<S::Report> {
+) -> anyhow::Result<Option<S::Report>> {
     let _claimed = arm_set::prepare(set, force)?;
-    let failed = if devices.is_empty() {
-        (0..set.arms().len())
-            .filter(|&i| run_arm(set, i, json).is_err())
-            .map(|i| set.arms()[i].name.clone())
-            .collect()
+    let stop = stop_on_signals()?;
+    let ended = if devices.is_empty() {
+        in_turn(set, json, &stop)
     } else {
-        Scheduler::new(plan_file, set, json).run(devices)?
+        Scheduler::new(plan_file, set, json).run(devices, &stop)?
+    };
+    let failed = match ended {
+        Ended::Stopped => return Ok(None),
+        Ended::Ran { failed } => failed,
     };
     if !failed.is_empty() {
         bail!(
@@ -156,30 +163,59 @@ pub fn run_all<S: ArmSet>(
             failed.join(", ")
         );
     }
-    Ok(set.written_report()?)
+    Ok(Some(set.written_report()?))
+}
+
+/// How a run of every arm ended.
+enum Ended {
+    Stopped,
+    /// Every arm ran; the names of those that failed.
+    Ran {
+        failed: Vec<String>,
+    },
+}
+
+/// Every arm one after another in this process, until a stop.
+fn in_turn<S: ArmSet>(set: &S, json: bool, stop: &Arc<AtomicBool>) -> Ended {
+    let mut failed = Vec::new();
+    for (i, arm) in set.arms().iter().enumerate() {
+        match run_arm(set, i, json, stop) {
+            Ok(ArmOutcome::Stopped) => return Ended::Stopped,
+            Ok(_) => {}
+            Err(_) => failed.push(arm.name.clone()),
+        }
+    }
+    Ended::Ran { failed }
+}
+
+/// A stopped run's last output: the `stopped` event or a line; exit status 130.
+pub fn stopped(json: bool) -> ExitCode {
+    match json {
+        true => events::emit(json!({"event": "stopped"})),
+        false => eprintln!("stopped; run the same command again to continue"),
+    }
+    ExitCode::from(STOPPED)
 }
 
 /// Trains and validates one arm in this process (unless finished) and records its
-/// completion, between its `started` and `finished` or `failed` events; the set's report
-/// when this arm completed the set.
-fn run_arm<S: ArmSet>(set: &S, index: usize, json: bool) -> anyhow::Result<Option<S::Report>> {
+/// completion, between its `started` and `finished`, `stopped` or `failed` events.
+fn run_arm<S: ArmSet>(
+    set: &S,
+    index: usize,
+    json: bool,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<ArmOutcome<S::Report>> {
     let name = &set.arms()[index].name;
     arm_event(json, name, "started", json!({}));
     let mut progress = ArmProgress::new(json);
-    // Without a stop flag an arm runs to its end: these processes stop by ending.
-    let result = arm_set::run_one(set, index, None, &mut |e| progress.show(e));
+    let result = arm_set::run_one(set, index, Some(stop), &mut |e| progress.show(e));
     progress.finish();
-    let result = match result {
-        Ok(ArmOutcome::Completed(report)) => Ok(Some(report)),
-        Ok(ArmOutcome::Finished) => Ok(None),
-        Ok(ArmOutcome::Stopped) => Err(anyhow::anyhow!("arm {name}: stopped before its end")),
-        Err(e) => Err(e.into()),
-    };
     match &result {
+        Ok(ArmOutcome::Stopped) => arm_event(json, name, "stopped", json!({})),
         Ok(_) => arm_event(json, name, "finished", json!({})),
         Err(e) => arm_event(json, name, "failed", json!({"error": e.to_string()})),
     }
-    result
+    Ok(result?)
 }
 
 /// A queue of arms run as child processes (`zlora COMMAND PLAN --arm NAME`), at most one per
@@ -205,7 +241,9 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
         }
     }
 
-    fn run(&self, devices: &[String]) -> anyhow::Result<Vec<String>> {
+    /// Runs the queue until every arm ran, or until `stop`: then no arm starts, each running
+    /// one gets SIGTERM (it checkpoints), and the queue waits for them.
+    fn run(&self, devices: &[String], stop: &AtomicBool) -> anyhow::Result<Ended> {
         let exe = std::env::current_exe().context("cannot find the zlora executable")?;
         let logs = self.plan.output().join("logs");
         std::fs::create_dir_all(&logs)
@@ -214,7 +252,15 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
         let mut free: Vec<usize> = (0..devices.len()).rev().collect();
         let mut running: Vec<Running> = Vec::new();
         let mut failed = Vec::new();
+        let mut stopping = false;
         loop {
+            if stop.load(Ordering::SeqCst) && !stopping {
+                stopping = true;
+                queue.clear();
+                for r in &running {
+                    terminate(&r.child);
+                }
+            }
             while !queue.is_empty() && !free.is_empty() {
                 let (Some(index), Some(slot)) = (queue.pop_front(), free.pop()) else {
                     break;
@@ -223,7 +269,10 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
                 running.push(Running { child, index, slot });
             }
             if running.is_empty() {
-                return Ok(failed);
+                return Ok(match stopping {
+                    true => Ended::Stopped,
+                    false => Ended::Ran { failed },
+                });
             }
             std::thread::sleep(Duration::from_millis(200));
             let mut still = Vec::new();
@@ -233,13 +282,11 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
                     Some(status) => {
                         free.push(r.slot);
                         let name = &self.plan.arms()[r.index].name;
+                        let device = json!({"device": devices[r.slot]});
                         if status.success() {
-                            arm_event(
-                                self.json,
-                                name,
-                                "finished",
-                                json!({"device": devices[r.slot]}),
-                            );
+                            arm_event(self.json, name, "finished", device);
+                        } else if status.code() == Some(i32::from(STOPPED)) {
+                            arm_event(self.json, name, "stopped", device);
                         } else {
                             let log = logs.join(format!("{name}.log"));
                             if !self.json {
@@ -268,14 +315,16 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
         let err = log
             .try_clone()
             .with_context(|| format!("{}: cannot reopen", log_path.display()))?;
-        let child = Command::new(exe)
-            .arg(S::COMMAND)
+        let mut cmd = Command::new(exe);
+        cmd.arg(S::COMMAND)
             .arg(self.plan_file)
             .args(["--arm", name])
             .env(zlora::device::ENV, device)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err)
+            .stderr(err);
+        zlora::child::stop_with_parent(&mut cmd);
+        let child = cmd
             .spawn()
             .with_context(|| format!("cannot start arm {name}"))?;
         arm_event(
@@ -288,7 +337,15 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
     }
 }
 
-/// An arm started, finished or failed: an `arm` event with the time in seconds since the
+/// SIGTERM to a running arm: it finishes its step, checkpoints and exits with 130.
+fn terminate(child: &Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill only sends a signal to the child this queue started and still holds.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+/// An arm started, finished, stopped or failed: an `arm` event with the time in seconds since the
 /// epoch, or a line on stderr.
 fn arm_event(json: bool, arm: &str, state: &str, extra: Value) {
     if !json {

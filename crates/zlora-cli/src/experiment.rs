@@ -15,7 +15,7 @@ use zlora::validate::experiment::{experiment, ExperimentOutcome, ExperimentPlan}
 
 use crate::arm_set::{self, Placed, Placement};
 use crate::events::{self, EventFormat, TrainEvents};
-use crate::train::{stop_on_signals, TrainDisplay, STOPPED};
+use crate::train::{stop_on_signals, TrainDisplay};
 use crate::validate::show;
 
 #[derive(clap::Args)]
@@ -48,15 +48,20 @@ fn run_experiment(a: Args) -> anyhow::Result<ExitCode> {
     let (plan, placed) = a.placement.placed(|| ExperimentPlan::from_file(&a.plan))?;
     let json = a.events.is_some();
     match placed {
-        Placed::InProcess => return run_in_process(&plan, a.force, json),
-        Placed::Slurm => arm_set::emit_slurm(&plan, a.force, json)?,
-        Placed::One(i) => arm_set::run_one(&plan, i, json, show_results)?,
+        Placed::InProcess => run_in_process(&plan, a.force, json),
+        Placed::Slurm => {
+            arm_set::emit_slurm(&plan, a.force, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Placed::One(i) => arm_set::run_one(&plan, i, json, show_results),
         Placed::Devices(devices) => {
-            let outcome = arm_set::run_all(&a.plan, &plan, &devices, a.force, json)?;
-            show_results(&outcome, json);
+            match arm_set::run_all(&a.plan, &plan, &devices, a.force, json)? {
+                Some(outcome) => show_results(&outcome, json),
+                None => return Ok(arm_set::stopped(json)),
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The three arms in turn in this process, stopped cleanly by SIGTERM or SIGINT.
@@ -66,14 +71,12 @@ fn run_in_process(plan: &ExperimentPlan, force: bool, json: bool) -> anyhow::Res
     let outcome =
         experiment(plan, force, stop, &mut |e| progress.show(e)).context("experiment failed")?;
     progress.finish();
-    match (&outcome, json) {
-        (Some(o), _) => show_results(o, json),
-        (None, true) => events::emit(json!({"event": "stopped"})),
-        (None, false) => eprintln!("stopped; run the same command again to continue"),
-    }
     Ok(match outcome {
-        Some(_) => ExitCode::SUCCESS,
-        None => ExitCode::from(STOPPED),
+        Some(o) => {
+            show_results(&o, json);
+            ExitCode::SUCCESS
+        }
+        None => arm_set::stopped(json),
     })
 }
 

@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Experiment(args) => experiment::run(args),
-        Command::Sweep(args) => sweep::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Sweep(args) => sweep::run(args),
         Command::Fetch(args) => fetch::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),

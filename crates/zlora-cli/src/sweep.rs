@@ -4,6 +4,7 @@
 //! Slurm job array's script (`--emit slurm`), all through [`crate::arm_set`]. docs/sweep.md.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use serde_json::json;
 use zlora::validate::compare::SweepSummary;
@@ -28,7 +29,7 @@ pub struct Args {
     events: Option<EventFormat>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
     let json = a.events.is_some();
     let result = run_plan(&a);
     if let (true, Err(e)) = (json, &result) {
@@ -37,18 +38,27 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     result
 }
 
-fn run_plan(a: &Args) -> anyhow::Result<()> {
+fn run_plan(a: &Args) -> anyhow::Result<ExitCode> {
     let (plan, placed) = a.placement.placed(|| SweepPlan::from_file(&a.plan))?;
     let json = a.events.is_some();
     let devices = match placed {
-        Placed::Slurm => return arm_set::emit_slurm(&plan, a.force, json),
+        Placed::Slurm => {
+            arm_set::emit_slurm(&plan, a.force, json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Placed::One(i) => return arm_set::run_one(&plan, i, json, report),
         Placed::InProcess => Vec::new(),
         Placed::Devices(d) => d,
     };
-    let summary = arm_set::run_all(&a.plan, &plan, &devices, a.force, json)?;
-    report(&summary, json);
-    Ok(())
+    Ok(
+        match arm_set::run_all(&a.plan, &plan, &devices, a.force, json)? {
+            Some(summary) => {
+                report(&summary, json);
+                ExitCode::SUCCESS
+            }
+            None => arm_set::stopped(json),
+        },
+    )
 }
 
 /// The comparison: one line per arm and the best, then the report's path.

@@ -255,6 +255,121 @@ fn a_slurm_array_runs_an_arm_per_task_and_two_cpus_run_two_arms_at_once() {
     assert_eq!(measures(&p), measures(&out));
 }
 
+/// Starts `zlora sweep PLAN --events json` with `extra`, waits until `arms` arms are training
+/// past step 2, sends SIGTERM, and returns the exit code and every event.
+fn stopped_sweep(plan: &str, extra: &[&str], out: &Path, arms: usize) -> (Option<i32>, Vec<Value>) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zlora"))
+        .args(["sweep", plan, "--events", "json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(&l.unwrap()).unwrap())
+            .collect::<Vec<_>>()
+    });
+    // Each arm's log.jsonl, written by its trainer in its own run folder.
+    let training = || {
+        std::fs::read_dir(out.join("runs"))
+            .map(|d| {
+                d.filter(|e| {
+                    let log = e.as_ref().unwrap().path().join("log.jsonl");
+                    std::fs::read_to_string(log).is_ok_and(|t| t.lines().count() >= 2)
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    let started = std::time::Instant::now();
+    while training() < arms {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the sweep ended before its arms trained"
+        );
+        assert!(started.elapsed().as_secs() < 120, "the arms never trained");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(kill.unwrap().success());
+    let code = child.wait().unwrap().code();
+    (code, reader.join().unwrap())
+}
+
+/// Every run folder under OUTPUT/runs holds a checkpoint and no final LoRA.
+fn assert_stopped_with_checkpoints(out: &Path, arms: usize) {
+    let runs: Vec<PathBuf> = std::fs::read_dir(out.join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), arms, "{runs:?}");
+    for run in runs {
+        let checkpoints = std::fs::read_dir(run.join("checkpoints")).unwrap().count();
+        assert!(checkpoints >= 1, "{}: no checkpoint", run.display());
+        assert!(!run.join("lora.safetensors").exists(), "{}", run.display());
+    }
+    assert!(!out.join("report.html").exists());
+}
+
+#[test]
+fn sigterm_stops_the_arms_with_checkpoints_and_the_rerun_finishes_them() {
+    let s = Setup::new();
+    let long = "[grid]\nmode = [\"turbo-direct\"]\nrank = [2, 4]\n";
+    // In this process: the first arm stops, the second never starts.
+    let plan = std::fs::read_to_string(s.plan("one.toml", "one", long))
+        .unwrap()
+        .replacen("steps = 2\n", "steps = 1000000\n", 1);
+    let plan_path = s.path("one.toml");
+    std::fs::write(&plan_path, &plan).unwrap();
+    let out = s.path("one");
+    let (code, events) = stopped_sweep(plan_path.to_str().unwrap(), &[], &out, 1);
+    assert_eq!(code, Some(130), "{events:?}");
+    let arm_states: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "arm")
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(arm_states, ["started", "stopped"], "{events:?}");
+    assert_eq!(events.last().unwrap()["event"], "stopped");
+    assert_stopped_with_checkpoints(&out, 1);
+    // The rerun continues the stopped arm from its checkpoint (fewer steps now: it ends at
+    // once) and runs the other.
+    std::fs::write(
+        &plan_path,
+        plan.replacen("steps = 1000000\n", "steps = 3\n", 1),
+    )
+    .unwrap();
+    let rerun = zlora(&["sweep", plan_path.to_str().unwrap()]);
+    let err = stderr(&rerun);
+    assert!(err.contains("resumed from"), "{err}");
+    assert!(out.join("report.html").is_file());
+
+    // Two arms as child processes: SIGTERM to the queue reaches both, each checkpoints.
+    let plan = std::fs::read_to_string(s.plan("two.toml", "two", long))
+        .unwrap()
+        .replacen("steps = 2\n", "steps = 1000000\n", 1);
+    let plan_path = s.path("two.toml");
+    std::fs::write(&plan_path, &plan).unwrap();
+    let out = s.path("two");
+    let (code, events) =
+        stopped_sweep(plan_path.to_str().unwrap(), &["--gpus", "cpu,cpu"], &out, 2);
+    assert_eq!(code, Some(130), "{events:?}");
+    let stopped = events
+        .iter()
+        .filter(|e| e["event"] == "arm" && e["state"] == "stopped")
+        .count();
+    assert_eq!(stopped, 2, "{events:?}");
+    assert_eq!(events.last().unwrap()["event"], "stopped");
+    assert_stopped_with_checkpoints(&out, 2);
+}
+
 #[test]
 fn bad_plans_and_flags_are_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
