@@ -1,6 +1,8 @@
 //! `zlora serve`'s job kinds beyond train and validate, through the HTTP API: experiment
 //! (`zlora experiment --events json`: checked like a train config, run through the queue,
-//! stopped with a checkpoint and resumed) and fetch (`zlora fetch --events json` into
+//! stopped with a checkpoint and resumed), sweep (`zlora sweep --events json`: every path of
+//! the plan confined like an experiment's, its arms run through the queue to the report, a
+//! rerun keeping the finished arms) and fetch (`zlora fetch --events json` into
 //! DIR/models/hub from a local Hub, its bytes as progress; an unknown name fails with the
 //! CLI's error); and the New run page's live verdict (`POST /api/plan`), over HTTP and typed
 //! into in headless Chromium.
@@ -61,8 +63,7 @@ fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
     let s = Server::start(tmp.path(), &[]);
     std::os::unix::fs::symlink("/tmp", tmp.path().join("datasets/out")).unwrap();
     let plan = experiment_plan("exp", 2, 2);
-    let kinds =
-        "\"kind\" must be one of \"train\", \"validate\", \"caption\", \"experiment\", \"fetch\"";
+    let kinds = "\"kind\" must be one of \"train\", \"validate\", \"caption\", \"experiment\", \"sweep\", \"fetch\"";
     let bad = [
         (json!({"kind": "deploy", "config": plan}), kinds),
         (json!({"kind": "experiment"}), "needs \"config\""),
@@ -118,6 +119,201 @@ fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
         assert!(error.contains(message), "{body}: {error}");
     }
     assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
+}
+
+/// A sweep plan on the tiny model (as Base and Turbo) and dataset, two steps per arm with a
+/// sample grid at the end, rendered at 32 px with two sampling steps, into `output`; `arms`
+/// is its `[grid]` or `[[arm]]` tables.
+fn sweep_plan(output: &str, arms: &str) -> String {
+    format!(
+        r#"output = "{output}"
+base = "models/tiny"
+turbo = "models/tiny"
+base_dtype = "f32"
+
+{}
+[sample]
+every = 2
+prompts = ["a red circle"]
+seeds = [1]
+
+[render]
+prompts = ["a red circle"]
+seeds = [1]
+width = 32
+height = 32
+
+[sampling.base]
+steps = 2
+guidance = 2.0
+
+[sampling.turbo]
+steps = 2
+guidance = 0.0
+
+[sampling.turbo_long]
+steps = 3
+guidance = 0.0
+
+{arms}"#,
+        tiny_run_tables(2, 2)
+    )
+}
+
+const RANKS: &str = "[grid]\nmode = [\"turbo-direct\"]\nrank = [2, 4]\n";
+
+#[test]
+fn sweep_plans_with_a_path_outside_or_a_mistake_are_refused_and_nothing_is_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    std::os::unix::fs::symlink("/tmp", tmp.path().join("datasets/out")).unwrap();
+    let grid = |datasets: &str| {
+        sweep_plan(
+            "sw",
+            &format!("[grid]\nmode = [\"turbo-direct\"]\ndataset = [{datasets}]\n"),
+        )
+    };
+    let bad = [
+        (
+            grid("\"datasets/tiny\", \"../d\""),
+            "[grid] dataset = \"../d\" contains \"..\"",
+        ),
+        (grid("\"/tmp/d\""), "[grid] dataset = \"/tmp/d\" is outside"),
+        (
+            grid("\"datasets/out/d\""),
+            "[grid] dataset = \"datasets/out/d\" leads out through a symbolic link",
+        ),
+        (
+            sweep_plan(
+                "sw",
+                "[[arm]]\nmode = \"base\"\n[[arm]]\nmode = \"base\"\ndataset = \"/tmp/d\"\n",
+            ),
+            "[[arm]] dataset = \"/tmp/d\" is outside",
+        ),
+        (
+            format!("de_turbo = \"/models/dt\"\n{}", sweep_plan("sw", RANKS)),
+            "de_turbo = \"/models/dt\" is outside",
+        ),
+        (
+            format!("de_turbo = \"../dt\"\n{}", sweep_plan("sw", RANKS)),
+            "de_turbo = \"../dt\" contains",
+        ),
+        (sweep_plan("../sw", RANKS), "output = \"../sw\" contains"),
+        (
+            sweep_plan("sw", RANKS).replace("path = \"datasets/tiny\"", "path = \"/tmp/d\""),
+            "[dataset] path = \"/tmp/d\" is outside",
+        ),
+        (
+            format!("typo = 1\n{}", sweep_plan("sw", RANKS)),
+            "unknown field `typo`",
+        ),
+        (
+            sweep_plan("sw", "[grid]\nmode = [\"base\"]\nrnak = [4]\n"),
+            "unknown field `rnak`",
+        ),
+        // Refused by the sweep's own check, not by the paths: no arms, an arm without a mode.
+        (
+            sweep_plan("sw", ""),
+            "a sweep plan needs a [grid] or [[arm]] tables",
+        ),
+        (
+            sweep_plan("sw", "[grid]\nrank = [2]\n"),
+            "arm r2 has no mode",
+        ),
+    ];
+    for (config, message) in bad {
+        let r = s.post_json("/api/jobs", &json!({"kind": "sweep", "config": config}));
+        assert_eq!(r.status, 400, "{config}: {}", r.text());
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(message), "{message}: {error}");
+    }
+    assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
+}
+
+#[test]
+fn a_sweep_job_runs_its_arms_to_the_report_and_a_rerun_keeps_the_finished_arms() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    let plan = sweep_plan("runs/sw", RANKS);
+    let id = queue(&s, json!({"kind": "sweep", "config": plan}));
+    let job = s.wait_job(id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, id));
+    assert_eq!(
+        (job["kind"].as_str(), job["output"].as_str()),
+        (Some("sweep"), Some("runs/sw"))
+    );
+    // The last phase: the second arm's validation, all its images rendered.
+    assert_eq!(
+        job["phase"], "turbo-direct_r4 validating · arm 2 of 2",
+        "{job}"
+    );
+    assert!(
+        job["steps"].as_u64().unwrap() > 0 && job["step"] == job["steps"],
+        "{job}"
+    );
+    let out = dir.path().join("runs/sw");
+    assert!(out.join("report.html").is_file() && out.join("sweep.json").is_file());
+    let arms = ["turbo-direct_r2", "turbo-direct_r4"];
+    for arm in arms {
+        assert!(
+            out.join(format!("runs/{arm}/lora.safetensors")).is_file(),
+            "{arm}"
+        );
+        assert!(
+            log(&s, id).contains(&format!("arm {arm} finished")),
+            "{}",
+            log(&s, id)
+        );
+    }
+    let page = s.get(&format!("/jobs/{id}")).text();
+    assert!(
+        page.contains("/report/runs/sw/report%2Ehtml\">Sweep report"),
+        "{page}"
+    );
+    // Each arm's loss chart (two steps) and its sample grid at step 2 (URL-encoded names).
+    for (arm, url) in arms
+        .iter()
+        .zip(["turbo%2Ddirect%5Fr2", "turbo%2Ddirect%5Fr4"])
+    {
+        assert!(
+            page.contains(&format!("<h2>Loss · {arm}</h2><svg")),
+            "{arm}: {page}"
+        );
+        assert!(
+            page.contains(&format!(
+                "<img src=\"/files/runs/sw/runs/{url}/samples/step%2D000002%2Epng\""
+            )),
+            "{arm}: {page}"
+        );
+    }
+    assert!(s
+        .get("/jobs")
+        .text()
+        .contains("turbo-direct_r4 validating · arm 2 of 2: "));
+    // Results: the sweep's folder as a sweep (its arms, its report), not a run without a LoRA.
+    let results = s.get("/results").text();
+    assert!(
+        results.contains("sw <span class=\"muted\">(sweep)</span>")
+            && results.contains("<code>turbo-direct_r2</code> <code>turbo-direct_r4</code>")
+            && results.contains("href=\"/report/runs/sw/report%2Ehtml\""),
+        "{results}"
+    );
+
+    // Queued again, the sweep keeps both finished arms and writes its report again.
+    let again = queue(&s, json!({"kind": "sweep", "config": plan}));
+    let job = s.wait_job(again, 120, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, again));
+    let text = log(&s, again);
+    for arm in arms {
+        assert!(
+            text.contains(&format!("{arm}: finished earlier, not repeated")),
+            "{text}"
+        );
+    }
 }
 
 /// The size of every file under `dir` (links followed).
