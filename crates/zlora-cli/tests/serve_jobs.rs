@@ -121,10 +121,10 @@ fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
     assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
 }
 
-/// A sweep plan on the tiny model (as Base and Turbo) and dataset, two steps per arm with a
+/// A sweep plan on the tiny model (as Base and Turbo) and dataset, `steps` per arm with a
 /// sample grid at the end, rendered at 32 px with two sampling steps, into `output`; `arms`
 /// is its `[grid]` or `[[arm]]` tables.
-fn sweep_plan(output: &str, arms: &str) -> String {
+fn sweep_plan(output: &str, steps: u64, save_every: u64, arms: &str) -> String {
     format!(
         r#"output = "{output}"
 base = "models/tiny"
@@ -133,7 +133,7 @@ base_dtype = "f32"
 
 {}
 [sample]
-every = 2
+every = {steps}
 prompts = ["a red circle"]
 seeds = [1]
 
@@ -156,7 +156,7 @@ steps = 3
 guidance = 0.0
 
 {arms}"#,
-        tiny_run_tables(2, 2)
+        tiny_run_tables(steps, save_every)
     )
 }
 
@@ -170,6 +170,8 @@ fn sweep_plans_with_a_path_outside_or_a_mistake_are_refused_and_nothing_is_queue
     let grid = |datasets: &str| {
         sweep_plan(
             "sw",
+            2,
+            2,
             &format!("[grid]\nmode = [\"turbo-direct\"]\ndataset = [{datasets}]\n"),
         )
     };
@@ -186,38 +188,46 @@ fn sweep_plans_with_a_path_outside_or_a_mistake_are_refused_and_nothing_is_queue
         (
             sweep_plan(
                 "sw",
+                2,
+                2,
                 "[[arm]]\nmode = \"base\"\n[[arm]]\nmode = \"base\"\ndataset = \"/tmp/d\"\n",
             ),
             "[[arm]] dataset = \"/tmp/d\" is outside",
         ),
         (
-            format!("de_turbo = \"/models/dt\"\n{}", sweep_plan("sw", RANKS)),
+            format!(
+                "de_turbo = \"/models/dt\"\n{}",
+                sweep_plan("sw", 2, 2, RANKS)
+            ),
             "de_turbo = \"/models/dt\" is outside",
         ),
         (
-            format!("de_turbo = \"../dt\"\n{}", sweep_plan("sw", RANKS)),
+            format!("de_turbo = \"../dt\"\n{}", sweep_plan("sw", 2, 2, RANKS)),
             "de_turbo = \"../dt\" contains",
         ),
-        (sweep_plan("../sw", RANKS), "output = \"../sw\" contains"),
         (
-            sweep_plan("sw", RANKS).replace("path = \"datasets/tiny\"", "path = \"/tmp/d\""),
+            sweep_plan("../sw", 2, 2, RANKS),
+            "output = \"../sw\" contains",
+        ),
+        (
+            sweep_plan("sw", 2, 2, RANKS).replace("path = \"datasets/tiny\"", "path = \"/tmp/d\""),
             "[dataset] path = \"/tmp/d\" is outside",
         ),
         (
-            format!("typo = 1\n{}", sweep_plan("sw", RANKS)),
+            format!("typo = 1\n{}", sweep_plan("sw", 2, 2, RANKS)),
             "unknown field `typo`",
         ),
         (
-            sweep_plan("sw", "[grid]\nmode = [\"base\"]\nrnak = [4]\n"),
+            sweep_plan("sw", 2, 2, "[grid]\nmode = [\"base\"]\nrnak = [4]\n"),
             "unknown field `rnak`",
         ),
         // Refused by the sweep's own check, not by the paths: no arms, an arm without a mode.
         (
-            sweep_plan("sw", ""),
+            sweep_plan("sw", 2, 2, ""),
             "a sweep plan needs a [grid] or [[arm]] tables",
         ),
         (
-            sweep_plan("sw", "[grid]\nrank = [2]\n"),
+            sweep_plan("sw", 2, 2, "[grid]\nrank = [2]\n"),
             "arm r2 has no mode",
         ),
     ];
@@ -234,7 +244,7 @@ fn sweep_plans_with_a_path_outside_or_a_mistake_are_refused_and_nothing_is_queue
 fn a_sweep_job_runs_its_arms_to_the_report_and_a_rerun_keeps_the_finished_arms() {
     let dir = root_with_tiny();
     let s = Server::start(dir.path(), &[]);
-    let plan = sweep_plan("runs/sw", RANKS);
+    let plan = sweep_plan("runs/sw", 2, 2, RANKS);
     let id = queue(&s, json!({"kind": "sweep", "config": plan}));
     let job = s.wait_job(id, 300, |j| {
         j["state"] != "queued" && j["state"] != "running"
@@ -314,6 +324,53 @@ fn a_sweep_job_runs_its_arms_to_the_report_and_a_rerun_keeps_the_finished_arms()
             "{text}"
         );
     }
+}
+
+#[test]
+fn a_sweep_job_is_stopped_and_resumed_by_running_it_again() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    let id = queue(
+        &s,
+        json!({"kind": "sweep", "config": sweep_plan("runs/long", 100000, 50, RANKS)}),
+    );
+    let first_arm = |j: &Value| {
+        j["state"] == "running"
+            && j["phase"] == "turbo-direct_r2 training · arm 1 of 2"
+            && j["step"].as_u64() > Some(50)
+    };
+    s.wait_job(id, 120, first_arm);
+    let stop = |s: &Server| {
+        let r = s.request("POST", &format!("/api/jobs/{id}/stop"), &[], b"");
+        assert_eq!(r.status, 202);
+        let stopped = s.wait_job(id, 60, |j| j["state"] != "running");
+        assert_eq!(
+            (stopped["state"].as_str(), &stopped["error"]),
+            (Some("stopped"), &Value::Null),
+            "{stopped}\n{}",
+            log(s, id)
+        );
+    };
+    stop(&s);
+    let r = s.request("POST", &format!("/api/jobs/{id}/resume"), &[], b"");
+    assert_eq!(r.status, 202);
+    // The sweep runs again in its own folder: its first arm resumes from its latest
+    // checkpoint and trains on (the job's phase and step are the stop's until the rerun's
+    // events come).
+    let checkpoints = dir
+        .path()
+        .join("runs/long/runs/turbo-direct_r2/checkpoints");
+    let resumed = format!("resumed from {}/step-", checkpoints.display());
+    let trained_again = |j: &Value| {
+        let text = log(&s, id);
+        let rerun = text.split("== resumed ==").nth(1).unwrap_or_default();
+        j["state"] == "running"
+            && rerun.contains("arm turbo-direct_r2 started")
+            && rerun.contains(&resumed)
+            && rerun.contains("checkpoint ")
+    };
+    s.wait_job(id, 120, trained_again);
+    stop(&s);
 }
 
 /// The size of every file under `dir` (links followed).
