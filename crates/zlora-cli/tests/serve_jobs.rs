@@ -470,20 +470,20 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
 
     let id = queue(
         &s,
-        json!({"kind": "experiment", "config": experiment_plan("exp", 4, 2)}),
+        json!({"kind": "experiment", "config": experiment_plan("runs/exp", 4, 2)}),
     );
     let job = s.wait_job(id, 300, |j| {
         j["state"] != "queued" && j["state"] != "running"
     });
     assert_eq!(job["state"], "done", "{job}\n{}", log(&s, id));
-    assert_eq!(job["output"], "exp");
+    assert_eq!(job["output"], "runs/exp");
     // The last phase: the direct run's validation, all its images rendered.
     assert_eq!(job["phase"], "turbo-direct validating", "{job}");
     assert!(
         job["steps"].as_u64().unwrap() > 0 && job["step"] == job["steps"],
         "{job}"
     );
-    let exp = dir.path().join("exp");
+    let exp = dir.path().join("runs/exp");
     assert!(exp.join("report.html").is_file());
     for way in ["base", "turbo-adapter", "turbo-direct"] {
         assert!(
@@ -498,7 +498,7 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
     );
     let page = s.get(&format!("/jobs/{id}")).text();
     assert!(
-        page.contains("/report/exp/report%2Ehtml\">Experiment report"),
+        page.contains("/report/runs/exp/report%2Ehtml\">Experiment report"),
         "{page}"
     );
     // Each way's loss chart (four steps each).
@@ -509,6 +509,16 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
         );
     }
     assert!(s.get("/jobs").text().contains("turbo-direct validating: "));
+    // Results: the experiment's folder as its ways and report, beside the adapter's run.
+    let results = s.get("/results").text();
+    assert!(
+        results.contains("exp <span class=\"muted\">(experiment)</span>")
+            && results
+                .contains("<code>base</code> <code>turbo-adapter</code> <code>turbo-direct</code>")
+            && results.contains("href=\"/report/runs/exp/report%2Ehtml\"")
+            && results.contains("href=\"/runs/adapter\""),
+        "{results}"
+    );
 
     // A long one: stopped in its first training with a checkpoint, resumed from it.
     let long = queue(
