@@ -1,6 +1,8 @@
 //! `zlora serve`'s job kinds beyond train and validate, through the HTTP API: experiment
 //! (`zlora experiment --events json`: checked like a train config, run through the queue,
-//! stopped with a checkpoint and resumed) and fetch (`zlora fetch --events json` into
+//! stopped with a checkpoint and resumed), sweep (`zlora sweep --events json`: every path of
+//! the plan confined like an experiment's, its arms run through the queue to the report, a
+//! rerun keeping the finished arms) and fetch (`zlora fetch --events json` into
 //! DIR/models/hub from a local Hub, its bytes as progress; an unknown name fails with the
 //! CLI's error); and the New run page's live verdict (`POST /api/plan`), over HTTP and typed
 //! into in headless Chromium.
@@ -61,8 +63,7 @@ fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
     let s = Server::start(tmp.path(), &[]);
     std::os::unix::fs::symlink("/tmp", tmp.path().join("datasets/out")).unwrap();
     let plan = experiment_plan("exp", 2, 2);
-    let kinds =
-        "\"kind\" must be one of \"train\", \"validate\", \"caption\", \"experiment\", \"fetch\"";
+    let kinds = "\"kind\" must be one of \"train\", \"validate\", \"caption\", \"experiment\", \"sweep\", \"fetch\"";
     let bad = [
         (json!({"kind": "deploy", "config": plan}), kinds),
         (json!({"kind": "experiment"}), "needs \"config\""),
@@ -118,6 +119,258 @@ fn job_requests_of_every_kind_are_checked_and_experiment_paths_stay_inside() {
         assert!(error.contains(message), "{body}: {error}");
     }
     assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
+}
+
+/// A sweep plan on the tiny model (as Base and Turbo) and dataset, `steps` per arm with a
+/// sample grid at the end, rendered at 32 px with two sampling steps, into `output`; `arms`
+/// is its `[grid]` or `[[arm]]` tables.
+fn sweep_plan(output: &str, steps: u64, save_every: u64, arms: &str) -> String {
+    format!(
+        r#"output = "{output}"
+base = "models/tiny"
+turbo = "models/tiny"
+base_dtype = "f32"
+
+{}
+[sample]
+every = {steps}
+prompts = ["a red circle"]
+seeds = [1]
+
+[render]
+prompts = ["a red circle"]
+seeds = [1]
+width = 32
+height = 32
+
+[sampling.base]
+steps = 2
+guidance = 2.0
+
+[sampling.turbo]
+steps = 2
+guidance = 0.0
+
+[sampling.turbo_long]
+steps = 3
+guidance = 0.0
+
+{arms}"#,
+        tiny_run_tables(steps, save_every)
+    )
+}
+
+const RANKS: &str = "[grid]\nmode = [\"turbo-direct\"]\nrank = [2, 4]\n";
+
+#[test]
+fn sweep_plans_with_a_path_outside_or_a_mistake_are_refused_and_nothing_is_queued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start(tmp.path(), &[]);
+    std::os::unix::fs::symlink("/tmp", tmp.path().join("datasets/out")).unwrap();
+    let grid = |datasets: &str| {
+        sweep_plan(
+            "sw",
+            2,
+            2,
+            &format!("[grid]\nmode = [\"turbo-direct\"]\ndataset = [{datasets}]\n"),
+        )
+    };
+    let bad = [
+        (
+            grid("\"datasets/tiny\", \"../d\""),
+            "[grid] dataset = \"../d\" contains \"..\"",
+        ),
+        (grid("\"/tmp/d\""), "[grid] dataset = \"/tmp/d\" is outside"),
+        (
+            grid("\"datasets/out/d\""),
+            "[grid] dataset = \"datasets/out/d\" leads out through a symbolic link",
+        ),
+        (
+            sweep_plan(
+                "sw",
+                2,
+                2,
+                "[[arm]]\nmode = \"base\"\n[[arm]]\nmode = \"base\"\ndataset = \"/tmp/d\"\n",
+            ),
+            "[[arm]] dataset = \"/tmp/d\" is outside",
+        ),
+        (
+            format!(
+                "de_turbo = \"/models/dt\"\n{}",
+                sweep_plan("sw", 2, 2, RANKS)
+            ),
+            "de_turbo = \"/models/dt\" is outside",
+        ),
+        (
+            format!("de_turbo = \"../dt\"\n{}", sweep_plan("sw", 2, 2, RANKS)),
+            "de_turbo = \"../dt\" contains",
+        ),
+        (
+            sweep_plan("../sw", 2, 2, RANKS),
+            "output = \"../sw\" contains",
+        ),
+        (
+            sweep_plan("sw", 2, 2, RANKS).replace("path = \"datasets/tiny\"", "path = \"/tmp/d\""),
+            "[dataset] path = \"/tmp/d\" is outside",
+        ),
+        (
+            format!("typo = 1\n{}", sweep_plan("sw", 2, 2, RANKS)),
+            "unknown field `typo`",
+        ),
+        (
+            sweep_plan("sw", 2, 2, "[grid]\nmode = [\"base\"]\nrnak = [4]\n"),
+            "unknown field `rnak`",
+        ),
+        // Refused by the sweep's own check, not by the paths: no arms, an arm without a mode.
+        (
+            sweep_plan("sw", 2, 2, ""),
+            "a sweep plan needs a [grid] or [[arm]] tables",
+        ),
+        (
+            sweep_plan("sw", 2, 2, "[grid]\nrank = [2]\n"),
+            "arm r2 has no mode",
+        ),
+    ];
+    for (config, message) in bad {
+        let r = s.post_json("/api/jobs", &json!({"kind": "sweep", "config": config}));
+        assert_eq!(r.status, 400, "{config}: {}", r.text());
+        let error = r.json()["error"].as_str().unwrap().to_string();
+        assert!(error.contains(message), "{message}: {error}");
+    }
+    assert_eq!(s.get("/api/jobs").json(), json!([]), "nothing was queued");
+}
+
+#[test]
+fn a_sweep_job_runs_its_arms_to_the_report_and_a_rerun_keeps_the_finished_arms() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    let plan = sweep_plan("runs/sw", 2, 2, RANKS);
+    let id = queue(&s, json!({"kind": "sweep", "config": plan}));
+    let job = s.wait_job(id, 300, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, id));
+    assert_eq!(
+        (job["kind"].as_str(), job["output"].as_str()),
+        (Some("sweep"), Some("runs/sw"))
+    );
+    // The last phase: the second arm's validation, all its images rendered.
+    assert_eq!(
+        job["phase"], "turbo-direct_r4 validating · arm 2 of 2",
+        "{job}"
+    );
+    assert!(
+        job["steps"].as_u64().unwrap() > 0 && job["step"] == job["steps"],
+        "{job}"
+    );
+    let out = dir.path().join("runs/sw");
+    assert!(out.join("report.html").is_file() && out.join("sweep.json").is_file());
+    let arms = ["turbo-direct_r2", "turbo-direct_r4"];
+    for arm in arms {
+        assert!(
+            out.join(format!("runs/{arm}/lora.safetensors")).is_file(),
+            "{arm}"
+        );
+        assert!(
+            log(&s, id).contains(&format!("arm {arm} finished")),
+            "{}",
+            log(&s, id)
+        );
+    }
+    let page = s.get(&format!("/jobs/{id}")).text();
+    assert!(
+        page.contains("/report/runs/sw/report%2Ehtml\">Sweep report"),
+        "{page}"
+    );
+    // Each arm's loss chart (two steps) and its sample grid at step 2 (URL-encoded names).
+    for (arm, url) in arms
+        .iter()
+        .zip(["turbo%2Ddirect%5Fr2", "turbo%2Ddirect%5Fr4"])
+    {
+        assert!(
+            page.contains(&format!("<h2>Loss · {arm}</h2><svg")),
+            "{arm}: {page}"
+        );
+        assert!(
+            page.contains(&format!(
+                "<img src=\"/files/runs/sw/runs/{url}/samples/step%2D000002%2Epng\""
+            )),
+            "{arm}: {page}"
+        );
+    }
+    assert!(s
+        .get("/jobs")
+        .text()
+        .contains("turbo-direct_r4 validating · arm 2 of 2: "));
+    // Results: the sweep's folder as a sweep (its arms, its report), not a run without a LoRA.
+    let results = s.get("/results").text();
+    assert!(
+        results.contains("sw <span class=\"muted\">(sweep)</span>")
+            && results.contains("<code>turbo-direct_r2</code> <code>turbo-direct_r4</code>")
+            && results.contains("href=\"/report/runs/sw/report%2Ehtml\""),
+        "{results}"
+    );
+
+    // Queued again, the sweep keeps both finished arms and writes its report again.
+    let again = queue(&s, json!({"kind": "sweep", "config": plan}));
+    let job = s.wait_job(again, 120, |j| {
+        j["state"] != "queued" && j["state"] != "running"
+    });
+    assert_eq!(job["state"], "done", "{job}\n{}", log(&s, again));
+    let text = log(&s, again);
+    for arm in arms {
+        assert!(
+            text.contains(&format!("{arm}: finished earlier, not repeated")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_sweep_job_is_stopped_and_resumed_by_running_it_again() {
+    let dir = root_with_tiny();
+    let s = Server::start(dir.path(), &[]);
+    let id = queue(
+        &s,
+        json!({"kind": "sweep", "config": sweep_plan("runs/long", 100000, 50, RANKS)}),
+    );
+    let first_arm = |j: &Value| {
+        j["state"] == "running"
+            && j["phase"] == "turbo-direct_r2 training · arm 1 of 2"
+            && j["step"].as_u64() > Some(50)
+    };
+    s.wait_job(id, 120, first_arm);
+    let stop = |s: &Server| {
+        let r = s.request("POST", &format!("/api/jobs/{id}/stop"), &[], b"");
+        assert_eq!(r.status, 202);
+        let stopped = s.wait_job(id, 60, |j| j["state"] != "running");
+        assert_eq!(
+            (stopped["state"].as_str(), &stopped["error"]),
+            (Some("stopped"), &Value::Null),
+            "{stopped}\n{}",
+            log(s, id)
+        );
+    };
+    stop(&s);
+    let r = s.request("POST", &format!("/api/jobs/{id}/resume"), &[], b"");
+    assert_eq!(r.status, 202);
+    // The sweep runs again in its own folder: its first arm resumes from its latest
+    // checkpoint and trains on (the job's phase and step are the stop's until the rerun's
+    // events come).
+    let checkpoints = dir
+        .path()
+        .join("runs/long/runs/turbo-direct_r2/checkpoints");
+    let resumed = format!("resumed from {}/step-", checkpoints.display());
+    let trained_again = |j: &Value| {
+        let text = log(&s, id);
+        let rerun = text.split("== resumed ==").nth(1).unwrap_or_default();
+        j["state"] == "running"
+            && rerun.contains("arm turbo-direct_r2 started")
+            && rerun.contains(&resumed)
+            && rerun.contains("checkpoint ")
+    };
+    s.wait_job(id, 120, trained_again);
+    stop(&s);
 }
 
 /// The size of every file under `dir` (links followed).
@@ -217,20 +470,20 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
 
     let id = queue(
         &s,
-        json!({"kind": "experiment", "config": experiment_plan("exp", 4, 2)}),
+        json!({"kind": "experiment", "config": experiment_plan("runs/exp", 4, 2)}),
     );
     let job = s.wait_job(id, 300, |j| {
         j["state"] != "queued" && j["state"] != "running"
     });
     assert_eq!(job["state"], "done", "{job}\n{}", log(&s, id));
-    assert_eq!(job["output"], "exp");
+    assert_eq!(job["output"], "runs/exp");
     // The last phase: the direct run's validation, all its images rendered.
     assert_eq!(job["phase"], "turbo-direct validating", "{job}");
     assert!(
         job["steps"].as_u64().unwrap() > 0 && job["step"] == job["steps"],
         "{job}"
     );
-    let exp = dir.path().join("exp");
+    let exp = dir.path().join("runs/exp");
     assert!(exp.join("report.html").is_file());
     for way in ["base", "turbo-adapter", "turbo-direct"] {
         assert!(
@@ -245,7 +498,7 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
     );
     let page = s.get(&format!("/jobs/{id}")).text();
     assert!(
-        page.contains("/report/exp/report%2Ehtml\">Experiment report"),
+        page.contains("/report/runs/exp/report%2Ehtml\">Experiment report"),
         "{page}"
     );
     // Each way's loss chart (four steps each).
@@ -256,6 +509,16 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
         );
     }
     assert!(s.get("/jobs").text().contains("turbo-direct validating: "));
+    // Results: the experiment's folder as its ways and report, beside the adapter's run.
+    let results = s.get("/results").text();
+    assert!(
+        results.contains("exp <span class=\"muted\">(experiment)</span>")
+            && results
+                .contains("<code>base</code> <code>turbo-adapter</code> <code>turbo-direct</code>")
+            && results.contains("href=\"/report/runs/exp/report%2Ehtml\"")
+            && results.contains("href=\"/runs/adapter\""),
+        "{results}"
+    );
 
     // A long one: stopped in its first training with a checkpoint, resumed from it.
     let long = queue(

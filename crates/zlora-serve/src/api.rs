@@ -36,7 +36,7 @@ pub fn list_jobs(jobs: &Jobs) -> Answer {
 }
 
 /// `{"kind": K, FIELD: …}` → 201 `{"id": N}`: `"config": "<TOML>"` for a train,
-/// validate or experiment job, `"repo": NAME` for a fetch ([`Kind::field`]), a caption job's
+/// validate, experiment or sweep job, `"repo": NAME` for a fetch ([`Kind::field`]), a caption job's
 /// own fields (crate::caption).
 pub fn create_job(jobs: &Jobs, req: &Request) -> Answer {
     let body = req.json()?;

@@ -1,6 +1,6 @@
 //! Jobs: a submitted config checked against DIR, and the runner that takes queued jobs one at
 //! a time and runs each as a child process of this same binary (`zlora KIND --events json`:
-//! train, validate, caption, experiment, fetch), so that a crash stays in the child, its
+//! train, validate, caption, experiment, sweep, fetch), so that a crash stays in the child, its
 //! memory goes back to the system when it ends, and a stop is a signal the trainer answers
 //! with a checkpoint.
 
@@ -15,6 +15,7 @@ use serde_json::Value;
 use zlora::train::config::TrainConfig;
 use zlora::validate::arms::ArmsPlan;
 use zlora::validate::experiment::ExperimentPlan;
+use zlora::validate::grid::SweepPlan;
 use zlora::validate::plan::ValidationPlan;
 
 use crate::root::{Refused, Root};
@@ -29,15 +30,17 @@ pub enum Kind {
     Validate,
     Caption,
     Experiment,
+    Sweep,
     Fetch,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Train,
         Kind::Validate,
         Kind::Caption,
         Kind::Experiment,
+        Kind::Sweep,
         Kind::Fetch,
     ];
 
@@ -51,6 +54,7 @@ impl Kind {
             Kind::Validate => "validate",
             Kind::Caption => "caption",
             Kind::Experiment => "experiment",
+            Kind::Sweep => "sweep",
             Kind::Fetch => "fetch",
         }
     }
@@ -65,6 +69,7 @@ impl Kind {
                 "a dataset's name (with model, style, …: docs/serve.md)",
             ),
             Kind::Experiment => ("config", "the TOML text of an experiment plan"),
+            Kind::Sweep => ("config", "the TOML text of a sweep plan"),
             Kind::Fetch => ("repo", "a known model name or a repository id (org/name)"),
         }
     }
@@ -95,7 +100,10 @@ pub fn check_config(root: &Root, kind: Kind, text: &str) -> Result<CheckedConfig
                 "a caption job is queued with its fields (dataset, model, style, …), not a config"
                     .into(),
             )),
-            Kind::Experiment => check_experiment(root, text)?,
+            Kind::Experiment => {
+                check_arms_plan(root, text, "the experiment plan", ExperimentPlan::parse)?
+            }
+            Kind::Sweep => check_arms_plan(root, text, "the sweep plan", SweepPlan::parse)?,
             Kind::Fetch => (check_fetch_name(text)?, root.path().join(FETCH_CACHE), 0),
         };
     Ok(CheckedConfig {
@@ -152,14 +160,39 @@ fn check_validation(root: &Root, text: &str) -> Result<Checked, Refused> {
     Ok((toml, plan.output, 0))
 }
 
-/// An experiment plan: its models and adapters, output, and the shared `[dataset]` table's
-/// folders (those of a train config's `[dataset]`); the three runs' outputs are under its
-/// output.
-fn check_experiment(root: &Root, text: &str) -> Result<Checked, Refused> {
-    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+/// An experiment or sweep plan (`what`, for the command's own check `parse`): its paths
+/// confined by [`confine_arms_plan`], then the plan checked as the command reads it (every
+/// arm's or way's training config), on the paths as the job gets them. The runs' outputs are
+/// under its output.
+fn check_arms_plan<T>(
+    root: &Root,
+    text: &str,
+    what: &str,
+    parse: fn(&Path, &str) -> zlora::Result<T>,
+) -> Result<Checked, Refused> {
     let mut plan: ArmsPlan = toml::from_str(text).map_err(invalid)?;
+    confine_arms_plan(root, &mut plan)?;
+    let toml = toml::to_string(&plan).map_err(invalid)?;
+    parse(Path::new(what), &toml).map_err(invalid)?;
+    Ok((toml, plan.output, 0))
+}
+
+/// Makes every path of a plan of arms absolute inside DIR: its models and adapters, output,
+/// the shared `[dataset]` table's folders (those of a train config's `[dataset]`), and a
+/// sweep's datasets (`[grid] dataset`, `[[arm]] dataset`).
+fn confine_arms_plan(root: &Root, plan: &mut ArmsPlan) -> Result<(), Refused> {
+    let path = |field: &str, p: &Path, model: bool| root.config_path(field, p, model);
+    let folder = |field: &str, p: &mut String| -> Result<(), Refused> {
+        *p = path(field, Path::new(p.as_str()), false)?
+            .to_string_lossy()
+            .into_owned();
+        Ok(())
+    };
     for (field, model) in [("base", &mut plan.base), ("turbo", &mut plan.turbo)] {
         *model = model_path(root, field, model)?;
+    }
+    if let Some(model) = &mut plan.de_turbo {
+        *model = model_path(root, "de_turbo", model)?;
     }
     for (field, file) in [
         ("training_adapter", &mut plan.training_adapter),
@@ -181,20 +214,21 @@ fn check_experiment(root: &Root, text: &str) -> Result<Checked, Refused> {
             let field = format!("[dataset] {key}");
             match table.get_mut(key) {
                 None => {}
-                Some(toml::Value::String(p)) => {
-                    *p = path(&field, Path::new(p.as_str()), false)?
-                        .to_string_lossy()
-                        .into_owned();
-                }
+                Some(toml::Value::String(p)) => folder(&field, p)?,
                 Some(other) => return Err(invalid(format!("{field} must be a path, got {other}"))),
             }
         }
     }
+    if let Some(grid) = &mut plan.grid {
+        for p in &mut grid.dataset {
+            folder("[grid] dataset", p)?;
+        }
+    }
+    for p in plan.arms.iter_mut().filter_map(|a| a.dataset.as_mut()) {
+        folder("[[arm]] dataset", p)?;
+    }
     plan.output = path("output", &plan.output, false)?;
-    let toml = toml::to_string(&plan).map_err(invalid)?;
-    // The command's own check (the three ways' configs), on the paths as the job gets them.
-    ExperimentPlan::parse(Path::new("the experiment plan"), &toml).map_err(invalid)?;
-    Ok((toml, plan.output, 0))
+    Ok(())
 }
 
 /// A model named by a string field, made absolute inside DIR.
@@ -337,6 +371,10 @@ impl Jobs {
         let kind = Kind::parse(&job.kind)
             .with_context(|| format!("job {} has an unknown kind {:?}", job.id, job.kind))?;
         let (mut cmd, again) = self.command(kind, job, &config)?;
+        let arms = match kind {
+            Kind::Sweep => sweep_arms(&job.config)?,
+            _ => Vec::new(),
+        };
         writeln!(log, "== {} ==", if again { "resumed" } else { "started" })?;
         cmd.stderr(log.try_clone()?);
         let mut child = cmd.spawn().context("cannot start the job")?;
@@ -346,7 +384,7 @@ impl Jobs {
                 terminate(child.id());
             }
         }
-        let end = self.follow(job.id, &mut child, &mut log);
+        let end = self.follow(job.id, &arms, &mut child, &mut log);
         let status = child.wait()?;
         let stopped = self.running().is_some_and(|r| r.stop);
         Ok(end?.unwrap_or_else(|| {
@@ -360,9 +398,11 @@ impl Jobs {
     }
 
     /// Reads the child's events until its stdout closes; the final state if it said one.
+    /// `arms`: a sweep's, in order, to say which of them a phase is.
     fn follow(
         &self,
         id: i64,
+        arms: &[String],
         child: &mut Child,
         log: &mut std::fs::File,
     ) -> anyhow::Result<Option<(State, Option<String>)>> {
@@ -384,8 +424,14 @@ impl Jobs {
                 "step" => progress.count(count("step"), count("steps"), event["rate"].as_f64()),
                 "image" => progress.count(count("done"), count("total"), None),
                 "download" => progress.count(count("done"), count("total"), event["rate"].as_f64()),
-                "training" => progress.phase(format!("{} training", text("arm")), count("steps")),
-                "validating" => progress.phase(format!("{} validating", text("arm")), 0),
+                "training" => {
+                    progress.phase(arm_phase(arms, &text("arm"), "training"), count("steps"))
+                }
+                "validating" => progress.phase(arm_phase(arms, &text("arm"), "validating"), 0),
+                "arm" => {
+                    let line = format!("arm {} {} {}", text("arm"), text("state"), text("error"));
+                    writeln!(log, "{}", line.trim_end())?
+                }
                 "listed" => progress.phase(format!("downloading {}", text("repo")), count("bytes")),
                 "message" | "stage" => writeln!(log, "{}", text("text"))?,
                 "checkpoint" | "samples" => writeln!(log, "{} {}", text("event"), text("path"))?,
@@ -417,6 +463,21 @@ impl Jobs {
         progress.pending = false;
         self.store()
             .progress(id, step, steps, rate, progress.name.as_deref())
+    }
+}
+
+/// The names of a sweep's arms, in the order it runs them, from its checked plan's text.
+pub fn sweep_arms(config: &str) -> zlora::Result<Vec<String>> {
+    let plan = SweepPlan::parse(Path::new("the sweep plan"), config)?;
+    Ok(plan.arms.into_iter().map(|a| a.name).collect())
+}
+
+/// The phase of an arm (an experiment's way, a sweep's arm) at `stage`; for a sweep, which of
+/// its arms it is.
+fn arm_phase(arms: &[String], arm: &str, stage: &str) -> String {
+    match arms.iter().position(|a| a == arm) {
+        Some(i) => format!("{arm} {stage} · arm {} of {}", i + 1, arms.len()),
+        None => format!("{arm} {stage}"),
     }
 }
 
@@ -457,7 +518,8 @@ impl Jobs {
     /// events) and its stdin closed; and whether it continues an earlier run. A training
     /// resumes from its checkpoint (`--resume`, when there is one), a validation runs again
     /// (`--force`, replacing its own output), an experiment keeps what it finished and
-    /// resumes its training in progress, a fetch continues its partial files.
+    /// resumes its training in progress, a sweep keeps its finished arms and runs the others
+    /// (in this process, one after another), a fetch continues its partial files.
     fn command(&self, kind: Kind, job: &Job, config: &Path) -> anyhow::Result<(Command, bool)> {
         let exe = std::env::current_exe().context("cannot find this program to run the job")?;
         let mut cmd = Command::new(exe);
@@ -468,13 +530,15 @@ impl Jobs {
         zlora::child::stop_with_parent(&mut cmd);
         let again = match kind {
             Kind::Train => job.resume && has_checkpoint(&self.root.path().join(&job.output)),
-            Kind::Validate | Kind::Caption | Kind::Experiment | Kind::Fetch => job.resume,
+            Kind::Validate | Kind::Caption | Kind::Experiment | Kind::Sweep | Kind::Fetch => {
+                job.resume
+            }
         };
         match kind {
             Kind::Train => cmd.arg(config).args(again.then_some("--resume")),
             Kind::Validate => cmd.arg(config).args(again.then_some("--force")),
             Kind::Caption => cmd.args(crate::caption::args(&job.config, again)?),
-            Kind::Experiment => cmd.arg(config),
+            Kind::Experiment | Kind::Sweep => cmd.arg(config),
             Kind::Fetch => cmd
                 .env("HF_HUB_CACHE", self.root.path().join(FETCH_CACHE))
                 .args(["--", &job.config]),

@@ -10,7 +10,7 @@ use zlora::validate::experiment::WAYS;
 use crate::api::{self, caption, dataset_dir, encode, images, internal, Answer, REPORT};
 use crate::chart::{loss_chart, losses};
 use crate::http::{Reply, Request};
-use crate::jobs::{Jobs, Kind, FETCH_CACHE};
+use crate::jobs::{sweep_arms, Jobs, Kind, FETCH_CACHE};
 use crate::preflight;
 use crate::root::segment;
 use crate::store::{Job, State};
@@ -82,7 +82,7 @@ pub fn jobs(jobs: &Jobs) -> Answer {
                     }
                 }
                 h2 { "New job" }
-                p.muted { "A train config (docs/training.md), a validation plan or an experiment plan (docs/validation.md), as TOML; paths are read from the app's folder, e.g. "
+                p.muted { "A train config (docs/training.md), a validation plan or an experiment plan (docs/validation.md) or a sweep plan (docs/sweep.md), as TOML; paths are read from the app's folder, e.g. "
                     code { "models/tiny" } ", " code { "datasets/tiny" } ", " code { "runs/first" } "." }
                 form data-json="" action="/api/jobs" data-next="/jobs/{id}" {
                     select name="kind" {
@@ -112,9 +112,10 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
     let run = jobs.root.path().join(&job.output);
     let live = matches!(job.state, State::Queued | State::Running);
     let title = format!("Job #{} · {}", job.id, job.state.as_str());
-    let kind = Kind::parse(&job.kind);
-    let report_label = match kind {
+    let runs = trainings(&job, &run)?;
+    let report_label = match Kind::parse(&job.kind) {
         Some(Kind::Experiment) => "Experiment report",
+        Some(Kind::Sweep) => "Sweep report",
         _ => "Validation report",
     };
     Ok(Reply::html(
@@ -134,11 +135,11 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
                 @if run.join(REPORT).is_file() {
                     p { a href=(report_url(jobs, &run.join(REPORT))) { (report_label) } }
                 }
-                @for (way, folder) in trainings(kind, &run) {
+                @for (way, folder) in &runs {
                     h2 { "Loss" @if let Some(w) = way { " · " (w) } }
-                    (loss_chart(&losses(&folder)))
+                    (loss_chart(&losses(folder)))
                     h2 { "Samples" @if let Some(w) = way { " · " (w) } }
-                    (samples(jobs, &folder))
+                    (samples(jobs, folder))
                 }
                 h2 { "Log" }
                 pre.log { (log_tail(&jobs.log_path(id))) }
@@ -149,20 +150,26 @@ pub fn job(jobs: &Jobs, id: i64) -> Answer {
 }
 
 /// The training runs whose loss and samples a job's page shows: a training's folder, an
-/// experiment's three (`OUTPUT/runs/WAY`, named); none for the other kinds.
-fn trainings(kind: Option<Kind>, output: &Path) -> Vec<(Option<&'static str>, PathBuf)> {
-    match kind {
-        Some(Kind::Train) => vec![(None, output.to_path_buf())],
-        Some(Kind::Experiment) => WAYS
-            .iter()
-            .map(|w| (Some(w.name()), output.join("runs").join(w.name())))
-            .collect(),
+/// experiment's three ways and a sweep's arms (`OUTPUT/runs/NAME`, named); none for the
+/// other kinds.
+fn trainings(job: &Job, output: &Path) -> Result<Vec<(Option<String>, PathBuf)>, Reply> {
+    let names: Vec<String> = match Kind::parse(&job.kind) {
+        Some(Kind::Train) => return Ok(vec![(None, output.to_path_buf())]),
+        Some(Kind::Experiment) => WAYS.iter().map(|w| w.name().to_string()).collect(),
+        Some(Kind::Sweep) => sweep_arms(&job.config).map_err(internal)?,
         _ => Vec::new(),
-    }
+    };
+    Ok(names
+        .into_iter()
+        .map(|n| {
+            let folder = output.join("runs").join(&n);
+            (Some(n), folder)
+        })
+        .collect())
 }
 
 /// A job's progress in its own units: a training's steps, a validation's or a captioning's
-/// images, a fetch's bytes; an experiment's phase (way and stage) first.
+/// images, a fetch's bytes; an experiment's or a sweep's phase (way or arm, and stage) first.
 fn progress_text(job: &Job) -> String {
     let counts = match Kind::parse(&job.kind) {
         Some(Kind::Fetch) => format!("{} / {}", gigabytes(job.step), gigabytes(job.steps)),

@@ -1,6 +1,7 @@
 //! Results: the training runs under DIR/runs with their LoRAs (downloaded in any layout,
 //! converted on the fly by the library's `lora::write`, as `zlora lora convert` does), their
-//! checkpoints, sample grids and validation reports, and two runs' grids side by side.
+//! checkpoints, sample grids and validation reports (a sweep's or an experiment's folder as
+//! its arms and report), and two runs' grids side by side.
 
 use std::path::{Path, PathBuf};
 
@@ -97,11 +98,15 @@ pub fn list(jobs: &Jobs) -> Answer {
                     tbody {
                         @for name in &names {
                             @let dir = jobs.root.path().join("runs").join(name);
-                            tr {
-                                td { a href=(format!("/runs/{}", encode(name))) { (name) } }
-                                td { @if dir.join(LORA).is_file() { (downloads(name, None)) } @else { span.muted { "not finished" } } }
-                                td { (checkpoints(&dir).len()) }
-                                td { @for r in reports(jobs, name, &dir) { a href=(report_url(jobs, &r)) { (jobs.root.relative(&r)) } " " } }
+                            @if let Some(command) = arm_set(&dir) {
+                                (arm_set_row(jobs, name, &dir, &command))
+                            } @else {
+                                tr {
+                                    td { a href=(format!("/runs/{}", encode(name))) { (name) } }
+                                    td { @if dir.join(LORA).is_file() { (downloads(name, None)) } @else { span.muted { "not finished" } } }
+                                    td { (checkpoints(&dir).len()) }
+                                    td { @for r in reports(jobs, name, &dir) { a href=(report_url(jobs, &r)) { (jobs.root.relative(&r)) } " " } }
+                                }
                             }
                         }
                     }
@@ -115,6 +120,27 @@ pub fn list(jobs: &Jobs) -> Answer {
             },
         ),
     ))
+}
+
+/// The command whose arms a folder holds (`sweep`, `experiment`): its runs are under
+/// `runs/`, its comparison is `report.html`.
+fn arm_set(dir: &Path) -> Option<String> {
+    zlora::outdir::made_by(dir).filter(|c| c == "sweep" || c == "experiment")
+}
+
+/// A sweep's or an experiment's row: its arms' names (each a run in `NAME/runs/ARM`) in
+/// place of a LoRA, and its report once written.
+fn arm_set_row(jobs: &Jobs, name: &str, dir: &Path, command: &str) -> Markup {
+    let arms = zlora::fsutil::sorted_entries(&dir.join("runs")).unwrap_or_default();
+    let report = dir.join(REPORT);
+    html! {
+        tr {
+            td { (name) " " span.muted { "(" (command) ")" } }
+            td { "arms: " @for a in &arms { code { (a.file_name().unwrap_or_default().to_string_lossy()) } " " } }
+            td { "—" }
+            td { @if report.is_file() { a href=(report_url(jobs, &report)) { (jobs.root.relative(&report)) } } @else { span.muted { "not finished" } } }
+        }
+    }
 }
 
 fn run_select(field: &str, names: &[String]) -> Markup {
