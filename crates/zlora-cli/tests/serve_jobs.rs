@@ -306,10 +306,40 @@ fn a_sweep_job_runs_its_arms_to_the_report_and_a_rerun_keeps_the_finished_arms()
     let results = s.get("/results").text();
     assert!(
         results.contains("sw <span class=\"muted\">(sweep)</span>")
-            && results.contains("<code>turbo-direct_r2</code> <code>turbo-direct_r4</code>")
+            && results.contains("<code>turbo-direct_r2</code></a> <a href=\"/runs/sw/arms/turbo%2Ddirect%5Fr4\"><code>turbo-direct_r4</code>")
             && results.contains("href=\"/report/runs/sw/report%2Ehtml\""),
         "{results}"
     );
+    // Each arm's page: its LoRA in every layout, its checkpoints, its validation report.
+    let arm_page = s.get("/runs/sw/arms/turbo-direct_r2");
+    assert_eq!(arm_page.status, 200, "{}", arm_page.text());
+    let arm_page = arm_page.text();
+    assert!(
+        arm_page.contains("href=\"/runs/sw/arms/turbo%2Ddirect%5Fr2/lora?layout=comfyui\"")
+            && arm_page.contains("/lora?layout=musubi&amp;step=2\"")
+            && arm_page.contains("/report/runs/sw/validation/turbo%2Ddirect%5Fr2/report%2Ehtml"),
+        "{arm_page}"
+    );
+    let r = s.get("/runs/sw/arms/turbo-direct_r2/lora?layout=comfyui");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-disposition")
+        .unwrap()
+        .contains("sw_turbo-direct_r2-comfyui.safetensors"));
+    let file = dir.path().join("arm-comfyui.safetensors");
+    std::fs::write(&file, &r.body).unwrap();
+    let back = zlora::lora::LoraFile::read(&file).unwrap();
+    assert_eq!(back.layout, zlora::lora::Layout::ComfyFused);
+    assert_eq!(s.get("/runs/sw/arms/nope").status, 404);
+    for evil in [
+        "/runs/sw/arms/..",
+        "/runs/sw/arms/%2e%2e/lora",
+        "/runs/..%2f..%2fmodels/arms/x",
+        "/runs/sw/arms/..%2f..%2f..%2fmodels/lora",
+    ] {
+        let status = s.get(evil).status;
+        assert!((400..500).contains(&status), "{evil}: {status}");
+    }
 
     // Queued again, the sweep keeps both finished arms and writes its report again.
     let again = queue(&s, json!({"kind": "sweep", "config": plan}));
@@ -513,8 +543,11 @@ fn an_experiment_job_runs_to_its_report_and_stops_with_a_checkpoint_and_resumes(
     let results = s.get("/results").text();
     assert!(
         results.contains("exp <span class=\"muted\">(experiment)</span>")
-            && results
-                .contains("<code>base</code> <code>turbo-adapter</code> <code>turbo-direct</code>")
+            && results.contains(
+                "<a href=\"/runs/exp/arms/base\"><code>base</code></a> \
+                 <a href=\"/runs/exp/arms/turbo%2Dadapter\"><code>turbo-adapter</code></a> \
+                 <a href=\"/runs/exp/arms/turbo%2Ddirect\"><code>turbo-direct</code></a>"
+            )
             && results.contains("href=\"/report/runs/exp/report%2Ehtml\"")
             && results.contains("href=\"/runs/adapter\""),
         "{results}"

@@ -24,6 +24,7 @@ use tiny_http::Method;
 
 use http::{Access, Reply, Request, TOKEN_COOKIE};
 use jobs::Jobs;
+use results::RunRef;
 use root::Root;
 use store::Store;
 
@@ -171,8 +172,14 @@ impl App {
             (Method::Get, ["new"]) => newrun::page(jobs),
             (Method::Post, ["new"]) => newrun::post(jobs, req),
             (Method::Get, ["results"]) => results::list(jobs),
-            (Method::Get, ["runs", run]) => results::run(jobs, run),
-            (Method::Get, ["runs", run, "lora"]) => results::download(jobs, run, req),
+            (Method::Get, ["runs", run]) => results::run(jobs, RunRef::Run(run)),
+            (Method::Get, ["runs", run, "lora"]) => results::download(jobs, RunRef::Run(run), req),
+            (Method::Get, ["runs", set, "arms", arm]) => {
+                results::run(jobs, RunRef::Arm { set, arm })
+            }
+            (Method::Get, ["runs", set, "arms", arm, "lora"]) => {
+                results::download(jobs, RunRef::Arm { set, arm }, req)
+            }
             (Method::Get, ["compare"]) => results::compare(jobs, req),
             (Method::Get, ["datasets"]) => pages::datasets(jobs),
             (Method::Get, ["datasets", name]) => pages::dataset(jobs, name, req),

@@ -28,13 +28,45 @@ const LAYOUTS: [(&str, Layout); 5] = [
 /// The file a run (and each checkpoint) keeps its LoRA in.
 const LORA: &str = "lora.safetensors";
 
-/// A run folder under DIR/runs, named by one URL segment.
-fn run_dir(jobs: &Jobs, raw: &str) -> Result<PathBuf, Reply> {
-    let dir = jobs.root.url_path("runs", &[raw])?;
-    if !dir.is_dir() {
-        return Err(Reply::error(404, &format!("no run {:?}", segment(raw)?)));
+/// A run as its URL names it: a folder of DIR/runs (`/runs/RUN`), or an arm of a sweep's or
+/// an experiment's folder there (`/runs/SET/arms/ARM`, the run `runs/SET/runs/ARM`).
+pub enum RunRef<'a> {
+    Run(&'a str),
+    Arm { set: &'a str, arm: &'a str },
+}
+
+impl RunRef<'_> {
+    /// Its folder, each segment checked (no path outside DIR); 404 when there is none.
+    fn dir(&self, jobs: &Jobs) -> Result<PathBuf, Reply> {
+        let dir = match self {
+            RunRef::Run(run) => jobs.root.url_path("runs", &[run])?,
+            RunRef::Arm { set, arm } => jobs.root.url_path("runs", &[set, "runs", arm])?,
+        };
+        if !dir.is_dir() {
+            return Err(Reply::error(404, &format!("no run {:?}", self.name()?)));
+        }
+        Ok(dir)
     }
-    Ok(dir)
+
+    /// `RUN`, or `SET/ARM`.
+    fn name(&self) -> Result<String, Reply> {
+        Ok(match self {
+            RunRef::Run(run) => segment(run)?,
+            RunRef::Arm { set, arm } => format!("{}/{}", segment(set)?, segment(arm)?),
+        })
+    }
+
+    /// Its page's URL.
+    fn href(&self) -> Result<String, Reply> {
+        Ok(match self {
+            RunRef::Run(run) => format!("/runs/{}", encode(&segment(run)?)),
+            RunRef::Arm { set, arm } => format!(
+                "/runs/{}/arms/{}",
+                encode(&segment(set)?),
+                encode(&segment(arm)?)
+            ),
+        })
+    }
 }
 
 /// The run folders, sorted by name (hidden ones left out).
@@ -101,9 +133,10 @@ pub fn list(jobs: &Jobs) -> Answer {
                             @if let Some(command) = arm_set(&dir) {
                                 (arm_set_row(jobs, name, &dir, &command))
                             } @else {
+                                @let href = format!("/runs/{}", encode(name));
                                 tr {
-                                    td { a href=(format!("/runs/{}", encode(name))) { (name) } }
-                                    td { @if dir.join(LORA).is_file() { (downloads(name, None)) } @else { span.muted { "not finished" } } }
+                                    td { a href=(href) { (name) } }
+                                    td { @if dir.join(LORA).is_file() { (downloads(&href, None)) } @else { span.muted { "not finished" } } }
                                     td { (checkpoints(&dir).len()) }
                                     td { @for r in reports(jobs, name, &dir) { a href=(report_url(jobs, &r)) { (jobs.root.relative(&r)) } " " } }
                                 }
@@ -128,15 +161,19 @@ fn arm_set(dir: &Path) -> Option<String> {
     zlora::outdir::made_by(dir).filter(|c| c == "sweep" || c == "experiment")
 }
 
-/// A sweep's or an experiment's row: its arms' names (each a run in `NAME/runs/ARM`) in
-/// place of a LoRA, and its report once written.
+/// A sweep's or an experiment's row: its arms (each a run in `NAME/runs/ARM`, linked to its
+/// page) in place of a LoRA, and its report once written.
 fn arm_set_row(jobs: &Jobs, name: &str, dir: &Path, command: &str) -> Markup {
     let arms = zlora::fsutil::sorted_entries(&dir.join("runs")).unwrap_or_default();
+    let arms: Vec<String> = arms
+        .iter()
+        .filter_map(|a| Some(a.file_name()?.to_string_lossy().into_owned()))
+        .collect();
     let report = dir.join(REPORT);
     html! {
         tr {
             td { (name) " " span.muted { "(" (command) ")" } }
-            td { "arms: " @for a in &arms { code { (a.file_name().unwrap_or_default().to_string_lossy()) } " " } }
+            td { "arms: " @for a in &arms { a href=(format!("/runs/{}/arms/{}", encode(name), encode(a))) { code { (a) } } " " } }
             td { "—" }
             td { @if report.is_file() { a href=(report_url(jobs, &report)) { (jobs.root.relative(&report)) } } @else { span.muted { "not finished" } } }
         }
@@ -147,19 +184,21 @@ fn run_select(field: &str, names: &[String]) -> Markup {
     html! { label { "Run " select name=(field) { @for n in names { option value=(n) { (n) } } } } " " }
 }
 
-/// Download links of a run's LoRA (or a checkpoint's), one per layout.
-fn downloads(name: &str, step: Option<u64>) -> Markup {
+/// Download links of a run's LoRA (or a checkpoint's), one per layout; `href` is the run's
+/// page.
+fn downloads(href: &str, step: Option<u64>) -> Markup {
     let step = step.map_or(String::new(), |s| format!("&step={s}"));
     html! {
         @for (layout, _) in &LAYOUTS {
-            a href=(format!("/runs/{}/lora?layout={layout}{step}", encode(name))) download { (layout) } " "
+            a href=(format!("{href}/lora?layout={layout}{step}")) download { (layout) } " "
         }
     }
 }
 
-pub fn run(jobs: &Jobs, raw: &str) -> Answer {
-    let dir = run_dir(jobs, raw)?;
-    let name = segment(raw)?;
+pub fn run(jobs: &Jobs, run: RunRef) -> Answer {
+    let dir = run.dir(jobs)?;
+    let name = run.name()?;
+    let href = run.href()?;
     let lora = dir.join(LORA);
     let metadata = lora
         .is_file()
@@ -176,14 +215,14 @@ pub fn run(jobs: &Jobs, raw: &str) -> Answer {
                     None => p.muted { "No final LoRA yet." },
                     Some(Err(e)) => p.error { (e) },
                     Some(Ok(meta)) => {
-                        p { "Download: " (downloads(&name, None)) }
+                        p { "Download: " (downloads(&href, None)) }
                         table.metadata { @for (k, v) in meta { tr { th { (k) } td { pre { (v) } } } } }
                     },
                 }
                 h2 { "Checkpoints" }
-                ul { @for step in checkpoints(&dir) { li { "step " (step) ": " (downloads(&name, Some(step))) } } }
+                ul { @for step in checkpoints(&dir) { li { "step " (step) ": " (downloads(&href, Some(step))) } } }
                 h2 { "Validation reports" }
-                ul { @for r in reports(jobs, &name, &dir) { li { a href=(report_url(jobs, &r)) { (jobs.root.relative(&r)) } } } }
+                ul { @for r in run_reports(jobs, &run, &dir) { li { a href=(report_url(jobs, &r)) { (jobs.root.relative(&r)) } } } }
                 h2 { "Samples" }
                 @for g in &grids {
                     figure { img src=(file_url(jobs, g)) alt="sample grid"; figcaption { (g.file_name().unwrap_or_default().to_string_lossy()) } }
@@ -193,10 +232,28 @@ pub fn run(jobs: &Jobs, raw: &str) -> Answer {
     ))
 }
 
-/// `GET /runs/{run}/lora?layout=L[&step=N]`: the run's (or checkpoint N's) LoRA rewritten in
-/// layout L, as an attachment.
-pub fn download(jobs: &Jobs, raw: &str, req: &Request) -> Answer {
-    let dir = run_dir(jobs, raw)?;
+/// A run's validation reports: a run of DIR/runs as [`reports`] finds them; an arm's, its
+/// set's validation of it (`SET/validation/ARM`) and its own checkpoint sweep.
+fn run_reports(jobs: &Jobs, run: &RunRef, dir: &Path) -> Vec<PathBuf> {
+    match run {
+        RunRef::Run(name) => segment(name).map_or(Vec::new(), |n| reports(jobs, &n, dir)),
+        RunRef::Arm { set, arm } => {
+            let set_dir = jobs.root.path().join("runs").join(set);
+            [
+                set_dir.join("validation").join(arm).join(REPORT),
+                dir.join("validation").join(REPORT),
+            ]
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect()
+        }
+    }
+}
+
+/// `GET /runs/{run}/lora?layout=L[&step=N]` (or `/runs/{set}/arms/{arm}/lora`): the run's
+/// (or checkpoint N's) LoRA rewritten in layout L, as an attachment.
+pub fn download(jobs: &Jobs, run: RunRef, req: &Request) -> Answer {
+    let dir = run.dir(jobs)?;
     let name = req.query.get("layout").map_or("default", String::as_str);
     let Some((_, layout)) = LAYOUTS.iter().find(|(n, _)| *n == name) else {
         let names: Vec<_> = LAYOUTS.iter().map(|(n, _)| *n).collect();
@@ -221,7 +278,7 @@ pub fn download(jobs: &Jobs, raw: &str, req: &Request) -> Answer {
         ));
     }
     let bytes = convert(jobs, &source, *layout)?;
-    let file_name = format!("{}-{name}.safetensors", safe_name(&segment(raw)?));
+    let file_name = format!("{}-{name}.safetensors", safe_name(&run.name()?));
     Ok(Reply::new(200, "application/octet-stream", bytes).with(
         "Content-Disposition",
         format!("attachment; filename=\"{file_name}\""),
@@ -275,7 +332,8 @@ pub fn compare(jobs: &Jobs, req: &Request) -> Answer {
         .parse()
         .map_err(|_| Reply::error(400, "step must be a step number"))?;
     let grid = |run: &str| -> Result<(String, Option<PathBuf>), Reply> {
-        let dir = run_dir(jobs, &encode(run))?;
+        let raw = encode(run);
+        let dir = RunRef::Run(&raw).dir(jobs)?;
         let png = dir.join(format!("samples/step-{step:06}.png"));
         Ok((run.to_string(), png.is_file().then_some(png)))
     };
