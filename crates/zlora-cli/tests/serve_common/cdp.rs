@@ -192,11 +192,22 @@ impl Browser {
         );
     }
 
-    /// The page's URL, from the browser (works on pages that run no script, too).
+    /// The page's URL, from the browser (works on pages that run no script, too). A page
+    /// being replaced by one in another renderer (a sandboxed report) answers "Not attached
+    /// to an active page" for a moment: asked again until it answers, for up to 10 s.
     pub fn url(&mut self) -> String {
-        let h = self.call("Page.getNavigationHistory", json!({}));
-        let current = h["currentIndex"].as_u64().unwrap() as usize;
-        h["entries"][current]["url"].as_str().unwrap().to_string()
+        let mut last = Value::Null;
+        for _ in 0..100 {
+            match self.send("Page.getNavigationHistory", json!({})) {
+                Ok(h) => {
+                    let current = h["currentIndex"].as_u64().unwrap() as usize;
+                    return h["entries"][current]["url"].as_str().unwrap().to_string();
+                }
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("Page.getNavigationHistory: {last}")
     }
 
     /// The page's HTML, from the DOM domain (works on pages that run no script, too).
