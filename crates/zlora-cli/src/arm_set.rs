@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use zlora::validate::arm_set::{self, ArmOutcome, ArmSet};
 
-use crate::events;
+use crate::events::{self, EventFormat};
 use crate::experiment::ArmProgress;
 use crate::train::{stop_on_signals, STOPPED};
 
@@ -23,9 +23,19 @@ pub enum Emit {
     Slurm,
 }
 
-/// Where the arms run: the options both commands share.
+/// Where the arms run, and how the command starts and reports: the options both commands
+/// share.
 #[derive(clap::Args)]
 pub struct Placement {
+    /// Delete the output folder and start over (otherwise finished arms are kept); only a
+    /// folder zlora made.
+    #[arg(long, conflicts_with_all = ["arm", "arm_index"])]
+    pub force: bool,
+    /// Print progress and results as JSON lines on stdout (arm, training, step, validating,
+    /// image, then done, stopped or failed) instead of bars; docs/sweep.md and docs/serve.md
+    /// list the events.
+    #[arg(long, value_enum)]
+    pub events: Option<EventFormat>,
     /// Run the arms as child processes, one per listed device at a time: GPU indices
     /// (`0,1` gives ZLORA_DEVICE=cuda:0 and cuda:1) or `cpu` (`cpu,cpu`: two arms at once).
     #[arg(long, value_delimiter = ',', conflicts_with_all = ["arm", "arm_index", "emit"])]

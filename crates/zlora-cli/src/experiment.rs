@@ -14,7 +14,7 @@ use zlora::validate::arms::Event;
 use zlora::validate::experiment::{experiment, ExperimentOutcome, ExperimentPlan};
 
 use crate::arm_set::{self, Placed, Placement};
-use crate::events::{self, EventFormat, TrainEvents};
+use crate::events::{self, TrainEvents};
 use crate::train::{stop_on_signals, TrainDisplay};
 use crate::validate::show;
 
@@ -24,19 +24,10 @@ pub struct Args {
     plan: PathBuf,
     #[command(flatten)]
     placement: Placement,
-    /// Delete the output folder and start over (otherwise finished parts are kept); only a
-    /// folder zlora made.
-    #[arg(long, conflicts_with_all = ["arm", "arm_index"])]
-    force: bool,
-    /// Print progress as JSON lines on stdout (training, step, validating, image, with
-    /// `--gpus` arm, then done, stopped or failed) instead of bars; docs/serve.md and
-    /// docs/sweep.md list the events.
-    #[arg(long, value_enum)]
-    events: Option<EventFormat>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let json = a.events.is_some();
+    let json = a.placement.events.is_some();
     let result = run_experiment(a);
     if let (true, Err(e)) = (json, &result) {
         events::failed(e);
@@ -46,16 +37,16 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 fn run_experiment(a: Args) -> anyhow::Result<ExitCode> {
     let (plan, placed) = a.placement.placed(|| ExperimentPlan::from_file(&a.plan))?;
-    let json = a.events.is_some();
+    let json = a.placement.events.is_some();
     match placed {
-        Placed::InProcess => run_in_process(&plan, a.force, json),
+        Placed::InProcess => run_in_process(&plan, a.placement.force, json),
         Placed::Slurm => {
-            arm_set::emit_slurm(&plan, a.force, json)?;
+            arm_set::emit_slurm(&plan, a.placement.force, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Placed::One(i) => arm_set::run_one(&plan, i, json, show_results),
         Placed::Devices(devices) => {
-            match arm_set::run_all(&a.plan, &plan, &devices, a.force, json)? {
+            match arm_set::run_all(&a.plan, &plan, &devices, a.placement.force, json)? {
                 Some(outcome) => show_results(&outcome, json),
                 None => return Ok(arm_set::stopped(json)),
             }

@@ -11,7 +11,7 @@ use zlora::validate::compare::SweepSummary;
 use zlora::validate::grid::SweepPlan;
 
 use crate::arm_set::{self, Placed, Placement};
-use crate::events::{self, EventFormat};
+use crate::events;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,18 +19,10 @@ pub struct Args {
     plan: PathBuf,
     #[command(flatten)]
     placement: Placement,
-    /// Delete the output folder and start over (otherwise finished arms are kept); only a
-    /// folder zlora made.
-    #[arg(long, conflicts_with_all = ["arm", "arm_index"])]
-    force: bool,
-    /// Print progress and results as JSON lines on stdout (arm, training, step, stage, image,
-    /// then done or failed); docs/sweep.md lists the events.
-    #[arg(long, value_enum)]
-    events: Option<EventFormat>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<ExitCode> {
-    let json = a.events.is_some();
+    let json = a.placement.events.is_some();
     let result = run_plan(&a);
     if let (true, Err(e)) = (json, &result) {
         events::failed(e);
@@ -40,10 +32,10 @@ pub fn run(a: Args) -> anyhow::Result<ExitCode> {
 
 fn run_plan(a: &Args) -> anyhow::Result<ExitCode> {
     let (plan, placed) = a.placement.placed(|| SweepPlan::from_file(&a.plan))?;
-    let json = a.events.is_some();
+    let json = a.placement.events.is_some();
     let devices = match placed {
         Placed::Slurm => {
-            arm_set::emit_slurm(&plan, a.force, json)?;
+            arm_set::emit_slurm(&plan, a.placement.force, json)?;
             return Ok(ExitCode::SUCCESS);
         }
         Placed::One(i) => return arm_set::run_one(&plan, i, json, report),
@@ -51,7 +43,7 @@ fn run_plan(a: &Args) -> anyhow::Result<ExitCode> {
         Placed::Devices(d) => d,
     };
     Ok(
-        match arm_set::run_all(&a.plan, &plan, &devices, a.force, json)? {
+        match arm_set::run_all(&a.plan, &plan, &devices, a.placement.force, json)? {
             Some(summary) => {
                 report(&summary, json);
                 ExitCode::SUCCESS

@@ -23,10 +23,20 @@ pub trait ArmSet {
     type Report;
     /// The `zlora` subcommand that runs the plan; also the output folder's maker.
     const COMMAND: &'static str;
-    fn plan(&self) -> &ArmsPlan;
-    fn arms(&self) -> &[Arm];
-    /// The plan's text, copied into the output folder.
-    fn text(&self) -> &str;
+    /// The shared plan, its arms in order, and the plan's text (copied into the output folder).
+    fn parts(&self) -> (&ArmsPlan, &[Arm], &str);
+
+    fn plan(&self) -> &ArmsPlan {
+        self.parts().0
+    }
+
+    fn arms(&self) -> &[Arm] {
+        self.parts().1
+    }
+
+    fn text(&self) -> &str {
+        self.parts().2
+    }
     /// Writes the report from every arm's validation record, in arm order.
     fn write_report(&self, records: &[Record]) -> Result<Self::Report>;
     /// The report the set's last arm wrote (read back by the process that ran the arms as

@@ -82,16 +82,8 @@ impl ArmSet for ExperimentPlan {
     type Report = ExperimentOutcome;
     const COMMAND: &'static str = "experiment";
 
-    fn plan(&self) -> &ArmsPlan {
-        &self.plan
-    }
-
-    fn arms(&self) -> &[Arm] {
-        &self.arms
-    }
-
-    fn text(&self) -> &str {
-        &self.text
+    fn parts(&self) -> (&ArmsPlan, &[Arm], &str) {
+        (&self.plan, &self.arms, &self.text)
     }
 
     /// `report.html`, the three ways compared.

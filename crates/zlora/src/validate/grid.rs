@@ -100,16 +100,8 @@ impl ArmSet for SweepPlan {
     type Report = SweepSummary;
     const COMMAND: &'static str = "sweep";
 
-    fn plan(&self) -> &ArmsPlan {
-        &self.plan
-    }
-
-    fn arms(&self) -> &[Arm] {
-        &self.arms
-    }
-
-    fn text(&self) -> &str {
-        &self.text
+    fn parts(&self) -> (&ArmsPlan, &[Arm], &str) {
+        (&self.plan, &self.arms, &self.text)
     }
 
     /// The comparison: `report.html`, `loss.png` and `sweep.json`.
