@@ -268,7 +268,7 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
                 stopping = true;
                 queue.clear();
                 for r in &running {
-                    terminate(&r.child);
+                    zlora::child::terminate(r.child.id());
                 }
             }
             while !queue.is_empty() && !free.is_empty() {
@@ -344,14 +344,6 @@ impl<'a, S: ArmSet> Scheduler<'a, S> {
             json!({"device": device, "log": log_path}),
         );
         Ok(child)
-    }
-}
-
-/// SIGTERM to a running arm: it finishes its step, checkpoints and exits with 130.
-fn terminate(child: &Child) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill only sends a signal to the child this queue started and still holds.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
 }
 

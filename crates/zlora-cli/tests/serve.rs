@@ -655,17 +655,7 @@ fn headless(url: &str, mode: &[&str], done: impl Fn(&str) -> bool) -> String {
         let profile = tempfile::tempdir().unwrap();
         let out = std::process::Command::new("timeout")
             .args(["90", common::chromium()])
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--hide-scrollbars",
-                "--force-device-scale-factor=1",
-            ])
+            .args(common::HEADLESS)
             .args(mode)
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg(url)

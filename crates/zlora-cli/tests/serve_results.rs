@@ -176,15 +176,12 @@ fn results_list_runs_download_loras_in_any_layout_and_compare_samples() {
     assert_eq!(s.get("/runs/r1/lora?layout=sdxl").status, 400);
     assert_eq!(s.get("/runs/r1/lora?step=x").status, 400);
     assert_eq!(s.get("/runs/r1/lora?step=3").status, 404);
-    for evil in [
+    s.assert_refused(&[
         "/runs/../lora",
         "/runs/%2e%2e/lora",
         "/runs/..%2f..%2fmodels/lora",
         "/runs/.zlora-serve/lora",
-    ] {
-        let status = s.get(evil).status;
-        assert!((400..500).contains(&status), "{evil}: {status}");
-    }
+    ]);
     assert_eq!(s.get("/compare?a=r1&b=..&step=2").status, 400);
 
     // A LoRA whose metadata and run name carry markup: shown as text.

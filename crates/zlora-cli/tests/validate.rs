@@ -334,18 +334,8 @@ fn the_report_renders_in_chromium_with_its_table_and_images() {
     let profile = s.path("profile");
     let url = format!("file://{}", out.join("report.html").display());
     let run = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-            "--force-color-profile=srgb",
-            "--force-device-scale-factor=1",
-        ])
+        .args(common::HEADLESS)
+        .arg("--force-color-profile=srgb")
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(format!("--screenshot={}", shot.display()))
         .args(["--window-size=1200,2000", &url])

@@ -303,7 +303,7 @@ impl Jobs {
                 if let Some(r) = running.as_mut().filter(|r| r.id == id) {
                     r.stop = true;
                     if let Some(pid) = r.pid {
-                        terminate(pid);
+                        zlora::child::terminate(pid);
                     }
                 }
             }
@@ -381,7 +381,7 @@ impl Jobs {
         if let Some(r) = self.running().as_mut() {
             r.pid = Some(child.id());
             if r.stop {
-                terminate(child.id());
+                zlora::child::terminate(child.id());
             }
         }
         let end = self.follow(job.id, &arms, &mut child, &mut log);
@@ -544,15 +544,6 @@ impl Jobs {
                 .args(["--", &job.config]),
         };
         Ok((cmd, again))
-    }
-}
-
-fn terminate(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill only sends a signal.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
     }
 }
 

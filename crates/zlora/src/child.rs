@@ -1,5 +1,5 @@
-//! Child processes of this binary (the web app's jobs, the ranks of a multi-GPU run): tied to
-//! their parent's life.
+//! Child processes of this binary (the web app's jobs, the ranks of a multi-GPU run, the arms
+//! of a sweep): tied to their parent's life, and stopped by SIGTERM.
 
 use std::process::Command;
 
@@ -22,3 +22,14 @@ pub fn stop_with_parent(cmd: &mut Command) {
 /// Elsewhere the parent's own signal handling stops its children.
 #[cfg(not(target_os = "linux"))]
 pub fn stop_with_parent(_cmd: &mut Command) {}
+
+/// SIGTERM to the child `pid`: zlora's commands answer it with a clean stop (a training
+/// finishes its step and checkpoints).
+pub fn terminate(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill only sends a signal.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}

@@ -144,6 +144,20 @@ pub fn chromium() -> &'static str {
         .expect("chromium is needed for the browser tests (apt-get install chromium; .ci/run installs it)")
 }
 
+/// The flags every browser test starts Chromium with: headless, no sandbox or GPU, nothing
+/// fetched or synced in the background, pixels at scale 1.
+pub const HEADLESS: [&str; 9] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+];
+
 pub fn px(img: &Rgb8, x: usize, y: usize) -> &[u8] {
     let i = (y * img.width + x) * 3;
     &img.pixels[i..i + 3]

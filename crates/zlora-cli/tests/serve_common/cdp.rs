@@ -42,19 +42,8 @@ impl Browser {
         let (out_read, out_write) = pipe();
         let mut command = Command::new(chromium);
         command
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--hide-scrollbars",
-                "--force-device-scale-factor=1",
-                "--window-size=1100,1400",
-                "--remote-debugging-pipe",
-            ])
+            .args(crate::common::HEADLESS)
+            .args(["--window-size=1100,1400", "--remote-debugging-pipe"])
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null());

@@ -83,6 +83,14 @@ impl Server {
         self.request("GET", path, &[], b"")
     }
 
+    /// Every one of `paths` (traversal attempts) is refused with a 4xx.
+    pub fn assert_refused(&self, paths: &[&str]) {
+        for path in paths {
+            let status = self.get(path).status;
+            assert!((400..500).contains(&status), "{path}: {status}");
+        }
+    }
+
     pub fn post_json(&self, path: &str, body: &Value) -> Reply {
         self.request(
             "POST",
